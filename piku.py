@@ -1,0 +1,2398 @@
+#!/usr/bin/env python3
+"""piku.py: the smallest serious PaaS. `git push` deploys, `ssh piku@host CMD` manages.
+
+Sections (search for the banner, e.g. "=== 5."):
+   0. Header            1. Imports          2. Constants and paths
+   3. Errors and output 4. Process runner   5. Parsers (pure)
+   6. Settings          7. Renderers (pure) 8. Planners (pure)
+   9. Filesystem       10. Builders        11. Orchestration
+  12. Git and SSH      13. Logs            14. CLI
+  15. main()
+"""
+
+# === 0. Header ===
+
+import sys
+
+__version__ = "0.1.0"
+
+if sys.version_info < (3, 10):  # pragma: no cover - checked before anything else runs
+    sys.exit(" !     piku.py needs Python 3.10 or newer")
+
+# === 1. Imports ===
+# Only cheap stdlib modules at import time: every ssh command pays for them.
+
+import os
+import re
+from collections import namedtuple
+
+import click
+
+# === 2. Constants and paths ===
+
+APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+KIND_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,30}$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+WSGI_SPEC_RE = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")
+HOSTNAME_RE = re.compile(r"^(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?$|^_$")
+IP_RE = re.compile(r"^[0-9A-Fa-f.:\[\]]{2,64}$")
+SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9_./@+-]{1,512}$")
+
+SPECIAL_KINDS = ("release", "preflight")
+DEFAULT_RELEASES_KEPT = 3
+PIKU_FILES_IN_ENV_DIR = ("ENV", "LIVE_ENV", "SCALING")
+
+Paths = namedtuple("Paths", "root apps repos envs data logs cache nginx uwsgi uwsgi_available "
+                            "uwsgi_enabled acme plugins releases state locks uv_cache")
+
+
+def paths_for(root):
+    """Every directory under PIKU_ROOT (pure: no I/O)."""
+    root = os.path.abspath(root)
+    j = lambda *p: os.path.join(root, *p)  # noqa: E731
+    return Paths(root, j("apps"), j("repos"), j("envs"), j("data"), j("logs"), j("cache"),
+                 j("nginx"), j("uwsgi"), j("uwsgi-available"), j("uwsgi-enabled"), j("acme"),
+                 j("plugins"), j("releases"), j("state"), j("locks"), j("uv-cache"))
+
+
+def default_root(environ=None):
+    environ = os.environ if environ is None else environ
+    return environ.get("PIKU_ROOT") or os.path.join(os.path.expanduser("~"), ".piku")
+
+
+# === 3. Errors and output ===
+
+class PikuError(Exception):
+    """A failure the user can act on: one line of message and an exit code."""
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
+
+
+def _color(text, code, stream):
+    return f"\033[{code}m{text}\033[0m" if stream.isatty() else text
+
+
+def step(text):
+    """A phase title: `-----> Title`."""
+    print(_color(f"-----> {text}", "1", sys.stdout), flush=True)
+
+
+def detail(text):
+    for line in str(text).splitlines() or [""]:
+        print(f"       {line}", flush=True)
+
+
+def warn(text):
+    for line in str(text).splitlines() or [""]:
+        print(_color(f" !     {line}", "33", sys.stderr), file=sys.stderr, flush=True)
+
+
+# === 4. Process runner ===
+
+def run(argv, cwd=None, env=None, capture=False, input=None, check=True, timeout=None):
+    """Run argv (a list, never a shell string). Returns CompletedProcess."""
+    import subprocess
+    try:
+        proc = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, input=input,
+                              stdout=subprocess.PIPE if capture else None,
+                              stderr=subprocess.STDOUT if capture == "merged" else
+                              (subprocess.PIPE if capture else None),
+                              text=True, errors="replace", timeout=timeout)
+    except FileNotFoundError:
+        raise PikuError(f"command not found: {argv[0]}", 127)
+    if check and proc.returncode != 0:
+        out = (proc.stdout or "") + (proc.stderr or "") if capture else ""
+        raise PikuError(f"{os.path.basename(str(argv[0]))} failed (exit {proc.returncode})"
+                        + (f": {out.strip()[-2000:]}" if out.strip() else ""), proc.returncode)
+    return proc
+
+
+def capture(argv, cwd=None, env=None):
+    """stdout of argv, stripped; raises PikuError on failure."""
+    return run(argv, cwd=cwd, env=env, capture=True).stdout.strip()
+
+
+def which(name, environ=None):
+    import shutil
+    path = (environ or os.environ).get("PATH", os.defpath)
+    return shutil.which(name, path=path)
+
+
+def clean_env(environ):
+    """A copy of environ without git's hook variables (GIT_DIR, GIT_QUARANTINE_PATH, ...)."""
+    return {k: v for k, v in environ.items() if not k.startswith("GIT_")
+            and k not in ("SSH_ORIGINAL_COMMAND",)}
+
+
+# === 5. Parsers (pure) ===
+
+def parse_app_name(raw):
+    """Validate an app name as it arrives from git or a command; returns the clean name."""
+    name = (raw or "").strip()
+    if name.startswith("~/"):
+        name = name[2:]
+    name = name.lstrip("/") if name.count("/") == 1 and name.startswith("/") else name
+    if name.endswith(".git"):
+        name = name[:-4]
+    if not APP_NAME_RE.match(name):
+        shown = (raw[:40] + "...") if raw and len(raw) > 40 else raw
+        raise PikuError(f"invalid app name {shown!r}: use 1-63 letters, digits, '.', '_' or '-',"
+                        " starting with a letter or digit")
+    return name
+
+
+def parse_bool(value, key="value"):
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on", "y"):
+        return True
+    if v in ("0", "false", "no", "off", "n", ""):
+        return False
+    raise PikuError(f"{key}: expected true or false, got {value!r}")
+
+
+def parse_int(value, key="value", minimum=None, maximum=None):
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise PikuError(f"{key}: expected a whole number, got {value!r}")
+    if (minimum is not None and n < minimum) or (maximum is not None and n > maximum):
+        raise PikuError(f"{key}: {n} is out of range ({minimum}..{maximum})")
+    return n
+
+
+CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+CRON_NAMES = ("minute", "hour", "day of month", "month", "day of week")
+
+
+def parse_cron_field(field, lo, hi, name):
+    """Set of values matched by one cron field (numbers, *, */n, a-b, a-b/n, lists)."""
+    values = set()
+    for part in field.split(","):
+        m = re.fullmatch(r"(\*|\d+(?:-\d+)?)(?:/(\d+))?", part)
+        if not m:
+            raise PikuError(f"bad cron {name} field {field!r}")
+        rng, stepv = m.group(1), int(m.group(2) or 1)
+        if rng == "*":
+            a, b = lo, hi
+        elif "-" in rng:
+            a, b = (int(x) for x in rng.split("-"))
+        else:
+            a = b = int(rng)
+            if m.group(2):
+                b = hi
+        if not (lo <= a <= hi and lo <= b <= hi and a <= b and stepv >= 1):
+            raise PikuError(f"cron {name} field {field!r} out of range {lo}-{hi}")
+        values.update(range(a, b + 1, stepv))
+    return values
+
+
+def parse_cron(spec):
+    """'M H DoM Mon DoW command' -> (list of 5 value sets, command)."""
+    parts = spec.split(None, 5)
+    if len(parts) < 6:
+        raise PikuError(f"cron needs 5 time fields and a command, got {spec!r}")
+    sets = [parse_cron_field(f, lo, hi, n) for f, (lo, hi), n in zip(parts[:5], CRON_RANGES, CRON_NAMES)]
+    if 7 in sets[4]:
+        sets[4] = (sets[4] - {7}) | {0}
+    return sets, parts[5]
+
+
+def cron_matches(sets, tm):
+    """Does a time.struct_time match the parsed cron sets (standard DoM/DoW 'or' rule)?"""
+    minute, hour, dom, mon, dow = sets
+    wday = (tm.tm_wday + 1) % 7  # struct_time: Monday=0; cron: Sunday=0
+    dom_all, dow_all = dom == set(range(1, 32)), dow == set(range(0, 7))
+    if dom_all or dow_all:
+        day_ok = tm.tm_mday in dom and wday in dow
+    else:
+        day_ok = tm.tm_mday in dom or wday in dow
+    return tm.tm_min in minute and tm.tm_hour in hour and tm.tm_mon in mon and day_ok
+
+
+def parse_procfile(text):
+    """Procfile text -> (ordered {kind: command}, [warnings]). Raises on bad lines."""
+    workers, warnings = {}, []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        kind, sep, cmd = line.partition(":")
+        kind, cmd = kind.strip(), cmd.strip()
+        if not sep or not KIND_RE.match(kind) or not cmd:
+            raise PikuError(f"Procfile line {lineno}: expected 'kind: command', got {raw.strip()[:80]!r}")
+        if kind in workers:
+            raise PikuError(f"Procfile line {lineno}: process kind {kind!r} is defined twice")
+        if kind.startswith("cron"):
+            try:
+                parse_cron(cmd)
+            except PikuError as e:
+                raise PikuError(f"Procfile line {lineno}: {e}")
+        if kind == "wsgi" and not WSGI_SPEC_RE.match(cmd):
+            raise PikuError(f"Procfile line {lineno}: wsgi needs 'module:callable', got {cmd!r}")
+        workers[kind] = cmd
+    if "wsgi" in workers and "web" in workers:
+        warnings.append("both wsgi and web are defined: web is disabled (wsgi wins)")
+        del workers["web"]
+    return workers, warnings
+
+
+def _unquote_env_value(value):
+    """Values quoted in an ENV file: "json style" or 'literal'. Returns (value, expand?)."""
+    import json
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value), False
+        except ValueError:
+            return value[1:-1], True
+    if len(value) >= 2 and value[0] == value[-1] == "'":
+        return value[1:-1], False
+    return value, True
+
+
+def expand_vars(value, env):
+    """$VAR and ${VAR} from env; unknown names are left as written."""
+    def sub(m):
+        name = m.group(1) or m.group(2)
+        return env.get(name, m.group(0))
+    return re.sub(r"\$(?:\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))", sub, value)
+
+
+def parse_env(text, base=None, source="ENV"):
+    """ENV file text -> dict. `$VAR` expands from earlier keys (then base); bad keys raise."""
+    env, scope = {}, dict(base or {})
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not ENV_KEY_RE.match(key):
+            raise PikuError(f"{source} line {lineno}: expected KEY=value, got {line[:60]!r}")
+        value, expand = _unquote_env_value(value.strip())
+        value = expand_vars(value, scope) if expand else value
+        env[key] = scope[key] = value
+    return env
+
+
+def _needs_quoting(value):
+    return (value != value.strip() or any(c in value for c in "\n\r$\"'\\#\0")
+            or value[:1] in "\"'")
+
+
+def render_env(env):
+    """dict -> ENV file text that parse_env reads back byte for byte."""
+    import json
+    lines = []
+    for k, v in env.items():
+        lines.append(f"{k}={json.dumps(v)}" if v and _needs_quoting(v) else f"{k}={v}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def parse_assignments(args):
+    """['K=V', 'K2=a', 'b'] -> {'K': 'V', 'K2': 'a b'} (words without '=' continue a value)."""
+    out, last = {}, None
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and ENV_KEY_RE.match(key):
+            out[key] = value
+            last = key
+        elif last is not None:
+            out[last] += " " + arg
+        else:
+            raise PikuError(f"expected KEY=VALUE, got {arg!r} (keys: letters, digits and _)")
+    return out
+
+
+def parse_scaling(text):
+    """SCALING file text ('kind:count' or 'kind=count' lines) -> {kind: count}."""
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        kind, _, count = line.replace("=", ":").partition(":")
+        if KIND_RE.match(kind.strip()):
+            try:
+                out[kind.strip()] = max(0, int(count.strip()))
+            except ValueError:
+                continue
+    return out
+
+
+def render_scaling(scaling):
+    return "".join(f"{k}:{v}\n" for k, v in scaling.items())
+
+
+def parse_scale_args(args, known_kinds):
+    """['web=2', 'worker=0'] -> {kind: n}; unknown kinds and bad counts raise."""
+    out = {}
+    for arg in args:
+        kind, sep, count = arg.partition("=")
+        if not sep:
+            raise PikuError(f"expected KIND=COUNT, got {arg!r}")
+        if kind not in known_kinds:
+            raise PikuError(f"unknown process kind {kind!r}; this app has: {', '.join(sorted(known_kinds)) or 'none'}")
+        out[kind] = parse_int(count, kind, 0, 64)
+    return out
+
+
+GIT_COMMANDS = ("git-receive-pack", "git-upload-pack")
+
+
+def parse_ssh_command(original):
+    """SSH_ORIGINAL_COMMAND -> argv for the CLI. Never touches a shell."""
+    import shlex
+    if original is None or not original.strip():
+        return ["help"]
+    if "\0" in original:
+        raise PikuError("refused: NUL byte in command")
+    try:
+        argv = shlex.split(original)
+    except ValueError as e:
+        raise PikuError(f"refused: cannot parse command ({e})")
+    if argv and argv[0] in ("git-receive-pack", "git-upload-pack", "git receive-pack", "git upload-pack"):
+        if len(argv) != 2:
+            raise PikuError(f"refused: {argv[0]} takes exactly one repository")
+        return [argv[0], parse_app_name(argv[1])]
+    if argv[:1] == ["git"] and len(argv) == 3 and argv[1] in ("receive-pack", "upload-pack"):
+        return ["git-" + argv[1], parse_app_name(argv[2])]
+    return argv
+
+
+PYVER_RE = re.compile(r"^(?:(?:cpython|python)[-@]?)?(\d+(?:\.\d+){0,2})(t)?$", re.I)
+PYSPEC_RE = re.compile(r"^\s*(?:(?:==|!=|<=|>=|~=|<|>)\s*\d+(?:\.\d+){0,2}(?:\.\*)?\s*,?\s*)+$")
+
+
+def parse_python_version(value):
+    """PYTHON_VERSION / .python-version content -> uv request string. Garbage raises."""
+    v = (value or "").strip().splitlines()[0].strip() if (value or "").strip() else ""
+    if not v:
+        return None
+    m = PYVER_RE.match(v)
+    if m:
+        if not m.group(1).startswith("3") or len(m.group(1)) > 10:
+            raise PikuError(f"PYTHON_VERSION {value!r}: only Python 3 is supported")
+        return m.group(1) + (m.group(2) or "")
+    if PYSPEC_RE.match(v):
+        return v.replace(" ", "").rstrip(",")
+    raise PikuError(f"invalid Python version {value!r}: use 3, 3.12, 3.12.1 or a range like >=3.11")
+
+
+def parse_plugin_python(blob):
+    """Bytes of the uWSGI python plugin -> 'X.Y' of the libpython it links, or None."""
+    m = re.search(rb"libpython(3\.\d+)", blob)
+    return m.group(1).decode() if m else None
+
+
+def parse_pyvenv_cfg(text):
+    out = {}
+    for line in text.splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def parse_uv_changes(output):
+    """uv's ' + pkg==1.0' / ' - pkg==0.9' lines -> (added, removed)."""
+    added = [l.strip()[2:] for l in output.splitlines() if l.startswith(" + ")]
+    removed = [l.strip()[2:] for l in output.splitlines() if l.startswith(" - ")]
+    return added, removed
+
+
+def is_fully_pinned(requirements_text):
+    """True when every requirement is 'name==version' (then `uv pip sync` is exact)."""
+    reqs = [l.split("#")[0].strip() for l in requirements_text.splitlines()]
+    reqs = [r for r in reqs if r]
+    return bool(reqs) and all(re.match(r"^[A-Za-z0-9._\[\],-]+==[A-Za-z0-9.*+!_-]+(\s*;.*)?$", r) for r in reqs)
+
+
+# === 6. Settings ===
+# Layering: DEFAULTS < repo ENV < config:set values (envs/<app>/ENV) < computed values.
+
+DEFAULTS = {
+    "BIND_ADDRESS": "127.0.0.1",
+    "PIKU_AUTO_RESTART": "true",
+    "PIKU_PYUWSGI": "auto",
+    "PIKU_HEALTH_TIMEOUT": "30",
+    "PIKU_RELEASES_KEPT": str(DEFAULT_RELEASES_KEPT),
+    "PIKU_VERBOSE": "false",
+    "PIKU_USE_UV": "true",
+    "UV_PYTHON_PREFERENCE": "managed",
+    "DISABLE_IPV6": "false",
+    "NGINX_IPV4_ADDRESS": "0.0.0.0",
+    "NGINX_IPV6_ADDRESS": "[::]",
+    "NGINX_HTTP_PORT": "80",
+    "NGINX_HTTPS_PORT": "443",
+    "NGINX_HTTPS_ONLY": "false",
+    "NGINX_ALLOW_GIT_FOLDERS": "false",
+    "NGINX_CACHE_SIZE": "1",
+    "NGINX_CACHE_TIME": "3600",
+    "NGINX_CACHE_CONTROL": "3600",
+    "NGINX_CACHE_EXPIRY": "86400",
+    "NGINX_CACHE_REDIRECTS": "false",
+    "NGINX_CACHE_ANY": "false",
+    "UWSGI_MAX_REQUESTS": "1024",
+    "UWSGI_LISTEN": "16",
+    "UWSGI_PROCESSES": "1",
+    "UWSGI_THREADS": "4",
+    "UWSGI_ENABLE_THREADS": "true",
+    "UWSGI_LOG_MAXSIZE": "1048576",
+    "UWSGI_LOG_X_FORWARDED_FOR": "false",
+    "UWSGI_GEVENT": "false",
+    "UWSGI_ASYNCIO": "0",
+    "UWSGI_IDLE": "",
+}
+
+# Settings that must parse as numbers / booleans; checked before anything is written.
+INT_SETTINGS = {"PORT": (1, 65535), "UWSGI_MAX_REQUESTS": (0, 10**9), "UWSGI_LISTEN": (1, 65535),
+                "UWSGI_PROCESSES": (1, 1024), "UWSGI_THREADS": (1, 1024),
+                "UWSGI_LOG_MAXSIZE": (0, 10**12), "UWSGI_IDLE": (0, 10**7),
+                "UWSGI_ASYNCIO": (0, 10**5), "NGINX_HTTP_PORT": (1, 65535),
+                "NGINX_HTTPS_PORT": (1, 65535), "PIKU_HEALTH_TIMEOUT": (0, 3600),
+                "PIKU_RELEASES_KEPT": (1, 100), "NGINX_CACHE_SIZE": (1, 10**6),
+                "NGINX_CACHE_TIME": (0, 10**9), "NGINX_CACHE_CONTROL": (0, 10**9),
+                "NGINX_CACHE_EXPIRY": (0, 10**9)}
+BOOL_SETTINGS = ("PIKU_AUTO_RESTART", "PIKU_VERBOSE", "PIKU_USE_UV", "DISABLE_IPV6", "NGINX_HTTPS_ONLY",
+                 "NGINX_ALLOW_GIT_FOLDERS", "NGINX_CACHE_REDIRECTS", "NGINX_CACHE_ANY",
+                 "UWSGI_ENABLE_THREADS", "UWSGI_LOG_X_FORWARDED_FOR", "UWSGI_GEVENT",
+                 "NGINX_CLOUDFLARE_ACL", "NGINX_CATCH_ALL_ENABLED")
+CHOICE_SETTINGS = {"PIKU_PYUWSGI": ("auto", "never", "always")}
+
+
+def validate_settings(settings):
+    """Raise PikuError for the first setting piku cannot use; returns settings."""
+    for key, (lo, hi) in INT_SETTINGS.items():
+        if settings.get(key, "") != "":
+            parse_int(settings[key], key, lo, hi)
+    for key in BOOL_SETTINGS:
+        if key in settings:
+            parse_bool(settings[key], key)
+    for key, choices in CHOICE_SETTINGS.items():
+        if key in settings and settings[key] not in choices:
+            raise PikuError(f"{key}: expected one of {', '.join(choices)}, got {settings[key]!r}")
+    if settings.get("BIND_ADDRESS") and not IP_RE.match(settings["BIND_ADDRESS"]):
+        raise PikuError(f"BIND_ADDRESS: not an IP address: {settings['BIND_ADDRESS']!r}")
+    for name in split_names(settings.get("NGINX_SERVER_NAME", "")):
+        if not HOSTNAME_RE.match(name):
+            raise PikuError(f"NGINX_SERVER_NAME: invalid host name {name!r}")
+    if settings.get("PYTHON_VERSION"):
+        parse_python_version(settings["PYTHON_VERSION"])
+    return settings
+
+
+def split_names(value):
+    return [n for n in re.split(r"[,\s]+", value or "") if n]
+
+
+def setting(settings, key):
+    return settings.get(key, DEFAULTS.get(key, ""))
+
+
+def setting_bool(settings, key):
+    return parse_bool(setting(settings, key) or "false", key)
+
+
+def setting_int(settings, key):
+    return int(setting(settings, key))
+
+
+def computed_env(paths, app, settings, port, home, user, base_path):
+    """Values piku injects into every process; they override ENV (except PORT, PATH set there)."""
+    venv = os.path.join(paths.envs, app)
+    user_path = settings.get("PATH") or base_path
+    return {
+        "APP": app,
+        "DATA_ROOT": os.path.join(paths.data, app),
+        "LOG_ROOT": paths.logs,
+        "HOME": home,
+        "USER": user,
+        "PATH": os.path.join(venv, "bin") + ":" + user_path,
+        "VIRTUAL_ENV": venv,
+        "PORT": str(port),
+        "BIND_ADDRESS": setting(settings, "BIND_ADDRESS"),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONIOENCODING": "UTF_8:replace",
+    }
+
+
+# === 7. Renderers (pure) ===
+
+UWSGI_MAGIC_RE = re.compile(r"[$@%]\(|%[a-zA-Z0-9]|[\n\r\0]")
+
+
+def render_ini(pairs):
+    """[(key, value)] -> uWSGI ini text; refuses values uWSGI would interpret."""
+    lines = ["[uwsgi]"]
+    for key, value in pairs:
+        value = str(value)
+        if UWSGI_MAGIC_RE.search(value) or value.strip().startswith((";", "#")):
+            raise PikuError(f"refusing to write {key} = {value[:60]!r} into a uWSGI ini")
+        lines.append(f"{key} = {value}")
+    return "\n".join(lines) + "\n"
+
+
+def worker_port(settings, kind, port):
+    return port if kind in ("wsgi", "web") else None
+
+
+def render_vassal(v):
+    """Vassal ini for one worker. `v` is a dict: app, kind, index, paths, settings, port,
+    piku (argv prefix running piku.py), python_plugin, mode ('native'|'pyuwsgi'|'daemon'),
+    sockets (unix socket path or None), release."""
+    import shlex
+    s, p, app, kind, n = v["settings"], v["paths"], v["app"], v["kind"], v["index"]
+    pairs = [("master", "true"), ("die-on-term", "true"), ("vacuum", "true"),
+             ("chdir", os.path.join(p.apps, app)),
+             ("procname-prefix-spaced", f"{app}:{kind}.{n}"),
+             ("env", f"PIKU_ROOT={p.root}"),
+             ("logto", os.path.join(p.logs, app, f"{kind}.{n}.log")),
+             ("log-maxsize", setting(s, "UWSGI_LOG_MAXSIZE")),
+             ("log-backupname", os.path.join(p.logs, app, f"{kind}.{n}.log.old"))]
+    if v["mode"] == "native":
+        pairs = [("plugin", v.get("python_plugin") or "python3")] + pairs + wsgi_pairs(v)
+    elif v["mode"] == "pyuwsgi":
+        cmd = v["piku"] + ["exec-worker", app, kind, str(n)]
+        pairs.append(("attach-daemon2", "cmd=" + shlex.join(cmd) + ",stopsignal=15"))
+    elif kind.startswith("cron"):
+        cmd = v["piku"] + ["exec-worker", "--if-due", app, kind, str(n)]
+        pairs.append(("cron", "-1 -1 -1 -1 -1 " + shlex.join(cmd)))
+    else:
+        cmd = v["piku"] + ["exec-worker", app, kind, str(n)]
+        pairs.append(("attach-daemon2", "cmd=" + shlex.join(cmd) + ",stopsignal=15"))
+    include = s.get("UWSGI_INCLUDE_FILE")
+    if include:
+        pairs.append(("ini", safe_path(include, "UWSGI_INCLUDE_FILE")))
+    return f"# piku release {v['release']}\n" + render_ini(pairs)
+
+
+def wsgi_pairs(v, inner=False):
+    """The python-serving options shared by native vassals and pyuwsgi inner inis."""
+    s, p, app = v["settings"], v["paths"], v["app"]
+    pairs = [("wsgi-file", os.path.join(p.state, app, "wsgi_boot.py")),
+             ("processes", setting(s, "UWSGI_PROCESSES")),
+             ("max-requests", setting(s, "UWSGI_MAX_REQUESTS")),
+             ("listen", setting(s, "UWSGI_LISTEN")),
+             ("http-socket", f"{setting(s, 'BIND_ADDRESS')}:{v['port']}"),
+             ("reuse-port", "true"), ("need-app", "true"), ("lazy-apps", "true")]
+    if v.get("socket"):
+        pairs += [("socket", v["socket"]), ("chmod-socket", "666")]
+    if setting_bool(s, "UWSGI_GEVENT"):
+        pairs.append(("gevent", "100"))
+    elif int(setting(s, "UWSGI_ASYNCIO") or 0) > 0:
+        pairs += [("asyncio", setting(s, "UWSGI_ASYNCIO")), ("greenlet", "true")]
+    else:
+        pairs.append(("threads", setting(s, "UWSGI_THREADS")))
+    if setting_bool(s, "UWSGI_ENABLE_THREADS"):
+        pairs.append(("enable-threads", "true"))
+    if setting_bool(s, "UWSGI_LOG_X_FORWARDED_FOR"):
+        pairs.append(("log-x-forwarded-for", "true"))
+    if setting(s, "UWSGI_IDLE"):
+        pairs += [("idle", setting(s, "UWSGI_IDLE")), ("die-on-idle", "true")]
+    return pairs
+
+
+def render_inner_ini(v):
+    """ini for the venv's own uWSGI (pyuwsgi) when the system plugin has another Python."""
+    p, app, kind, n = v["paths"], v["app"], v["kind"], v["index"]
+    pairs = [("master", "true"), ("die-on-term", "true"), ("chdir", os.path.join(p.apps, app)),
+             ("procname-prefix-spaced", f"{app}:{kind}.{n}")] + wsgi_pairs(v)
+    return render_ini(pairs)
+
+
+def render_wsgi_boot(venv, app_dir, spec, env, pyver):
+    """Python source that uWSGI loads: sets the app's environment, activates the venv
+    (uv venvs have no activate_this.py), then imports module:callable."""
+    module, _, attr = spec.partition(":")
+    site = os.path.join(venv, "lib", f"python{pyver}", "site-packages")
+    return (
+        "# Written by piku.py on every deploy; do not edit.\n"
+        "import os, sys, site, importlib\n"
+        f"os.environ.update({env!r})\n"
+        f"sys.path.insert(0, {app_dir!r})\n"
+        f"site.addsitedir({site!r})\n"
+        f"sys.prefix = sys.exec_prefix = {venv!r}\n"
+        f"application = getattr(importlib.import_module({module!r}), {attr or 'application'!r})\n"
+    )
+
+
+def safe_path(value, key):
+    if not SAFE_PATH_RE.match(value or "") or ".." in value.split("/"):
+        raise PikuError(f"{key}: {value!r} is not an acceptable path (letters, digits, ._/@+- only)")
+    return value
+
+
+def render_emperor_ini(paths):
+    return render_ini([
+        ("emperor", paths.uwsgi_enabled),
+        ("emperor-freq", "1"),  # how often (s) the emperor scans for changed vassals
+        ("master", "true"),
+        ("logto", os.path.join(paths.uwsgi, "uwsgi.log")),
+        ("log-maxsize", "1048576"),
+        ("pidfile", os.path.join(paths.uwsgi, "uwsgi.pid")),
+        ("stats", os.path.join(paths.uwsgi, "uwsgi-stats.sock")),
+    ])
+
+
+def render_git_hook(python, piku_py, root, app):
+    import shlex
+    return ("#!/bin/sh\n# Written by piku.py: builds and deploys before git accepts the push.\n"
+            f"PIKU_ROOT={shlex.quote(root)} exec {shlex.quote(python)} {shlex.quote(piku_py)}"
+            f" git-hook {shlex.quote(app)}\n")
+
+
+def render_authorized_key(python, piku_py, root, key_line):
+    import shlex
+    cmd = f"PIKU_ROOT={shlex.quote(root)} {shlex.quote(python)} {shlex.quote(piku_py)}"
+    if '"' in cmd or "\\" in cmd:
+        raise PikuError("piku.py path or PIKU_ROOT contains a quote or backslash; move it")
+    return (f'command="{cmd}",no-agent-forwarding,no-user-rc,no-X11-forwarding,'
+            f"no-port-forwarding {key_line.strip()}\n")
+
+
+def render_systemd_units(python, piku_py, paths, user):
+    """Units for the emperor and for reloading nginx when nginx/ changes (systemd hosts)."""
+    return {
+        "piku-uwsgi.service": (
+            "[Unit]\nDescription=piku uWSGI emperor\nAfter=network.target\n\n[Service]\n"
+            f"User={user}\nGroup=www-data\nExecStart=/usr/bin/uwsgi --ini {paths.uwsgi}/uwsgi.ini\n"
+            "Restart=always\nKillSignal=SIGINT\n\n[Install]\nWantedBy=multi-user.target\n"),
+        "piku-nginx.path": (
+            "[Unit]\nDescription=Watch piku nginx configs\n\n[Path]\n"
+            f"PathChanged={paths.nginx}\n\n[Install]\nWantedBy=multi-user.target\n"),
+        "piku-nginx.service": (
+            "[Unit]\nDescription=Reload nginx for piku\n\n[Service]\nType=oneshot\n"
+            "ExecStart=/usr/sbin/nginx -s reload\n"),
+    }
+
+
+URL_PREFIX_RE = re.compile(r"^/[A-Za-z0-9_./~-]*$")
+
+
+def parse_static_paths(value):
+    """NGINX_STATIC_PATHS '/url:dir,/other:dir2' -> [(url, dir)] (dir relative to the app)."""
+    out = []
+    for item in [i for i in (value or "").split(",") if i.strip()]:
+        url, sep, path = item.strip().partition(":")
+        if not sep or not URL_PREFIX_RE.match(url):
+            raise PikuError(f"NGINX_STATIC_PATHS: expected /url:path, got {item!r}")
+        out.append((url, safe_path(path, "NGINX_STATIC_PATHS")))
+    return out
+
+
+def nginx_listen_lines(s, https):
+    ports = [(setting(s, "NGINX_HTTP_PORT"), "")]
+    if https:
+        ports.append((setting(s, "NGINX_HTTPS_PORT"), " ssl"))
+    addrs = [setting(s, "NGINX_IPV4_ADDRESS")]
+    if not setting_bool(s, "DISABLE_IPV6"):
+        addrs.append(setting(s, "NGINX_IPV6_ADDRESS"))
+    for a in addrs:
+        if not IP_RE.match(a):
+            raise PikuError(f"nginx listen address {a!r} is not an IP address")
+    return [f"  listen {a}:{port}{flag};" for port, flag in ports for a in addrs]
+
+
+def render_nginx(n):
+    """nginx server block(s) for one app. `n`: app, settings, paths, kinds (Procfile),
+    sockets (list of unix sockets for wsgi), port, app_dir, cert (bool: cert+key exist)."""
+    s, app, p = n["settings"], n["app"], n["paths"]
+    names = split_names(setting(s, "NGINX_SERVER_NAME"))
+    https_only = n["cert"] and setting_bool(s, "NGINX_HTTPS_ONLY")
+    lines = []
+    if n["sockets"]:
+        lines += [f"upstream piku-{app} {{"] + [f"  server unix:{sock};" for sock in n["sockets"]] + ["}"]
+    elif "web" in n["kinds"]:
+        lines += [f"upstream piku-{app} {{", f"  server {setting(s, 'BIND_ADDRESS')}:{n['port']};", "}"]
+    cache = parse_cache(s, p, app)
+    if cache:
+        lines.append(f"proxy_cache_path {cache['path']} levels=1:2 keys_zone={app}:20m "
+                     f"inactive={cache['expiry']}s max_size={cache['size']}g use_temp_path=off;")
+    if https_only:
+        lines += ["server {"] + nginx_listen_lines(s, False)[:]
+        lines += [f"  server_name {' '.join(names)};",
+                  f"  location ^~ /.well-known/acme-challenge/ {{ root {p.acme}/{app}; }}",
+                  "  location / { return 301 https://$host$request_uri; }", "}"]
+    lines += ["server {"]
+    listen = nginx_listen_lines(s, n["cert"])
+    if https_only:
+        listen = [l for l in listen if " ssl;" in l]
+    lines += listen + [f"  server_name {' '.join(names)};", "  client_max_body_size 64m;"]
+    if n["cert"]:
+        lines += [f"  ssl_certificate {p.nginx}/{app}.crt;", f"  ssl_certificate_key {p.nginx}/{app}.key;",
+                  "  ssl_protocols TLSv1.2 TLSv1.3;"]
+    lines.append(f"  location ^~ /.well-known/acme-challenge/ {{ root {p.acme}/{app}; }}")
+    if not setting_bool(s, "NGINX_ALLOW_GIT_FOLDERS"):
+        lines.append("  location ~ /\\.git { deny all; return 404; }")
+    if setting_bool(s, "NGINX_CLOUDFLARE_ACL"):
+        lines += [f"  allow {net};" for net in CLOUDFLARE_NETS] + ["  allow 127.0.0.1;", "  deny all;"]
+    include = s.get("NGINX_INCLUDE_FILE")
+    if include:
+        lines.append(f"  include {os.path.join(n['app_dir'], safe_path(include, 'NGINX_INCLUDE_FILE'))};")
+    statics = parse_static_paths(s.get("NGINX_STATIC_PATHS", ""))
+    if "static" in n["kinds"]:
+        statics.append(("/", safe_path(n["kinds"]["static"], "static")))
+    for url, path in statics:
+        target = path if path.startswith("/") else os.path.join(n["app_dir"], path)
+        slash = "/" if url.endswith("/") else ""
+        lines += [f"  location {url} {{", f"    alias {target.rstrip('/')}{slash or ('/' if url == '/' else '')};",
+                  "    try_files $uri $uri.html $uri/ =404;" if url == "/" or not n["has_backend"] else
+                  "    try_files $uri $uri/ @piku;", "  }"]
+    if n["has_backend"]:
+        lines += render_nginx_backend(n, cache)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_nginx_backend(n, cache):
+    s, app = n["settings"], n["app"]
+    catch_all = s.get("NGINX_CATCH_ALL")
+    out = []
+    has_root = any(url == "/" for url, _ in parse_static_paths(s.get("NGINX_STATIC_PATHS", "")))
+    names = ["@piku"] if has_root else ["/", "@piku"]
+    for name in names:
+        out.append(f"  location {name} {{")
+        if n["sockets"]:
+            out += ["    include uwsgi_params;", f"    uwsgi_pass piku-{app};",
+                    "    uwsgi_param HTTP_X_FORWARDED_PROTO $scheme;",
+                    "    uwsgi_param HTTP_X_FORWARDED_FOR $proxy_add_x_forwarded_for;"]
+        else:
+            out += [f"    proxy_pass http://piku-{app};", "    proxy_http_version 1.1;",
+                    "    proxy_set_header Host $host;",
+                    "    proxy_set_header X-Real-IP $remote_addr;",
+                    "    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+                    "    proxy_set_header X-Forwarded-Proto $scheme;",
+                    "    proxy_set_header Upgrade $http_upgrade;",
+                    "    proxy_set_header Connection $connection_upgrade;"]
+        if catch_all:
+            out += [f"    error_page 404 = {render_catch_all(catch_all)};"]
+        if cache and name == "/":
+            out += render_cache_location(cache)
+        out.append("  }")
+    return out
+
+
+def render_catch_all(value):
+    target = value if value.startswith("/") else "/" + value
+    if not URL_PREFIX_RE.match(target):
+        raise PikuError(f"NGINX_CATCH_ALL: {value!r} is not a path")
+    return target
+
+
+def parse_cache(s, p, app):
+    prefixes = s.get("NGINX_CACHE_PREFIXES", "")
+    if not prefixes:
+        return None
+    urls = [u for u in prefixes.split(",") if u]
+    for u in urls:
+        if not URL_PREFIX_RE.match(u):
+            raise PikuError(f"NGINX_CACHE_PREFIXES: {u!r} is not a /path")
+    path = s.get("NGINX_CACHE_PATH") or os.path.join(p.cache, app)
+    return {"prefixes": urls, "path": safe_path(path, "NGINX_CACHE_PATH"), "app": app,
+            "size": setting_int(s, "NGINX_CACHE_SIZE"), "time": setting_int(s, "NGINX_CACHE_TIME"),
+            "control": setting_int(s, "NGINX_CACHE_CONTROL"),
+            "expiry": setting_int(s, "NGINX_CACHE_EXPIRY"),
+            "redirects": setting_bool(s, "NGINX_CACHE_REDIRECTS"), "any": setting_bool(s, "NGINX_CACHE_ANY")}
+
+
+def render_cache_location(c):
+    codes = "200 301 302" if c["redirects"] else "200"
+    regex = "|".join(re.escape(u) for u in c["prefixes"])
+    lines = ["    set $piku_nocache 1;", f"    if ($uri ~ ^({regex})) {{ set $piku_nocache 0; }}",
+             f"    proxy_cache {c['app']};", "    proxy_cache_bypass $piku_nocache;",
+             "    proxy_no_cache $piku_nocache;", f"    proxy_cache_valid {codes} {c['time']}s;"]
+    if c["any"]:
+        lines.append(f"    proxy_cache_valid any {c['time']}s;")
+    return lines + ["    proxy_ignore_headers Cache-Control Expires Set-Cookie;",
+                    f"    add_header Cache-Control \"public, max-age={c['control']}\";",
+                    "    add_header X-Cache-Status $upstream_cache_status;"]
+
+
+def render_nginx_map():
+    """http-level snippet every piku server needs once (WebSocket upgrade header)."""
+    return ("map $http_upgrade $connection_upgrade {\n  default upgrade;\n  '' close;\n}\n")
+
+
+CLOUDFLARE_NETS = ("173.245.48.0/20", "103.21.244.0/22", "103.22.200.0/22", "103.31.4.0/22",
+                   "141.101.64.0/18", "108.162.192.0/18", "190.93.240.0/20", "188.114.96.0/20",
+                   "197.234.240.0/22", "198.41.128.0/17", "162.158.0.0/15", "104.16.0.0/13",
+                   "104.24.0.0/14", "172.64.0.0/13", "131.0.72.0/22")
+
+
+UWSGI_PARAMS = ("QUERY_STRING $query_string", "REQUEST_METHOD $request_method",
+                "CONTENT_TYPE $content_type", "CONTENT_LENGTH $content_length",
+                "REQUEST_URI $request_uri", "PATH_INFO $document_uri",
+                "DOCUMENT_ROOT $document_root", "SERVER_PROTOCOL $server_protocol",
+                "REQUEST_SCHEME $scheme", "HTTPS $https if_not_empty",
+                "REMOTE_ADDR $remote_addr", "REMOTE_PORT $remote_port",
+                "SERVER_PORT $server_port", "SERVER_NAME $server_name")
+
+
+def render_nginx_check_conf(tmp, includes):
+    """A throwaway main config to run `nginx -t` on piku's server blocks as an unprivileged user."""
+    temps = "\n".join(f"  {d}_temp_path {tmp}/{d};" for d in
+                      ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    inc = "\n".join(f"  include {path};" for path in includes)
+    return (f"pid {tmp}/nginx.pid;\nerror_log {tmp}/error.log;\nevents {{}}\nhttp {{\n"
+            f"  access_log off;\n{temps}\n{inc}\n}}\n")
+
+
+# === 8. Planners (pure) ===
+
+def detect_requirements(files, workers):
+    return "requirements.txt" in files
+
+
+def detect_pyproject(files, workers):
+    return "pyproject.toml" in files
+
+
+def detect_generic(files, workers):
+    return any(k != "static" and k not in SPECIAL_KINDS for k in workers)
+
+
+def detect_static(files, workers):
+    return "static" in workers
+
+
+def plan_runtime(files, workers, runtimes):
+    """First runtime whose detector accepts the release; (name, label, build) or raises."""
+    for name, label, detect, build in runtimes:
+        if detect(files, workers):
+            return name, label, build
+    raise PikuError("nothing to run: the Procfile has no wsgi, web, worker or static entry")
+
+
+def plan_scaling(workers, saved):
+    """{kind: count} for every long-running kind (default 1); Procfile kinds only."""
+    return {k: saved.get(k, 1) for k in workers if k not in SPECIAL_KINDS and k != "static"}
+
+
+def plan_vassals(app, scaling):
+    """Vassal file names for a scaling plan: {'<app>_<kind>.<n>.ini': (kind, n)}."""
+    return {f"{app}_{kind}.{n}.ini": (kind, n) for kind, count in scaling.items()
+            for n in range(1, count + 1)}
+
+
+def plan_sync(saved_fingerprint, fingerprint, venv_ok):
+    """Re-sync dependencies only when their inputs changed or the venv is broken."""
+    return not venv_ok or saved_fingerprint != fingerprint
+
+
+def plan_wsgi_mode(setting_value, venv_version, plugin_version):
+    """('native'|'pyuwsgi', notice or None) for a wsgi worker; raises on a refused mismatch."""
+    mm = ".".join((venv_version or "").split(".")[:2])
+    if setting_value == "always":
+        return "pyuwsgi", f"serving wsgi with the virtualenv's own uWSGI (PIKU_PYUWSGI=always)"
+    if plugin_version and mm == plugin_version:
+        return "native", None
+    if setting_value == "never":
+        have = f"embeds Python {plugin_version}" if plugin_version else "has no python3 plugin"
+        raise PikuError(f"the system uWSGI {have} but the app's virtualenv uses Python {mm}: "
+                        f"set PYTHON_VERSION={plugin_version or '<system version>'} "
+                        f"(`config:set APP PYTHON_VERSION={plugin_version}`), use a `web: gunicorn ...` "
+                        "worker, or allow PIKU_PYUWSGI=auto")
+    why = (f"system uWSGI embeds Python {plugin_version}" if plugin_version
+           else "no uWSGI python3 plugin found")
+    return "pyuwsgi", f"{why}, app uses Python {mm}: serving wsgi with pyuwsgi from the virtualenv"
+
+
+def fingerprint(*parts):
+    import hashlib
+    h = hashlib.sha256()
+    for part in parts:
+        data = part if isinstance(part, bytes) else str(part).encode()
+        h.update(len(data).to_bytes(8, "big") + data)
+    return h.hexdigest()
+
+
+# === 9. Filesystem ===
+
+def read_text(path, default=None):
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return default
+
+
+def write_atomic(path, content, mode=0o644, only_if_changed=False):
+    """Write via temp file + rename so readers never see a half file. True if written."""
+    if only_if_changed and read_text(path) == content:
+        return False
+    import tempfile
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return True
+
+
+def ensure_dirs(*dirs):
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+
+
+def remove_path(path):
+    import shutil
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class AppLock:
+    """Per-app exclusive lock: deploys and config changes of one app never interleave."""
+
+    def __init__(self, paths, app, wait=600):
+        self.path, self.app, self.wait, self.fd = os.path.join(paths.locks, f"{app}.lock"), app, wait, None
+
+    def __enter__(self):
+        import fcntl
+        import time
+        ensure_dirs(os.path.dirname(self.path))
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return self
+        except BlockingIOError:
+            detail(f"waiting for another operation on {self.app} to finish...")
+        deadline = time.monotonic() + self.wait
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                time.sleep(0.2)
+        os.close(self.fd)
+        raise PikuError(f"{self.app} is busy (another deploy or config change); try again later")
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def vassal_belongs(text, paths, app):
+    """A vassal ini belongs to app iff its chdir is that app's directory (exact, no prefix)."""
+    want = os.path.join(paths.apps, app)
+    for line in (text or "").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "chdir":
+            return value.strip().rstrip("/") == want
+    return False
+
+
+def vassals_of(paths, app, directory=None):
+    """Names of vassal files in uwsgi-enabled (or directory) that belong to app."""
+    directory = directory or paths.uwsgi_enabled
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.startswith(app + "_") and n.endswith(".ini")
+                  and vassal_belongs(read_text(os.path.join(directory, n)), paths, app))
+
+
+def known_apps(paths):
+    try:
+        return sorted(n for n in os.listdir(paths.repos) if APP_NAME_RE.match(n)
+                      and os.path.isdir(os.path.join(paths.repos, n)))
+    except FileNotFoundError:
+        return []
+
+
+def app_must_exist(paths, app):
+    app = parse_app_name(app)
+    if not os.path.isdir(os.path.join(paths.repos, app)) and not os.path.exists(os.path.join(paths.apps, app)):
+        raise PikuError(f"no such app: {app} (see `apps`)")
+    return app
+
+
+def load_config(paths, app):
+    """config:set values (envs/<app>/ENV)."""
+    return parse_env(read_text(os.path.join(paths.envs, app, "ENV"), ""), source=f"{app} config")
+
+
+def write_config(paths, app, config):
+    ensure_dirs(os.path.join(paths.envs, app))
+    write_atomic(os.path.join(paths.envs, app, "ENV"), render_env(config), mode=0o600)
+
+
+def load_live_env(paths, app):
+    return parse_env(read_text(os.path.join(paths.envs, app, "LIVE_ENV"), ""), source="LIVE_ENV")
+
+
+def load_scaling(paths, app):
+    return parse_scaling(read_text(os.path.join(paths.envs, app, "SCALING"), ""))
+
+
+def snapshot_env_dir(venv):
+    """piku's own files inside envs/<app>; uv may delete that directory when it recreates a venv."""
+    return {n: read_text(os.path.join(venv, n)) for n in PIKU_FILES_IN_ENV_DIR
+            if os.path.exists(os.path.join(venv, n))}
+
+
+def restore_env_dir(venv, snap):
+    ensure_dirs(venv)
+    for name, text in snap.items():
+        if read_text(os.path.join(venv, name)) is None:
+            write_atomic(os.path.join(venv, name), text, mode=0o600)
+
+
+def free_port(bind):
+    import socket
+    fam = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as sock:
+        sock.bind((bind.strip("[]"), 0))
+        return sock.getsockname()[1]
+
+
+def port_open(host, port, timeout=0.5):
+    import socket
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# === 10. Builders ===
+# One function per runtime; RUNTIMES (below) is the table deploy walks in order.
+
+class Build:
+    """Everything a builder needs about one release being prepared."""
+
+    def __init__(self, paths, app, release_dir, settings, workers, environ):
+        self.paths, self.app, self.release_dir = paths, app, release_dir
+        self.settings, self.workers = settings, workers
+        self.venv = os.path.join(paths.envs, app)
+        self.state = os.path.join(paths.state, app)
+        self.env = build_env(paths, app, settings, environ)
+        self.uv = find_uv(self.env, environ) if setting_bool(settings, "PIKU_USE_UV") else None
+        self.verbose = setting_bool(settings, "PIKU_VERBOSE")
+        self.python = None  # 'X.Y.Z' of the venv once built
+
+
+def find_uv(env, environ):
+    """uv on the app's PATH, the server's PATH, or where `pip install --user uv` puts it."""
+    home = os.path.expanduser("~")
+    for path in (env.get("PATH"), environ.get("PATH"), f"{home}/.local/bin:{home}/.cargo/bin"):
+        found = which("uv", {"PATH": path or ""})
+        if found:
+            return found
+    return None
+
+
+def build_env(paths, app, settings, environ):
+    """Environment for build tools: no git hook variables, the app's settings, uv's paths."""
+    env = clean_env(environ)
+    env.pop("VIRTUAL_ENV", None)
+    env.update(settings)
+    env["PATH"] = settings.get("PATH") or environ.get("PATH") or os.defpath
+    env.setdefault("UV_PYTHON_PREFERENCE", DEFAULTS["UV_PYTHON_PREFERENCE"])
+    env.setdefault("UV_CACHE_DIR", paths.uv_cache)
+    env["UV_PROJECT_ENVIRONMENT"] = os.path.join(paths.envs, app)
+    server_uv_toml = os.path.join(paths.root, "uv.toml")
+    if os.path.exists(server_uv_toml):
+        env.setdefault("UV_CONFIG_FILE", server_uv_toml)
+    return env
+
+
+def tool_run(b, argv, what, cwd=None):
+    """Run a build tool, output captured; shown on failure (or always when verbose)."""
+    import time
+    t0 = time.monotonic()
+    proc = run(argv, cwd=cwd or b.release_dir, env=b.env, capture="merged", check=False)
+    if b.verbose or proc.returncode != 0:
+        for line in proc.stdout.splitlines()[-60:]:
+            (detail if proc.returncode == 0 else warn)(line)
+    if proc.returncode != 0:
+        err = PikuError(f"{what} failed (exit {proc.returncode})", proc.returncode)
+        err.output = proc.stdout
+        raise err
+    return proc.stdout, time.monotonic() - t0
+
+
+def python_request(settings, release_dir):
+    """(uv request, source) from PYTHON_VERSION, then .python-version; (None, None) if neither."""
+    if settings.get("PYTHON_VERSION", "").strip():
+        return parse_python_version(settings["PYTHON_VERSION"]), "ENV"
+    text = read_text(os.path.join(release_dir, ".python-version"))
+    if text and text.strip():
+        try:
+            return parse_python_version(text), ".python-version"
+        except PikuError as e:
+            raise PikuError(f".python-version: {e}")
+    return None, None
+
+
+def no_interpreter_error(request):
+    return PikuError(
+        f"No interpreter found for Python {request}. Fixes: (1) install it on the server as the "
+        f"piku user: `uv python install {request}`; (2) choose an installed version: "
+        f"`config:set APP PYTHON_VERSION=<version>` (see `uv python list --only-installed`); "
+        f"(3) allow managed downloads: `config:set APP UV_PYTHON_PREFERENCE=managed "
+        f"UV_PYTHON_DOWNLOADS=automatic` on a server that can reach them")
+
+
+def find_python(b, request):
+    """Path of the interpreter for request (uv's default when None)."""
+    if not b.uv:
+        name = f"python{request}" if request and re.match(r"^3\.\d+$", request) else "python3"
+        path = which(name, b.env)
+        if not path:
+            raise no_interpreter_error(request or "3")
+        return path
+    argv = [b.uv, "python", "find", "--no-progress"] + ([request] if request else [])
+    proc = run(argv, cwd=b.release_dir, env=b.env, capture=True, check=False)
+    if proc.returncode != 0 and request and b.env.get("UV_PYTHON_DOWNLOADS") != "never" \
+            and b.env.get("UV_PYTHON_PREFERENCE") not in ("only-system", "system"):
+        run([b.uv, "python", "install", "--no-progress", request], cwd=b.release_dir, env=b.env,
+            capture="merged", check=False)
+        proc = run(argv, cwd=b.release_dir, env=b.env, capture=True, check=False)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise no_interpreter_error(request or "(uv default)")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def python_version_of(interpreter):
+    return capture([interpreter, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"])
+
+
+def venv_python_version(venv):
+    """'X.Y.Z' of a working venv, or None when it is missing or broken."""
+    cfg = parse_pyvenv_cfg(read_text(os.path.join(venv, "pyvenv.cfg"), ""))
+    py = os.path.join(venv, "bin", "python")
+    if not cfg.get("version_info") or not os.path.exists(py) or not os.access(py, os.X_OK):
+        return None
+    return ".".join(cfg["version_info"].split(".")[:3])
+
+
+def clear_venv(venv):
+    """Remove the virtualenv's files but keep piku's (ENV, LIVE_ENV, SCALING)."""
+    if not os.path.isdir(venv):
+        return
+    for name in os.listdir(venv):
+        if name not in PIKU_FILES_IN_ENV_DIR:
+            remove_path(os.path.join(venv, name))
+
+
+def ensure_venv(b, interpreter, version):
+    """Make envs/<app> a venv of exactly `version`; True when (re)created."""
+    have = venv_python_version(b.venv)
+    if have == version:
+        return False
+    if have:
+        step(f"Python changed from {have} to {version}: recreating the virtualenv")
+    elif os.path.exists(os.path.join(b.venv, "pyvenv.cfg")):
+        step("Virtualenv is broken: recreating it")
+    else:
+        step(f"Creating virtualenv with Python {version}")
+    snap = snapshot_env_dir(b.venv)
+    clear_venv(b.venv)
+    ensure_dirs(b.venv)
+    if b.uv:
+        tool_run(b, [b.uv, "venv", "--allow-existing", "--no-progress", "--python", interpreter, b.venv],
+                 "creating the virtualenv")
+    else:
+        tool_run(b, [sys.executable, "-m", "virtualenv", "--quiet", "--python", interpreter, b.venv],
+                 "creating the virtualenv (virtualenv)")
+    restore_env_dir(b.venv, snap)
+    return True
+
+
+def announce_changes(output, seconds):
+    added, removed = parse_uv_changes(output)
+    for pkg in added:
+        detail(f"+ {pkg}")
+    for pkg in removed:
+        detail(f"- {pkg}")
+    if added or removed:
+        detail(f"{len(added)} added, {len(removed)} removed in {seconds:.1f}s")
+    else:
+        detail(f"Checked in {seconds:.1f}s: nothing to install")
+
+
+def deps_fingerprint_path(b):
+    return os.path.join(b.state, "deps.fingerprint")
+
+
+def uv_settings_part(b):
+    return sorted((k, v) for k, v in b.settings.items() if k.startswith("UV_"))
+
+
+def setup_python(b):
+    """Resolve the Python version and make the venv match it. Returns (interpreter, version)."""
+    request, source = python_request(b.settings, b.release_dir)
+    if request:
+        step(f"Using Python {request} (from {source})")
+    interpreter = find_python(b, request)
+    version = python_version_of(interpreter)
+    ensure_venv(b, interpreter, version)
+    b.python = version
+    return interpreter, version
+
+
+def sync_needed(b, fp):
+    ok = venv_python_version(b.venv) == b.python
+    if not plan_sync(read_text(deps_fingerprint_path(b), "").strip(), fp, ok):
+        step("Dependencies unchanged, skipping sync")
+        return False
+    return True
+
+
+def build_uv(b):
+    """pyproject.toml app: `uv sync` into envs/<app>, honouring a committed uv.lock."""
+    if not b.uv:
+        raise PikuError("this app has a pyproject.toml but uv is not installed for the piku user: "
+                        "install it with `pip install --user uv` (or Astral's standalone installer), "
+                        "or add a requirements.txt")
+    interpreter, version = setup_python(b)
+    lock = os.path.join(b.release_dir, "uv.lock")
+    saved_lock = os.path.join(b.state, "uv.lock")
+    committed = os.path.exists(lock)
+    if not committed and os.path.exists(saved_lock):
+        write_atomic(lock, read_text(saved_lock))
+    fp = fingerprint("uv", read_text(os.path.join(b.release_dir, "pyproject.toml")),
+                     read_text(lock, ""), version, uv_settings_part(b), committed)
+    if sync_needed(b, fp):
+        step("Syncing dependencies with uv" + (" (uv.lock)" if committed else ""))
+        argv = [b.uv, "sync", "--no-progress", "--no-dev", "--no-install-project", "--python", interpreter]
+        snap = snapshot_env_dir(b.venv)
+        try:
+            out, secs = tool_run(b, argv + (["--locked"] if committed else []), "uv sync")
+        except PikuError as e:
+            if committed and "needs to be updated" in getattr(e, "output", ""):
+                raise PikuError("uv.lock does not match pyproject.toml: run `uv lock`, commit "
+                                "uv.lock and push again (piku never rewrites a committed lock)")
+            raise
+        finally:
+            restore_env_dir(b.venv, snap)
+        announce_changes(out, secs)
+        if not committed:
+            ensure_dirs(b.state)
+            write_atomic(saved_lock, read_text(lock, ""))
+            detail("No uv.lock in the repo: keeping the server's lock for the next deploys; "
+                   "commit one (`uv lock`) for reproducible builds")
+            fp = fingerprint("uv", read_text(os.path.join(b.release_dir, "pyproject.toml")),
+                             read_text(lock, ""), version, uv_settings_part(b), committed)
+        ensure_dirs(b.state)
+        write_atomic(deps_fingerprint_path(b), fp + "\n")
+
+
+def build_requirements(b):
+    """requirements.txt app: uv pip (or virtualenv + pip) into envs/<app>."""
+    if os.path.exists(os.path.join(b.release_dir, "pyproject.toml")):
+        detail("requirements.txt present: it decides the dependencies (pyproject.toml not used)")
+    interpreter, version = setup_python(b)
+    reqs = read_text(os.path.join(b.release_dir, "requirements.txt"), "")
+    pinned = is_fully_pinned(reqs)
+    tool = "uv" if b.uv else "pip"
+    fp = fingerprint("requirements", reqs, version, tool, pinned, uv_settings_part(b))
+    if not sync_needed(b, fp):
+        return
+    py = os.path.join(b.venv, "bin", "python")
+    if b.uv:
+        verb = ["pip", "sync"] if pinned else ["pip", "install", "-r"]
+        step(f"Installing requirements with uv ({'exact sync, fully pinned' if pinned else 'install'})")
+        out, secs = tool_run(b, [b.uv] + verb + ["requirements.txt", "--python", py, "--no-progress"],
+                             "installing requirements")
+        announce_changes(out, secs)
+    else:
+        step("Installing requirements with pip (uv not found)")
+        out, secs = tool_run(b, [py, "-m", "pip", "install", "--disable-pip-version-check", "-q",
+                                 "-r", "requirements.txt"], "pip install")
+        detail(f"Installed in {secs:.1f}s")
+    ensure_dirs(b.state)
+    write_atomic(deps_fingerprint_path(b), fp + "\n")
+
+
+def build_generic(b):
+    detail("no Python dependencies to install")
+
+
+def build_static(b):
+    detail("static files are served by nginx")
+
+
+RUNTIMES = (
+    ("python-requirements", "Python (requirements.txt) app detected", detect_requirements, build_requirements),
+    ("python-uv", "Python (uv) app detected", detect_pyproject, build_uv),
+    ("generic", "Generic app detected", detect_generic, build_generic),
+    ("static", "Static app detected", detect_static, build_static),
+)
+
+
+def uwsgi_python_plugin(environ=None):
+    """(plugin name, 'X.Y') of the system uWSGI python3 plugin, or (None, None)."""
+    env = environ or os.environ
+    dirs = [d for d in (env.get("PIKU_UWSGI_PLUGIN_DIR"), "/usr/lib/uwsgi/plugins",
+                        "/usr/lib64/uwsgi", "/usr/local/lib/uwsgi/plugins") if d]
+    for d in dirs:
+        path = os.path.join(d, "python3_plugin.so")
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                return "python3", parse_plugin_python(f.read())
+    return None, None
+
+
+def ensure_pyuwsgi(b):
+    """Install pyuwsgi (uWSGI built for the venv's own Python) into the venv if missing."""
+    if os.path.exists(os.path.join(b.venv, "bin", "uwsgi")):
+        return
+    py = os.path.join(b.venv, "bin", "python")
+    detail("installing pyuwsgi into the virtualenv")
+    if b.uv:
+        tool_run(b, [b.uv, "pip", "install", "--no-progress", "--python", py, "pyuwsgi"], "installing pyuwsgi")
+    else:
+        tool_run(b, [py, "-m", "pip", "install", "-q", "pyuwsgi"], "installing pyuwsgi")
+
+
+# === 11. Orchestration ===
+
+def piku_argv():
+    """How uWSGI calls back into this very file (exec-worker)."""
+    return [sys.executable, os.path.abspath(__file__)]
+
+
+def setup_tree(paths):
+    """Create the PIKU_ROOT tree and the emperor ini (idempotent)."""
+    ensure_dirs(*paths[1:])
+    for d in (paths.root, paths.nginx, paths.apps, paths.releases, paths.acme, paths.cache, paths.state):
+        os.chmod(d, 0o755)  # nginx (www-data) must reach sockets, static files and certificates
+    write_atomic(os.path.join(paths.uwsgi, "uwsgi.ini"), render_emperor_ini(paths), only_if_changed=True)
+    write_atomic(os.path.join(paths.nginx, "_piku.conf"), render_nginx_map(), only_if_changed=True)
+
+
+def new_release(paths, app, rev, environ):
+    """Check the pushed revision out into releases/<app>/<id> (a staging dir until switched)."""
+    import time
+    rid = time.strftime("%Y%m%d-%H%M%S") + "-" + rev[:10]
+    base = os.path.join(paths.releases, app)
+    ensure_dirs(base, os.path.join(paths.state, app))
+    target, i = os.path.join(base, rid), 1
+    while os.path.exists(target):
+        i += 1
+        target = os.path.join(base, f"{rid}.{i}")
+    os.mkdir(target, 0o755)
+    env = dict(environ)  # keeps git's quarantine variables: the new objects live there
+    env["GIT_DIR"], env["GIT_WORK_TREE"] = os.path.join(paths.repos, app), target
+    env["GIT_INDEX_FILE"] = os.path.join(paths.state, app, f"index-{os.getpid()}")
+    try:
+        run(["git", "read-tree", rev], env=env, capture=True)
+        run(["git", "checkout-index", "-a", "-f"], env=env, capture=True)
+    finally:
+        if os.path.exists(env["GIT_INDEX_FILE"]):
+            os.unlink(env["GIT_INDEX_FILE"])
+    return target
+
+
+def live_release(paths, app):
+    """Directory of the live release (apps/<app>), or None."""
+    path = os.path.join(paths.apps, app)
+    return os.path.realpath(path) if os.path.isdir(path) else None
+
+
+def choose_port(paths, app, settings):
+    """PORT from settings, else the one the app had (a web app keeps its port), else a free one."""
+    if settings.get("PORT"):
+        return parse_int(settings["PORT"], "PORT", 1, 65535)
+    old = load_live_env(paths, app).get("PORT") if os.path.exists(
+        os.path.join(paths.envs, app, "LIVE_ENV")) else None
+    if old and old.isdigit():
+        return int(old)
+    return free_port(setting(settings, "BIND_ADDRESS"))
+
+
+def read_procfile(release_dir):
+    text = read_text(os.path.join(release_dir, "Procfile"))
+    if text is None:
+        raise PikuError("no Procfile in the pushed revision: add one, e.g. `wsgi: app:application` "
+                        "or `web: gunicorn -b $BIND_ADDRESS:$PORT app:app`, commit and push again")
+    return parse_procfile(text)
+
+
+def prepare(paths, app, release_dir, environ, build=True):
+    """Everything about a release short of making it live: parse, build, compute env and files."""
+    workers, warnings = read_procfile(release_dir)
+    for w in warnings:
+        warn(w)
+    repo_env = parse_env(read_text(os.path.join(release_dir, "ENV"), ""), source="ENV (in the repo)")
+    settings = validate_settings({**repo_env, **load_config(paths, app)})
+    b = Build(paths, app, release_dir, settings, workers, environ)
+    files = set(os.listdir(release_dir))
+    runtime, label, builder = plan_runtime(files, workers, RUNTIMES)
+    port = choose_port(paths, app, settings)
+    env = dict(settings)
+    env.update(computed_env(paths, app, settings, port, os.path.expanduser("~"),
+                            environ.get("USER") or os.path.basename(os.path.expanduser("~")),
+                            environ.get("PATH", os.defpath)))
+    plan = {"paths": paths, "app": app, "release_dir": release_dir, "workers": workers,
+            "settings": settings, "build": b, "runtime": runtime, "port": port, "env": env,
+            "scaling": plan_scaling(workers, load_scaling(paths, app))}
+    if build:
+        step(label)
+        if "preflight" in workers:
+            run_phase(plan, "preflight")
+        builder(b)
+    else:
+        b.python = venv_python_version(b.venv)
+    plan["wsgi_mode"] = choose_wsgi_mode(plan)
+    return plan
+
+
+def choose_wsgi_mode(plan):
+    if "wsgi" not in plan["workers"]:
+        return None
+    b = plan["build"]
+    if not b.python:
+        raise PikuError("a wsgi worker needs a Python app (requirements.txt or pyproject.toml)")
+    name, plugin_version = uwsgi_python_plugin(b.env)
+    mode, notice = plan_wsgi_mode(setting(plan["settings"], "PIKU_PYUWSGI"), b.python, plugin_version)
+    plan["python_plugin"] = name
+    if notice:
+        step(notice[0].upper() + notice[1:])
+    if mode == "pyuwsgi":
+        ensure_pyuwsgi(b)
+    return mode
+
+
+def process_env(plan, kind, index=1, environ=None):
+    """The environment a worker or phase command sees: system basics + LIVE_ENV + PROC_TYPE."""
+    env = {k: v for k, v in clean_env(environ if environ is not None else os.environ).items()
+           if k in ("LANG", "LC_ALL", "TZ", "TERM", "SHELL", "LOGNAME")}
+    env.update(plan["env"])
+    env["PROC_TYPE"] = kind
+    env["PROC_INDEX"] = str(index)
+    return env
+
+
+def run_phase(plan, kind):
+    """Run the Procfile's release/preflight command in the new release; failure rejects the push."""
+    cmd = plan["workers"][kind]
+    step(f"Running {kind}: {cmd}")
+    import subprocess
+    proc = subprocess.run(["/bin/sh", "-c", cmd], cwd=plan["release_dir"], stdin=subprocess.DEVNULL,
+                          env=process_env(plan, kind))
+    if proc.returncode != 0:
+        raise PikuError(f"{kind} command failed (exit {proc.returncode}); nothing was changed, "
+                        "the previous release keeps serving")
+
+
+def vassal_specs(plan):
+    """{filename: ini text} for every worker of the plan, plus extra files (inner inis)."""
+    import time
+    p, app, s = plan["paths"], plan["app"], plan["settings"]
+    stamp = os.path.basename(plan["release_dir"]) + f" {time.time():.3f}"
+    nginx_on = bool(split_names(s.get("NGINX_SERVER_NAME", "")))
+    vassals, extra = {}, {}
+    for name, (kind, n) in plan_vassals(app, plan["scaling"]).items():
+        mode = plan["wsgi_mode"] if kind == "wsgi" else "daemon"
+        v = {"app": app, "kind": kind, "index": n, "paths": p, "settings": s, "port": plan["port"],
+             "piku": piku_argv(), "python_plugin": plan.get("python_plugin"), "mode": mode,
+             "release": stamp,
+             "socket": os.path.join(p.nginx, f"{app}.{n}.sock") if nginx_on and kind == "wsgi" else None}
+        vassals[name] = render_vassal(v)
+        if mode == "pyuwsgi":
+            extra[os.path.join(p.state, app, f"{kind}.{n}.ini")] = render_inner_ini(v)
+    return vassals, extra
+
+
+def nginx_sockets(plan):
+    p, app = plan["paths"], plan["app"]
+    return [os.path.join(p.nginx, f"{app}.{n}.sock") for n in range(1, plan["scaling"].get("wsgi", 0) + 1)]
+
+
+def render_app_nginx(plan):
+    """nginx conf text for the plan, or None when NGINX_SERVER_NAME is unset."""
+    s, p, app = plan["settings"], plan["paths"], plan["app"]
+    if not split_names(s.get("NGINX_SERVER_NAME", "")):
+        return None
+    kinds = plan["workers"]
+    has_backend = plan["scaling"].get("wsgi", 0) > 0 or plan["scaling"].get("web", 0) > 0
+    cert = ensure_certificate(plan)
+    return render_nginx({"app": app, "settings": s, "paths": p, "kinds": kinds,
+                         "sockets": nginx_sockets(plan) if plan["scaling"].get("wsgi") else [],
+                         "port": plan["port"], "app_dir": os.path.join(p.apps, app),
+                         "cert": cert, "has_backend": has_backend})
+
+
+def ensure_certificate(plan):
+    """True when nginx/<app>.crt and .key exist; makes a self-signed pair if openssl is there."""
+    p, app, s = plan["paths"], plan["app"], plan["settings"]
+    crt, key = os.path.join(p.nginx, f"{app}.crt"), os.path.join(p.nginx, f"{app}.key")
+    if os.path.exists(crt) and os.path.exists(key):
+        return True
+    openssl = which("openssl")
+    names = split_names(s.get("NGINX_SERVER_NAME", ""))
+    if not openssl or not names:
+        return False
+    san = ",".join(f"DNS:{n}" for n in names)
+    run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj",
+         f"/CN={names[0]}", "-addext", f"subjectAltName={san}", "-keyout", key, "-out", crt],
+        capture=True)
+    os.chmod(key, 0o600)
+    detail(f"self-signed certificate made for {', '.join(names)}")
+    return True
+
+
+def check_nginx(paths, app, text):
+    """`nginx -t` on the full piku config with this app's candidate in place of its current one."""
+    import shutil
+    import tempfile
+    nginx = which("nginx") or (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx")
+    if not nginx:
+        warn("nginx is not installed: its config was written but not checked")
+        return
+    tmp = tempfile.mkdtemp(prefix="piku-nginx-")
+    try:
+        candidate = os.path.join(tmp, "candidate.conf")
+        write_atomic(candidate, text)
+        others = sorted(os.path.join(paths.nginx, n) for n in os.listdir(paths.nginx)
+                        if n.endswith(".conf") and n != f"{app}.conf")
+        conf = os.path.join(tmp, "nginx.conf")
+        write_atomic(conf, render_nginx_check_conf(tmp, others + [candidate]))
+        proc = run([nginx, "-t", "-q", "-p", tmp, "-c", conf, "-e", os.path.join(tmp, "error.log")],
+                   capture="merged", check=False)
+        if proc.returncode != 0:
+            msg = [l for l in proc.stdout.splitlines() if "emerg" in l or "error" in l] or [proc.stdout]
+            raise PikuError("nginx rejected the new config, the old one stays live: "
+                            + msg[0].replace(candidate, f"{app}.conf").strip())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def activate(plan, switch=True, restart=True):
+    """Make the plan live: symlink switch, env files, vassals, nginx. Returns an undo record."""
+    p, app = plan["paths"], plan["app"]
+    auto_restart = setting_bool(plan["settings"], "PIKU_AUTO_RESTART")
+    vassals, extra = vassal_specs(plan)
+    nginx_text = render_app_nginx(plan)
+    if nginx_text is not None:
+        check_nginx(p, app, nginx_text)
+    app_link = os.path.join(p.apps, app)
+    live_env_text = render_env(plan["env"])
+    boot = os.path.join(p.state, app, "wsgi_boot.py")
+    nginx_conf = os.path.join(p.nginx, f"{app}.conf")
+    stale = [n for n in vassals_of(p, app) if n not in vassals]
+    touched = ([os.path.join(p.envs, app, "LIVE_ENV"), os.path.join(p.envs, app, "SCALING"), boot,
+                nginx_conf] + list(extra) + [os.path.join(d, n) for n in list(vassals) + stale
+                                             for d in (p.uwsgi_available, p.uwsgi_enabled)])
+    undo = {"link": os.readlink(app_link) if os.path.islink(app_link) else None,
+            "files": {path: read_text(path) for path in touched}, "written": {}}
+    ensure_dirs(os.path.join(p.envs, app), os.path.join(p.state, app), os.path.join(p.logs, app),
+                os.path.join(p.data, app))
+    if switch:
+        switch_link(p, app, plan["release_dir"])
+    write_atomic(os.path.join(p.envs, app, "LIVE_ENV"), live_env_text, mode=0o600)
+    write_atomic(os.path.join(p.envs, app, "SCALING"), render_scaling(plan["scaling"]), mode=0o600)
+    if plan["wsgi_mode"]:
+        module = plan["workers"]["wsgi"]
+        write_atomic(boot, render_wsgi_boot(plan["build"].venv, app_link, module, plan["env"],
+                                            ".".join(plan["build"].python.split(".")[:2])), mode=0o600)
+    for path, text in extra.items():
+        write_atomic(path, text, mode=0o600)
+    for name, text in vassals.items():
+        enabled = os.path.join(p.uwsgi_enabled, name)
+        if (not restart or not auto_restart) and os.path.exists(enabled):
+            continue
+        log = os.path.join(p.logs, app, name[len(app) + 1:-4] + ".log")
+        undo["written"][name] = (log, os.path.getsize(log) if os.path.exists(log) else 0)
+        write_atomic(os.path.join(p.uwsgi_available, name), text)
+        write_atomic(enabled, text)
+    for name in stale:
+        remove_path(os.path.join(p.uwsgi_enabled, name))
+        remove_path(os.path.join(p.uwsgi_available, name))
+    if nginx_text is not None:
+        write_atomic(nginx_conf, nginx_text, only_if_changed=True)
+    elif os.path.exists(nginx_conf):
+        os.unlink(nginx_conf)
+    return undo
+
+
+def switch_link(paths, app, release_dir):
+    """Atomically point apps/<app> at release_dir (a legacy real directory is moved aside once)."""
+    import time
+    link = os.path.join(paths.apps, app)
+    if os.path.isdir(link) and not os.path.islink(link):
+        legacy = os.path.join(paths.releases, app, "legacy-" + time.strftime("%Y%m%d-%H%M%S"))
+        ensure_dirs(os.path.dirname(legacy))
+        os.rename(link, legacy)
+    tmp = link + ".piku-new"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(release_dir, tmp)
+    os.replace(tmp, link)
+
+
+def rollback(paths, app, undo):
+    link = os.path.join(paths.apps, app)
+    if undo["link"]:
+        tmp = link + ".piku-new"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(undo["link"], tmp)
+        os.replace(tmp, link)
+    elif os.path.islink(link):
+        os.unlink(link)
+    for path, text in undo["files"].items():
+        if text is None:
+            if os.path.lexists(path):
+                os.unlink(path)
+        else:
+            write_atomic(path, text, mode=0o600 if path.startswith(paths.envs) else 0o644)
+
+
+def health_check(plan, undo):
+    """Wait until restarted wsgi workers log that the app loaded and web/wsgi accept connections
+    on PORT; False on timeout or when a wsgi worker failed to load the app."""
+    import time
+    if not (plan["scaling"].get("wsgi") or plan["scaling"].get("web")):
+        return True
+    host, port = setting(plan["settings"], "BIND_ADDRESS"), plan["port"]
+    deadline = time.monotonic() + setting_int(plan["settings"], "PIKU_HEALTH_TIMEOUT")
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host in ("::", "[::]") else host)
+    pending = {name: pos for name, pos in undo["written"].items() if "_wsgi." in name}
+    while True:
+        for name, (log, offset) in list(pending.items()):
+            fresh = read_tail(log, offset)
+            if "WSGI app 0 (mountpoint='') ready" in fresh:
+                del pending[name]
+            elif "no app loaded" in fresh or "unable to load app" in fresh:
+                return False
+        if not pending and port_open(host, port):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def read_tail(path, offset):
+    """Text appended to path after byte offset ('' if none or the file is missing)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset if os.path.getsize(path) >= offset else 0)
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def worker_log_tail(paths, app, lines=15):
+    out = []
+    d = os.path.join(paths.logs, app)
+    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        if name.endswith(".log") and name.startswith(("wsgi", "web")):
+            text = read_text(os.path.join(d, name), "")
+            out += [f"{name[:-4]}: {l}" for l in text.splitlines()[-lines:]]
+    return out
+
+
+def deploy_release(paths, app, release_dir, environ, label):
+    """Build, release phase, switch, health check; any failure leaves the old release live."""
+    import time
+    t0 = time.monotonic()
+    plan = prepare(paths, app, release_dir, environ)
+    if "release" in plan["workers"]:
+        run_phase(plan, "release")
+    step("Releasing")
+    undo = activate(plan)
+    if not health_check(plan, undo):
+        rollback(paths, app, undo)
+        for line in worker_log_tail(paths, app):
+            warn(line)
+        raise PikuError(f"the new release did not listen on port {plan['port']} within "
+                        f"{setting(plan['settings'], 'PIKU_HEALTH_TIMEOUT')}s: rolled back "
+                        "(see `logs APP`)")
+    prune_releases(paths, app, setting_int(plan["settings"], "PIKU_RELEASES_KEPT"))
+    ensure_dirs(os.path.join(paths.state, app))
+    with open(os.path.join(paths.state, app, "deploys.log"), "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {label} -> {os.path.basename(release_dir)}\n")
+    url = app_url(plan)
+    step(f"Deployed {app} ({label}) in {time.monotonic() - t0:.1f}s" + (f": {url}" if url else ""))
+    return plan
+
+
+def app_url(plan):
+    names = split_names(plan["settings"].get("NGINX_SERVER_NAME", ""))
+    if names:
+        return f"http://{names[0]}/"
+    if plan["scaling"].get("wsgi") or plan["scaling"].get("web"):
+        return f"http://{setting(plan['settings'], 'BIND_ADDRESS')}:{plan['port']}/"
+    return None
+
+
+def prune_releases(paths, app, keep):
+    base = os.path.join(paths.releases, app)
+    live = live_release(paths, app)
+    olds = sorted((os.path.join(base, n) for n in os.listdir(base)), key=os.path.getmtime, reverse=True)
+    for path in olds[keep:]:
+        if os.path.realpath(path) != live:
+            remove_path(path)
+
+
+def deploy_rev(paths, app, rev, label, environ):
+    """Check out rev into a new release and deploy it; the release dir is removed on failure."""
+    release_dir = new_release(paths, app, rev, environ)
+    try:
+        return deploy_release(paths, app, release_dir, environ, label)
+    except BaseException:
+        if live_release(paths, app) != os.path.realpath(release_dir):
+            remove_path(release_dir)
+        raise
+
+
+def reconfigure(paths, app, environ):
+    """Apply changed settings: same release and venv, new environment, workers restarted."""
+    release_dir = live_release(paths, app)
+    if not release_dir:
+        detail("not deployed yet: the settings apply on the first push")
+        return
+    plan = prepare(paths, app, release_dir, environ, build=False)
+    undo = activate(plan, switch=False)
+    if not health_check(plan, undo):
+        rollback(paths, app, undo)
+        raise PikuError(f"{app} did not come back on port {plan['port']} with the new settings: "
+                        "restored the previous ones (see `logs APP`)")
+    step(f"Restarted {app} with the new settings")
+
+
+def stop_app(paths, app):
+    names = vassals_of(paths, app)
+    for name in names:
+        remove_path(os.path.join(paths.uwsgi_enabled, name))
+    return names
+
+
+def restart_app(paths, app, environ):
+    """Start (or restart) every worker of the live release with its current settings."""
+    release_dir = live_release(paths, app)
+    if not release_dir:
+        raise PikuError(f"{app} has never been deployed: push to it first")
+    plan = prepare(paths, app, release_dir, environ, build=False)
+    activate(plan, switch=False)
+    return plan
+
+
+def destroy_app(paths, app):
+    """Remove an app's code, repo, env, logs, releases, state, vassals and nginx files."""
+    stop_app(paths, app)
+    for name in vassals_of(paths, app, paths.uwsgi_available):
+        remove_path(os.path.join(paths.uwsgi_available, name))
+    removed = []
+    for path in (os.path.join(paths.apps, app), os.path.join(paths.repos, app),
+                 os.path.join(paths.envs, app), os.path.join(paths.logs, app),
+                 os.path.join(paths.releases, app), os.path.join(paths.state, app),
+                 os.path.join(paths.acme, app), os.path.join(paths.locks, f"{app}.lock")) + tuple(
+            os.path.join(paths.nginx, f"{app}{ext}") for ext in (".conf", ".crt", ".key", ".sock")):
+        if os.path.lexists(path):
+            remove_path(path)
+            removed.append(path)
+    for name in os.listdir(paths.nginx) if os.path.isdir(paths.nginx) else []:
+        if re.fullmatch(re.escape(app) + r"\.\d+\.sock", name):
+            remove_path(os.path.join(paths.nginx, name))
+    return removed
+
+
+# === 12. Git and SSH plumbing ===
+
+def plan_push(updates, deploy_branch):
+    """Which pushed ref to deploy. updates: [(old, new, ref)]. Returns (new, ref) or None;
+    raises for pushes piku must refuse. Only one branch is ever deployed per push."""
+    branches = [(old, new, ref) for old, new, ref in updates if ref.startswith("refs/heads/")]
+    if deploy_branch:
+        for old, new, ref in branches:
+            if ref == deploy_branch:
+                if set(new) == {"0"}:
+                    raise PikuError(f"refusing to delete {ref}: it is the deployed branch")
+                return new, ref
+        return None
+    live = [(o, n, r) for o, n, r in branches if set(n) != {"0"}]
+    if len(live) == 1:
+        return live[0][1], live[0][2]
+    for preferred in ("refs/heads/main", "refs/heads/master"):
+        for old, new, ref in live:
+            if ref == preferred:
+                return new, ref
+    if live:
+        raise PikuError("several branches pushed to a new app: push the one to deploy first "
+                        "(e.g. `git push piku main`)")
+    return None
+
+
+def deploy_branch_of(paths, app):
+    text = read_text(os.path.join(paths.state, app, "branch"))
+    return text.strip() if text and text.strip().startswith("refs/heads/") else None
+
+
+def record_deploy_branch(paths, app, ref):
+    ensure_dirs(os.path.join(paths.state, app))
+    write_atomic(os.path.join(paths.state, app, "branch"), ref + "\n", only_if_changed=True)
+    write_atomic(os.path.join(paths.repos, app, "HEAD"), f"ref: {ref}\n", only_if_changed=True)
+
+
+def ensure_repo(paths, app):
+    """Bare repo for app (made on first push) with piku's pre-receive hook."""
+    repo = os.path.join(paths.repos, app)
+    if not os.path.isdir(repo):
+        ensure_dirs(paths.repos)
+        run(["git", "init", "--quiet", "--bare", repo], capture=True)
+    hooks = os.path.join(repo, "hooks")
+    ensure_dirs(hooks)
+    write_atomic(os.path.join(hooks, "pre-receive"),
+                 render_git_hook(sys.executable, os.path.abspath(__file__), paths.root, app),
+                 mode=0o755, only_if_changed=True)
+    legacy = os.path.join(hooks, "post-receive")
+    if "git-hook" in (read_text(legacy) or ""):
+        os.unlink(legacy)  # the original deployed after accepting the push; we deploy before
+    return repo
+
+
+def git_hook(paths, app, lines, environ):
+    """pre-receive: build and deploy the pushed revision before git accepts it."""
+    updates = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 3:
+            updates.append(tuple(parts))
+    with AppLock(paths, app):
+        target = plan_push(updates, deploy_branch_of(paths, app))
+        if target is None:
+            current = deploy_branch_of(paths, app) or "the first branch you push"
+            step(f"Stored without deploying: {app} deploys {current}")
+            return
+        rev, ref = target
+        deploy_rev(paths, app, rev, f"{ref.replace('refs/heads/', '')}@{rev[:10]}", environ)
+        record_deploy_branch(paths, app, ref)
+
+
+def head_rev(paths, app):
+    ref = deploy_branch_of(paths, app) or "HEAD"
+    proc = run(["git", "--git-dir", os.path.join(paths.repos, app), "rev-parse", "--verify", "-q",
+                ref + "^{commit}"], capture=True, check=False, env=clean_env(os.environ))
+    if proc.returncode != 0:
+        raise PikuError(f"{app} has no pushed revision yet: git push to it first")
+    return proc.stdout.strip(), ref
+
+
+def add_ssh_key(key_text, paths):
+    """Validate a public key with ssh-keygen and append it once to ~/.ssh/authorized_keys."""
+    import tempfile
+    lines = [l.strip() for l in key_text.splitlines() if l.strip() and not l.startswith("#")]
+    if len(lines) != 1:
+        raise PikuError("expected exactly one public key line")
+    parts = lines[0].split()
+    if len(parts) < 2 or not re.match(r"^(ssh-|ecdsa-|sk-)[\w@.-]+$", parts[0]) or \
+            not re.match(r"^[A-Za-z0-9+/=]+$", parts[1]):
+        raise PikuError("not a public key: expected 'type base64 [comment]' (options are not allowed)")
+    with tempfile.NamedTemporaryFile("w", suffix=".pub") as f:
+        f.write(lines[0] + "\n")
+        f.flush()
+        proc = run(["ssh-keygen", "-l", "-f", f.name], capture=True, check=False)
+    if proc.returncode != 0:
+        raise PikuError("ssh-keygen rejected the key: " + (proc.stderr or proc.stdout).strip())
+    fp = proc.stdout.strip()
+    ssh_dir = os.path.join(os.path.expanduser("~"), ".ssh")
+    ensure_dirs(ssh_dir)
+    os.chmod(ssh_dir, 0o700)
+    auth = os.path.join(ssh_dir, "authorized_keys")
+    existing = read_text(auth, "")
+    if any(f" {parts[0]} {parts[1]}" in f" {l}" for l in existing.splitlines()):
+        return fp, False
+    line = render_authorized_key(sys.executable, os.path.abspath(__file__), paths.root,
+                                 " ".join(parts))
+    write_atomic(auth, existing + ("" if existing.endswith("\n") or not existing else "\n") + line,
+                 mode=0o600)
+    return fp, True
+
+
+# === 13. Logs ===
+
+def log_files(paths, app, process=None):
+    d = os.path.join(paths.logs, app)
+    names = sorted(n for n in os.listdir(d) if n.endswith(".log")) if os.path.isdir(d) else []
+    if process:
+        names = [n for n in names if n[:-4] == process or n.split(".")[0] == process]
+    return [os.path.join(d, n) for n in names]
+
+
+def print_logs(paths, app, process, lines, follow):
+    import time
+    files = log_files(paths, app, process)
+    if not files and not follow:
+        raise PikuError(f"no logs for {app}" + (f" process {process}" if process else ""))
+    offsets = {}
+    for path in files:
+        name = os.path.basename(path)[:-4]
+        text = read_text(path, "")
+        for line in text.splitlines()[-lines:] if lines else []:
+            click.echo(f"{name} | {line}")
+        offsets[path] = len(text.encode("utf-8", "surrogateescape"))
+    while follow:
+        time.sleep(0.5)
+        for path in log_files(paths, app, process):
+            size = os.path.getsize(path)
+            start = offsets.get(path, 0)
+            if size < start:
+                start = 0
+            if size > start:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    chunk = f.read(size - start).decode("utf-8", "replace")
+                for line in chunk.splitlines():
+                    click.echo(f"{os.path.basename(path)[:-4]} | {line}")
+            offsets[path] = size
+
+
+def running_workers():
+    """Set of 'app:kind.n' names of uWSGI processes now running (from their process titles)."""
+    out = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    title = f.read().split(b"\0")[0].decode("utf-8", "replace")
+            except OSError:
+                continue
+            if " uWSGI" in title or title.endswith(" uWSGI master"):
+                out.add(title.split(" ")[0])
+    return out
+
+
+# === 14. CLI ===
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+BUILD_KEYS_RE = re.compile(r"^(PYTHON_VERSION|UV_\w+|PATH|PIKU_PYUWSGI|PIKU_USE_UV)$")
+
+
+def P():
+    return paths_for(default_root())
+
+
+@click.group(context_settings=CONTEXT, invoke_without_command=True)
+@click.version_option(__version__, "--version", prog_name="piku.py")
+@click.pass_context
+def cli(ctx):
+    """piku.py: git push deploys; these commands manage apps."""
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+@cli.command("apps")
+def cmd_apps():
+    """List apps; running ones are marked with *."""
+    paths = P()
+    for app in known_apps(paths):
+        click.echo(("* " if vassals_of(paths, app) else "  ") + app)
+
+
+@cli.command("config")
+@click.argument("app")
+def cmd_config(app):
+    """Show the settings set with config:set."""
+    paths = P()
+    click.echo(render_env(load_config(paths, app_must_exist(paths, app))), nl=False)
+
+
+@cli.command("config:get")
+@click.argument("app")
+@click.argument("key")
+def cmd_config_get(app, key):
+    """Print one setting's value (from config:set, else the live environment)."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    config = load_config(paths, app)
+    value = config.get(key, load_live_env(paths, app).get(key))
+    if value is None:
+        raise PikuError(f"{key} is not set for {app}")
+    click.echo(value)
+
+
+@cli.command("config:set", context_settings={"ignore_unknown_options": True})
+@click.argument("app")
+@click.argument("settings", nargs=-1, required=True)
+def cmd_config_set(app, settings):
+    """Set KEY=VALUE settings and restart the app with them."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    changes = parse_assignments(settings)
+    apply_config(paths, app, lambda config: {**config, **changes}, set(changes))
+
+
+@cli.command("config:unset")
+@click.argument("app")
+@click.argument("keys", nargs=-1, required=True)
+def cmd_config_unset(app, keys):
+    """Remove settings and restart the app without them."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    for key in keys:
+        if not ENV_KEY_RE.match(key):
+            raise PikuError(f"invalid key {key!r}")
+    apply_config(paths, app, lambda config: {k: v for k, v in config.items() if k not in keys}, set(keys))
+
+
+def apply_config(paths, app, change, keys):
+    """Validate, save and apply a config change under the app lock (restored if it fails)."""
+    with AppLock(paths, app):
+        old = load_config(paths, app)
+        new = change(old)
+        validate_settings(new)
+        write_config(paths, app, new)
+        for key in sorted(keys):
+            detail(f"{key}: {'set' if key in new else 'unset'}")
+        try:
+            if any(BUILD_KEYS_RE.match(k) for k in keys) and live_release(paths, app):
+                step("A build setting changed: redeploying")
+                rev, ref = head_rev(paths, app)
+                deploy_rev(paths, app, rev, f"{ref.replace('refs/heads/', '')}@{rev[:10]}", os.environ)
+            else:
+                reconfigure(paths, app, os.environ)
+        except PikuError:
+            write_config(paths, app, old)
+            raise
+
+
+@cli.command("config:live")
+@click.argument("app")
+def cmd_config_live(app):
+    """Show the environment the app's processes run with."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    text = read_text(os.path.join(paths.envs, app, "LIVE_ENV"))
+    if text is None:
+        raise PikuError(f"{app} has not been deployed yet")
+    click.echo(text, nl=False)
+
+
+@cli.command("deploy")
+@click.argument("app")
+def cmd_deploy(app):
+    """Rebuild and redeploy the app's last pushed revision."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    with AppLock(paths, app):
+        rev, ref = head_rev(paths, app)
+        deploy_rev(paths, app, rev, f"{ref.replace('refs/heads/', '')}@{rev[:10]}", os.environ)
+
+
+@cli.command("destroy")
+@click.argument("app")
+def cmd_destroy(app):
+    """Remove an app (code, repo, env, logs, workers, nginx); keeps data/ and cache/."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    with AppLock(paths, app):
+        removed = destroy_app(paths, app)
+    step(f"Destroyed {app}")
+    for path in removed:
+        detail(f"removed {path}")
+    for kept in (os.path.join(paths.data, app), os.path.join(paths.cache, app)):
+        if os.path.exists(kept):
+            detail(f"kept {kept} (delete it yourself if you no longer need it)")
+
+
+@cli.command("logs")
+@click.argument("app")
+@click.argument("process", required=False)
+@click.option("-n", "lines", default=50, show_default=True, help="lines per worker to show")
+@click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
+def cmd_logs(app, process, lines, follow):
+    """Show the app's worker logs (all workers, or one kind / kind.N)."""
+    paths = P()
+    print_logs(paths, app_must_exist(paths, app), process, max(0, lines), follow)
+
+
+@cli.command("ps")
+@click.argument("app")
+def cmd_ps(app):
+    """Show each worker kind's configured count and how many are running."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    scaling = load_scaling(paths, app)
+    running = running_workers()
+    enabled = vassals_of(paths, app)
+    for kind, count in scaling.items():
+        up = sum(1 for n in range(1, count + 1) if f"{app}:{kind}.{n}" in running)
+        on = sum(1 for n in range(1, count + 1) if f"{app}_{kind}.{n}.ini" in enabled)
+        state = "stopped" if on == 0 else ("running" if up == count else "starting")
+        click.echo(f"{kind}: {count} configured, {up} running ({state})")
+
+
+@cli.command("ps:scale")
+@click.argument("app")
+@click.argument("settings", nargs=-1, required=True)
+def cmd_ps_scale(app, settings):
+    """Set worker counts: KIND=N ...; starts or stops exactly the difference."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    release_dir = live_release(paths, app)
+    if not release_dir:
+        raise PikuError(f"{app} has not been deployed yet")
+    workers, _ = read_procfile(release_dir)
+    kinds = {k for k in workers if k not in SPECIAL_KINDS and k != "static"}
+    changes = parse_scale_args(settings, kinds)
+    with AppLock(paths, app):
+        scaling = {**plan_scaling(workers, load_scaling(paths, app)), **changes}
+        write_atomic(os.path.join(paths.envs, app, "SCALING"), render_scaling(scaling), mode=0o600)
+        plan = prepare(paths, app, release_dir, os.environ, build=False)
+        activate(plan, switch=False, restart=False)
+    for kind, n in changes.items():
+        detail(f"{kind}: {n}")
+
+
+@cli.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("app")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def cmd_run(app, cmd):
+    """Run a command in the app's directory with its live environment."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    env = {k: v for k, v in clean_env(os.environ).items() if k in ("LANG", "LC_ALL", "TERM", "TZ")}
+    env.update(load_live_env(paths, app))
+    cwd = os.path.join(paths.apps, app)
+    if not os.path.isdir(cwd):
+        raise PikuError(f"{app} has not been deployed yet")
+    os.chdir(cwd)
+    exe = which(cmd[0], env) or cmd[0]
+    try:
+        os.execve(exe, list(cmd), env)
+    except OSError as e:
+        raise PikuError(f"cannot run {cmd[0]!r}: {e.strerror}", 127)
+
+
+@cli.command("restart")
+@click.argument("app")
+def cmd_restart(app):
+    """Restart (or start) the app's workers."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    with AppLock(paths, app):
+        restart_app(paths, app, os.environ)
+    step(f"Restarted {app}")
+
+
+@cli.command("stop")
+@click.argument("app")
+def cmd_stop(app):
+    """Stop the app's workers (restart starts them again)."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    with AppLock(paths, app):
+        names = stop_app(paths, app)
+    step(f"Stopped {app}" + ("" if names else " (it was not running)"))
+
+
+@cli.command("setup")
+@click.option("--write-units", type=click.Path(file_okay=False), help="write systemd units here")
+def cmd_setup(write_units):
+    """Create the PIKU_ROOT tree and the uWSGI emperor config; print service units."""
+    import getpass
+    paths = P()
+    setup_tree(paths)
+    step(f"piku {__version__} is set up in {paths.root}")
+    detail(f"uWSGI emperor: uwsgi --ini {paths.uwsgi}/uwsgi.ini")
+    detail(f"nginx: add `include {paths.nginx}/*.conf;` to the http block")
+    units = render_systemd_units(sys.executable, os.path.abspath(__file__), paths, getpass.getuser())
+    if write_units:
+        ensure_dirs(write_units)
+        for name, text in units.items():
+            write_atomic(os.path.join(write_units, name), text)
+            detail(f"wrote {os.path.join(write_units, name)}")
+    else:
+        detail("systemd units (write them with --write-units /etc/systemd/system):")
+        for name in units:
+            detail(f"  {name}")
+
+
+@cli.command("setup:ssh")
+@click.argument("keyfile")
+def cmd_setup_ssh(keyfile):
+    """Authorize a public key (file, or - for stdin) to push and run commands."""
+    paths = P()
+    text = sys.stdin.read() if keyfile == "-" else read_text(keyfile)
+    if text is None:
+        raise PikuError(f"no such key file: {keyfile}")
+    fp, added = add_ssh_key(text, paths)
+    step(("Added key " if added else "Key already present: ") + fp)
+
+
+@cli.command("update")
+@click.argument("source")
+def cmd_update(source):
+    """Replace piku.py with SOURCE (a file or https URL) after checking it runs."""
+    import tempfile
+    me = os.path.abspath(__file__)
+    if source.startswith("https://"):
+        import urllib.request
+        with urllib.request.urlopen(source, timeout=60) as resp:
+            text = resp.read().decode("utf-8")
+    else:
+        text = read_text(source)
+        if text is None:
+            raise PikuError(f"no such file: {source}")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(me), prefix=".piku-update-", suffix=".py")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    proc = run([sys.executable, tmp, "--version"], capture="merged", check=False)
+    if proc.returncode != 0 or "piku" not in proc.stdout:
+        os.unlink(tmp)
+        raise PikuError("the new piku.py does not run (`--version` failed); nothing was replaced")
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, me)
+    step(f"Updated piku.py: {proc.stdout.strip()}")
+
+
+# Internal commands: git and uWSGI call these; they are not for people.
+
+@cli.command("git-receive-pack", hidden=True)
+@click.argument("app")
+def cmd_git_receive_pack(app):
+    paths = P()
+    app = parse_app_name(app)
+    setup_tree(paths)
+    repo = ensure_repo(paths, app)
+    os.execvpe("git", ["git", "receive-pack", repo], clean_env(os.environ) | {"PIKU_ROOT": paths.root})
+
+
+@cli.command("git-upload-pack", hidden=True)
+@click.argument("app")
+def cmd_git_upload_pack(app):
+    paths = P()
+    app = app_must_exist(paths, app)
+    os.execvpe("git", ["git", "upload-pack", os.path.join(paths.repos, app)], clean_env(os.environ))
+
+
+@cli.command("git-hook", hidden=True)
+@click.argument("app")
+def cmd_git_hook(app):
+    paths = P()
+    git_hook(paths, parse_app_name(app), sys.stdin.read().splitlines(), dict(os.environ))
+
+
+@cli.command("exec-worker", hidden=True)
+@click.option("--if-due", is_flag=True)
+@click.argument("app")
+@click.argument("kind")
+@click.argument("index", type=int)
+def cmd_exec_worker(app, kind, index, if_due):
+    import time
+    paths = P()
+    app_dir = os.path.join(paths.apps, parse_app_name(app))
+    workers, _ = read_procfile(app_dir)
+    if kind not in workers:
+        raise PikuError(f"{app} has no {kind} process in its Procfile")
+    cmd = workers[kind]
+    if kind == "wsgi":  # only run this way in pyuwsgi mode: the venv's own uWSGI serves it
+        inner = os.path.join(paths.state, app, f"wsgi.{index}.ini")
+        # Drop the emperor's UWSGI_* variables, or the inner uWSGI believes it is a vassal too.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_")}
+        uwsgi = os.path.join(paths.envs, app, "bin", "uwsgi")
+        os.execve(uwsgi, [uwsgi, "--ini", inner], env)
+    if kind.startswith("cron"):
+        sets, cmd = parse_cron(cmd)
+        if if_due and not cron_matches(sets, time.localtime()):
+            return
+    env = {k: v for k, v in os.environ.items() if k in ("LANG", "LC_ALL", "TZ")}
+    env.update(load_live_env(paths, app))
+    env.update({"PROC_TYPE": kind, "PROC_INDEX": str(index)})
+    os.chdir(app_dir)
+    os.execve("/bin/sh", ["/bin/sh", "-c", cmd], env)
+
+
+@cli.command("nginx-watch", hidden=True, context_settings={"ignore_unknown_options": True})
+@click.option("--interval", default=1.0, show_default=True)
+@click.argument("reload_cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def cmd_nginx_watch(interval, reload_cmd):
+    """Run RELOAD_CMD whenever a file in nginx/ changes (for hosts without systemd)."""
+    import time
+    paths = P()
+
+    def signature():
+        try:
+            return sorted((n, os.stat(os.path.join(paths.nginx, n)).st_mtime_ns)
+                          for n in os.listdir(paths.nginx) if n.endswith((".conf", ".crt", ".key")))
+        except OSError:
+            return None
+    last = signature()
+    while True:
+        time.sleep(interval)
+        now = signature()
+        if now != last:
+            run(list(reload_cmd), check=False)
+            last = now
+
+
+# === 15. main() ===
+
+SSH_ALLOWED = {"apps", "config", "config:get", "config:set", "config:unset", "config:live", "deploy",
+               "destroy", "logs", "ps", "ps:scale", "run", "restart", "stop", "setup", "setup:ssh",
+               "update", "help", "git-receive-pack", "git-upload-pack", "--version", "--help", "-h"}
+
+
+def load_plugins(paths):
+    """Server plugins: packages in plugins/ exposing cli_commands() -> click commands."""
+    if not os.path.isdir(paths.plugins) or not os.listdir(paths.plugins):
+        return
+    import importlib
+    sys.path.insert(0, paths.plugins)
+    for name in sorted(os.listdir(paths.plugins)):
+        if os.path.exists(os.path.join(paths.plugins, name, "__init__.py")):
+            try:
+                mod = importlib.import_module(name)
+                commands = mod.cli_commands()
+                for cmd in (commands.commands.values() if isinstance(commands, click.Group) else [commands]):
+                    cli.add_command(cmd)
+                    SSH_ALLOWED.add(cmd.name)
+            except Exception as e:  # a broken plugin must not take the whole CLI down
+                warn(f"plugin {name} failed to load: {e}")
+
+
+@cli.command("help")
+@click.pass_context
+def cmd_help(ctx):
+    """Show the commands."""
+    click.echo(ctx.parent.get_help())
+
+
+def main(argv=None):
+    try:
+        original = os.environ.pop("SSH_ORIGINAL_COMMAND", None)
+        if argv is None and original is not None:
+            argv = parse_ssh_command(original)
+            if argv[0] not in SSH_ALLOWED and argv[0] not in cli.commands:
+                raise PikuError(f"refused: {argv[0][:40]!r} is not a piku command (try `help`)", 2)
+            if cli.commands.get(argv[0]) is not None and cli.commands[argv[0]].hidden \
+                    and argv[0] not in GIT_COMMANDS:
+                raise PikuError(f"refused: {argv[0]!r} is internal", 2)
+        load_plugins(paths_for(default_root()))
+        cli.main(args=argv, prog_name="piku", standalone_mode=False)
+        return 0
+    except PikuError as e:
+        for i, line in enumerate(str(e).splitlines() or ["error"]):
+            warn(line)
+        return e.code or 1
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.Abort:
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Unit tests for the pure parsers of piku.py (section 5)."""
+import time
+
+import pytest
+
+import piku
+from piku import PikuError
+
+
+@pytest.mark.parametrize("raw,name", [("myapp", "myapp"), ("/myapp", "myapp"), ("myapp.git", "myapp"),
+                                      ("/myapp.git", "myapp"), ("~/my_app-2.x", "my_app-2.x"),
+                                      ("A1", "A1")])
+def test_app_name_accepts_git_forms(raw, name):
+    assert piku.parse_app_name(raw) == name
+
+
+@pytest.mark.parametrize("raw", ["", "..", ".", "a/b", "../x", "-x", ".hidden", "a b", "a;b", "x" * 300,
+                                 "a$b", "a\nb", "//a", "/", "a/", "é"])
+def test_app_name_rejects_unsafe(raw):
+    with pytest.raises(PikuError):
+        piku.parse_app_name(raw)
+
+
+def test_procfile_kinds_comments_and_blank_lines():
+    workers, warnings = piku.parse_procfile(
+        "# comment\n\nwsgi: app:application\nworker: python w.py --x=1\n"
+        "cron1: */5 * * * * python job.py\nrelease: python migrate.py\n")
+    assert list(workers) == ["wsgi", "worker", "cron1", "release"]
+    assert workers["worker"] == "python w.py --x=1"
+    assert warnings == []
+
+
+def test_procfile_wsgi_beats_web_with_warning():
+    workers, warnings = piku.parse_procfile("web: gunicorn app:app\nwsgi: app:application\n")
+    assert "web" not in workers and "wsgi" in workers
+    assert any("web is disabled" in w for w in warnings)
+
+
+@pytest.mark.parametrize("text,where", [("web gunicorn", "line 1"), ("web:\n", "line 1"),
+                                        ("ok: x\nb@d: y", "line 2"), ("web: a\nweb: b", "twice"),
+                                        ("cron: * * * python x", "line 1"),
+                                        ("cron: 61 * * * * x", "line 1"),
+                                        ("wsgi: app:app; rm -rf /", "line 1")])
+def test_procfile_errors_name_the_line(text, where):
+    with pytest.raises(PikuError, match=where):
+        piku.parse_procfile(text)
+
+
+def test_env_expansion_quotes_and_comments():
+    env = piku.parse_env("# c\nA=1\nB=$A-${A}\nexport C='lit $A'\nD=\"x\\ny\"\nE=$UNKNOWN\n",
+                         base={"HOME": "/h"})
+    assert env == {"A": "1", "B": "1-1", "C": "lit $A", "D": "x\ny", "E": "$UNKNOWN"}
+
+
+def test_env_bad_line_raises_with_line_number():
+    with pytest.raises(PikuError, match="line 2"):
+        piku.parse_env("A=1\nnot a setting\n")
+
+
+@pytest.mark.parametrize("value", ["plain", "with space", "a=b=c", "$HOME", "${X}", "new\nline",
+                                   "'quoted'", '"dq"', "semi;colon", "# hash", "back\\slash",
+                                   "@(exec://touch /tmp/x)", "%(foo)", " lead", "trail ", "tab\t", "é ü"])
+def test_env_roundtrip_is_byte_exact(value):
+    text = piku.render_env({"K": value})
+    assert piku.parse_env(text) == {"K": value}
+
+
+def test_assignments_join_unquoted_words_and_keep_equals():
+    assert piku.parse_assignments(["A=1", "B=x=y", "C=a", "b"]) == {"A": "1", "B": "x=y", "C": "a b"}
+    with pytest.raises(PikuError):
+        piku.parse_assignments(["novalue"])
+    with pytest.raises(PikuError):
+        piku.parse_assignments(["1BAD=x"])
+
+
+@pytest.mark.parametrize("original,argv", [
+    ("git-receive-pack 'myapp'", ["git-receive-pack", "myapp"]),
+    ("git-receive-pack '/myapp'", ["git-receive-pack", "myapp"]),
+    ("git-receive-pack 'myapp.git'", ["git-receive-pack", "myapp"]),
+    ("git-upload-pack '/myapp.git'", ["git-upload-pack", "myapp"]),
+    ("git receive-pack 'myapp'", ["git-receive-pack", "myapp"]),
+    ("config:set app 'K=a b' X=\"c d\"", ["config:set", "app", "K=a b", "X=c d"]),
+    ("apps", ["apps"]), ("", ["help"]),
+])
+def test_ssh_command_forms(original, argv):
+    assert piku.parse_ssh_command(original) == argv
+
+
+@pytest.mark.parametrize("original", ["git-receive-pack '../x'", "git-receive-pack 'a/b'",
+                                      "git-receive-pack ''", "git-upload-pack 'a' 'b'",
+                                      "config:set app 'unterminated", "apps\0"])
+def test_ssh_command_refusals(original):
+    with pytest.raises(PikuError):
+        piku.parse_ssh_command(original)
+
+
+def test_scaling_roundtrip_and_scale_args():
+    assert piku.parse_scaling("web:2\nworker=1\n# x\nbad\n") == {"web": 2, "worker": 1}
+    assert piku.parse_scaling(piku.render_scaling({"a": 3})) == {"a": 3}
+    assert piku.parse_scale_args(["web=3"], {"web"}) == {"web": 3}
+    for bad in (["web=-1"], ["nope=1"], ["web"], ["web=x"]):
+        with pytest.raises(PikuError):
+            piku.parse_scale_args(bad, {"web"})
+
+
+@pytest.mark.parametrize("value,req", [("3.12", "3.12"), ("3.12.1", "3.12.1"), ("3", "3"),
+                                       (">=3.11", ">=3.11"), ("3.12\n3.11\n", "3.12"),
+                                       ("cpython@3.12", "3.12"), (">=3.10, <3.13", ">=3.10,<3.13"),
+                                       ("", None)])
+def test_python_version_valid(value, req):
+    assert piku.parse_python_version(value) == req
+
+
+@pytest.mark.parametrize("value", ["banana", "3.x", "2.7", "python", "3.12; rm", "$(id)"])
+def test_python_version_garbage_is_a_clear_error(value):
+    with pytest.raises(PikuError, match="Python"):
+        piku.parse_python_version(value)
+
+
+def test_cron_fields_and_matching():
+    sets, cmd = piku.parse_cron("*/15 9-17 * * 1-5 python job.py --x")
+    assert cmd == "python job.py --x" and sets[0] == {0, 15, 30, 45} and sets[1] == set(range(9, 18))
+    monday_10_15 = time.struct_time((2026, 11, 23, 10, 15, 0, 0, 327, 0))
+    sunday = time.struct_time((2026, 11, 22, 10, 15, 0, 6, 326, 0))
+    assert piku.cron_matches(sets, monday_10_15) and not piku.cron_matches(sets, sunday)
+    sun_sets, _ = piku.parse_cron("0 0 * * 7 x")
+    assert sun_sets[4] == {0}
+    for bad in ("60 * * * * x", "* * 0 * * x", "a * * * * x", "*/0 * * * * x", "1,2,x * * * * x"):
+        with pytest.raises(PikuError):
+            piku.parse_cron(bad)
+
+
+def test_plugin_python_and_pyvenv_cfg():
+    assert piku.parse_plugin_python(b"\0libpython3.11.so.1.0\0") == "3.11"
+    assert piku.parse_plugin_python(b"nothing") is None
+    assert piku.parse_pyvenv_cfg("home = /usr\nversion_info = 3.12.1\n")["version_info"] == "3.12.1"
+
+
+def test_uv_changes_and_pinned_requirements():
+    assert piku.parse_uv_changes("Resolved\n + flask==3.0\n - six==1.0\n") == (["flask==3.0"], ["six==1.0"])
+    assert piku.is_fully_pinned("flask==3.0.0\n# c\nsix==1.16 ; python_version>'3'\n")
+    assert not piku.is_fully_pinned("flask>=3\n")
+    assert not piku.is_fully_pinned("")
+
+
+def test_bool_and_int_parsers():
+    assert piku.parse_bool("Yes") is True and piku.parse_bool("0") is False
+    with pytest.raises(PikuError):
+        piku.parse_bool("maybe")
+    assert piku.parse_int("12", "X", 1, 20) == 12
+    with pytest.raises(PikuError):
+        piku.parse_int("3.12", "X")
+    with pytest.raises(PikuError):
+        piku.parse_int("0", "X", 1, 2)

@@ -1,0 +1,207 @@
+"""Unit tests for the pure renderers and planners of piku.py (sections 7 and 8)."""
+import pytest
+
+import piku
+from piku import PikuError
+
+PATHS = piku.paths_for("/srv/piku")
+
+
+def vassal(kind="wsgi", mode="native", settings=None, **kw):
+    v = {"app": "demo", "kind": kind, "index": 1, "paths": PATHS, "settings": settings or {},
+         "port": 5000, "piku": ["/usr/bin/python3", "/srv/piku.py"], "python_plugin": "python3",
+         "mode": mode, "release": "r1", "socket": None}
+    v.update(kw)
+    return piku.render_vassal(v)
+
+
+def test_wsgi_vassal_defaults():
+    ini = vassal()
+    assert "plugin = python3" in ini and "chdir = /srv/piku/apps/demo" in ini
+    assert "http-socket = 127.0.0.1:5000" in ini and "logto = /srv/piku/logs/demo/wsgi.1.log" in ini
+    assert "wsgi-file = /srv/piku/state/demo/wsgi_boot.py" in ini
+    assert "threads = 4" in ini and "gevent" not in ini and "socket = " not in ini.replace("http-socket", "")
+
+
+@pytest.mark.parametrize("key,value,line", [
+    ("UWSGI_PROCESSES", "3", "processes = 3"), ("UWSGI_THREADS", "8", "threads = 8"),
+    ("UWSGI_MAX_REQUESTS", "10", "max-requests = 10"), ("UWSGI_LISTEN", "64", "listen = 64"),
+    ("UWSGI_GEVENT", "true", "gevent = 100"), ("UWSGI_ASYNCIO", "50", "asyncio = 50"),
+    ("UWSGI_LOG_X_FORWARDED_FOR", "true", "log-x-forwarded-for = true"),
+    ("UWSGI_IDLE", "60", "idle = 60"), ("UWSGI_LOG_MAXSIZE", "99", "log-maxsize = 99"),
+    ("BIND_ADDRESS", "0.0.0.0", "http-socket = 0.0.0.0:5000"),
+    ("UWSGI_INCLUDE_FILE", "extra/uwsgi.ini", "ini = extra/uwsgi.ini")])
+def test_wsgi_vassal_settings(key, value, line):
+    assert line in vassal(settings={key: value})
+
+
+def test_enable_threads_can_be_turned_off():
+    assert "enable-threads" in vassal()
+    assert "enable-threads" not in vassal(settings={"UWSGI_ENABLE_THREADS": "false"})
+
+
+def test_wsgi_vassal_unix_socket_for_nginx():
+    assert "socket = /srv/piku/nginx/demo.1.sock" in vassal(socket="/srv/piku/nginx/demo.1.sock")
+
+
+def test_daemon_vassal_runs_exec_worker_not_the_command():
+    ini = vassal(kind="web", mode="daemon")
+    assert "attach-daemon2 = cmd=/usr/bin/python3 /srv/piku.py exec-worker demo web 1" in ini
+    assert "plugin" not in ini and "wsgi-file" not in ini
+
+
+def test_cron_vassal_checks_schedule_every_minute():
+    ini = vassal(kind="cron1", mode="daemon")
+    assert "cron = -1 -1 -1 -1 -1 /usr/bin/python3 /srv/piku.py exec-worker --if-due demo cron1 1" in ini
+
+
+def test_pyuwsgi_vassal_runs_the_venv_uwsgi():
+    ini = vassal(mode="pyuwsgi")
+    assert "attach-daemon2 = cmd=/usr/bin/python3 /srv/piku.py exec-worker demo wsgi 1" in ini
+    assert "plugin = " not in ini
+
+
+@pytest.mark.parametrize("value", ["@(exec://id)", "$(HOME)", "%(x)", "%d", "a\nb = c"])
+def test_ini_refuses_uwsgi_magic(value):
+    with pytest.raises(PikuError):
+        piku.render_ini([("chdir", value)])
+
+
+def test_wsgi_boot_sets_env_without_interpretation():
+    import ast
+    env = {"SECRET": "@(exec://touch /tmp/x)", "Q": "a'b\"c\n$(id)"}
+    src = piku.render_wsgi_boot("/v", "/a", "pkg.mod:app", env, "3.11")
+    calls = [n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call)
+             and getattr(n.func, "attr", "") == "update"]
+    assert ast.literal_eval(calls[0].args[0]) == env
+    assert "site.addsitedir('/v/lib/python3.11/site-packages')" in src
+    assert "import_module('pkg.mod')" in src and "'app'" in src
+
+
+def test_git_hook_and_authorized_key_quote_paths():
+    hook = piku.render_git_hook("/usr/bin/python3", "/home/piku/piku.py", "/home/piku/.piku", "my.app")
+    assert hook.startswith("#!/bin/sh") and "git-hook my.app" in hook
+    line = piku.render_authorized_key("/usr/bin/python3", "/p/piku.py", "/r", "ssh-ed25519 AAAA c")
+    assert line.startswith('command="PIKU_ROOT=/r /usr/bin/python3 /p/piku.py",no-agent-forwarding,')
+    assert "no-user-rc" in line and "no-X11-forwarding" in line and "no-port-forwarding" in line
+    with pytest.raises(PikuError):
+        piku.render_authorized_key("/usr/bin/python3", '/p/"x/piku.py', "/r", "ssh-ed25519 AAAA")
+
+
+def test_emperor_ini():
+    ini = piku.render_emperor_ini(PATHS)
+    assert "emperor = /srv/piku/uwsgi-enabled" in ini and "daemonize" not in ini
+
+
+def nginx(settings=None, kinds=None, sockets=None, cert=False, backend=True):
+    s = {"NGINX_SERVER_NAME": "example.test"}
+    s.update(settings or {})
+    return piku.render_nginx({"app": "demo", "settings": s, "paths": PATHS,
+                              "kinds": kinds if kinds is not None else {"web": "x"},
+                              "sockets": sockets or [], "port": 5000, "app_dir": "/srv/piku/apps/demo",
+                              "cert": cert, "has_backend": backend})
+
+
+def test_nginx_defaults_web():
+    conf = nginx()
+    assert "server_name example.test;" in conf and "listen 0.0.0.0:80;" in conf
+    assert "listen [::]:80;" in conf and "server 127.0.0.1:5000;" in conf
+    assert "proxy_pass http://piku-demo;" in conf and "Upgrade $http_upgrade" in conf
+    assert "\\.git" in conf and "ssl_certificate" not in conf
+
+
+def test_nginx_wsgi_uses_unix_sockets():
+    conf = nginx(kinds={"wsgi": "app:app"}, sockets=["/srv/piku/nginx/demo.1.sock"])
+    assert "server unix:/srv/piku/nginx/demo.1.sock;" in conf and "uwsgi_pass piku-demo;" in conf
+
+
+@pytest.mark.parametrize("settings,present,absent", [
+    ({"DISABLE_IPV6": "true"}, "listen 0.0.0.0:80;", "[::]"),
+    ({"NGINX_HTTP_PORT": "8080"}, "listen 0.0.0.0:8080;", ":80;"),
+    ({"NGINX_ALLOW_GIT_FOLDERS": "true"}, "server_name", "\\.git"),
+    ({"NGINX_SERVER_NAME": "a.test,b.test"}, "server_name a.test b.test;", "example"),
+    ({"NGINX_STATIC_PATHS": "/static:public"}, "alias /srv/piku/apps/demo/public;", "@@"),
+    ({"NGINX_INCLUDE_FILE": "nginx.inc"}, "include /srv/piku/apps/demo/nginx.inc;", "@@"),
+    ({"NGINX_CATCH_ALL": "index.html"}, "error_page 404 = /index.html;", "@@"),
+    ({"NGINX_CLOUDFLARE_ACL": "true"}, "allow 173.245.48.0/20;", "@@"),
+    ({"NGINX_CACHE_PREFIXES": "/api"}, "proxy_cache demo;", "@@"),
+])
+def test_nginx_flags(settings, present, absent):
+    conf = nginx(settings)
+    assert present in conf and absent not in conf
+
+
+def test_nginx_https_and_https_only():
+    conf = nginx(cert=True)
+    assert "listen 0.0.0.0:443 ssl;" in conf and "ssl_certificate /srv/piku/nginx/demo.crt;" in conf
+    only = nginx({"NGINX_HTTPS_ONLY": "true"}, cert=True)
+    assert "return 301 https://$host$request_uri;" in only
+
+
+@pytest.mark.parametrize("settings", [{"NGINX_STATIC_PATHS": "/x:/etc;evil"}, {"NGINX_INCLUDE_FILE": "a b"},
+                                      {"NGINX_CATCH_ALL": "x; evil"}, {"NGINX_IPV4_ADDRESS": "1.2.3.4; x"},
+                                      {"NGINX_STATIC_PATHS": "/x:../../etc"}])
+def test_nginx_refuses_hostile_values(settings):
+    with pytest.raises(PikuError):
+        nginx(settings)
+
+
+def test_validate_settings():
+    piku.validate_settings({"PORT": "8000", "NGINX_SERVER_NAME": "a.test b.test", "PYTHON_VERSION": "3.12"})
+    for bad in ({"PORT": "x"}, {"PORT": "70000"}, {"UWSGI_PROCESSES": "0"}, {"NGINX_SERVER_NAME": "a;b"},
+                {"PYTHON_VERSION": "banana"}, {"PIKU_PYUWSGI": "sometimes"}, {"BIND_ADDRESS": "x y"},
+                {"DISABLE_IPV6": "maybe"}):
+        with pytest.raises(PikuError):
+            piku.validate_settings(bad)
+
+
+def test_plan_runtime_order():
+    rt = piku.RUNTIMES
+    assert piku.plan_runtime({"requirements.txt", "pyproject.toml"}, {"wsgi": "a:b"}, rt)[0] == "python-requirements"
+    assert piku.plan_runtime({"pyproject.toml"}, {"wsgi": "a:b"}, rt)[0] == "python-uv"
+    assert piku.plan_runtime({"Procfile"}, {"web": "x"}, rt)[0] == "generic"
+    assert piku.plan_runtime({"Procfile"}, {"static": "public"}, rt)[0] == "static"
+    with pytest.raises(PikuError):
+        piku.plan_runtime({"Procfile"}, {"release": "x"}, rt)
+
+
+def test_plan_scaling_and_vassal_names():
+    workers = {"wsgi": "a:b", "worker": "x", "release": "y", "static": "s", "cron1": "* * * * * z"}
+    assert piku.plan_scaling(workers, {"worker": 2}) == {"wsgi": 1, "worker": 2, "cron1": 1}
+    assert set(piku.plan_vassals("a_b", {"web": 2})) == {"a_b_web.1.ini", "a_b_web.2.ini"}
+
+
+def test_plan_sync_and_fingerprint():
+    fp = piku.fingerprint("a", b"b", 3)
+    assert fp == piku.fingerprint("a", b"b", 3) and fp != piku.fingerprint("ab", b"", 3)
+    assert not piku.plan_sync(fp, fp, True)
+    assert piku.plan_sync(fp, fp, False) and piku.plan_sync("old", fp, True)
+
+
+def test_plan_wsgi_mode():
+    assert piku.plan_wsgi_mode("auto", "3.11.2", "3.11") == ("native", None)
+    mode, notice = piku.plan_wsgi_mode("auto", "3.12.1", "3.11")
+    assert mode == "pyuwsgi" and "3.11" in notice and "3.12" in notice
+    with pytest.raises(PikuError, match="PYTHON_VERSION=3.11"):
+        piku.plan_wsgi_mode("never", "3.12.1", "3.11")
+    assert piku.plan_wsgi_mode("always", "3.11.2", "3.11")[0] == "pyuwsgi"
+
+
+def test_plan_push_deploys_one_branch():
+    z = "0" * 40
+    a, b = "a" * 40, "b" * 40
+    main, dev = "refs/heads/main", "refs/heads/dev"
+    assert piku.plan_push([(z, a, main)], None) == (a, main)
+    assert piku.plan_push([(z, a, dev), (z, b, main)], None) == (b, main)
+    assert piku.plan_push([(z, a, dev)], main) is None
+    assert piku.plan_push([(z, a, "refs/tags/v1")], main) is None
+    with pytest.raises(PikuError):
+        piku.plan_push([(a, z, main)], main)
+    with pytest.raises(PikuError):
+        piku.plan_push([(z, a, dev), (z, b, "refs/heads/other")], None)
+
+
+def test_vassal_ownership_is_exact():
+    ini_pfx = vassal().replace("demo", "pfx")
+    assert piku.vassal_belongs(ini_pfx, PATHS, "pfx")
+    assert not piku.vassal_belongs(ini_pfx.replace("apps/pfx", "apps/pfx2"), PATHS, "pfx")
