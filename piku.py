@@ -1432,6 +1432,7 @@ def prepare(paths, app, release_dir, environ, build=True):
     repo_env = parse_env(read_text(os.path.join(release_dir, "ENV"), ""), source="ENV (in the repo)")
     settings = validate_settings({**repo_env, **load_config(paths, app)})
     b = Build(paths, app, release_dir, settings, workers, environ)
+    ensure_dirs(os.path.join(paths.data, app), os.path.join(paths.logs, app))  # release may write there
     files = set(os.listdir(release_dir))
     runtime, label, builder = plan_runtime(files, workers, RUNTIMES)
     port = choose_port(paths, app, settings)
@@ -1611,7 +1612,7 @@ def activate(plan, switch=True, restart=True):
         log = os.path.join(p.logs, app, name[len(app) + 1:-4] + ".log")
         undo["written"][name] = (log, os.path.getsize(log) if os.path.exists(log) else 0)
         write_atomic(os.path.join(p.uwsgi_available, name), text)
-        write_atomic(enabled, text)
+        write_vassal(enabled, text)
     for name in stale:
         remove_path(os.path.join(p.uwsgi_enabled, name))
         remove_path(os.path.join(p.uwsgi_available, name))
@@ -1620,6 +1621,14 @@ def activate(plan, switch=True, restart=True):
     elif os.path.exists(nginx_conf):
         os.unlink(nginx_conf)
     return undo
+
+
+def write_vassal(path, text):
+    """Write a vassal ini so the emperor sees it change: it compares whole-second mtimes."""
+    old = int(os.stat(path).st_mtime) if os.path.exists(path) else None
+    write_atomic(path, text)
+    if old is not None and int(os.stat(path).st_mtime) <= old:
+        os.utime(path, (old + 1, old + 1))
 
 
 def switch_link(paths, app, release_dir):

@@ -1,0 +1,299 @@
+"""A real piku server for integration tests: an unprivileged user, sshd on 127.0.0.1 with
+piku's forced command, a uWSGI emperor, an unprivileged nginx and piku's nginx watcher.
+Every process is started here and stopped by PID in `stop()`."""
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+USER = "pikutest"
+INSTALL_HINT = "run `bash scripts/install-deps` as root"
+SYSTEM_PY = "/usr/bin/python3"
+
+
+def need(binary):
+    path = shutil.which(binary, path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    assert path, f"{binary} is not installed: {INSTALL_HINT}"
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+class Server:
+    def __init__(self):
+        for b in ("git", "ssh", "ssh-keygen", "sshd", "uwsgi", "nginx", "uv", "openssl"):
+            need(b)
+        assert os.path.exists(SYSTEM_PY), f"{SYSTEM_PY} missing: {INSTALL_HINT}"
+        assert os.path.exists("/usr/lib/uwsgi/plugins/python3_plugin.so"), \
+            f"uwsgi-plugin-python3 is not installed: {INSTALL_HINT}"
+        self.procs = {}
+        self.ensure_user()
+        self.base = tempfile.mkdtemp(prefix="t-", dir=self.home)
+        os.chmod(self.base, 0o755)
+        self.chown(self.base)
+        self.root = os.path.join(self.base, "piku")
+        self.piku_py = os.path.join(self.base, "piku.py")
+        shutil.copy(os.path.join(REPO, "piku.py"), self.piku_py)
+        os.chmod(self.piku_py, 0o755)
+        self.priv = tempfile.mkdtemp(prefix="piku-test-")  # root-only: client key, sshd config
+        self.logdir = os.path.join(self.base, "logs")
+        os.makedirs(self.logdir)
+        self.chown(self.logdir)
+        self.env = {"HOME": self.home, "USER": USER, "LOGNAME": USER, "PIKU_ROOT": self.root,
+                    "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "UV_SYSTEM_CERTS": "1"}
+
+    # -- setup --------------------------------------------------------------
+    def ensure_user(self):
+        try:
+            pw = pwd.getpwnam(USER)
+        except KeyError:
+            subprocess.run(["adduser", "--disabled-password", "--gecos", "", USER], check=True,
+                           capture_output=True)
+            pw = pwd.getpwnam(USER)
+        self.uid, self.gid, self.home = pw.pw_uid, pw.pw_gid, pw.pw_dir
+        os.chmod(self.home, 0o755)
+        auth = os.path.join(self.home, ".ssh", "authorized_keys")
+        if os.path.exists(auth):
+            os.unlink(auth)
+
+    def chown(self, path):
+        os.chown(path, self.uid, self.gid)
+
+    def as_user(self, argv, **kw):
+        kw.setdefault("env", self.env)
+        kw.setdefault("cwd", self.home)
+        return subprocess.run(argv, user=self.uid, group=self.gid, extra_groups=[], text=True,
+                              capture_output=True, **kw)
+
+    def spawn(self, name, argv, as_user=True):
+        log = open(os.path.join(self.logdir, f"{name}.log"), "w")
+        kw = dict(user=self.uid, group=self.gid, extra_groups=[], env=self.env, cwd=self.home) \
+            if as_user else {}
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True, **kw)
+        log.close()
+        return self.procs[name]
+
+    def start(self):
+        r = self.as_user([SYSTEM_PY, self.piku_py, "setup"])
+        assert r.returncode == 0, r.stdout + r.stderr
+        # Outbound TLS here goes through a local CA: the server-wide uv.toml is how an admin says so.
+        with open(os.path.join(self.root, "uv.toml"), "w") as f:
+            f.write("system-certs = true\n")
+        self.setup_client_key()
+        self.start_sshd()
+        self.spawn("emperor", ["uwsgi", "--ini", os.path.join(self.root, "uwsgi", "uwsgi.ini")])
+        self.start_nginx()
+        return self
+
+    def setup_client_key(self):
+        self.key = os.path.join(self.priv, "id_ed25519")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "piku-test", "-f", self.key],
+                       check=True)
+        pub = os.path.join(self.base, "client.pub")
+        shutil.copy(self.key + ".pub", pub)
+        os.chmod(pub, 0o644)
+        r = self.as_user([SYSTEM_PY, self.piku_py, "setup:ssh", pub])
+        assert r.returncode == 0, r.stdout + r.stderr
+        self.setup_ssh_output = r.stdout
+
+    def start_sshd(self):
+        hostkey = os.path.join(self.priv, "host_ed25519")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hostkey], check=True)
+        self.ssh_port = free_port()
+        conf = os.path.join(self.priv, "sshd_config")
+        with open(conf, "w") as f:
+            f.write(f"Port {self.ssh_port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\n"
+                    f"PidFile {self.priv}/sshd.pid\nAuthorizedKeysFile .ssh/authorized_keys\n"
+                    "UsePAM yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+                    f"PubkeyAuthentication yes\nAllowUsers {USER}\nStrictModes yes\n"
+                    "PrintMotd no\nLogLevel VERBOSE\nAcceptEnv none\n")
+        os.makedirs("/run/sshd", exist_ok=True)
+        sshd = need("sshd")
+        check = subprocess.run([sshd, "-t", "-f", conf], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        self.spawn("sshd", [sshd, "-D", "-e", "-f", conf], as_user=False)
+        assert wait_port(self.ssh_port), "sshd did not start:\n" + self.logs()
+
+    def start_nginx(self):
+        self.nginx_port = free_port()
+        prefix = os.path.join(self.base, "nginx")
+        os.makedirs(prefix)
+        self.chown(prefix)
+        self.nginx_conf = os.path.join(prefix, "nginx.conf")
+        temps = "".join(f"  {d}_temp_path {prefix}/{d};\n" for d in
+                        ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        with open(self.nginx_conf, "w") as f:
+            f.write(f"daemon off;\npid {prefix}/nginx.pid;\nerror_log {self.logdir}/nginx-error.log;\n"
+                    f"events {{}}\nhttp {{\n  include /etc/nginx/mime.types;\n"
+                    f"  access_log {self.logdir}/nginx-access.log;\n{temps}"
+                    f"  include {self.root}/nginx/*.conf;\n}}\n")
+        nginx = need("nginx")
+        self.spawn("nginx", [nginx, "-p", prefix, "-c", self.nginx_conf, "-e", f"{self.logdir}/nginx-error.log"])
+        self.spawn("nginx-watch", [SYSTEM_PY, self.piku_py, "nginx-watch", "--interval", "0.3", "--",
+                                   nginx, "-p", prefix, "-c", self.nginx_conf,
+                                   "-e", f"{self.logdir}/nginx-error.log", "-s", "reload"])
+
+    # -- teardown -----------------------------------------------------------
+    def stop(self):
+        for name in ("nginx-watch", "sshd", "nginx", "emperor"):
+            proc = self.procs.get(name)
+            if proc and proc.poll() is None:
+                proc.send_signal(signal.SIGINT if name == "emperor" else signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(5)
+        subprocess.run(["pkill", "-KILL", "-u", USER], capture_output=True)
+        shutil.rmtree(self.base, ignore_errors=True)
+        shutil.rmtree(self.priv, ignore_errors=True)
+
+    # -- client helpers -----------------------------------------------------
+    def ssh_argv(self):
+        return ["ssh", "-i", self.key, "-p", str(self.ssh_port), "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+
+    def ssh(self, *args, input=None, timeout=300):
+        return subprocess.run(self.ssh_argv() + [f"{USER}@127.0.0.1"] + list(args), input=input,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def git_env(self):
+        env = dict(os.environ)
+        env.update({"GIT_SSH_COMMAND": " ".join(self.ssh_argv()), "GIT_AUTHOR_NAME": "t",
+                    "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
+                    "GIT_COMMITTER_EMAIL": "t@example.invalid"})
+        return env
+
+    def remote_url(self, app, style="scp"):
+        if style == "url":
+            return f"ssh://{USER}@127.0.0.1:{self.ssh_port}/{app}"
+        return f"{USER}@127.0.0.1:{app}"
+
+    def git(self, repo, *args, check=True):
+        r = subprocess.run(["git", *args], cwd=repo, env=self.git_env(), capture_output=True, text=True,
+                           timeout=600)
+        assert not check or r.returncode == 0, r.stdout + r.stderr
+        return r
+
+    def make_app(self, fixture, dest, files=None):
+        """Copy tests/apps/<fixture> (or nothing when None) into a fresh git repo at dest."""
+        if fixture:
+            shutil.copytree(os.path.join(REPO, "tests", "apps", fixture), dest)
+        else:
+            os.makedirs(dest)
+        self.git(dest, "init", "-q", "-b", "main")
+        return self.commit(dest, "initial", files or {}, allow_empty=False)
+
+    def commit(self, repo, message, files=None, allow_empty=True):
+        for rel, content in (files or {}).items():
+            path = os.path.join(repo, rel)
+            if content is None:
+                os.unlink(path)
+            else:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(content)
+        self.git(repo, "add", "-A")
+        self.git(repo, "commit", "-q", "-m", message, *(["--allow-empty"] if allow_empty else []))
+        return str(repo)
+
+    def push(self, repo, app, style="scp", ref="main", extra=()):
+        r = subprocess.run(["git", "push", *extra, self.remote_url(app, style), ref], cwd=repo,
+                           env=self.git_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, timeout=900)
+        return r
+
+    def rev(self, repo, ref="HEAD"):
+        return self.git(repo, "rev-parse", ref).stdout.strip()
+
+    def remote_rev(self, app, ref="refs/heads/main"):
+        r = subprocess.run(["git", "ls-remote", self.remote_url(app), ref], env=self.git_env(),
+                           capture_output=True, text=True, timeout=60)
+        return r.stdout.split()[0] if r.stdout.strip() else None
+
+    # -- HTTP ---------------------------------------------------------------
+    def http_get(self, port, path="/", host=None, timeout=5):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+        if host:
+            req.add_header("Host", host)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(req, timeout=timeout) as resp:
+                return resp.status, resp.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode("utf-8", "replace")
+        except OSError as e:
+            return None, str(e)
+
+    def wait_http(self, port, path="/", host=None, status=200, contains=None, timeout=30):
+        deadline, last = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            last = self.http_get(port, path, host)
+            if last[0] == status and (contains is None or contains in last[1]):
+                return last
+            time.sleep(0.2)
+        raise AssertionError(f"port {port}{path} host={host}: wanted {status} {contains!r}, got {last}\n"
+                             + self.logs())
+
+    def app_port(self, app):
+        live = self.read(os.path.join("envs", app, "LIVE_ENV")) or ""
+        for line in live.splitlines():
+            if line.startswith("PORT="):
+                return int(line[5:])
+        raise AssertionError(f"no PORT in LIVE_ENV of {app}")
+
+    # -- files --------------------------------------------------------------
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    def read(self, rel):
+        try:
+            with open(self.path(rel)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def tree(self):
+        """Snapshot of every path under PIKU_ROOT with size and mtime (for 'nothing changed')."""
+        out = {}
+        for d, dirs, files in os.walk(self.root):
+            if "uv-cache" in d:
+                continue
+            for n in dirs + files:
+                p = os.path.join(d, n)
+                try:
+                    st = os.lstat(p)
+                except FileNotFoundError:
+                    continue
+                out[p] = (st.st_size, st.st_mtime_ns) if n in files else None
+        return out
+
+    def logs(self, lines=30):
+        out = []
+        for name in sorted(os.listdir(self.logdir)):
+            with open(os.path.join(self.logdir, name), errors="replace") as f:
+                out.append(f"--- {name}\n" + "".join(f.readlines()[-lines:]))
+        return "\n".join(out)

@@ -1,0 +1,181 @@
+"""Issue 2: git push over real ssh deploys; failures reject the push and keep the old release."""
+import os
+import stat
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def uvapp(server, tmp_path_factory):
+    repo = server.make_app("uv-wsgi", tmp_path_factory.mktemp("uv") / "uvapp")
+    r = server.push(repo, "uvapp")
+    assert r.returncode == 0, r.stdout + server.logs()
+    return repo
+
+
+def test_uv_wsgi_app_served(server, uvapp):
+    r_out = server.read("state/uvapp/deploys.log")
+    assert r_out and "main@" in r_out
+    status, body = server.wait_http(server.app_port("uvapp"), contains="uv-wsgi v1")
+    assert "markupsafe=" in body and "app=uvapp" in body  # a package only in the venv imports
+    assert os.path.islink(server.path("apps", "uvapp"))
+    assert os.path.exists(server.path("uwsgi-enabled", "uvapp_wsgi.1.ini"))
+    assert stat.S_IMODE(os.stat(server.path("envs", "uvapp", "LIVE_ENV")).st_mode) == 0o600
+
+
+def test_push_output_is_heroku_style(server, uvapp, tmp_path):
+    server.commit(uvapp, "empty")
+    r = server.push(uvapp, "uvapp")
+    assert r.returncode == 0, r.stdout
+    assert "-----> Python (uv) app detected" in r.stdout
+    assert "-----> Dependencies unchanged, skipping sync" in r.stdout
+    assert "-----> Deployed uvapp" in r.stdout
+    server.wait_http(server.app_port("uvapp"), contains="uv-wsgi v1")
+
+
+def test_push_change_serves_new_body_and_keeps_port(server, uvapp):
+    port = server.app_port("uvapp")
+    text = open(os.path.join(uvapp, "app.py")).read().replace("uv-wsgi v1", "uv-wsgi v2")
+    server.commit(uvapp, "v2", {"app.py": text})
+    r = server.push(uvapp, "uvapp", style="url")
+    assert r.returncode == 0, r.stdout
+    assert server.app_port("uvapp") == port
+    # When the push returns, the new release answers (no polling needed).
+    status, body = server.http_get(port)
+    assert status == 200 and "uv-wsgi v2" in body, body
+    assert server.remote_rev("uvapp") == server.rev(uvapp)
+
+
+def test_apps_lists_app(server, uvapp):
+    r = server.ssh("apps")
+    assert r.returncode == 0 and "uvapp" in r.stdout
+
+
+def test_requirements_gunicorn_web_app(server, tmp_path):
+    repo = server.make_app("req-web", tmp_path / "reqweb")
+    r = server.push(repo, "reqweb")
+    assert r.returncode == 0, r.stdout + server.logs()
+    assert "-----> Python (requirements.txt) app detected" in r.stdout
+    port = server.app_port("reqweb")
+    status, body = server.http_get(port)
+    assert status == 200 and "req-web v1" in body and f"port={port}" in body and "proc=web" in body
+    # A redeploy keeps the web app's port (the original moved it every time).
+    server.commit(repo, "again")
+    assert server.push(repo, "reqweb").returncode == 0
+    assert server.app_port("reqweb") == port
+    server.wait_http(port, contains="req-web v1")
+
+
+def assert_rejected_and_old_served(server, repo, app, old_rev, body, output_has):
+    r = server.push(repo, app)
+    assert r.returncode != 0, r.stdout
+    assert "pre-receive hook declined" in r.stdout
+    assert output_has in r.stdout, r.stdout
+    assert server.remote_rev(app) == old_rev
+    status, got = server.http_get(server.app_port(app))
+    assert status == 200 and body in got
+    return r
+
+
+def test_uninstallable_dependency_rejects_push(server, uvapp):
+    old = server.rev(uvapp)
+    pyproject = open(os.path.join(uvapp, "pyproject.toml")).read()
+    broken = pyproject.replace('"markupsafe"', '"markupsafe", "piku-test-no-such-package-zz"')
+    server.commit(uvapp, "broken deps", {"pyproject.toml": broken})
+    assert_rejected_and_old_served(server, uvapp, "uvapp", old, "uv-wsgi v2",
+                                   "piku-test-no-such-package-zz")
+    server.git(uvapp, "reset", "-q", "--hard", old)
+
+
+def test_failing_release_rejects_push(server, uvapp):
+    old = server.rev(uvapp)
+    procfile = open(os.path.join(uvapp, "Procfile")).read() + "release: echo migrating; exit 1\n"
+    text = open(os.path.join(uvapp, "app.py")).read().replace("uv-wsgi v2", "uv-wsgi v3")
+    server.commit(uvapp, "bad release", {"Procfile": procfile, "app.py": text})
+    r = assert_rejected_and_old_served(server, uvapp, "uvapp", old, "uv-wsgi v2", "release command failed")
+    assert "migrating" in r.stdout
+    server.git(uvapp, "reset", "-q", "--hard", old)
+
+
+def test_push_without_procfile_rejected(server, uvapp, tmp_path):
+    old = server.rev(uvapp)
+    server.commit(uvapp, "no procfile", {"Procfile": None})
+    assert_rejected_and_old_served(server, uvapp, "uvapp", old, "uv-wsgi v2", "no Procfile")
+    server.git(uvapp, "reset", "-q", "--hard", old)
+    repo = server.make_app(None, tmp_path / "noproc", {"app.py": "x = 1\n"})
+    r = server.push(repo, "noproc")
+    assert r.returncode != 0 and "no Procfile" in r.stdout
+
+
+def test_release_runs_with_clean_env_before_switch(server, tmp_path):
+    files = {"Procfile": "web: python3 -m http.server --bind $BIND_ADDRESS $PORT\n"
+                         "release: env > release-env.txt; git --version; cp release-env.txt $DATA_ROOT/\n"}
+    repo = server.make_app(None, tmp_path / "relenv", files)
+    r = server.push(repo, "relenv")
+    assert r.returncode == 0, r.stdout
+    env = open(server.path("data", "relenv", "release-env.txt")).read()
+    assert "GIT_DIR" not in env and "GIT_QUARANTINE_PATH" not in env and "GIT_OBJECT_DIRECTORY" not in env
+    for key in ("APP=relenv", "PROC_TYPE=release", "PYTHONUNBUFFERED=1", "DATA_ROOT=", "LOG_ROOT=",
+                "BIND_ADDRESS=127.0.0.1", "PORT="):
+        assert key in env
+    server.wait_http(server.app_port("relenv"))
+
+
+def test_hostile_ssh_commands_refused(server):
+    before = server.tree()
+    for cmd in (["rm -rf /"], ["apps; id"], ["apps && id"], ["$(id)"], ["`id`"], ["git-hook", "uvapp"],
+                ["exec-worker", "uvapp", "wsgi", "1"], ["git-receive-pack '../x'"],
+                ["git-receive-pack 'a/b'"], ["git-upload-pack 'nope'"]):
+        r = server.ssh(*cmd)
+        assert r.returncode != 0, (cmd, r.stdout)
+        assert r.stderr.strip(), cmd
+        assert "uid=" not in r.stdout
+    assert server.tree() == before
+
+
+@pytest.mark.parametrize("name", ["..", "a/b", "''", "x" * 300, ".hidden", "-rf"])
+def test_invalid_app_names_refused(server, name):
+    before = server.tree()
+    for cmd in (["config:set", name, "A=1"], ["destroy", name], ["logs", name]):
+        r = server.ssh(*cmd)
+        assert r.returncode != 0 and r.stderr.strip(), (cmd, r.stdout, r.stderr)
+    assert server.tree() == before
+
+
+def test_push_to_invalid_name_changes_nothing(server, uvapp):
+    before = server.tree()
+    for name in ("..", "a/b", "-x"):
+        r = server.push(uvapp, name)
+        assert r.returncode != 0, r.stdout
+    assert server.tree() == before
+    assert not os.path.exists(os.path.join(server.root, "HEAD"))
+
+
+def test_uwsgi_syntax_in_values_is_inert(server, tmp_path):
+    marker = os.path.join(server.base, "pwned")
+    value = f"@(exec://touch {marker}) $(HOME) %(x) ;semi #hash"
+    files = {"Procfile": "wsgi: app:application\n", "requirements.txt": "",
+             "ENV": f"EVIL='{value}'\n",
+             "app.py": "import os\ndef application(e, s):\n    s('200 OK', [])\n"
+                       "    return [os.environ['EVIL'].encode()]\n"}
+    repo = server.make_app(None, tmp_path / "evil", files)
+    r = server.push(repo, "evil")
+    assert r.returncode == 0, r.stdout
+    status, body = server.wait_http(server.app_port("evil"))
+    assert body == value
+    assert not os.path.exists(marker)
+
+
+def test_prefix_apps_are_independent(server, tmp_path):
+    files = {"Procfile": "web: python3 -m http.server --bind $BIND_ADDRESS $PORT\n"}
+    for app in ("pfx", "pfx2"):
+        repo = server.make_app(None, tmp_path / app, files)
+        assert server.push(repo, app).returncode == 0
+    r = server.ssh("stop", "pfx")
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(server.path("uwsgi-enabled", "pfx_web.1.ini"))
+    assert os.path.exists(server.path("uwsgi-enabled", "pfx2_web.1.ini"))
+    server.wait_http(server.app_port("pfx2"))
+    assert server.ssh("destroy", "pfx").returncode == 0
+    assert os.path.exists(server.path("repos", "pfx2")) and not os.path.exists(server.path("repos", "pfx"))
+    server.wait_http(server.app_port("pfx2"))
