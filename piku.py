@@ -757,7 +757,8 @@ def render_nginx_backend(n, cache):
     for name in names:
         out.append(f"  location {name} {{")
         if n["sockets"]:
-            out += ["    include uwsgi_params;", f"    uwsgi_pass piku-{app};",
+            out += [f"    uwsgi_param {p};" for p in UWSGI_PARAMS]
+            out += [f"    uwsgi_pass piku-{app};",
                     "    uwsgi_param HTTP_X_FORWARDED_PROTO $scheme;",
                     "    uwsgi_param HTTP_X_FORWARDED_FOR $proxy_add_x_forwarded_for;"]
         else:
@@ -1549,6 +1550,15 @@ def ensure_certificate(plan):
     return True
 
 
+def relisten_for_check(text, ports):
+    """Map every `listen ADDR:PORT` to a free loopback port (same address -> same port)."""
+    def sub(m):
+        if m.group(1) not in ports:
+            ports[m.group(1)] = free_port("127.0.0.1")
+        return f"listen 127.0.0.1:{ports[m.group(1)]}"
+    return re.sub(r"listen (\S+:\d+)", sub, text)
+
+
 def check_nginx(paths, app, text):
     """`nginx -t` on the full piku config with this app's candidate in place of its current one."""
     import shutil
@@ -1559,12 +1569,15 @@ def check_nginx(paths, app, text):
         return
     tmp = tempfile.mkdtemp(prefix="piku-nginx-")
     try:
-        candidate = os.path.join(tmp, "candidate.conf")
-        write_atomic(candidate, text)
-        others = sorted(os.path.join(paths.nginx, n) for n in os.listdir(paths.nginx)
-                        if n.endswith(".conf") and n != f"{app}.conf")
+        # nginx -t binds the listen addresses: test on free loopback ports, one per address.
+        ports = {}
+        confs = [(n, read_text(os.path.join(paths.nginx, n), "")) for n in sorted(os.listdir(paths.nginx))
+                 if n.endswith(".conf") and n != f"{app}.conf"] + [("candidate.conf", text)]
+        for name, body in confs:
+            write_atomic(os.path.join(tmp, "check-" + name), relisten_for_check(body, ports))
+        candidate = os.path.join(tmp, "check-candidate.conf")
         conf = os.path.join(tmp, "nginx.conf")
-        write_atomic(conf, render_nginx_check_conf(tmp, others + [candidate]))
+        write_atomic(conf, render_nginx_check_conf(tmp, [os.path.join(tmp, "check-" + n) for n, _ in confs]))
         proc = run([nginx, "-t", "-q", "-p", tmp, "-c", conf, "-e", os.path.join(tmp, "error.log")],
                    capture="merged", check=False)
         if proc.returncode != 0:
