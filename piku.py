@@ -1721,15 +1721,16 @@ def worker_log_tail(paths, app, lines=15):
     return out
 
 
-def deploy_release(paths, app, release_dir, environ, label):
+def deploy_release(paths, app, release_dir, environ, label, t0=None):
     """Build, release phase, switch, health check; any failure leaves the old release live."""
     import time
-    t0 = time.monotonic()
+    t0 = t0 or time.monotonic()
     plan = prepare(paths, app, release_dir, environ)
     if "release" in plan["workers"]:
         run_phase(plan, "release")
     step("Releasing")
     undo = activate(plan)
+    t_wait = time.monotonic()
     if not health_check(plan, undo):
         rollback(paths, app, undo)
         for line in worker_log_tail(paths, app):
@@ -1742,7 +1743,9 @@ def deploy_release(paths, app, release_dir, environ, label):
     with open(os.path.join(paths.state, app, "deploys.log"), "a") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {label} -> {os.path.basename(release_dir)}\n")
     url = app_url(plan)
-    step(f"Deployed {app} ({label}) in {time.monotonic() - t0:.1f}s" + (f": {url}" if url else ""))
+    total, waited = time.monotonic() - t0, time.monotonic() - t_wait
+    step(f"Deployed {app} ({label}) in {total:.2f}s (piku {total - waited:.2f}s, workers starting "
+         f"{waited:.2f}s)" + (f": {url}" if url else ""))
     return plan
 
 
@@ -1766,9 +1769,11 @@ def prune_releases(paths, app, keep):
 
 def deploy_rev(paths, app, rev, label, environ):
     """Check out rev into a new release and deploy it; the release dir is removed on failure."""
+    import time
+    t0 = time.monotonic()
     release_dir = new_release(paths, app, rev, environ)
     try:
-        return deploy_release(paths, app, release_dir, environ, label)
+        return deploy_release(paths, app, release_dir, environ, label, t0)
     except BaseException:
         if live_release(paths, app) != os.path.realpath(release_dir):
             remove_path(release_dir)
