@@ -1203,6 +1203,8 @@ def ensure_venv(b, interpreter, version):
         step(f"Creating virtualenv with Python {version}")
     snap = snapshot_env_dir(b.venv)
     clear_venv(b.venv)
+    if os.path.exists(deps_fingerprint_path(b)):
+        os.unlink(deps_fingerprint_path(b))  # an empty venv needs a full sync
     ensure_dirs(b.venv)
     if b.uv:
         tool_run(b, [b.uv, "venv", "--allow-existing", "--no-progress", "--python", interpreter, b.venv],
@@ -1735,9 +1737,10 @@ def deploy_release(paths, app, release_dir, environ, label, t0=None):
         rollback(paths, app, undo)
         for line in worker_log_tail(paths, app):
             warn(line)
-        raise PikuError(f"the new release did not listen on port {plan['port']} within "
-                        f"{setting(plan['settings'], 'PIKU_HEALTH_TIMEOUT')}s: rolled back "
-                        "(see `logs APP`)")
+        raise PikuError(f"the new release failed its health check (its workers did not load the "
+                        f"app or listen on port {plan['port']} within "
+                        f"{setting(plan['settings'], 'PIKU_HEALTH_TIMEOUT')}s): rolled back, the "
+                        "previous release keeps serving (see `logs APP`)")
     prune_releases(paths, app, setting_int(plan["settings"], "PIKU_RELEASES_KEPT"))
     ensure_dirs(os.path.join(paths.state, app))
     with open(os.path.join(paths.state, app, "deploys.log"), "a") as f:

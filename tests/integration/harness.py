@@ -11,6 +11,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 USER = "pikutest"
@@ -218,7 +219,7 @@ class Server:
                     f.write(content)
         self.git(repo, "add", "-A")
         self.git(repo, "commit", "-q", "-m", message, *(["--allow-empty"] if allow_empty else []))
-        return str(repo)
+        return Path(repo)
 
     def push(self, repo, app, style="scp", ref="main", extra=()):
         r = subprocess.run(["git", "push", *extra, self.remote_url(app, style), ref], cwd=repo,
@@ -297,3 +298,55 @@ class Server:
             with open(os.path.join(self.logdir, name), errors="replace") as f:
                 out.append(f"--- {name}\n" + "".join(f.readlines()[-lines:]))
         return "\n".join(out)
+
+
+def system_uwsgi_python():
+    with open("/usr/lib/uwsgi/plugins/python3_plugin.so", "rb") as f:
+        import re
+        m = re.search(rb"libpython(3\.\d+)", f.read())
+    return m.group(1).decode()
+
+
+def find_other_python(exclude_minor):
+    """An installed CPython 3.9+ whose minor version differs from exclude_minor: (bin dir, 'X.Y').
+    Looks where uv looks plus pyenv's versions (pyenv's shims only work for root's selection)."""
+    import glob
+    import re
+    dirs = ["/usr/local/bin", "/usr/bin"]
+    pyenv = os.environ.get("PYENV_ROOT", "/root/.pyenv")
+    found = glob.glob(os.path.join(pyenv, "versions", "3.*", "bin"))
+    dirs += sorted(found, key=lambda d: [int(x) for x in re.findall(r"\d+", d.split("versions/")[1])],
+                   reverse=True)
+    for d in dirs:
+        for exe in sorted(glob.glob(os.path.join(d, "python3.[0-9]*")), reverse=True):
+            m = re.search(r"python(3\.(\d+))$", exe)
+            if m and m.group(1) != exclude_minor and int(m.group(2)) >= 9 and os.access(exe, os.X_OK):
+                r = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2])"],
+                                   capture_output=True, text=True)
+                if r.returncode == 0:
+                    return d, m.group(1)
+    raise AssertionError(f"these tests need a second CPython (3.9+, not {exclude_minor}) installed: "
+                         "e.g. `apt-get install python3.12` or a pyenv build; none was found")
+
+
+class Reachable:
+    """Let the test user traverse the directories above path (pyenv lives in root's 0700 home);
+    restores the original modes on exit."""
+
+    def __init__(self, path):
+        self.changed = []
+        d = os.path.abspath(path)
+        while d != "/":
+            mode = os.stat(d).st_mode & 0o7777
+            if not mode & 0o001:
+                self.changed.append((d, mode))
+            d = os.path.dirname(d)
+
+    def __enter__(self):
+        for d, mode in self.changed:
+            os.chmod(d, mode | 0o001)
+        return self
+
+    def __exit__(self, *exc):
+        for d, mode in self.changed:
+            os.chmod(d, mode)

@@ -1,0 +1,191 @@
+"""Issue 3: uv and Python environments: locks, change detection, versions, the uWSGI trap."""
+import os
+import subprocess
+
+import pytest
+
+from harness import Reachable, find_other_python, system_uwsgi_python
+
+SYSTEM_MINOR = None
+
+
+@pytest.fixture(scope="module")
+def other(server):
+    """(bin dir, 'X.Y') of a Python the system uWSGI cannot load, reachable by the piku user."""
+    global SYSTEM_MINOR
+    SYSTEM_MINOR = system_uwsgi_python()
+    bindir, minor = find_other_python(SYSTEM_MINOR)
+    with Reachable(bindir):
+        yield bindir, minor
+
+
+def env_file(bindir, **settings):
+    lines = [f"PATH={bindir}:/usr/local/bin:/usr/bin:/bin"] + [f"{k}={v}" for k, v in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def venv_state(server, app):
+    """mtimes of the venv's files, piku's own files (ENV, LIVE_ENV, SCALING) left out."""
+    out = {}
+    for d, dirs, files in os.walk(server.path("envs", app)):
+        for n in files:
+            if n not in ("ENV", "LIVE_ENV", "SCALING"):
+                p = os.path.join(d, n)
+                out[p] = os.lstat(p).st_mtime_ns
+    return out
+
+
+def push_ok(server, repo, app):
+    r = server.push(repo, app)
+    assert r.returncode == 0, r.stdout + server.logs()
+    return r.stdout
+
+
+def test_no_version_asked_prints_none_and_serves_native(server, tmp_path):
+    repo = server.make_app("uv-wsgi", tmp_path / "pynone")
+    out = push_ok(server, repo, "pynone")
+    assert "Using Python" not in out and "pyuwsgi" not in out
+    _, body = server.wait_http(server.app_port("pynone"), contains="uv-wsgi v1")
+    assert f"python={system_uwsgi_python()}" in body
+    assert "plugin = python3" in server.read("uwsgi-enabled/pynone_wsgi.1.ini")
+
+
+def test_version_from_env_other_python_served_by_pyuwsgi(server, other, tmp_path):
+    bindir, minor = other
+    repo = server.make_app("uv-wsgi", tmp_path / "pyenvv", {"ENV": env_file(bindir, PYTHON_VERSION=minor)})
+    out = push_ok(server, repo, "pyenvv")
+    assert f"-----> Using Python {minor} (from ENV)" in out
+    assert "pyuwsgi" in out
+    _, body = server.wait_http(server.app_port("pyenvv"), contains="uv-wsgi v1")
+    assert f"python={minor}" in body and "markupsafe=" in body  # venv-only package on the other Python
+
+
+def test_python_version_file_and_env_priority(server, other, tmp_path):
+    bindir, minor = other
+    system = system_uwsgi_python()
+    repo = server.make_app("uv-wsgi", tmp_path / "pyfile", {".python-version": f"{minor}\n",
+                                                            "ENV": env_file(bindir)})
+    out = push_ok(server, repo, "pyfile")
+    assert f"-----> Using Python {minor} (from .python-version)" in out
+    server.wait_http(server.app_port("pyfile"), contains=f"python={minor}")
+    # PYTHON_VERSION beats .python-version; the change recreates the venv by itself.
+    server.commit(repo, "env wins", {"ENV": env_file(bindir, PYTHON_VERSION=system)})
+    out = push_ok(server, repo, "pyfile")
+    assert f"-----> Using Python {system} (from ENV)" in out
+    assert "recreating the virtualenv" in out
+    server.wait_http(server.app_port("pyfile"), contains=f"python={system}")
+    assert "plugin = python3" in server.read("uwsgi-enabled/pyfile_wsgi.1.ini")
+
+
+def test_version_change_by_config_set_keeps_config(server, other, tmp_path):
+    bindir, minor = other
+    system = system_uwsgi_python()
+    repo = server.make_app("uv-wsgi", tmp_path / "pyswitch", {"ENV": env_file(bindir, PYTHON_VERSION=system)})
+    push_ok(server, repo, "pyswitch")
+    server.wait_http(server.app_port("pyswitch"), contains=f"python={system}")
+    r = server.ssh("config:set", "pyswitch", f"PYTHON_VERSION={minor}", "KEEP=me")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "recreating the virtualenv" in r.stdout, r.stdout
+    server.wait_http(server.app_port("pyswitch"), contains=f"python={minor}")
+    assert "KEEP=me" in server.read("envs/pyswitch/ENV")
+
+
+def test_uwsgi_trap_refused_when_pyuwsgi_disabled(server, other, tmp_path):
+    bindir, minor = other
+    repo = server.make_app("uv-wsgi", tmp_path / "pynever",
+                           {"ENV": env_file(bindir, PYTHON_VERSION=minor, PIKU_PYUWSGI="never")})
+    r = server.push(repo, "pynever")
+    assert r.returncode != 0
+    assert f"PYTHON_VERSION={system_uwsgi_python()}" in r.stdout and "gunicorn" in r.stdout
+    assert not os.path.exists(server.path("uwsgi-enabled", "pynever_wsgi.1.ini"))
+
+
+@pytest.mark.parametrize("value", ["banana", "3.x", "2.7"])
+def test_garbage_python_version_is_a_clear_error(server, tmp_path, value):
+    repo = server.make_app("uv-wsgi", tmp_path / "pybad", {"ENV": f"PYTHON_VERSION={value}\n"})
+    r = server.push(repo, "pybad")
+    assert r.returncode != 0 and "Python version" in r.stdout or "PYTHON_VERSION" in r.stdout, r.stdout
+    assert "Traceback" not in r.stdout
+
+
+def test_missing_interpreter_gives_three_fixes(server, tmp_path):
+    repo = server.make_app("uv-wsgi", tmp_path / "pymissing", {"ENV": "PYTHON_VERSION=3.99\n"})
+    r = server.push(repo, "pymissing")
+    assert r.returncode != 0
+    assert "No interpreter found for Python 3.99" in r.stdout
+    assert "uv python install 3.99" in r.stdout and "PYTHON_VERSION" in r.stdout and "managed" in r.stdout
+
+
+def make_lock(repo, pin=None):
+    env = dict(os.environ, UV_SYSTEM_CERTS="1")
+    subprocess.run(["uv", "lock", "-q"], cwd=repo, env=env, check=True)
+    if pin:
+        subprocess.run(["uv", "lock", "-q", "--upgrade-package", pin], cwd=repo, env=env, check=True)
+
+
+def test_committed_lock_is_honoured_and_stale_lock_rejected(server, tmp_path):
+    repo = tmp_path / "locked"
+    server.make_app("uv-wsgi", repo)
+    make_lock(repo, "markupsafe==2.1.5")  # older than what a fresh resolve picks
+    server.commit(repo, "lock", {})
+    out = push_ok(server, repo, "locked")
+    assert "(uv.lock)" in out and "+ markupsafe==2.1.5" in out
+    server.wait_http(server.app_port("locked"), contains="markupsafe=2.1.5")
+    lock_before = open(repo / "uv.lock").read()
+    # pyproject changes without `uv lock`: the push is refused with the fix; nothing changes.
+    old = server.rev(repo)
+    text = open(repo / "pyproject.toml").read().replace('"markupsafe"', '"markupsafe", "six"')
+    server.commit(repo, "stale", {"pyproject.toml": text})
+    r = server.push(repo, "locked")
+    assert r.returncode != 0 and "uv lock" in r.stdout and "commit" in r.stdout, r.stdout
+    assert server.remote_rev("locked") == old
+    server.wait_http(server.app_port("locked"), contains="markupsafe=2.1.5")
+    assert open(repo / "uv.lock").read() == lock_before
+
+
+def test_no_lock_keeps_server_lock_and_skips_unchanged_sync(server, tmp_path):
+    repo = server.make_app("uv-wsgi", tmp_path / "nolock")
+    out = push_ok(server, repo, "nolock")
+    assert "commit one" in out
+    assert "markupsafe" in server.read("state/nolock/uv.lock")
+    before = venv_state(server, "nolock")
+    server.commit(repo, "touch code", {"app.py": open(repo / "app.py").read().replace("v1", "v2")})
+    out = push_ok(server, repo, "nolock")
+    assert "-----> Dependencies unchanged, skipping sync" in out and "Syncing" not in out
+    assert venv_state(server, "nolock") == before
+    server.wait_http(server.app_port("nolock"), contains="uv-wsgi v2")
+
+
+def test_added_and_removed_dependency(server, tmp_path):
+    repo = server.make_app("uv-wsgi", tmp_path / "deps")
+    push_ok(server, repo, "deps")
+    base = open(repo / "pyproject.toml").read()
+    server.commit(repo, "add six", {"pyproject.toml": base.replace('"markupsafe"', '"markupsafe", "six"')})
+    out = push_ok(server, repo, "deps")
+    assert "+ six==" in out
+    assert server.ssh("run", "deps", "python", "-c", "'import six'").returncode == 0
+    server.commit(repo, "drop six", {"pyproject.toml": base})
+    out = push_ok(server, repo, "deps")
+    assert "- six==" in out
+    assert server.ssh("run", "deps", "python", "-c", "'import six'").returncode != 0
+
+
+def test_broken_venv_is_repaired(server, tmp_path):
+    repo = server.make_app("uv-wsgi", tmp_path / "broken")
+    push_ok(server, repo, "broken")
+    os.unlink(server.path("envs", "broken", "bin", "python"))
+    server.commit(repo, "redeploy")
+    out = push_ok(server, repo, "broken")
+    assert "broken: recreating" in out and "+ markupsafe" in out
+    server.wait_http(server.app_port("broken"), contains="uv-wsgi v1")
+
+
+@pytest.mark.parametrize("use_uv", ["true", "false"])
+def test_requirements_app_with_uv_and_with_virtualenv(server, tmp_path, use_uv):
+    app = f"req{'uv' if use_uv == 'true' else 'pip'}"
+    repo = server.make_app("req-web", tmp_path / app, {"ENV": f"PIKU_USE_UV={use_uv}\n"})
+    out = push_ok(server, repo, app)
+    assert ("with uv" in out) == (use_uv == "true") and ("with pip" in out) == (use_uv == "false")
+    server.wait_http(server.app_port(app), contains="req-web v1")
+    server.commit(repo, "again")
+    assert "Dependencies unchanged, skipping sync" in push_ok(server, repo, app)
