@@ -1688,11 +1688,16 @@ def health_check(plan, undo):
     host, port = setting(plan["settings"], "BIND_ADDRESS"), plan["port"]
     deadline = time.monotonic() + setting_int(plan["settings"], "PIKU_HEALTH_TIMEOUT")
     host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host in ("::", "[::]") else host)
-    pending = {name: pos for name, pos in undo["written"].items() if "_wsgi." in name}
+    # A restarted worker says so in its log: wsgi when the app is loaded, web when the
+    # daemon is respawned (the old one is gone by then, so an open port is the new one).
+    markers = {f"{plan['app']}_wsgi.": "WSGI app 0 (mountpoint='') ready",
+               f"{plan['app']}_web.": "[uwsgi-daemons] spawning"}
+    pending = {name: pos for name, pos in undo["written"].items()
+               if any(name.startswith(m) for m in markers)}
     while True:
         for name, (log, offset) in list(pending.items()):
             fresh = read_tail(log, offset)
-            if "WSGI app 0 (mountpoint='') ready" in fresh:
+            if any(name.startswith(m) and text in fresh for m, text in markers.items()):
                 del pending[name]
             elif "no app loaded" in fresh or "unable to load app" in fresh:
                 return False
@@ -2401,12 +2406,15 @@ def main(argv=None):
         original = os.environ.pop("SSH_ORIGINAL_COMMAND", None)
         if argv is None and original is not None:
             argv = parse_ssh_command(original)
+        name = (argv if argv is not None else sys.argv[1:])[:1]
+        if not name or name[0] not in cli.commands or name[0] == "help":  # built-ins skip the scan
+            load_plugins(paths_for(default_root()))
+        if original is not None and argv is not None:
             if argv[0] not in SSH_ALLOWED and argv[0] not in cli.commands:
                 raise PikuError(f"refused: {argv[0][:40]!r} is not a piku command (try `help`)", 2)
             if cli.commands.get(argv[0]) is not None and cli.commands[argv[0]].hidden \
                     and argv[0] not in GIT_COMMANDS:
                 raise PikuError(f"refused: {argv[0]!r} is internal", 2)
-        load_plugins(paths_for(default_root()))
         cli.main(args=argv, prog_name="piku", standalone_mode=False)
         return 0
     except PikuError as e:
@@ -2414,6 +2422,10 @@ def main(argv=None):
             warn(line)
         return e.code or 1
     except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.UsageError as e:  # one line, like every other error
+        usage = e.ctx.get_usage().replace("Usage: ", "") if e.ctx else "piku help"
+        warn(f"{e.format_message()} (usage: {usage})")
         return e.exit_code
     except click.ClickException as e:
         e.show()

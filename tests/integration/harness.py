@@ -139,7 +139,7 @@ class Server:
         assert wait_port(self.ssh_port), "sshd did not start:\n" + self.logs()
 
     def start_nginx(self):
-        self.nginx_port = free_port()
+        self.nginx_port, self.nginx_tls_port = free_port(), free_port()
         prefix = os.path.join(self.base, "nginx")
         os.makedirs(prefix)
         self.chown(prefix)
@@ -208,6 +208,13 @@ class Server:
         self.git(dest, "init", "-q", "-b", "main")
         return self.commit(dest, "initial", files or {}, allow_empty=False)
 
+    def deployed(self, fixture, app, tmp_path_factory, files=None):
+        """A repo made from tests/apps/<fixture>, pushed as <app>; the push must succeed."""
+        repo = self.make_app(fixture, tmp_path_factory.mktemp(app) / app, files)
+        r = self.push(repo, app)
+        assert r.returncode == 0, r.stdout + self.logs()
+        return repo
+
     def commit(self, repo, message, files=None, allow_empty=True):
         for rel, content in (files or {}).items():
             path = os.path.join(repo, rel)
@@ -234,6 +241,14 @@ class Server:
         r = subprocess.run(["git", "ls-remote", self.remote_url(app), ref], env=self.git_env(),
                            capture_output=True, text=True, timeout=60)
         return r.stdout.split()[0] if r.stdout.strip() else None
+
+    def nginx_env(self, host, **extra):
+        """ENV lines that put an app behind the test nginx (loopback only, test ports)."""
+        settings = {"NGINX_SERVER_NAME": host, "NGINX_HTTP_PORT": self.nginx_port,
+                    "NGINX_HTTPS_PORT": self.nginx_tls_port, "NGINX_IPV4_ADDRESS": "127.0.0.1",
+                    "DISABLE_IPV6": "true"}
+        settings.update(extra)
+        return "".join(f"{k}={v}\n" for k, v in settings.items())
 
     # -- HTTP ---------------------------------------------------------------
     def http_get(self, port, path="/", host=None, timeout=5):
@@ -281,8 +296,8 @@ class Server:
         """Snapshot of every path under PIKU_ROOT with size and mtime (for 'nothing changed')."""
         out = {}
         for d, dirs, files in os.walk(self.root):
-            if "uv-cache" in d:
-                continue
+            if d == self.root:  # running workers write these all the time
+                dirs[:] = [x for x in dirs if x not in ("uv-cache", "logs", "data")]
             for n in dirs + files:
                 p = os.path.join(d, n)
                 try:

@@ -7,10 +7,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def uvapp(server, tmp_path_factory):
-    repo = server.make_app("uv-wsgi", tmp_path_factory.mktemp("uv") / "uvapp")
-    r = server.push(repo, "uvapp")
-    assert r.returncode == 0, r.stdout + server.logs()
-    return repo
+    return server.deployed("uv-wsgi", "uvapp", tmp_path_factory)
 
 
 def test_uv_wsgi_app_served(server, uvapp):

@@ -1,0 +1,243 @@
+"""Issue 4: every command through real ssh, with bad input for each."""
+import json
+import os
+import shlex
+import subprocess
+import time
+
+import pytest
+
+HOSTILE = 'a b\n$HOME ; #x "q" \'s\' @(exec://id) %(k) =eq\\back'
+
+
+@pytest.fixture(scope="module")
+def kinds(server, tmp_path_factory):
+    return server.deployed("kinds", "kinds", tmp_path_factory)
+
+
+def web_env(server, app="kinds"):
+    status, body = server.wait_http(server.app_port(app))
+    return json.loads(body)
+
+
+def ok(r):
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    return r.stdout
+
+
+def refused(r, text=None):
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    assert r.stderr.strip() and len(r.stderr.strip().splitlines()) <= 3, r.stderr
+    if text:
+        assert text in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    return r.stderr
+
+
+def test_injected_environment(server, kinds):
+    env = web_env(server)
+    for key in ("APP", "DATA_ROOT", "LOG_ROOT", "HOME", "USER", "PATH", "VIRTUAL_ENV", "PORT",
+                "BIND_ADDRESS", "PROC_TYPE", "PYTHONUNBUFFERED", "PYTHONIOENCODING"):
+        assert key in env, key
+    assert env["APP"] == "kinds" and env["PROC_TYPE"] == "web" and env["PYTHONUNBUFFERED"] == "1"
+    assert env["PATH"].startswith(env["VIRTUAL_ENV"] + "/bin:")
+    assert not any(k.startswith("GIT_") or k.startswith("UWSGI_") for k in env)
+
+
+def test_worker_runs(server, kinds):
+    path = server.path("data", "kinds", "worker.1")
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert open(path).read().startswith("worker ")
+
+
+def test_config_set_hostile_value_round_trips_without_rebuild(server, kinds):
+    marker = os.path.join(server.base, "pwned")
+    value = HOSTILE + f" @(exec://touch {marker})"
+    out = ok(server.ssh("config:set", "kinds", shlex.quote(f"WEIRD={value}"), "'GREETING=hello world'"))
+    assert "Restarted kinds" in out and "Syncing" not in out and "detected" not in out
+    env = web_env(server)
+    assert env["WEIRD"] == value and env["GREETING"] == "hello world"
+    assert ok(server.ssh("config:get", "kinds", "WEIRD")) == value + "\n"
+    assert not os.path.exists(marker)
+    assert "GREETING=hello world" in ok(server.ssh("config", "kinds"))
+    mode = os.stat(server.path("envs", "kinds", "ENV")).st_mode & 0o777
+    assert mode == 0o600
+
+
+def test_config_set_unquoted_words_and_equals(server, kinds):
+    ok(server.ssh("config:set", "kinds", "SPACED=a", "b", "c", "EQ=x=y=z"))
+    env = web_env(server)
+    assert env["SPACED"] == "a b c" and env["EQ"] == "x=y=z"
+
+
+def test_config_unset_and_live(server, kinds):
+    ok(server.ssh("config:set", "kinds", "TEMP=1"))
+    ok(server.ssh("config:unset", "kinds", "TEMP"))
+    assert "TEMP" not in web_env(server)
+    live = ok(server.ssh("config:live", "kinds"))
+    assert "PORT=" in live and "APP=kinds" in live
+    refused(server.ssh("config:get", "kinds", "TEMP"), "not set")
+
+
+@pytest.mark.parametrize("args,text", [
+    (["config:set", "kinds", "1BAD=x"], "KEY=VALUE"),
+    (["config:set", "kinds", "novalue"], "KEY=VALUE"),
+    (["config:set", "kinds", "PORT=notaport"], "PORT"),
+    (["config:set", "kinds", "UWSGI_PROCESSES=-3"], "UWSGI_PROCESSES"),
+    (["config:set", "kinds", "NGINX_SERVER_NAME='a.test;evil'"], "NGINX_SERVER_NAME"),
+    (["config:set", "kinds", "PYTHON_VERSION=banana"], "Python"),
+    (["config:set", "nosuchapp", "A=1"], "no such app"),
+    (["config:set", "kinds"], None),
+    (["config:get", "kinds"], None),
+    (["config:unset", "kinds", "'bad key'"], "invalid key"),
+    (["ps:scale", "kinds", "worker=-1"], "worker"),
+    (["ps:scale", "kinds", "nosuch=1"], "unknown process kind"),
+    (["ps:scale", "kinds", "worker"], "KIND=COUNT"),
+    (["ps:scale", "kinds", "worker=1000"], "out of range"),
+    (["logs", "nosuchapp"], "no such app"),
+    (["ps", "nosuchapp"], "no such app"),
+    (["restart", "nosuchapp"], "no such app"),
+    (["stop", "nosuchapp"], "no such app"),
+    (["destroy", "nosuchapp"], "no such app"),
+    (["deploy", "nosuchapp"], "no such app"),
+    (["run", "nosuchapp", "true"], "no such app"),
+    (["run", "kinds"], None),
+    (["nosuchcommand"], "not a piku command"),
+])
+def test_bad_input_is_refused_and_changes_nothing(server, kinds, args, text):
+    before = server.tree()
+    refused(server.ssh(*args), text)
+    assert server.tree() == before
+
+
+def test_logs_tail_and_process_filter(server, kinds):
+    out = ok(server.ssh("logs", "kinds", "-n", "5"))
+    assert "web.1 | " in out and "worker.1 | " in out
+    out = ok(server.ssh("logs", "kinds", "worker", "-n", "3"))
+    assert "worker.1 | " in out and "web.1 | " not in out
+    assert len(out.strip().splitlines()) <= 3
+
+
+def test_logs_follow(server, kinds):
+    proc = subprocess.Popen(server.ssh_argv() + ["pikutest@127.0.0.1", "logs", "kinds", "worker", "-n", "0", "-f"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # the worker logs a line every second
+        assert line.startswith("worker.1 | ")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_ps_stop_restart(server, kinds):
+    out = ok(server.ssh("ps", "kinds"))
+    assert "web: 1 configured, 1 running" in out and "worker: 1 configured" in out
+    ok(server.ssh("stop", "kinds"))
+    assert "stopped" in ok(server.ssh("ps", "kinds"))
+    assert "not running" in ok(server.ssh("stop", "kinds"))  # stop on a stopped app works
+    assert ok(server.ssh("apps")).count("  kinds") == 1
+    ok(server.ssh("restart", "kinds"))
+    server.wait_http(server.app_port("kinds"))
+    assert "* kinds" in ok(server.ssh("apps"))
+    ok(server.ssh("restart", "kinds"))  # restart on a running app works
+    server.wait_http(server.app_port("kinds"))
+
+
+def test_ps_scale_exact_difference(server, kinds):
+    web_before = os.stat(server.path("uwsgi-enabled", "kinds_web.1.ini")).st_mtime_ns
+    ok(server.ssh("ps:scale", "kinds", "worker=2"))
+    assert os.path.exists(server.path("uwsgi-enabled", "kinds_worker.2.ini"))
+    assert os.stat(server.path("uwsgi-enabled", "kinds_web.1.ini")).st_mtime_ns == web_before
+    deadline = time.monotonic() + 20
+    while not os.path.exists(server.path("data", "kinds", "worker.2")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert os.path.exists(server.path("data", "kinds", "worker.2"))
+    ok(server.ssh("ps:scale", "kinds", "worker=0"))
+    assert not any(n.startswith("kinds_worker") for n in os.listdir(server.path("uwsgi-enabled")))
+    assert "worker: 0 configured" in ok(server.ssh("ps", "kinds"))
+    ok(server.ssh("ps:scale", "kinds", "worker=1"))
+
+
+def test_run_passes_stdin_stdout_and_exit_code(server, kinds):
+    r = server.ssh("run", "kinds", "sh", "-c", shlex.quote("cat; echo $APP; pwd; exit 7"), input="from stdin\n")
+    assert r.returncode == 7
+    lines = r.stdout.splitlines()
+    assert lines[0] == "from stdin" and lines[1] == "kinds" and "/releases/kinds/" in lines[2]
+    r = server.ssh("run", "kinds", "python3", "-c", shlex.quote("import os; print(os.environ['GREETING'])"))
+    assert r.stdout == "hello world\n"
+    refused(server.ssh("run", "kinds", "no-such-binary-xyz"), "cannot run")
+
+
+def test_cron_job_runs(server, kinds):
+    path = server.path("data", "kinds", "cron.log")
+    deadline = time.monotonic() + 75
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert os.path.exists(path), server.read("logs/kinds/cron1.1.log")
+    assert open(path).read().startswith("cron1 ")
+
+
+def test_deploy_command_redeploys(server, kinds):
+    out = ok(server.ssh("deploy", "kinds"))
+    assert "-----> Deployed kinds" in out
+    server.wait_http(server.app_port("kinds"))
+
+
+def test_setup_ssh_from_stdin_no_duplicates(server):
+    key = open(server.key + ".pub").read()
+    assert "Key already present" in ok(server.ssh("setup:ssh", "-", input=key))
+    before = open(os.path.join(server.home, ".ssh", "authorized_keys")).read()
+    refused(server.ssh("setup:ssh", "-", input="not a key\n"))
+    refused(server.ssh("setup:ssh", "-", input='command="sh" ' + key))
+    assert open(os.path.join(server.home, ".ssh", "authorized_keys")).read() == before
+
+
+def test_update_checks_the_new_file_first(server):
+    broken = os.path.join(server.base, "broken.py")
+    with open(broken, "w") as f:
+        f.write("raise SystemExit(3)\n")
+    os.chmod(broken, 0o644)
+    before = open(server.piku_py).read()
+    refused(server.ssh("update", broken), "does not run")
+    assert open(server.piku_py).read() == before
+    good = os.path.join(server.base, "good.py")
+    with open(good, "w") as f:
+        f.write(before)
+    os.chmod(good, 0o644)
+    assert "Updated piku.py" in ok(server.ssh("update", good))
+    assert open(server.piku_py).read() == before
+
+
+def test_plugins(server):
+    pkg = server.path("plugins", "hello_plugin")
+    os.makedirs(pkg, exist_ok=True)
+    with open(os.path.join(pkg, "__init__.py"), "w") as f:
+        f.write("import click\n\n\ndef cli_commands():\n    @click.group()\n    def g():\n        pass\n\n"
+                "    @g.command('hello')\n    def hello():\n        '''Say hello.'''\n        click.echo('hello from plugin')\n"
+                "    return g\n")
+    try:
+        assert ok(server.ssh("hello")) == "hello from plugin\n"
+        assert "hello" in ok(server.ssh("help"))
+    finally:
+        import shutil
+        shutil.rmtree(pkg)
+
+
+def test_destroy_removes_exactly_the_app_and_keeps_data(server, tmp_path):
+    repo = server.make_app("req-web", tmp_path / "doomed")
+    assert server.push(repo, "doomed").returncode == 0
+    repo2 = server.make_app("req-web", tmp_path / "doomed2")
+    assert server.push(repo2, "doomed2").returncode == 0
+    os.makedirs(server.path("data", "doomed"), exist_ok=True)
+    with open(server.path("data", "doomed", "keep.txt"), "w") as f:
+        f.write("x")
+    out = ok(server.ssh("destroy", "doomed"))
+    assert "kept" in out and "data/doomed" in out
+    for rel in ("apps/doomed", "repos/doomed", "envs/doomed", "logs/doomed", "releases/doomed",
+                "uwsgi-enabled/doomed_web.1.ini", "uwsgi-available/doomed_web.1.ini"):
+        assert not os.path.lexists(server.path(rel)), rel
+    assert os.path.exists(server.path("data", "doomed", "keep.txt"))
+    assert os.path.exists(server.path("repos", "doomed2"))
+    server.wait_http(server.app_port("doomed2"), contains="req-web")
