@@ -740,8 +740,9 @@ def render_nginx(n):
         target = path if path.startswith("/") else os.path.join(n["app_dir"], path)
         slash = "/" if url.endswith("/") else ""
         lines += [f"  location {url} {{", f"    alias {target.rstrip('/')}{slash or ('/' if url == '/' else '')};",
-                  "    try_files $uri $uri.html $uri/ =404;" if url == "/" or not n["has_backend"] else
-                  "    try_files $uri $uri/ @piku;", "  }"]
+                  # a static prefix is nginx's alone; a static "/" hands what it lacks to the app
+                  "    try_files $uri $uri.html $uri/ @piku;" if url == "/" and n["has_backend"] else
+                  "    try_files $uri $uri.html $uri/ =404;", "  }"]
     if n["has_backend"]:
         lines += render_nginx_backend(n, cache)
     lines.append("}")
@@ -1519,8 +1520,9 @@ def nginx_sockets(plan):
     return [os.path.join(p.nginx, f"{app}.{n}.sock") for n in range(1, plan["scaling"].get("wsgi", 0) + 1)]
 
 
-def render_app_nginx(plan):
-    """nginx conf text for the plan, or None when NGINX_SERVER_NAME is unset."""
+def render_app_nginx(plan, app_dir=None):
+    """nginx conf text for the plan, or None when NGINX_SERVER_NAME is unset. Files of the app
+    are referred to through apps/<app> (the live link) unless app_dir says otherwise."""
     s, p, app = plan["settings"], plan["paths"], plan["app"]
     if not split_names(s.get("NGINX_SERVER_NAME", "")):
         return None
@@ -1529,7 +1531,7 @@ def render_app_nginx(plan):
     cert = ensure_certificate(plan)
     return render_nginx({"app": app, "settings": s, "paths": p, "kinds": kinds,
                          "sockets": nginx_sockets(plan) if plan["scaling"].get("wsgi") else [],
-                         "port": plan["port"], "app_dir": os.path.join(p.apps, app),
+                         "port": plan["port"], "app_dir": app_dir or os.path.join(p.apps, app),
                          "cert": cert, "has_backend": has_backend})
 
 
@@ -1596,8 +1598,8 @@ def activate(plan, switch=True, restart=True):
     auto_restart = setting_bool(plan["settings"], "PIKU_AUTO_RESTART")
     vassals, extra = vassal_specs(plan)
     nginx_text = render_app_nginx(plan)
-    if nginx_text is not None:
-        check_nginx(p, app, nginx_text)
+    if nginx_text is not None:  # checked against the new release's files (include, statics)
+        check_nginx(p, app, render_app_nginx(plan, plan["release_dir"]))
     app_link = os.path.join(p.apps, app)
     live_env_text = render_env(plan["env"])
     boot = os.path.join(p.state, app, "wsgi_boot.py")

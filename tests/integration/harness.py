@@ -208,9 +208,10 @@ class Server:
         self.git(dest, "init", "-q", "-b", "main")
         return self.commit(dest, "initial", files or {}, allow_empty=False)
 
-    def deployed(self, fixture, app, tmp_path_factory, files=None):
-        """A repo made from tests/apps/<fixture>, pushed as <app>; the push must succeed."""
-        repo = self.make_app(fixture, tmp_path_factory.mktemp(app) / app, files)
+    def deployed(self, fixture, app, tmp_dir, files=None):
+        """A repo made in tmp_dir from tests/apps/<fixture> and files, pushed as <app>; the push
+        must succeed."""
+        repo = self.make_app(fixture, Path(tmp_dir) / app, files)
         r = self.push(repo, app)
         assert r.returncode == 0, r.stdout + self.logs()
         return repo

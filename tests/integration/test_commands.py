@@ -12,7 +12,7 @@ HOSTILE = 'a b\n$HOME ; #x "q" \'s\' @(exec://id) %(k) =eq\\back'
 
 @pytest.fixture(scope="module")
 def kinds(server, tmp_path_factory):
-    return server.deployed("kinds", "kinds", tmp_path_factory)
+    return server.deployed("kinds", "kinds", tmp_path_factory.mktemp("kinds"))
 
 
 def web_env(server, app="kinds"):

@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def uvapp(server, tmp_path_factory):
-    return server.deployed("uv-wsgi", "uvapp", tmp_path_factory)
+    return server.deployed("uv-wsgi", "uvapp", tmp_path_factory.mktemp("uvapp"))
 
 
 def test_uv_wsgi_app_served(server, uvapp):

@@ -1,0 +1,152 @@
+"""Issue 4: apps reached through a real nginx by Host header; configs checked before they go live."""
+import http.client
+import json
+import os
+import socket
+import ssl
+
+import pytest
+
+
+def https_get(server, host, path="/", cafile=None):
+    """GET over TLS to the test nginx with SNI and Host set to host (no DNS involved)."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    if not cafile:  # self-signed: the tests compare the certificate itself
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    conn = http.client.HTTPSConnection("127.0.0.1", server.nginx_tls_port, context=ctx, timeout=5)
+    sock = socket.create_connection(("127.0.0.1", server.nginx_tls_port), timeout=5)
+    conn.sock = ctx.wrap_socket(sock, server_hostname=host)
+    conn.request("GET", path, headers={"Host": host})
+    resp = conn.getresponse()
+    cert = conn.sock.getpeercert(binary_form=True)
+    return resp.status, resp.read().decode(), cert
+
+
+def plain_get(server, host, path="/", want=None, timeout=20):
+    """(status, headers, body) from the test nginx over HTTP, redirects not followed; retried
+    until the status is `want` (nginx reloads a moment after a deploy)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", server.nginx_port, timeout=5)
+            conn.request("GET", path, headers={"Host": host})
+            resp = conn.getresponse()
+            got = resp.status, dict(resp.getheaders()), resp.read().decode()
+            if want is None or got[0] == want:
+                return got
+        except OSError as e:
+            got = e
+        assert time.monotonic() < deadline, f"{host}{path}: {got}\n{server.logs()}"
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def wsgi_site(server, tmp_path_factory):
+    env = server.nginx_env("wsgi.piku.test", NGINX_STATIC_PATHS="/assets/:static")
+    return server.deployed("uv-wsgi", "wsgisite", tmp_path_factory.mktemp("w"),
+                           {"ENV": env, "static/hello.txt": "static hello\n", ".git-keep/x": "x"})
+
+
+@pytest.fixture(scope="module")
+def web_site(server, tmp_path_factory):
+    env = server.nginx_env("web.piku.test, www.web.piku.test")
+    return server.deployed("kinds", "website", tmp_path_factory.mktemp("w"), {"ENV": env})
+
+
+def test_wsgi_through_unix_socket(server, wsgi_site):
+    conf = server.read("nginx/wsgisite.conf")
+    assert "uwsgi_pass piku-wsgisite" in conf and "wsgisite.1.sock" in conf
+    status, body = server.wait_http(server.nginx_port, host="wsgi.piku.test", contains="uv-wsgi v1")
+    assert "app=wsgisite" in body
+
+
+def test_static_paths_served_by_nginx(server, wsgi_site):
+    server.wait_http(server.nginx_port, "/assets/hello.txt", host="wsgi.piku.test", contains="static hello")
+    status, _ = server.http_get(server.nginx_port, "/assets/missing.txt", host="wsgi.piku.test")
+    assert status == 404
+
+
+def test_git_paths_blocked(server, wsgi_site):
+    server.wait_http(server.nginx_port, host="wsgi.piku.test")
+    status, body = server.http_get(server.nginx_port, "/.git/config", host="wsgi.piku.test")
+    assert status == 404 and "uv-wsgi" not in body
+
+
+def test_web_through_proxy_with_forwarded_headers(server, web_site):
+    for host in ("web.piku.test", "www.web.piku.test"):  # several names, one server block
+        server.wait_http(server.nginx_port, "/headers", host=host)
+    status, body = server.http_get(server.nginx_port, "/headers", host="web.piku.test")
+    headers = {k.lower(): v for k, v in json.loads(body).items()}
+    assert headers["host"] == "web.piku.test"
+    assert headers["x-forwarded-for"] == "127.0.0.1" and headers["x-forwarded-proto"] == "http"
+    conf = server.read("nginx/website.conf")
+    assert "proxy_pass http://piku-website" in conf and "$connection_upgrade" in conf
+
+
+def test_hosts_are_routed_to_their_own_app(server, wsgi_site, web_site):
+    _, a = server.wait_http(server.nginx_port, host="wsgi.piku.test")
+    _, b = server.wait_http(server.nginx_port, host="web.piku.test")
+    assert "uv-wsgi" in a and '"APP": "website"' in b
+
+
+def test_https_with_self_signed_certificate(server, web_site):
+    import time
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            status, body, cert = https_get(server, "web.piku.test")
+            break
+        except OSError:
+            assert time.monotonic() < deadline, server.logs()
+            time.sleep(0.3)
+    assert status == 200 and '"APP": "website"' in body
+    with open(server.path("nginx", "website.crt"), "rb") as f:
+        pem = f.read().decode()
+    assert ssl.DER_cert_to_PEM_cert(cert).strip() == pem.strip()
+    assert oct(os.stat(server.path("nginx", "website.key")).st_mode & 0o777) == "0o600"
+
+
+def test_https_only_redirects(server, tmp_path):
+    env = server.nginx_env("secure.piku.test", NGINX_HTTPS_ONLY="1")
+    server.deployed("kinds", "secure", tmp_path, {"ENV": env})
+    status, headers, _ = plain_get(server, "secure.piku.test", "/x?y=1", want=301)
+    assert headers["Location"] == "https://secure.piku.test/x?y=1"
+    conf = server.read("nginx/secure.conf")
+    assert "return 301 https://$host$request_uri" in conf
+    assert https_get(server, "secure.piku.test")[0] == 200
+
+
+def test_static_kind(server, tmp_path):
+    files = {"Procfile": "static: public\n", "public/index.html": "<h1>static site</h1>\n",
+             "ENV": server.nginx_env("static.piku.test")}
+    server.deployed(None, "staticsite", tmp_path, files)
+    server.wait_http(server.nginx_port, host="static.piku.test", contains="static site")
+    r = server.http_get(server.nginx_port, "/nope", host="static.piku.test")
+    assert r[0] == 404, r
+
+
+def test_include_file_applied_and_broken_one_rejected(server, tmp_path):
+    files = {"Procfile": "static: public\n", "public/index.html": "v1\n",
+             "extra.conf": "add_header X-Piku-Extra yes;\n",
+             "ENV": server.nginx_env("inc.piku.test", NGINX_INCLUDE_FILE="extra.conf")}
+    repo = server.deployed(None, "incsite", tmp_path, files)
+    server.wait_http(server.nginx_port, host="inc.piku.test", contains="v1")
+    assert plain_get(server, "inc.piku.test")[1].get("X-Piku-Extra") == "yes"
+    before = server.read("nginx/incsite.conf")
+    old_rev = server.git(repo, "rev-parse", "HEAD").stdout.strip()
+    server.commit(repo, "broken include", {"public/index.html": "v2\n", "extra.conf": "this is not nginx;\n"})
+    r = server.push(repo, "incsite")
+    assert r.returncode != 0 and "nginx rejected the new config" in r.stdout, r.stdout
+    assert server.read("nginx/incsite.conf") == before
+    assert old_rev in server.git(repo, "ls-remote", server.remote_url("incsite")).stdout
+    status, body = server.http_get(server.nginx_port, host="inc.piku.test")
+    assert body == "v1\n"
+
+
+def test_hostile_server_name_rejected(server, wsgi_site):
+    before = server.tree()
+    for value in ("evil.test; include /etc/passwd", "a.test\nserver {", "x.test}"):
+        r = server.ssh("config:set", "wsgisite", f"NGINX_SERVER_NAME={value}")
+        assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert server.tree() == before
