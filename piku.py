@@ -446,6 +446,8 @@ DEFAULTS = {
     "UWSGI_GEVENT": "false",
     "UWSGI_ASYNCIO": "0",
     "UWSGI_IDLE": "",
+    "ACME_ROOT_CA": "letsencrypt.org",
+    "ACME_CLIENT": "auto",
 }
 
 # Settings that must parse as numbers / booleans; checked before anything is written.
@@ -461,7 +463,8 @@ BOOL_SETTINGS = ("PIKU_AUTO_RESTART", "PIKU_VERBOSE", "PIKU_USE_UV", "DISABLE_IP
                  "NGINX_ALLOW_GIT_FOLDERS", "NGINX_CACHE_REDIRECTS", "NGINX_CACHE_ANY",
                  "UWSGI_ENABLE_THREADS", "UWSGI_LOG_X_FORWARDED_FOR", "UWSGI_GEVENT",
                  "NGINX_CLOUDFLARE_ACL", "NGINX_CATCH_ALL_ENABLED")
-CHOICE_SETTINGS = {"PIKU_PYUWSGI": ("auto", "never", "always")}
+CHOICE_SETTINGS = {"PIKU_PYUWSGI": ("auto", "never", "always"),
+                   "ACME_CLIENT": ("auto", "acme.sh", "dehydrated", "none")}
 
 
 def validate_settings(settings):
@@ -482,6 +485,12 @@ def validate_settings(settings):
             raise PikuError(f"NGINX_SERVER_NAME: invalid host name {name!r}")
     if settings.get("PYTHON_VERSION"):
         parse_python_version(settings["PYTHON_VERSION"])
+    if settings.get("ACME_ROOT_CA"):
+        parse_acme_ca(settings["ACME_ROOT_CA"])
+    if settings.get("ACME_EMAIL") and not EMAIL_RE.match(settings["ACME_EMAIL"]):
+        raise PikuError(f"ACME_EMAIL: not an e-mail address: {settings['ACME_EMAIL']!r}")
+    if settings.get("ACME_CA_BUNDLE"):
+        safe_path(settings["ACME_CA_BUNDLE"], "ACME_CA_BUNDLE")
     return settings
 
 
@@ -682,6 +691,69 @@ def parse_static_paths(value):
             raise PikuError(f"NGINX_STATIC_PATHS: expected /url:path, got {item!r}")
         out.append((url, safe_path(path, "NGINX_STATIC_PATHS")))
     return out
+
+
+# ACME CAs known by name (acme.sh's short names work too); anything else must be a directory URL.
+ACME_CAS = {
+    "letsencrypt": "https://acme-v02.api.letsencrypt.org/directory",
+    "letsencrypt_test": "https://acme-staging-v02.api.letsencrypt.org/directory",
+    "zerossl": "https://acme.zerossl.com/v2/DV90",
+    "buypass": "https://api.buypass.com/acme/directory",
+    "buypass_test": "https://api.test4.buypass.no/acme/directory",
+    "google": "https://dv.acme-v02.api.pki.goog/directory",
+}
+ACME_URL_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~/%-]*)?$")
+EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}$")
+# Names no public CA will ever certify: they get the self-signed certificate.
+PRIVATE_SUFFIXES = (".localhost", ".test", ".invalid", ".example", ".local", ".internal", ".lan",
+                    ".home.arpa", ".localdomain")
+
+
+def parse_acme_ca(value):
+    """ACME_ROOT_CA -> (directory URL, public?). Names: letsencrypt(.org), zerossl(.com), ...;
+    an https:// URL is taken as the directory itself (a private CA such as pebble)."""
+    v = (value or "").strip()
+    key = re.sub(r"\.(org|com|no|goog)$", "", v.lower())
+    if key in ACME_CAS:
+        return ACME_CAS[key], True
+    if v in ACME_CAS.values():
+        return v, True
+    if ACME_URL_RE.match(v):
+        return v, False
+    raise PikuError(f"ACME_ROOT_CA: expected one of {', '.join(sorted(ACME_CAS))} or an https:// "
+                    f"directory URL, got {value!r}")
+
+
+def acme_names(names, public_ca):
+    """The names an ACME CA can validate over HTTP-01 (no wildcards, IPs or, for a public CA,
+    private-use names); empty when any name cannot be: one certificate covers them all."""
+    for n in names:
+        if n.startswith("*") or n == "_" or re.fullmatch(r"[\d.]+|.*:.*", n) or "." not in n:
+            return []
+        if public_ca and n.lower().endswith(PRIVATE_SUFFIXES):
+            return []
+    return list(names)
+
+
+def render_dehydrated_config(ca_url, basedir, wellknown, email):
+    """dehydrated's config is sourced by bash: every value is quoted for the shell."""
+    import shlex
+    lines = [f"CA={shlex.quote(ca_url)}", f"BASEDIR={shlex.quote(basedir)}",
+             f"WELLKNOWN={shlex.quote(wellknown)}", "CHALLENGETYPE=http-01", "RENEW_DAYS=30",
+             "KEY_ALGO=prime256v1"]
+    if email:
+        lines.append(f"CONTACT_EMAIL={shlex.quote(email)}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_openssl_enddate(text):
+    """`openssl x509 -enddate -noout` output -> epoch seconds (None if unreadable)."""
+    import calendar
+    import time
+    m = re.search(r"notAfter=(\w{3}\s+\d{1,2} \d\d:\d\d:\d\d \d{4}) GMT", text or "")
+    if not m:
+        return None
+    return calendar.timegm(time.strptime(re.sub(r"\s+", " ", m.group(1)), "%b %d %H:%M:%S %Y"))
 
 
 def nginx_listen_lines(s, https):
@@ -1535,23 +1607,220 @@ def render_app_nginx(plan, app_dir=None):
                          "cert": cert, "has_backend": has_backend})
 
 
+def cert_paths(paths, app):
+    return (os.path.join(paths.nginx, f"{app}.crt"), os.path.join(paths.nginx, f"{app}.key"),
+            os.path.join(paths.state, app, "certificate.json"))
+
+
+def read_cert_record(paths, app):
+    import json
+    try:
+        return json.loads(read_text(cert_paths(paths, app)[2]) or "null")
+    except ValueError:
+        return None
+
+
+def install_certificate(paths, app, crt_text, key_text, record):
+    """Key first, then certificate, each replaced atomically; nginx-watch reloads nginx."""
+    import json
+    crt, key, rec = cert_paths(paths, app)
+    ensure_dirs(os.path.dirname(rec))
+    write_atomic(key, key_text, mode=0o600)
+    write_atomic(crt, crt_text, mode=0o644)
+    write_atomic(rec, json.dumps(record, sort_keys=True) + "\n", mode=0o600)
+
+
+def cert_not_after(crt_text):
+    proc = run([which("openssl") or "openssl", "x509", "-enddate", "-noout"], input=crt_text,
+               capture=True, check=False)
+    return parse_openssl_enddate(proc.stdout)
+
+
 def ensure_certificate(plan):
-    """True when nginx/<app>.crt and .key exist; makes a self-signed pair if openssl is there."""
+    """True when nginx/<app>.crt and .key exist for the app's names; makes a self-signed pair
+    when there is none (or piku's own one covers other names). A certificate piku did not make
+    (no record) is the admin's: it is kept as it is."""
+    import tempfile
     p, app, s = plan["paths"], plan["app"], plan["settings"]
-    crt, key = os.path.join(p.nginx, f"{app}.crt"), os.path.join(p.nginx, f"{app}.key")
-    if os.path.exists(crt) and os.path.exists(key):
+    crt, key, _ = cert_paths(p, app)
+    names = split_names(s.get("NGINX_SERVER_NAME", ""))
+    record = read_cert_record(p, app)
+    if os.path.exists(crt) and os.path.exists(key) and (record is None or record.get("names") == names):
         return True
     openssl = which("openssl")
-    names = split_names(s.get("NGINX_SERVER_NAME", ""))
     if not openssl or not names:
         return False
-    san = ",".join(f"DNS:{n}" for n in names)
-    run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj",
-         f"/CN={names[0]}", "-addext", f"subjectAltName={san}", "-keyout", key, "-out", crt],
-        capture=True)
-    os.chmod(key, 0o600)
+    tmp = tempfile.mkdtemp(prefix="piku-cert-")
+    try:
+        san = ",".join(f"DNS:{n}" for n in names)
+        run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj",
+             f"/CN={names[0]}", "-addext", f"subjectAltName={san}", "-keyout", f"{tmp}/k",
+             "-out", f"{tmp}/c"], capture=True)
+        install_certificate(p, app, read_text(f"{tmp}/c"), read_text(f"{tmp}/k"),
+                            {"names": names, "source": "self-signed"})
+    finally:
+        remove_path(tmp)
     detail(f"self-signed certificate made for {', '.join(names)}")
     return True
+
+
+def find_acme_client(settings):
+    """(name, path) of the ACME client to use, or None. auto: acme.sh (as the original piku)
+    when installed for this user, else Debian's dehydrated."""
+    choice = setting(settings, "ACME_CLIENT")
+    if choice == "none":
+        return None
+    home_acmesh = os.path.expanduser("~/.acme.sh/acme.sh")
+    found = {"acme.sh": which("acme.sh") or (os.access(home_acmesh, os.X_OK) and home_acmesh) or None,
+             "dehydrated": which("dehydrated") or (os.access("/usr/bin/dehydrated", os.X_OK)
+                                                  and "/usr/bin/dehydrated") or None}
+    if choice != "auto":
+        if not found[choice]:
+            warn(f"ACME_CLIENT={choice} but {choice} is not installed: keeping the current certificate")
+            return None
+        return choice, found[choice]
+    for name in ("acme.sh", "dehydrated"):
+        if found[name]:
+            return name, found[name]
+    return None
+
+
+def challenge_served(plan, name, timeout=15.0):
+    """True once nginx serves acme/<app>/.well-known/acme-challenge/ for `name` (nginx reloads a
+    moment after its config is written, and the CA must find the challenge there)."""
+    import http.client
+    import secrets
+    import time
+    p, app, s = plan["paths"], plan["app"], plan["settings"]
+    d = os.path.join(p.acme, app, ".well-known", "acme-challenge")
+    ensure_dirs(d)
+    token = "piku-probe-" + secrets.token_hex(8)
+    write_atomic(os.path.join(d, token), token)
+    addr = setting(s, "NGINX_IPV4_ADDRESS")
+    addr = "127.0.0.1" if addr in ("0.0.0.0", "") else addr
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                conn = http.client.HTTPConnection(addr, setting_int(s, "NGINX_HTTP_PORT"), timeout=2)
+                conn.request("GET", f"/.well-known/acme-challenge/{token}", headers={"Host": name})
+                resp = conn.getresponse()
+                if resp.status == 200 and resp.read().decode("ascii", "replace").strip() == token:
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.2)
+        return False
+    finally:
+        remove_path(os.path.join(d, token))
+
+
+def acme_env(settings):
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "HOME": os.path.expanduser("~"), "LC_ALL": "C"}
+    if settings.get("ACME_CA_BUNDLE"):
+        env["CURL_CA_BUNDLE"] = settings["ACME_CA_BUNDLE"]  # how the CA's own TLS is trusted
+    return env
+
+
+def client_failure(proc):
+    lines = [l.strip() for l in proc.stdout.splitlines() if l.strip()]
+    errors = [l for l in lines if "ERROR" in l or "rror" in l] or lines or ["no output"]
+    return f"exit {proc.returncode}: {errors[-1][:300]}"
+
+
+def issue_with_dehydrated(plan, binary, names, ca, force=False):
+    p, app, s = plan["paths"], plan["app"], plan["settings"]
+    base = os.path.join(p.state, "_acme", "dehydrated")  # accounts and keys: not web-served
+    ensure_dirs(base)
+    os.chmod(base, 0o700)
+    conf = os.path.join(base, f"{app}.conf")
+    write_atomic(conf, render_dehydrated_config(ca, base, os.path.join(p.acme, app, ".well-known",
+                                                                      "acme-challenge"),
+                                                s.get("ACME_EMAIL")), mode=0o600)
+    argv = [binary, "--cron", "--accept-terms", "--config", conf, "--alias", app,
+            "--out", os.path.join(base, "certs")] + (["--force"] if force else [])
+    for n in names:
+        argv += ["--domain", n]
+    proc = run(argv, env=acme_env(s), capture="merged", check=False, timeout=600)
+    if proc.returncode != 0:
+        raise PikuError(client_failure(proc))
+    out = os.path.join(base, "certs", app)
+    return read_text(os.path.join(out, "fullchain.pem")), read_text(os.path.join(out, "privkey.pem"))
+
+
+def issue_with_acmesh(plan, binary, names, ca, force=False):
+    import tempfile
+    p, app, s = plan["paths"], plan["app"], plan["settings"]
+    env, common = acme_env(s), ["--server", ca]
+    if s.get("ACME_CA_BUNDLE"):
+        common += ["--ca-bundle", s["ACME_CA_BUNDLE"]]
+    if s.get("ACME_EMAIL"):
+        run([binary, "--register-account", "-m", s["ACME_EMAIL"]] + common, env=env, capture="merged",
+            check=False, timeout=300)
+    argv = [binary, "--issue", "-w", os.path.join(p.acme, app), "--keylength", "ec-256"] + common \
+        + (["--force"] if force else [])
+    for n in names:
+        argv += ["-d", n]
+    proc = run(argv, env=env, capture="merged", check=False, timeout=600)
+    if proc.returncode not in (0, 2):  # 2: the certificate is not due for renewal yet
+        raise PikuError(client_failure(proc))
+    tmp = tempfile.mkdtemp(prefix="piku-acme-", dir=os.path.join(p.state, app))
+    try:
+        proc = run([binary, "--install-cert", "-d", names[0], "--ecc", "--key-file", f"{tmp}/key",
+                    "--fullchain-file", f"{tmp}/crt"], env=env, capture="merged", check=False, timeout=120)
+        if proc.returncode != 0:
+            raise PikuError(client_failure(proc))
+        return read_text(f"{tmp}/crt"), read_text(f"{tmp}/key")
+    finally:
+        remove_path(tmp)
+
+
+ACME_ISSUERS = {"acme.sh": issue_with_acmesh, "dehydrated": issue_with_dehydrated}
+ACME_RENEW_DAYS = 30
+
+
+def acme_certificate(plan, force=False):
+    """Get (or renew) a CA-signed certificate over HTTP-01 once the app's nginx config is live.
+    Never fatal: on any failure the current (self-signed) certificate keeps serving."""
+    import time
+    p, app, s = plan["paths"], plan["app"], plan["settings"]
+    names = split_names(s.get("NGINX_SERVER_NAME", ""))
+    if not names:
+        return None
+    ca, public = parse_acme_ca(setting(s, "ACME_ROOT_CA"))
+    record = read_cert_record(p, app) or {}
+    if (not force and record.get("source") == "acme" and record.get("names") == names
+            and record.get("ca") == ca
+            and (record.get("not_after") or 0) - time.time() > ACME_RENEW_DAYS * 86400):
+        return record  # valid for long enough: nothing to do (and no time spent)
+    client = find_acme_client(s)
+    if not client:
+        return None
+    if not acme_names(names, public):
+        detail(f"no ACME certificate for {', '.join(names)} (wildcard, IP or private-use name): "
+               "self-signed")
+        return None
+    step(f"Requesting a certificate for {', '.join(names)} from {ca} ({client[0]})")
+    if not challenge_served(plan, names[0]):
+        warn(f"nginx does not serve {p.acme}/{app} for {names[0]} on port "
+             f"{setting(s, 'NGINX_HTTP_PORT')} (is nginx running and reloaded by piku?): "
+             "keeping the current certificate")
+        return None
+    try:
+        crt_text, key_text = ACME_ISSUERS[client[0]](plan, client[1], names, ca, force)
+    except Exception as e:  # PikuError, a timeout, an unreadable file: never fatal here
+        warn(f"{client[0]} could not get a certificate ({e}): keeping the current certificate")
+        return None
+    if not crt_text or not key_text:
+        warn(f"{client[0]} left no certificate files: keeping the current certificate")
+        return None
+    record = {"names": names, "source": "acme", "ca": ca, "client": client[0],
+              "not_after": cert_not_after(crt_text)}
+    install_certificate(p, app, crt_text, key_text, record)
+    detail(f"certificate installed, valid until "
+           f"{time.strftime('%Y-%m-%d', time.gmtime(record['not_after'] or 0))}")
+    return record
 
 
 def relisten_for_check(text, ports):
@@ -1756,6 +2025,7 @@ def deploy_release(paths, app, release_dir, environ, label, t0=None):
     total, waited = time.monotonic() - t0, time.monotonic() - t_wait
     step(f"Deployed {app} ({label}) in {total:.2f}s (piku {total - waited:.2f}s, workers starting "
          f"{waited:.2f}s)" + (f": {url}" if url else ""))
+    acme_certificate(plan)
     return plan
 
 
@@ -1803,6 +2073,7 @@ def reconfigure(paths, app, environ):
         raise PikuError(f"{app} did not come back on port {plan['port']} with the new settings: "
                         "restored the previous ones (see `logs APP`)")
     step(f"Restarted {app} with the new settings")
+    acme_certificate(plan)
 
 
 def stop_app(paths, app):
@@ -1831,7 +2102,9 @@ def destroy_app(paths, app):
     for path in (os.path.join(paths.apps, app), os.path.join(paths.repos, app),
                  os.path.join(paths.envs, app), os.path.join(paths.logs, app),
                  os.path.join(paths.releases, app), os.path.join(paths.state, app),
-                 os.path.join(paths.acme, app), os.path.join(paths.locks, f"{app}.lock")) + tuple(
+                 os.path.join(paths.acme, app), os.path.join(paths.locks, f"{app}.lock"),
+                 os.path.join(paths.state, "_acme", "dehydrated", "certs", app),
+                 os.path.join(paths.state, "_acme", "dehydrated", f"{app}.conf")) + tuple(
             os.path.join(paths.nginx, f"{app}{ext}") for ext in (".conf", ".crt", ".key", ".sock")):
         if os.path.lexists(path):
             remove_path(path)
@@ -2009,7 +2282,7 @@ def running_workers():
 
 # === 14. CLI ===
 
-CONTEXT = {"help_option_names": ["-h", "--help"]}
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 120, "terminal_width": 120}
 BUILD_KEYS_RE = re.compile(r"^(PYTHON_VERSION|UV_\w+|PATH|PIKU_PYUWSGI|PIKU_USE_UV)$")
 
 
@@ -2165,6 +2438,54 @@ def cmd_ps(app):
         on = sum(1 for n in range(1, count + 1) if f"{app}_{kind}.{n}.ini" in enabled)
         state = "stopped" if on == 0 else ("running" if up == count else "starting")
         click.echo(f"{kind}: {count} configured, {up} running ({state})")
+
+
+def live_settings(paths, app):
+    """The settings the live release runs with (repo ENV < config), without building."""
+    release = live_release(paths, app)
+    repo_env = parse_env(read_text(os.path.join(release, "ENV"), "") if release else "",
+                         source="ENV (in the repo)")
+    return validate_settings({**repo_env, **load_config(paths, app)})
+
+
+@cli.command("certs")
+@click.argument("app", required=False)
+def cmd_certs(app):
+    """Show each app's TLS certificate: names, where it came from, expiry."""
+    import time
+    paths = P()
+    apps = [app_must_exist(paths, app)] if app else known_apps(paths)
+    for name in apps:
+        crt = cert_paths(paths, name)[0]
+        if not os.path.exists(crt):
+            continue
+        record = read_cert_record(paths, name) or {"source": "provided by the admin"}
+        until = record.get("not_after") or cert_not_after(read_text(crt, ""))
+        click.echo(f"{name}: {', '.join(record.get('names') or ['?'])} ({record['source']}"
+                   + (f" from {record['ca']}" if record.get("ca") else "")
+                   + (f", valid until {time.strftime('%Y-%m-%d', time.gmtime(until))}" if until else "")
+                   + ")")
+
+
+@cli.command("certs:renew")
+@click.argument("app", required=False)
+@click.option("--force", is_flag=True, help="Ask the CA even when the certificate is not due.")
+def cmd_certs_renew(app, force):
+    """Get or renew ACME certificates (all apps, or APP); run daily from cron or a timer."""
+    paths = P()
+    failed = 0
+    for name in [app_must_exist(paths, app)] if app else known_apps(paths):
+        settings = live_settings(paths, name)
+        if not split_names(settings.get("NGINX_SERVER_NAME", "")):
+            continue
+        with AppLock(paths, name):
+            record = acme_certificate({"paths": paths, "app": name, "settings": settings}, force=force)
+        if record and record.get("source") == "acme":
+            detail(f"{name}: certificate valid (from {record['ca']})")
+        else:
+            failed += 1
+    if app and failed:
+        raise PikuError(f"{app}: no ACME certificate (see the lines above)")
 
 
 @cli.command("ps:scale")
@@ -2373,7 +2694,7 @@ def cmd_nginx_watch(interval, reload_cmd):
 
 # === 15. main() ===
 
-SSH_ALLOWED = {"apps", "config", "config:get", "config:set", "config:unset", "config:live", "deploy",
+SSH_ALLOWED = {"apps", "certs", "certs:renew", "config", "config:get", "config:set", "config:unset", "config:live", "deploy",
                "destroy", "logs", "ps", "ps:scale", "run", "restart", "stop", "setup", "setup:ssh",
                "update", "help", "git-receive-pack", "git-upload-pack", "--version", "--help", "-h"}
 

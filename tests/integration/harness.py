@@ -157,9 +157,59 @@ class Server:
                                    nginx, "-p", prefix, "-c", self.nginx_conf,
                                    "-e", f"{self.logdir}/nginx-error.log", "-s", "reload"])
 
+    def start_pebble(self):
+        """Debian's pebble test CA on loopback, with pebble-challtestsrv as its DNS (every name
+        -> 127.0.0.1), validating HTTP-01 on the test nginx's port. Returns (directory URL,
+        CA file that signs pebble's own TLS, readable by the piku user)."""
+        import json
+        for b in ("pebble", "pebble-challtestsrv", "dehydrated"):
+            need(b)
+        d = os.path.join(self.base, "pebble")
+        os.makedirs(d)
+        ssl = lambda *a: subprocess.run(["openssl", *a], cwd=d, check=True, capture_output=True)  # noqa
+        ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=piku test CA",
+            "-keyout", "ca.key", "-out", "ca.pem")
+        ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "tls.key",
+            "-out", "tls.csr")
+        with open(os.path.join(d, "san.ext"), "w") as f:
+            f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        ssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", "san.ext", "-out", "tls.pem")
+        os.chmod(os.path.join(d, "ca.pem"), 0o644)
+        os.chmod(d, 0o755)
+        dns, acme, mgmt = free_port(), free_port(), free_port()
+        with open(os.path.join(d, "pebble.json"), "w") as f:
+            json.dump({"pebble": {"listenAddress": f"127.0.0.1:{acme}",
+                                  "managementListenAddress": f"127.0.0.1:{mgmt}",
+                                  "certificate": f"{d}/tls.pem", "privateKey": f"{d}/tls.key",
+                                  "httpPort": self.nginx_port, "tlsPort": free_port(),
+                                  "ocspResponderURL": "", "externalAccountBindingRequired": False}}, f)
+        self.spawn("challtestsrv", ["pebble-challtestsrv", "-dns01", f"127.0.0.1:{dns}", "-http01", "",
+                                    "-https01", "", "-tlsalpn01", "", "-management", f"127.0.0.1:{free_port()}",
+                                    "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""], as_user=False)
+        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0")
+        log = open(os.path.join(self.logdir, "pebble.log"), "w")
+        self.procs["pebble"] = subprocess.Popen(
+            ["pebble", "-config", f"{d}/pebble.json", "-dnsserver", f"127.0.0.1:{dns}"], cwd=d, env=env,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        assert wait_port(acme) and wait_port(mgmt), "pebble did not start:\n" + self.logs()
+        self.pebble_mgmt, self.pebble_ca = f"https://127.0.0.1:{mgmt}", os.path.join(d, "ca.pem")
+        return f"https://127.0.0.1:{acme}/dir", self.pebble_ca
+
+    def pebble_root(self):
+        """PEM of the root pebble signs certificates with (it makes a new one each run)."""
+        import ssl
+        ctx = ssl.create_default_context(cafile=self.pebble_ca)
+        with urllib.request.urlopen(f"{self.pebble_mgmt}/roots/0", context=ctx, timeout=10) as r:
+            path = os.path.join(self.base, "pebble", "issuer-root.pem")
+            with open(path, "wb") as f:
+                f.write(r.read())
+        return path
+
     # -- teardown -----------------------------------------------------------
     def stop(self):
-        for name in ("nginx-watch", "sshd", "nginx", "emperor"):
+        for name in reversed(list(self.procs)):  # started last, stopped first
             proc = self.procs.get(name)
             if proc and proc.poll() is None:
                 proc.send_signal(signal.SIGINT if name == "emperor" else signal.SIGTERM)

@@ -152,3 +152,31 @@ def test_bool_and_int_parsers():
         piku.parse_int("3.12", "X")
     with pytest.raises(PikuError):
         piku.parse_int("0", "X", 1, 2)
+
+
+@pytest.mark.parametrize("value,url,public", [
+    ("letsencrypt.org", "https://acme-v02.api.letsencrypt.org/directory", True),
+    ("letsencrypt", "https://acme-v02.api.letsencrypt.org/directory", True),
+    ("zerossl.com", "https://acme.zerossl.com/v2/DV90", True),
+    ("letsencrypt_test", "https://acme-staging-v02.api.letsencrypt.org/directory", True),
+    ("https://127.0.0.1:14000/dir", "https://127.0.0.1:14000/dir", False)])
+def test_acme_ca(value, url, public):
+    assert piku.parse_acme_ca(value) == (url, public)
+
+
+@pytest.mark.parametrize("value", ["", "http://ca.test/dir", "https://ca.test/dir;x", "$(id)", "nosuchca"])
+def test_acme_ca_refuses(value):
+    with pytest.raises(PikuError, match="ACME_ROOT_CA"):
+        piku.parse_acme_ca(value)
+
+
+def test_acme_names():
+    assert piku.acme_names(["a.example.com", "www.a.example.com"], True) == ["a.example.com", "www.a.example.com"]
+    assert piku.acme_names(["app.test"], True) == [] and piku.acme_names(["app.test"], False) == ["app.test"]
+    for bad in (["*.example.com"], ["10.0.0.1"], ["localhost"], ["a.example.com", "b.localhost"]):
+        assert piku.acme_names(bad, True) == []
+
+
+def test_openssl_enddate():
+    assert piku.parse_openssl_enddate("notAfter=Jan  2 03:04:05 2030 GMT\n") == 1893553445
+    assert piku.parse_openssl_enddate("garbage") is None

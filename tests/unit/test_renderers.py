@@ -115,20 +115,27 @@ def test_nginx_wsgi_uses_unix_sockets():
     assert "server unix:/srv/piku/nginx/demo.1.sock;" in conf and "uwsgi_pass piku-demo;" in conf
 
 
-@pytest.mark.parametrize("settings,present,absent", [
-    ({"DISABLE_IPV6": "true"}, "listen 0.0.0.0:80;", "[::]"),
-    ({"NGINX_HTTP_PORT": "8080"}, "listen 0.0.0.0:8080;", ":80;"),
-    ({"NGINX_ALLOW_GIT_FOLDERS": "true"}, "server_name", "\\.git"),
-    ({"NGINX_SERVER_NAME": "a.test,b.test"}, "server_name a.test b.test;", "example"),
-    ({"NGINX_STATIC_PATHS": "/static:public"}, "alias /srv/piku/apps/demo/public;", "@@"),
-    ({"NGINX_INCLUDE_FILE": "nginx.inc"}, "include /srv/piku/apps/demo/nginx.inc;", "@@"),
-    ({"NGINX_CATCH_ALL": "index.html"}, "error_page 404 = /index.html;", "@@"),
-    ({"NGINX_CLOUDFLARE_ACL": "true"}, "allow 173.245.48.0/20;", "@@"),
-    ({"NGINX_CACHE_PREFIXES": "/api"}, "proxy_cache demo;", "@@"),
+@pytest.mark.parametrize("settings,added,removed", [
+    ({"DISABLE_IPV6": "true"}, None, "listen [::]:80;"),
+    ({"NGINX_HTTP_PORT": "8080"}, "listen 0.0.0.0:8080;", "listen 0.0.0.0:80;"),
+    ({"NGINX_IPV4_ADDRESS": "10.0.0.5"}, "listen 10.0.0.5:80;", "listen 0.0.0.0:80;"),
+    ({"NGINX_ALLOW_GIT_FOLDERS": "true"}, None, "\\.git"),
+    ({"NGINX_SERVER_NAME": "a.test,b.test"}, "server_name a.test b.test;", "server_name example.test;"),
+    ({"NGINX_STATIC_PATHS": "/static:public"}, "alias /srv/piku/apps/demo/public;", None),
+    ({"NGINX_STATIC_PATHS": "/:public"}, "try_files $uri $uri.html $uri/ @piku;", "location / {\n    proxy_pass"),
+    ({"NGINX_INCLUDE_FILE": "nginx.inc"}, "include /srv/piku/apps/demo/nginx.inc;", None),
+    ({"NGINX_CATCH_ALL": "index.html"}, "error_page 404 = /index.html;", None),
+    ({"NGINX_CLOUDFLARE_ACL": "true"}, "allow 173.245.48.0/20;", None),
+    ({"NGINX_CACHE_PREFIXES": "/api"}, "proxy_cache demo;", None),
+    ({"NGINX_CACHE_PREFIXES": "/api", "NGINX_CACHE_TIME": "60"}, "proxy_cache_valid 200 60s;", None),
+    ({"NGINX_CACHE_PREFIXES": "/api", "NGINX_CACHE_REDIRECTS": "true"}, "200 301 302", None),
 ])
-def test_nginx_flags(settings, present, absent):
-    conf = nginx(settings)
-    assert present in conf and absent not in conf
+def test_nginx_flags(settings, added, removed):
+    default, conf = nginx(), nginx(settings)
+    if added:
+        assert added not in default and added in conf
+    if removed:
+        assert removed in default and removed not in conf
 
 
 def test_nginx_https_and_https_only():
@@ -205,3 +212,12 @@ def test_vassal_ownership_is_exact():
     ini_pfx = vassal().replace("demo", "pfx")
     assert piku.vassal_belongs(ini_pfx, PATHS, "pfx")
     assert not piku.vassal_belongs(ini_pfx.replace("apps/pfx", "apps/pfx2"), PATHS, "pfx")
+
+
+def test_dehydrated_config_is_shell_quoted():
+    conf = piku.render_dehydrated_config("https://ca.test/dir", "/srv/b", "/srv/acme/x/.well-known/acme-challenge",
+                                         "ops@example.org")
+    assert "CA=https://ca.test/dir\n" in conf and "WELLKNOWN=/srv/acme/x/.well-known/acme-challenge\n" in conf
+    assert "CONTACT_EMAIL=ops@example.org" in conf
+    assert "CONTACT_EMAIL" not in piku.render_dehydrated_config("https://ca.test/dir", "/b", "/w", None)
+    assert "BASEDIR='/srv/a b$(id)'" in piku.render_dehydrated_config("https://c.test/d", "/srv/a b$(id)", "/w", None)
