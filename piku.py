@@ -7,7 +7,7 @@ Sections (search for the banner, e.g. "=== 5."):
    6. Settings          7. Renderers (pure) 8. Planners (pure)
    9. Filesystem       10. Builders        11. Orchestration
   12. Git and SSH      13. Logs            14. CLI
-  15. main()
+  15. main()          16. The piku client
 """
 
 # === 0. Header ===
@@ -363,6 +363,37 @@ def parse_ssh_command(original):
     return argv
 
 
+SSH_DEST_RE = re.compile(r"^(?:[A-Za-z0-9._+-]{1,64}@)?(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])$")
+
+
+def parse_ssh_dest(dest, what):
+    if not SSH_DEST_RE.match(dest or ""):
+        raise PikuError(f"{what}: {dest!r} is not [user@]host")
+    return dest
+
+
+def parse_remote_url(url, what="git remote"):
+    """A piku app's git remote URL -> (ssh destination, port or None, app).
+    Forms: `[user@]host:app[.git]` and `ssh://[user@]host[:port]/app[.git]`."""
+    u = (url or "").strip()
+    m = re.fullmatch(r"ssh://([^/]+?)(?::(\d{1,5}))?/+([^/]+)", u) or \
+        re.fullmatch(r"((?:[^@/:]+@)?(?:\[[^\]/]+\]|[^:/\[]+))():(?:~/|/)?([^/]+)", u)
+    if not m:
+        raise PikuError(f"{what}: {u!r} is not a piku remote (expected piku@host:app or "
+                        "ssh://piku@host[:port]/app)")
+    dest, port, app = m.groups()
+    return parse_ssh_dest(dest, what), port or None, parse_app_name(app)
+
+
+def parse_server_address(value):
+    """PIKU_SERVER `[user@]host[:port]` (or ssh://...) -> (ssh destination, port or None)."""
+    v = (value or "").strip()
+    m = re.fullmatch(r"(?:ssh://)?([^/]+?)(?::(\d{1,5}))?/?", v)
+    if not m:
+        raise PikuError(f"PIKU_SERVER: {v!r} is not [user@]host[:port]")
+    return parse_ssh_dest(m.group(1), "PIKU_SERVER"), m.group(2)
+
+
 PYVER_RE = re.compile(r"^(?:(?:cpython|python)[-@]?)?(\d+(?:\.\d+){0,2})(t)?$", re.I)
 PYSPEC_RE = re.compile(r"^\s*(?:(?:==|!=|<=|>=|~=|<|>)\s*\d+(?:\.\d+){0,2}(?:\.\*)?\s*,?\s*)+$")
 
@@ -647,16 +678,28 @@ def render_emperor_ini(paths):
     ])
 
 
+# Runs piku.py through the import system, so the compiled bytecode in __pycache__ is reused:
+# every ssh command and push saves the ~25 ms of compiling this file. No quotes, no commas.
+LAUNCHER = ("import sys,importlib.util as u;n,p=sys.argv[1:3];del sys.argv[1:3];"
+            "s=u.spec_from_file_location(n,p);m=sys.modules[n]=u.module_from_spec(s);"
+            "s.loader.exec_module(m);sys.exit(m.main())")
+
+
+def launcher_argv(python, piku_py):
+    """argv prefix that runs piku.py's main() from its cached bytecode."""
+    return [python, "-c", LAUNCHER, "piku", piku_py]
+
+
 def render_git_hook(python, piku_py, root, app):
     import shlex
     return ("#!/bin/sh\n# Written by piku.py: builds and deploys before git accepts the push.\n"
-            f"PIKU_ROOT={shlex.quote(root)} exec {shlex.quote(python)} {shlex.quote(piku_py)}"
+            f"PIKU_ROOT={shlex.quote(root)} exec {shlex.join(launcher_argv(python, piku_py))}"
             f" git-hook {shlex.quote(app)}\n")
 
 
 def render_authorized_key(python, piku_py, root, key_line):
     import shlex
-    cmd = f"PIKU_ROOT={shlex.quote(root)} {shlex.quote(python)} {shlex.quote(piku_py)}"
+    cmd = f"PIKU_ROOT={shlex.quote(root)} {shlex.join(launcher_argv(python, piku_py))}"
     if '"' in cmd or "\\" in cmd:
         raise PikuError("piku.py path or PIKU_ROOT contains a quote or backslash; move it")
     return (f'command="{cmd}",no-agent-forwarding,no-user-rc,no-X11-forwarding,'
@@ -664,19 +707,59 @@ def render_authorized_key(python, piku_py, root, key_line):
 
 
 def render_systemd_units(python, piku_py, paths, user):
-    """Units for the emperor and for reloading nginx when nginx/ changes (systemd hosts)."""
+    """Units for the emperor, for reloading nginx when nginx/ changes and for renewing
+    certificates daily (systemd hosts). Values are quoted as systemd reads them."""
+    def q(*argv):
+        return " ".join('"' + a.replace("\\", "\\\\").replace('"', '\\"') + '"' for a in argv)
+    env = f"Environment={q('PIKU_ROOT=' + paths.root)}\n"
     return {
         "piku-uwsgi.service": (
             "[Unit]\nDescription=piku uWSGI emperor\nAfter=network.target\n\n[Service]\n"
-            f"User={user}\nGroup=www-data\nExecStart=/usr/bin/uwsgi --ini {paths.uwsgi}/uwsgi.ini\n"
+            f"User={user}\nGroup=www-data\n{env}"
+            f"ExecStart=/usr/bin/uwsgi --ini {q(paths.uwsgi + '/uwsgi.ini')}\n"
             "Restart=always\nKillSignal=SIGINT\n\n[Install]\nWantedBy=multi-user.target\n"),
         "piku-nginx.path": (
-            "[Unit]\nDescription=Watch piku nginx configs\n\n[Path]\n"
+            "[Unit]\nDescription=Watch piku nginx configs and certificates\n\n[Path]\n"
             f"PathChanged={paths.nginx}\n\n[Install]\nWantedBy=multi-user.target\n"),
         "piku-nginx.service": (
             "[Unit]\nDescription=Reload nginx for piku\n\n[Service]\nType=oneshot\n"
             "ExecStart=/usr/sbin/nginx -s reload\n"),
+        "piku-certs.service": (
+            "[Unit]\nDescription=Renew piku's ACME certificates\n\n[Service]\nType=oneshot\n"
+            f"User={user}\n{env}ExecStart={q(python, piku_py, 'certs:renew')}\n"),
+        "piku-certs.timer": (
+            "[Unit]\nDescription=Renew piku's ACME certificates daily\n\n[Timer]\n"
+            "OnCalendar=daily\nRandomizedDelaySec=1h\nPersistent=true\n\n"
+            "[Install]\nWantedBy=timers.target\n"),
     }
+
+
+def render_starter_procfile(files):
+    """A first Procfile for a project. `files`: {name: text} of the files at its top level."""
+    text = files.get
+    django = sorted(n[:-len("/wsgi.py")] for n in files if n.endswith("/wsgi.py"))
+    if "manage.py" in files and django:
+        first = [f"wsgi: {django[0]}.wsgi:application", "release: python manage.py migrate --noinput"]
+    elif "wsgi.py" in files:
+        first = ["wsgi: wsgi:" + ("app" if re.search(r"^app\s*=", text("wsgi.py") or "", re.M)
+                                  and not re.search(r"^(def )?application\b", text("wsgi.py") or "", re.M)
+                                  else "application")]
+    elif re.search(r"^app\s*=", text("app.py") or "", re.M):
+        first = ["wsgi: app:app"]
+    else:
+        first = ["wsgi: app:application"]
+    return ("# Procfile: one process per line, `kind: command` (see docs/PROCFILE.md).\n"
+            + "\n".join(first) + "\n"
+            "# web: gunicorn --bind $BIND_ADDRESS:$PORT app:app    (any server listening on $PORT)\n"
+            "# worker: python worker.py                            (a background process)\n"
+            "# cron1: */10 * * * * python tasks.py                 (minute hour day month weekday)\n")
+
+
+def render_starter_env(app):
+    return ("# ENV: settings for piku, KEY=value (see docs/ENV.md); `config:set` values override them.\n"
+            f"# NGINX_SERVER_NAME={app}.example.com\n"
+            "# PYTHON_VERSION=3.12\n"
+            "# UWSGI_PROCESSES=2\n")
 
 
 URL_PREFIX_RE = re.compile(r"^/[A-Za-z0-9_./~-]*$")
@@ -973,6 +1056,25 @@ def plan_wsgi_mode(setting_value, venv_version, plugin_version):
     why = (f"system uWSGI embeds Python {plugin_version}" if plugin_version
            else "no uWSGI python3 plugin found")
     return "pyuwsgi", f"{why}, app uses Python {mm}: serving wsgi with pyuwsgi from the virtualenv"
+
+
+CLIENT_APP_COMMANDS = ("config", "config:get", "config:set", "config:unset", "config:live", "deploy",
+                       "destroy", "logs", "ps", "ps:scale", "run", "restart", "stop", "certs",
+                       "certs:renew")
+
+
+def plan_client_call(command, args, app):
+    """The piku argv the client sends for `piku COMMAND ARGS...`: the app goes right after
+    the commands that take one (`run -- cmd` drops the `--`)."""
+    args = list(args)
+    if command not in CLIENT_APP_COMMANDS:
+        return [command] + args
+    if not app:
+        raise PikuError(f"{command} needs an app: run it in a checkout with a `piku` git remote, "
+                        "set PIKU_APP, or pass -r REMOTE")
+    if command == "run" and args[:1] == ["--"]:
+        args = args[1:]
+    return [command, app] + args
 
 
 def fingerprint(*parts):
@@ -2517,6 +2619,9 @@ def cmd_run(app, cmd):
     """Run a command in the app's directory with its live environment."""
     paths = P()
     app = app_must_exist(paths, app)
+    cmd = cmd[1:] if cmd[:1] == ("--",) else cmd  # `run APP -- cmd ...`
+    if not cmd:
+        raise PikuError("run needs a command: run APP CMD [ARGS]...", 2)
     env = {k: v for k, v in clean_env(os.environ).items() if k in ("LANG", "LC_ALL", "TERM", "TZ")}
     env.update(load_live_env(paths, app))
     cwd = os.path.join(paths.apps, app)
@@ -2553,25 +2658,38 @@ def cmd_stop(app):
 
 
 @cli.command("setup")
-@click.option("--write-units", type=click.Path(file_okay=False), help="write systemd units here")
+@click.option("--write-units", type=click.Path(file_okay=False),
+              help="Write the systemd units into this directory instead of printing them.")
 def cmd_setup(write_units):
-    """Create the PIKU_ROOT tree and the uWSGI emperor config; print service units."""
+    """Create the PIKU_ROOT tree and the uWSGI emperor config; print (or write) service units."""
     import getpass
     paths = P()
     setup_tree(paths)
+    me = os.path.abspath(__file__)
     step(f"piku {__version__} is set up in {paths.root}")
-    detail(f"uWSGI emperor: uwsgi --ini {paths.uwsgi}/uwsgi.ini")
-    detail(f"nginx: add `include {paths.nginx}/*.conf;` to the http block")
-    units = render_systemd_units(sys.executable, os.path.abspath(__file__), paths, getpass.getuser())
+    detail(f"nginx: add `include {paths.nginx}/*.conf;` to the http block of nginx.conf")
+    units = render_systemd_units(sys.executable, me, paths, getpass.getuser())
     if write_units:
         ensure_dirs(write_units)
         for name, text in units.items():
             write_atomic(os.path.join(write_units, name), text)
             detail(f"wrote {os.path.join(write_units, name)}")
-    else:
-        detail("systemd units (write them with --write-units /etc/systemd/system):")
-        for name in units:
-            detail(f"  {name}")
+        detail(f"then: systemctl daemon-reload && systemctl enable --now {' '.join(SYSTEMD_START)}")
+        return
+    detail("With systemd: `setup --write-units /etc/systemd/system`, then "
+           f"`systemctl enable --now {' '.join(SYSTEMD_START)}`. The units:")
+    for name, text in units.items():
+        click.echo(f"\n# --- {name}\n{text}", nl=False)
+    click.echo("")
+    detail("Without systemd, start in the background: as this user, the emperor")
+    detail(f"  uwsgi --ini {paths.uwsgi}/uwsgi.ini")
+    detail("as root (it signals nginx), the watcher that reloads nginx when nginx/ changes")
+    detail(f"  PIKU_ROOT={paths.root} {sys.executable} {me} nginx-watch -- nginx -s reload")
+    detail(f"and renew certificates daily from this user's crontab: "
+           f"`17 3 * * * {sys.executable} {me} certs:renew`")
+
+
+SYSTEMD_START = ("piku-uwsgi.service", "piku-nginx.path", "piku-certs.timer")
 
 
 @cli.command("setup:ssh")
@@ -2758,6 +2876,125 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 130
 
+
+
+# === 16. The piku client (a developer's machine) ===
+# `pip install .` makes `piku` run client_main: it finds the server and app from the git
+# remote and runs the command there over ssh. Nothing here touches a PIKU_ROOT.
+
+CLIENT_HELP = """Usage: piku [-r REMOTE] COMMAND [ARGS]...
+
+Runs a piku command for this checkout's app on its server, over ssh. The server and app
+come from the git remote `piku` (piku@host:app or ssh://piku@host:port/app), or from
+PIKU_SERVER ([user@]host[:port]) and PIKU_APP, or from -r REMOTE. The app is put in for
+the commands that take one: `piku logs -n 20`, `piku config:set DEBUG=1`,
+`piku run -- python manage.py shell`. The exit code is the remote command's.
+
+Options:
+  -r, --remote NAME  use this git remote instead of `piku`
+  --version          show the client's version
+  -h, --help         show this message
+
+Local command:
+  init               write a starter Procfile and ENV here (existing files are kept)
+
+Server commands: `piku help` lists them. ssh options: PIKU_SSH_COMMAND or GIT_SSH_COMMAND.
+"""
+
+
+def git_remote_url(name):
+    """URL of git remote `name` in the current checkout, or None."""
+    try:
+        proc = run(["git", "remote", "get-url", "--", name], capture=True, check=False)
+    except PikuError:
+        raise PikuError("git is not installed: the piku client reads the app's git remote")
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def client_target(remote, environ):
+    """(ssh destination, port, app or None) from -r REMOTE, PIKU_SERVER/PIKU_APP or `piku`."""
+    if remote:
+        url = git_remote_url(remote)
+        if not url:
+            raise PikuError(f"no git remote named {remote!r} here (see `git remote -v`)")
+        return parse_remote_url(url, f"git remote {remote}")
+    if environ.get("PIKU_SERVER"):
+        dest, port = parse_server_address(environ["PIKU_SERVER"])
+        app = environ.get("PIKU_APP")
+        return dest, port, parse_app_name(app) if app else None
+    url = git_remote_url("piku")
+    if not url:
+        raise PikuError("no piku server: add a remote (`git remote add piku piku@HOST:APP`), "
+                        "set PIKU_SERVER and PIKU_APP, or pass -r REMOTE")
+    dest, port, app = parse_remote_url(url, "git remote piku")
+    return dest, port, parse_app_name(environ["PIKU_APP"]) if environ.get("PIKU_APP") else app
+
+
+def client_init(args):
+    """Write a starter Procfile and ENV in the current directory; never overwrite."""
+    if args:
+        raise PikuError("init takes no arguments: it writes ./Procfile and ./ENV", 2)
+    here = os.getcwd()
+    files = {}  # top-level .py files, and <pkg>/wsgi.py (a Django project)
+    for n in sorted(os.listdir(here)):
+        path = os.path.join(here, n)
+        if n.endswith(".py") and os.path.isfile(path):
+            files[n] = (read_text(path) or "")[:20000]
+        elif not n.startswith(".") and os.path.isfile(os.path.join(path, "wsgi.py")):
+            files[f"{n}/wsgi.py"] = ""
+    app = os.path.basename(here)
+    starters = {"Procfile": render_starter_procfile(files),
+                "ENV": render_starter_env(app if APP_NAME_RE.match(app) else "myapp")}
+    for name, text in starters.items():
+        path = os.path.join(here, name)
+        if os.path.exists(path):
+            detail(f"{name} exists: kept as it is")
+            continue
+        write_atomic(path, text)
+        detail(f"wrote {name}")
+    step("Next: commit, `git remote add piku piku@HOST:APP`, `git push piku main`")
+
+
+def client_main(argv=None):
+    """Entry point of the `piku` command on a developer's machine."""
+    import shlex
+    argv = list(sys.argv[1:] if argv is None else argv)
+    remote = None
+    try:
+        while argv and argv[0].startswith("-"):
+            opt = argv.pop(0)
+            if opt in ("-r", "--remote") and argv:
+                remote = argv.pop(0)
+            elif opt.startswith("--remote="):
+                remote = opt.split("=", 1)[1]
+            elif opt in ("-h", "--help"):
+                click.echo(CLIENT_HELP, nl=False)
+                return 0
+            elif opt == "--version":
+                click.echo(f"piku client {__version__}")
+                return 0
+            else:
+                raise PikuError(f"unknown option {opt!r} (see `piku --help`)", 2)
+        if not argv:
+            click.echo(CLIENT_HELP, nl=False)
+            return 0
+        command, args = argv[0], argv[1:]
+        if command == "init":
+            client_init(args)
+            return 0
+        dest, port, app = client_target(remote, os.environ)
+        remote_argv = plan_client_call(command, args, app)
+        ssh = shlex.split(os.environ.get("PIKU_SSH_COMMAND") or os.environ.get("GIT_SSH_COMMAND") or "ssh")
+        if command == "run" and sys.stdin.isatty() and sys.stdout.isatty():
+            ssh.append("-t")  # an interactive shell or REPL needs a terminal on the server
+        ssh += (["-p", port] if port else []) + ["--", dest, shlex.join(remote_argv)]
+        try:
+            os.execvp(ssh[0], ssh)
+        except OSError as e:
+            raise PikuError(f"cannot run {ssh[0]}: {e.strerror}", 127)
+    except PikuError as e:
+        warn(str(e).splitlines()[0] if str(e) else "error")
+        return e.code or 1
 
 if __name__ == "__main__":
     sys.exit(main())

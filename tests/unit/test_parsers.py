@@ -180,3 +180,37 @@ def test_acme_names():
 def test_openssl_enddate():
     assert piku.parse_openssl_enddate("notAfter=Jan  2 03:04:05 2030 GMT\n") == 1893553445
     assert piku.parse_openssl_enddate("garbage") is None
+
+
+@pytest.mark.parametrize("url,parsed", [
+    ("piku@example.com:myapp", ("piku@example.com", None, "myapp")),
+    ("piku@example.com:myapp.git", ("piku@example.com", None, "myapp")),
+    ("piku@example.com:/myapp", ("piku@example.com", None, "myapp")),
+    ("example.com:my.app", ("example.com", None, "my.app")),
+    ("ssh://piku@example.com:2222/myapp", ("piku@example.com", "2222", "myapp")),
+    ("ssh://piku@example.com/myapp.git", ("piku@example.com", None, "myapp")),
+    ("ssh://piku@[::1]:22/app", ("piku@[::1]", "22", "app")),
+    ("piku@[::1]:app", ("piku@[::1]", None, "app")),
+])
+def test_parse_remote_url(url, parsed):
+    assert piku.parse_remote_url(url) == parsed
+
+
+@pytest.mark.parametrize("url", ["", "https://github.com/a/b.git", "/srv/repo", "piku@host:a/b", "piku@host:..",
+                                 "-oProxyCommand=x:app", "ssh://-oProxyCommand=x/app", "piku@host:", "a b:app",
+                                 "ssh://piku@host:2222/a/b"])
+def test_parse_remote_url_refuses(url):
+    with pytest.raises(PikuError):
+        piku.parse_remote_url(url)
+
+
+@pytest.mark.parametrize("value,parsed", [("piku@host", ("piku@host", None)), ("piku@host:2222", ("piku@host", "2222")),
+                                          ("ssh://piku@10.0.0.1:22", ("piku@10.0.0.1", "22")), ("host", ("host", None))])
+def test_parse_server_address(value, parsed):
+    assert piku.parse_server_address(value) == parsed
+
+
+@pytest.mark.parametrize("value", ["", "-oProxyCommand=id", "piku@host:app", "a;b", "piku@host:99999999"])
+def test_parse_server_address_refuses(value):
+    with pytest.raises(PikuError):
+        piku.parse_server_address(value)

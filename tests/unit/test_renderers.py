@@ -81,8 +81,11 @@ def test_wsgi_boot_sets_env_without_interpretation():
 def test_git_hook_and_authorized_key_quote_paths():
     hook = piku.render_git_hook("/usr/bin/python3", "/home/piku/piku.py", "/home/piku/.piku", "my.app")
     assert hook.startswith("#!/bin/sh") and "git-hook my.app" in hook
+    assert "git-hook my.app" in hook and " piku /home/piku/piku.py git-hook" in hook
     line = piku.render_authorized_key("/usr/bin/python3", "/p/piku.py", "/r", "ssh-ed25519 AAAA c")
-    assert line.startswith('command="PIKU_ROOT=/r /usr/bin/python3 /p/piku.py",no-agent-forwarding,')
+    assert line.startswith('command="PIKU_ROOT=/r /usr/bin/python3 -c \'import sys,')
+    assert line.endswith("\' piku /p/piku.py\",no-agent-forwarding,no-user-rc,no-X11-forwarding,"
+                         "no-port-forwarding ssh-ed25519 AAAA c\n")
     assert "no-user-rc" in line and "no-X11-forwarding" in line and "no-port-forwarding" in line
     with pytest.raises(PikuError):
         piku.render_authorized_key("/usr/bin/python3", '/p/"x/piku.py', "/r", "ssh-ed25519 AAAA")
@@ -221,3 +224,67 @@ def test_dehydrated_config_is_shell_quoted():
     assert "CONTACT_EMAIL=ops@example.org" in conf
     assert "CONTACT_EMAIL" not in piku.render_dehydrated_config("https://ca.test/dir", "/b", "/w", None)
     assert "BASEDIR='/srv/a b$(id)'" in piku.render_dehydrated_config("https://c.test/d", "/srv/a b$(id)", "/w", None)
+
+
+def test_launcher_runs_main_from_the_file(tmp_path):
+    """The forced command's launcher imports piku.py by path and exits with main()'s code."""
+    import subprocess
+    import sys
+    fake = tmp_path / "piku.py"
+    fake.write_text("import sys\ndef main():\n    print('args', sys.argv[1:])\n    return 3\n")
+    r = subprocess.run(piku.launcher_argv(sys.executable, str(fake)) + ["apps", "x y"],
+                       capture_output=True, text=True)
+    assert r.returncode == 3 and r.stdout == "args ['apps', 'x y']\n"
+    assert '"' not in piku.LAUNCHER and "'" not in piku.LAUNCHER and "\\" not in piku.LAUNCHER
+
+
+def test_systemd_units():
+    units = piku.render_systemd_units("/usr/bin/python3", "/home/piku/piku.py", PATHS, "piku")
+    assert set(units) == {"piku-uwsgi.service", "piku-nginx.path", "piku-nginx.service",
+                          "piku-certs.service", "piku-certs.timer"}
+    assert 'ExecStart=/usr/bin/uwsgi --ini "/srv/piku/uwsgi/uwsgi.ini"' in units["piku-uwsgi.service"]
+    assert "User=piku" in units["piku-uwsgi.service"] and "User=" not in units["piku-nginx.service"]
+    assert "PathChanged=/srv/piku/nginx" in units["piku-nginx.path"]
+    assert 'ExecStart="/usr/bin/python3" "/home/piku/piku.py" "certs:renew"' in units["piku-certs.service"]
+    assert "OnCalendar=daily" in units["piku-certs.timer"]
+    assert 'Environment="PIKU_ROOT=/srv/piku"' in units["piku-certs.service"]
+
+
+@pytest.mark.parametrize("files,line", [
+    ({}, "wsgi: app:application"),
+    ({"app.py": "from flask import Flask\napp = Flask(__name__)\n"}, "wsgi: app:app"),
+    ({"app.py": "def application(e, s):\n    pass\n"}, "wsgi: app:application"),
+    ({"wsgi.py": "application = make()\n"}, "wsgi: wsgi:application"),
+    ({"wsgi.py": "app = make()\n"}, "wsgi: wsgi:app"),
+    ({"manage.py": "", "site/wsgi.py": ""}, "wsgi: site.wsgi:application"),
+])
+def test_starter_procfile(files, line):
+    text = piku.render_starter_procfile(files)
+    workers, warnings = piku.parse_procfile(text)  # what init writes deploys as it is
+    assert line + "\n" in text and not warnings
+    assert list(workers)[0] == "wsgi"
+    if "manage.py" in files:
+        assert workers["release"] == "python manage.py migrate --noinput"
+
+
+def test_starter_env_is_all_comments():
+    assert piku.parse_env(piku.render_starter_env("shop")) == {}
+    assert "NGINX_SERVER_NAME=shop.example.com" in piku.render_starter_env("shop")
+
+
+@pytest.mark.parametrize("command,args,sent", [
+    ("apps", [], ["apps"]),
+    ("logs", ["-n", "5", "worker"], ["logs", "demo", "-n", "5", "worker"]),
+    ("config:set", ["A=1 2", "B=$x"], ["config:set", "demo", "A=1 2", "B=$x"]),
+    ("run", ["--", "python", "-c", "print(1)"], ["run", "demo", "python", "-c", "print(1)"]),
+    ("run", ["ls", "--", "x"], ["run", "demo", "ls", "--", "x"]),
+    ("help", [], ["help"]),
+])
+def test_plan_client_call(command, args, sent):
+    assert piku.plan_client_call(command, args, "demo") == sent
+
+
+def test_plan_client_call_needs_an_app():
+    assert piku.plan_client_call("apps", [], None) == ["apps"]
+    with pytest.raises(PikuError, match="needs an app"):
+        piku.plan_client_call("logs", [], None)
