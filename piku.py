@@ -1433,6 +1433,10 @@ def sync_needed(b, fp):
 
 def build_uv(b):
     """pyproject.toml app: `uv sync` into envs/<app>, honouring a committed uv.lock."""
+    if not b.uv and not setting_bool(b.settings, "PIKU_USE_UV"):
+        raise PikuError("PIKU_USE_UV=false, but this app has a pyproject.toml and no requirements.txt: "
+                        "piku builds pyproject apps with uv only; unset PIKU_USE_UV or add a "
+                        "requirements.txt")
     if not b.uv:
         raise PikuError("this app has a pyproject.toml but uv is not installed for the piku user: "
                         "install it with `pip install --user uv` (or Astral's standalone installer), "
@@ -1574,6 +1578,8 @@ def new_release(paths, app, rev, environ):
     finally:
         if os.path.exists(env["GIT_INDEX_FILE"]):
             os.unlink(env["GIT_INDEX_FILE"])
+    if os.path.isfile(os.path.join(target, "ENV")):
+        os.chmod(os.path.join(target, "ENV"), 0o600)  # settings may hold secrets; nginx never serves it
     return target
 
 
@@ -2285,8 +2291,21 @@ def git_hook(paths, app, lines, environ):
             step(f"Stored without deploying: {app} deploys {current}")
             return
         rev, ref = target
+        old = next(o for o, n, r in updates if r == ref)
+        if current_ref_value(paths, app, ref, environ) != ("" if set(old) == {"0"} else old):
+            # Another push moved the ref while this one waited for the lock: git would refuse
+            # to update it after we deployed, leaving a live revision the repo does not have.
+            raise PikuError(f"{ref} was updated by another push while this one waited: "
+                            "`git pull` (or fetch and rebase) and push again")
         deploy_rev(paths, app, rev, f"{ref.replace('refs/heads/', '')}@{rev[:10]}", environ)
         record_deploy_branch(paths, app, ref)
+
+
+def current_ref_value(paths, app, ref, environ):
+    """The ref's value in the app's repo now ('' when it does not exist yet)."""
+    proc = run(["git", "--git-dir", os.path.join(paths.repos, app), "rev-parse", "--verify", "-q", ref],
+               env=clean_env(environ), capture=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
 def head_rev(paths, app):

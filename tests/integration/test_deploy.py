@@ -161,6 +161,8 @@ def test_uwsgi_syntax_in_values_is_inert(server, tmp_path):
     status, body = server.wait_http(server.app_port("evil"))
     assert body == value
     assert not os.path.exists(marker)
+    for secret in ("apps/evil/ENV", "envs/evil/LIVE_ENV", "state/evil/wsgi_boot.py"):
+        assert stat.S_IMODE(os.stat(server.path(secret)).st_mode) == 0o600, secret
 
 
 def test_prefix_apps_are_independent(server, tmp_path):
@@ -176,3 +178,54 @@ def test_prefix_apps_are_independent(server, tmp_path):
     assert server.ssh("destroy", "pfx").returncode == 0
     assert os.path.exists(server.path("repos", "pfx2")) and not os.path.exists(server.path("repos", "pfx"))
     server.wait_http(server.app_port("pfx2"))
+
+
+def test_one_app_at_a_time_other_apps_in_parallel(server, tmp_path):
+    """While a push of `slowapp` holds its lock (a slow release), a config:set and a second push
+    of the same app wait; the second push, whose ref went stale meanwhile, is rejected with the
+    fix; a push to another app finishes first, unhindered."""
+    import subprocess
+    import threading
+    import time
+    marker = server.path("data", "slowapp", "release-started")
+    procfile = "web: python3 server.py\nrelease: touch \"$DATA_ROOT/release-started\"; sleep 6\n"
+    slow = server.deployed("kinds", "slowapp", tmp_path, {"Procfile": procfile})
+    fast = server.deployed("kinds", "fastapp", tmp_path)
+    os.unlink(marker)
+    server.commit(fast, "fast")
+    first = server.rev(server.commit(slow, "first"))
+    clone = tmp_path / "slowclone"
+    server.git(tmp_path, "clone", "-q", server.remote_url("slowapp"), str(clone))
+    server.commit(clone, "second", {"second.txt": "2\n"})
+
+    def push(repo, app, out):
+        out["r"] = server.push(repo, app)
+        out["t"] = time.monotonic()
+    p1, p2, pf, cs = {}, {}, {}, {}
+    t1 = threading.Thread(target=push, args=(slow, "slowapp", p1))
+    t1.start()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(marker):
+        assert time.monotonic() < deadline, "the slow release never started"
+        time.sleep(0.1)
+    threads = [threading.Thread(target=push, args=(clone, "slowapp", p2)),
+               threading.Thread(target=push, args=(fast, "fastapp", pf)),
+               threading.Thread(target=lambda: cs.update(r=server.ssh("config:set", "slowapp", "X=1"),
+                                                         t=time.monotonic()))]
+    for t in threads:
+        t.start()
+    for t in [t1] + threads:
+        t.join(300)
+    assert p1["r"].returncode == 0, p1["r"].stdout
+    assert pf["r"].returncode == 0 and "Deployed fastapp" in pf["r"].stdout, pf["r"].stdout
+    assert pf["t"] < p1["t"], "another app's push waited for slowapp"
+    assert cs["r"].returncode == 0 and cs["t"] > p1["t"], (cs["r"].stdout, cs["r"].stderr)
+    assert "waiting for another operation on slowapp" in cs["r"].stdout + cs["r"].stderr
+    out2 = p2["r"].stdout
+    assert p2["r"].returncode != 0 and "waiting for another operation on slowapp" in out2, out2
+    assert "updated by another push while this one waited" in out2
+    assert server.remote_rev("slowapp") == first
+    assert "first" in subprocess.run(["git", "log", "-1", "--format=%s", first], cwd=slow,
+                                     capture_output=True, text=True).stdout
+    assert not os.path.exists(server.path("apps", "slowapp", "second.txt"))
+    assert server.wait_http(server.app_port("slowapp"), contains='"X": "1"')

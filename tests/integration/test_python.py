@@ -104,7 +104,7 @@ def test_uwsgi_trap_refused_when_pyuwsgi_disabled(server, other, tmp_path):
 def test_garbage_python_version_is_a_clear_error(server, tmp_path, value):
     repo = server.make_app("uv-wsgi", tmp_path / "pybad", {"ENV": f"PYTHON_VERSION={value}\n"})
     r = server.push(repo, "pybad")
-    assert r.returncode != 0 and "Python version" in r.stdout or "PYTHON_VERSION" in r.stdout, r.stdout
+    assert r.returncode != 0 and ("Python version" in r.stdout or "PYTHON_VERSION" in r.stdout), r.stdout
     assert "Traceback" not in r.stdout
 
 
@@ -189,3 +189,20 @@ def test_requirements_app_with_uv_and_with_virtualenv(server, tmp_path, use_uv):
     server.wait_http(server.app_port(app), contains="req-web v1")
     server.commit(repo, "again")
     assert "Dependencies unchanged, skipping sync" in push_ok(server, repo, app)
+
+
+def test_dev_dependencies_are_not_installed(server, tmp_path):
+    pyproject = open(os.path.join(os.path.dirname(__file__), "..", "apps", "uv-wsgi", "pyproject.toml")).read()
+    repo = server.make_app("uv-wsgi", tmp_path / "devdeps",
+                           {"pyproject.toml": pyproject + '\n[dependency-groups]\ndev = ["six"]\n'})
+    out = push_ok(server, repo, "devdeps")
+    assert "+ markupsafe==" in out and "six" not in out
+    assert server.ssh("run", "devdeps", "python", "-c", "'import markupsafe'").returncode == 0
+    assert server.ssh("run", "devdeps", "python", "-c", "'import six'").returncode != 0
+
+
+def test_pyproject_app_without_uv_is_rejected_with_the_fix(server, tmp_path):
+    repo = server.make_app("uv-wsgi", tmp_path / "nouv", {"ENV": "PIKU_USE_UV=false\n"})
+    r = server.push(repo, "nouv")
+    assert r.returncode != 0 and "PIKU_USE_UV=false" in r.stdout and "requirements.txt" in r.stdout, r.stdout
+    assert server.remote_rev("nouv") is None and not os.path.exists(server.path("apps", "nouv"))

@@ -288,3 +288,12 @@ def test_plan_client_call_needs_an_app():
     assert piku.plan_client_call("apps", [], None) == ["apps"]
     with pytest.raises(PikuError, match="needs an app"):
         piku.plan_client_call("logs", [], None)
+
+
+def test_pyproject_app_without_uv_gets_the_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.local/bin/uv either
+    b = piku.Build(piku.paths_for(str(tmp_path / "root")), "demo", str(tmp_path), {}, {"wsgi": "a:b"},
+                   {"PATH": str(tmp_path / "nothing")})
+    assert b.uv is None
+    with pytest.raises(PikuError, match=r"uv is not installed .*pip install --user uv"):
+        piku.build_uv(b)
