@@ -453,6 +453,7 @@ DEFAULTS = {
     "PIKU_RELEASES_KEPT": str(DEFAULT_RELEASES_KEPT),
     "PIKU_VERBOSE": "false",
     "PIKU_USE_UV": "true",
+    "PIKU_PREBOOT": "true",
     "UV_PYTHON_PREFERENCE": "managed",
     "DISABLE_IPV6": "false",
     "NGINX_IPV4_ADDRESS": "0.0.0.0",
@@ -490,7 +491,8 @@ INT_SETTINGS = {"PORT": (1, 65535), "UWSGI_MAX_REQUESTS": (0, 10**9), "UWSGI_LIS
                 "PIKU_RELEASES_KEPT": (1, 100), "NGINX_CACHE_SIZE": (1, 10**6),
                 "NGINX_CACHE_TIME": (0, 10**9), "NGINX_CACHE_CONTROL": (0, 10**9),
                 "NGINX_CACHE_EXPIRY": (0, 10**9)}
-BOOL_SETTINGS = ("PIKU_AUTO_RESTART", "PIKU_VERBOSE", "PIKU_USE_UV", "DISABLE_IPV6", "NGINX_HTTPS_ONLY",
+BOOL_SETTINGS = ("PIKU_AUTO_RESTART", "PIKU_VERBOSE", "PIKU_USE_UV", "PIKU_PREBOOT", "DISABLE_IPV6",
+                 "NGINX_HTTPS_ONLY",
                  "NGINX_ALLOW_GIT_FOLDERS", "NGINX_CACHE_REDIRECTS", "NGINX_CACHE_ANY",
                  "UWSGI_ENABLE_THREADS", "UWSGI_LOG_X_FORWARDED_FOR", "UWSGI_GEVENT",
                  "NGINX_CLOUDFLARE_ACL", "NGINX_CATCH_ALL_ENABLED")
@@ -862,7 +864,13 @@ def render_nginx(n):
     if n["sockets"]:
         lines += [f"upstream piku-{app} {{"] + [f"  server unix:{sock};" for sock in n["sockets"]] + ["}"]
     elif "web" in n["kinds"]:
-        lines += [f"upstream piku-{app} {{", f"  server {setting(s, 'BIND_ADDRESS')}:{n['port']};", "}"]
+        # max_fails=0: a refused connection never marks the port down, it only sends that one
+        # request on to the standby port, where the next release preboots during a deploy.
+        bind = setting(s, "BIND_ADDRESS")
+        lines += [f"upstream piku-{app} {{", f"  server {bind}:{n['port']} max_fails=0;"]
+        if n.get("standby"):
+            lines.append(f"  server {bind}:{n['standby']} backup max_fails=0;")
+        lines.append("}")
     cache = parse_cache(s, p, app)
     if cache:
         lines.append(f"proxy_cache_path {cache['path']} levels=1:2 keys_zone={app}:20m "
@@ -1033,6 +1041,13 @@ def plan_vassals(app, scaling):
     """Vassal file names for a scaling plan: {'<app>_<kind>.<n>.ini': (kind, n)}."""
     return {f"{app}_{kind}.{n}.ini": (kind, n) for kind, count in scaling.items()
             for n in range(1, count + 1)}
+
+
+def plan_preboot(settings, scaling):
+    """Start the new `web` process on a standby port before the old one stops? Only where nginx
+    fronts the app (it fails over to the standby port) and workers restart on deploy."""
+    return (bool(split_names(settings.get("NGINX_SERVER_NAME", ""))) and scaling.get("web", 0) > 0
+            and setting_bool(settings, "PIKU_PREBOOT") and setting_bool(settings, "PIKU_AUTO_RESTART"))
 
 
 def plan_sync(saved_fingerprint, fingerprint, venv_ok):
@@ -1233,6 +1248,25 @@ def free_port(bind):
     with socket.socket(fam, socket.SOCK_STREAM) as sock:
         sock.bind((bind.strip("[]"), 0))
         return sock.getsockname()[1]
+
+
+def port_free(bind, port):
+    """Can a server listen on this port right now? (SO_REUSEADDR, as servers set it: connections
+    of a process that just stopped, in TIME_WAIT, do not make the port busy.)"""
+    import socket
+    fam = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((bind.strip("[]"), port))
+            return True
+        except OSError:
+            return False
+
+
+def connect_host(bind):
+    """Where to connect to reach something bound on bind (a wildcard means this host)."""
+    return "127.0.0.1" if bind in ("0.0.0.0", "") else ("::1" if bind in ("::", "[::]") else bind)
 
 
 def port_open(host, port, timeout=0.5):
@@ -1600,6 +1634,22 @@ def choose_port(paths, app, settings):
     return free_port(setting(settings, "BIND_ADDRESS"))
 
 
+def choose_standby_port(paths, app, settings, port):
+    """The port a web app's next release preboots on: kept in state/<app>/standby_port so the
+    nginx upstream stays the same from deploy to deploy; a new one only when it is taken."""
+    path = os.path.join(paths.state, app, "standby_port")
+    bind = setting(settings, "BIND_ADDRESS")
+    saved = (read_text(path) or "").strip()
+    if saved.isdigit() and int(saved) != port and port_free(bind, int(saved)):
+        return int(saved)
+    standby = free_port(bind)
+    while standby == port:
+        standby = free_port(bind)
+    ensure_dirs(os.path.dirname(path))
+    write_atomic(path, f"{standby}\n")
+    return standby
+
+
 def read_procfile(release_dir):
     text = read_text(os.path.join(release_dir, "Procfile"))
     if text is None:
@@ -1627,6 +1677,8 @@ def prepare(paths, app, release_dir, environ, build=True):
     plan = {"paths": paths, "app": app, "release_dir": release_dir, "workers": workers,
             "settings": settings, "build": b, "runtime": runtime, "port": port, "env": env,
             "scaling": plan_scaling(workers, load_scaling(paths, app))}
+    plan["standby"] = choose_standby_port(paths, app, settings, port) \
+        if plan_preboot(settings, plan["scaling"]) else None
     if build:
         step(label)
         if "preflight" in workers:
@@ -1711,7 +1763,8 @@ def render_app_nginx(plan, app_dir=None):
     cert = ensure_certificate(plan)
     return render_nginx({"app": app, "settings": s, "paths": p, "kinds": kinds,
                          "sockets": nginx_sockets(plan) if plan["scaling"].get("wsgi") else [],
-                         "port": plan["port"], "app_dir": app_dir or os.path.join(p.apps, app),
+                         "port": plan["port"], "standby": plan.get("standby"),
+                         "app_dir": app_dir or os.path.join(p.apps, app),
                          "cert": cert, "has_backend": has_backend})
 
 
@@ -1769,6 +1822,7 @@ def ensure_certificate(plan):
     finally:
         remove_path(tmp)
     detail(f"self-signed certificate made for {', '.join(names)}")
+    plan["cert_made"] = True
     return True
 
 
@@ -1906,8 +1960,9 @@ def acme_certificate(plan, force=False):
     if not client:
         return None
     if not acme_names(names, public):
-        detail(f"no ACME certificate for {', '.join(names)} (wildcard, IP or private-use name): "
-               "self-signed")
+        if plan.get("cert_made"):
+            detail(f"no ACME certificate for {', '.join(names)} (wildcard, IP or private-use name): "
+                   "self-signed")
         return None
     step(f"Requesting a certificate for {', '.join(names)} from {ca} ({client[0]})")
     if not challenge_served(plan, names[0]):
@@ -2115,26 +2170,105 @@ def deploy_release(paths, app, release_dir, environ, label, t0=None):
     if "release" in plan["workers"]:
         run_phase(plan, "release")
     step("Releasing")
-    undo = activate(plan)
-    t_wait = time.monotonic()
-    if not health_check(plan, undo):
-        rollback(paths, app, undo)
-        for line in worker_log_tail(paths, app):
-            warn(line)
-        raise PikuError(f"the new release failed its health check (its workers did not load the "
-                        f"app or listen on port {plan['port']} within "
-                        f"{setting(plan['settings'], 'PIKU_HEALTH_TIMEOUT')}s): rolled back, the "
-                        "previous release keeps serving (see `logs APP`)")
+    _, waited = go_live(plan, "the new release failed its health check (its workers did not load the app or "
+                  f"listen on port {plan['port']} within {setting(plan['settings'], 'PIKU_HEALTH_TIMEOUT')}s)"
+                  ": rolled back, the previous release keeps serving (see `logs APP`)")
     prune_releases(paths, app, setting_int(plan["settings"], "PIKU_RELEASES_KEPT"))
     ensure_dirs(os.path.join(paths.state, app))
     with open(os.path.join(paths.state, app, "deploys.log"), "a") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {label} -> {os.path.basename(release_dir)}\n")
     url = app_url(plan)
-    total, waited = time.monotonic() - t0, time.monotonic() - t_wait
+    total = time.monotonic() - t0
     step(f"Deployed {app} ({label}) in {total:.2f}s (piku {total - waited:.2f}s, workers starting "
          f"{waited:.2f}s)" + (f": {url}" if url else ""))
     acme_certificate(plan)
     return plan
+
+
+def go_live(plan, failure, switch=True, undo_on_failure=True):
+    """Activate the plan and wait for its workers; a web worker behind nginx is prebooted on
+    the standby port first, so requests never find nothing listening. On failure: rolled back
+    (unless undo_on_failure is False) and PikuError(failure). Returns (undo, seconds spent
+    waiting for workers to start)."""
+    import time
+    p, app = plan["paths"], plan["app"]
+    t0 = time.monotonic()
+    preboot = start_preboot(plan)
+    waited = time.monotonic() - t0
+    try:
+        undo = activate(plan, switch=switch)
+        t1 = time.monotonic()
+        healthy = health_check(plan, undo)
+        waited += time.monotonic() - t1
+        if not healthy:
+            if undo_on_failure:
+                rollback(p, app, undo)
+            for line in worker_log_tail(p, app):
+                warn(line)
+            raise PikuError(failure)
+    finally:
+        stop_preboot(preboot)
+    return undo, waited
+
+
+def _die_with_parent():
+    """preexec_fn: the prebooted process gets SIGTERM if piku dies before stopping it."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def start_preboot(plan):
+    """Start the new release's web command on the standby port and wait until it listens (nginx
+    fails over to it while the web worker restarts). None when not applicable."""
+    import subprocess
+    import time
+    port, s = plan.get("standby"), plan["settings"]
+    if not port or "web" not in plan["workers"]:
+        return None
+    env = process_env(plan, "web")
+    env["PORT"] = str(port)
+    ensure_dirs(os.path.join(plan["paths"].logs, plan["app"]))
+    with open(os.path.join(plan["paths"].logs, plan["app"], "web.1.log"), "ab") as log:
+        proc = subprocess.Popen(["/bin/sh", "-c", plan["workers"]["web"]], cwd=plan["release_dir"], env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+    host = connect_host(setting(s, "BIND_ADDRESS"))
+    deadline = time.monotonic() + setting_int(s, "PIKU_HEALTH_TIMEOUT")
+    while not port_open(host, port, timeout=0.2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_preboot(proc)
+            for line in worker_log_tail(plan["paths"], plan["app"]):
+                warn(line)
+            why = f"exited ({proc.returncode})" if proc.returncode is not None else "did not listen in time"
+            raise PikuError(f"the new release's web process {why} on standby port {port}: nothing was "
+                            "changed, the previous release keeps serving (see `logs APP web`)")
+        time.sleep(0.05)
+    detail(f"new web process answering on standby port {port} while the worker restarts")
+    return proc
+
+
+def stop_preboot(proc, grace=10):
+    """Stop a prebooted web process and everything it started (its own process group)."""
+    import signal
+    import time
+    if proc is None:
+        return
+    deadline = time.monotonic() + grace
+    sig = signal.SIGTERM
+    while True:
+        proc.poll()  # reaps the group leader, so an empty group really is empty
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        if sig == signal.SIGKILL and time.monotonic() > deadline + 5:
+            return  # unkillable (D state): nothing more to do
+        sig = signal.SIGKILL if time.monotonic() > deadline else 0
+        time.sleep(0.05)
 
 
 def app_url(plan):
@@ -2175,11 +2309,8 @@ def reconfigure(paths, app, environ):
         detail("not deployed yet: the settings apply on the first push")
         return
     plan = prepare(paths, app, release_dir, environ, build=False)
-    undo = activate(plan, switch=False)
-    if not health_check(plan, undo):
-        rollback(paths, app, undo)
-        raise PikuError(f"{app} did not come back on port {plan['port']} with the new settings: "
-                        "restored the previous ones (see `logs APP`)")
+    go_live(plan, f"{app} did not come back on port {plan['port']} with the new settings: "
+                  "restored the previous ones (see `logs APP`)", switch=False)
     step(f"Restarted {app} with the new settings")
     acme_certificate(plan)
 
@@ -2197,7 +2328,8 @@ def restart_app(paths, app, environ):
     if not release_dir:
         raise PikuError(f"{app} has never been deployed: push to it first")
     plan = prepare(paths, app, release_dir, environ, build=False)
-    activate(plan, switch=False)
+    go_live(plan, f"{app} was restarted but its workers did not load the app or listen on port "
+                  f"{plan['port']} (see `logs APP`)", switch=False, undo_on_failure=False)
     return plan
 
 

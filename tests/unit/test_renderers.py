@@ -96,21 +96,40 @@ def test_emperor_ini():
     assert "emperor = /srv/piku/uwsgi-enabled" in ini and "daemonize" not in ini
 
 
-def nginx(settings=None, kinds=None, sockets=None, cert=False, backend=True):
+def nginx(settings=None, kinds=None, sockets=None, cert=False, backend=True, standby=None):
     s = {"NGINX_SERVER_NAME": "example.test"}
     s.update(settings or {})
     return piku.render_nginx({"app": "demo", "settings": s, "paths": PATHS,
                               "kinds": kinds if kinds is not None else {"web": "x"},
                               "sockets": sockets or [], "port": 5000, "app_dir": "/srv/piku/apps/demo",
-                              "cert": cert, "has_backend": backend})
+                              "cert": cert, "has_backend": backend, "standby": standby})
 
 
 def test_nginx_defaults_web():
     conf = nginx()
     assert "server_name example.test;" in conf and "listen 0.0.0.0:80;" in conf
-    assert "listen [::]:80;" in conf and "server 127.0.0.1:5000;" in conf
+    assert "listen [::]:80;" in conf and "server 127.0.0.1:5000 max_fails=0;" in conf
     assert "proxy_pass http://piku-demo;" in conf and "Upgrade $http_upgrade" in conf
     assert "\\.git" in conf and "ssl_certificate" not in conf
+
+
+def test_nginx_web_standby_port_is_a_backup():
+    assert "backup" not in nginx()
+    conf = nginx(standby=5001)
+    assert "  server 127.0.0.1:5000 max_fails=0;\n  server 127.0.0.1:5001 backup max_fails=0;\n}" in conf
+    assert "5001" not in nginx(kinds={"wsgi": "a:b"}, sockets=["/s/demo.1.sock"], standby=5001)
+
+
+@pytest.mark.parametrize("settings,scaling,preboot", [
+    ({"NGINX_SERVER_NAME": "a.test"}, {"web": 1}, True),
+    ({}, {"web": 1}, False),
+    ({"NGINX_SERVER_NAME": "a.test"}, {"web": 0, "worker": 1}, False),
+    ({"NGINX_SERVER_NAME": "a.test"}, {"wsgi": 1}, False),
+    ({"NGINX_SERVER_NAME": "a.test", "PIKU_PREBOOT": "false"}, {"web": 1}, False),
+    ({"NGINX_SERVER_NAME": "a.test", "PIKU_AUTO_RESTART": "false"}, {"web": 1}, False),
+])
+def test_plan_preboot(settings, scaling, preboot):
+    assert piku.plan_preboot(settings, scaling) is preboot
 
 
 def test_nginx_wsgi_uses_unix_sockets():

@@ -1,0 +1,118 @@
+"""Deploys and config changes never leave nginx with nothing to answer: requests sent in a loop
+through the real nginx while a `web:` (gunicorn) or `wsgi:` app is redeployed all succeed (the
+original piku failed ~13% of them for a web app)."""
+import http.client
+import os
+import threading
+import time
+
+import pytest
+
+
+class Hammer:
+    """GET / through the test nginx with a Host header, as fast as it answers, in a thread."""
+
+    def __init__(self, server, host):
+        self.server, self.host = server, host
+        self.ok, self.failures, self.bodies = 0, [], {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def loop(self):
+        while not self.stop.is_set():
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.server.nginx_port, timeout=10)
+                conn.request("GET", "/", headers={"Host": self.host})
+                resp = conn.getresponse()
+                body = resp.read().decode()
+                if resp.status == 200:
+                    self.ok += 1
+                    key = body.split(" port=")[0].strip()
+                    self.bodies[key] = self.bodies.get(key, 0) + 1
+                else:
+                    self.failures.append(f"{resp.status} {body[:80]}")
+                conn.close()
+            except OSError as e:
+                self.failures.append(repr(e))
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self.thread.start()
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(1)
+        self.stop.set()
+        self.thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def gunicorn_site(server, tmp_path_factory):
+    env = server.nginx_env("gunicorn.piku.test")
+    repo = server.deployed("req-web", "gunisite", tmp_path_factory.mktemp("g"), {"ENV": env})
+    server.wait_http(server.nginx_port, host="gunicorn.piku.test", contains="req-web v1")
+    return repo
+
+
+def bump(server, repo, old, new):
+    text = open(os.path.join(repo, "app.py")).read().replace(old, new)
+    server.commit(repo, new, {"app.py": text})
+
+
+def test_web_redeploy_through_nginx_loses_no_request(server, gunicorn_site):
+    port = server.app_port("gunisite")
+    standby = int(server.read("state/gunisite/standby_port"))
+    assert f"server 127.0.0.1:{standby} backup" in server.read("nginx/gunisite.conf")
+    bump(server, gunicorn_site, "req-web v1", "req-web v2")
+    with Hammer(server, "gunicorn.piku.test") as h:
+        r = server.push(gunicorn_site, "gunisite")
+    assert r.returncode == 0, r.stdout
+    assert f"standby port {standby}" in r.stdout
+    assert not h.failures, f"{len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
+    assert h.ok > 50 and h.bodies.get("req-web v2"), h.bodies
+    assert server.app_port("gunisite") == port  # the app keeps its PORT
+    assert server.http_get(standby)[0] is None  # the prebooted process is gone
+    server.wait_http(port, contains="req-web v2")
+
+
+def test_config_set_on_web_app_loses_no_request(server, gunicorn_site):
+    with Hammer(server, "gunicorn.piku.test") as h:
+        r = server.ssh("config:set", "gunisite", "FEATURE=on")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not h.failures, f"{len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
+
+
+def test_broken_web_release_is_refused_before_the_old_one_stops(server, gunicorn_site):
+    old = server.rev(gunicorn_site)
+    procfile = "web: echo booting; exit 3\n"
+    server.commit(gunicorn_site, "broken web", {"Procfile": procfile})
+    with Hammer(server, "gunicorn.piku.test") as h:
+        r = server.push(gunicorn_site, "gunisite")
+    assert r.returncode != 0 and "web process exited (3) on standby port" in r.stdout, r.stdout
+    assert server.remote_rev("gunisite") == old
+    assert not h.failures and h.bodies.get("req-web v2"), (h.failures[:5], h.bodies)
+    server.git(gunicorn_site, "reset", "-q", "--hard", old)
+
+
+def test_preboot_can_be_turned_off(server, gunicorn_site):
+    r = server.ssh("config:set", "gunisite", "PIKU_PREBOOT=false")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "backup" not in server.read("nginx/gunisite.conf")
+    bump(server, gunicorn_site, "req-web v2", "req-web v3")
+    r = server.push(gunicorn_site, "gunisite")
+    assert r.returncode == 0 and "standby port" not in r.stdout, r.stdout
+    server.wait_http(server.nginx_port, host="gunicorn.piku.test", contains="req-web v3")
+
+
+def test_wsgi_redeploy_through_nginx_loses_no_request(server, tmp_path):
+    env = server.nginx_env("zdwsgi.piku.test")
+    repo = server.deployed("uv-wsgi", "zdwsgi", tmp_path, {"ENV": env})
+    server.wait_http(server.nginx_port, host="zdwsgi.piku.test", contains="uv-wsgi v1")
+    bump(server, repo, "uv-wsgi v1", "uv-wsgi v2")
+    with Hammer(server, "zdwsgi.piku.test") as h:
+        r = server.push(repo, "zdwsgi")
+    assert r.returncode == 0, r.stdout
+    assert not h.failures, f"{len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
+    assert h.ok > 50
+    server.wait_http(server.nginx_port, host="zdwsgi.piku.test", contains="uv-wsgi v2")
