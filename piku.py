@@ -341,6 +341,19 @@ def parse_scale_args(args, known_kinds):
 
 
 GIT_COMMANDS = ("git-receive-pack", "git-upload-pack")
+SSH_INTERNAL = GIT_COMMANDS + ("scp",)  # hidden commands an ssh client may send
+SCP_FLAGS = ("-t", "-f", "-r", "-p", "-d", "-v")
+
+
+def parse_scp_args(args):
+    """The server side of legacy scp (`scp -t|-f [-r -p -d -v] PATH`) -> (flags, path)."""
+    flags = [a for a in args if a.startswith("-")]
+    targets = [a for a in args if not a.startswith("-")]
+    if any(f not in SCP_FLAGS for f in flags) or len(targets) != 1 or \
+            (("-t" in flags) == ("-f" in flags)):
+        raise PikuError("refused: scp takes -t or -f, optionally -r -p -d -v, and one path "
+                        "under an app's data directory")
+    return flags, targets[0]
 
 
 def parse_ssh_command(original):
@@ -2901,6 +2914,26 @@ def cmd_git_upload_pack(app):
     os.execvpe("git", ["git", "upload-pack", os.path.join(paths.repos, app)], clean_env(os.environ))
 
 
+@cli.command("scp", hidden=True, context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def cmd_scp(args):
+    """Legacy scp (`scp -O`) to and from an app's data directory, data/<app>/..."""
+    paths = P()
+    flags, target = parse_scp_args(args)
+    data = os.path.realpath(paths.data)
+    if os.path.isabs(target) or target.startswith("~"):
+        path = os.path.realpath(os.path.expanduser(target))
+    else:  # relative to data/ (or, as the original piku did, to the home directory)
+        home_rel = os.path.realpath(os.path.join(os.path.expanduser("~"), target))
+        path = home_rel if home_rel.startswith(data + os.sep) else os.path.realpath(os.path.join(data, target))
+    rel = os.path.relpath(path, data)
+    app = rel.split(os.sep)[0]
+    if rel.startswith("..") or rel == "." or not APP_NAME_RE.match(app) \
+            or not os.path.isdir(os.path.join(data, app)):
+        raise PikuError(f"refused: scp only reaches an app's data directory ({paths.data}/<app>/...)")
+    os.execvp("scp", ["scp"] + flags + ["--", path])
+
+
 @cli.command("git-hook", hidden=True)
 @click.argument("app")
 def cmd_git_hook(app):
@@ -3005,7 +3038,7 @@ def main(argv=None):
             if argv[0] not in SSH_ALLOWED and argv[0] not in cli.commands:
                 raise PikuError(f"refused: {argv[0][:40]!r} is not a piku command (try `help`)", 2)
             if cli.commands.get(argv[0]) is not None and cli.commands[argv[0]].hidden \
-                    and argv[0] not in GIT_COMMANDS:
+                    and argv[0] not in SSH_INTERNAL:
                 raise PikuError(f"refused: {argv[0]!r} is internal", 2)
         cli.main(args=argv, prog_name="piku", standalone_mode=False)
         return 0

@@ -241,3 +241,28 @@ def test_destroy_removes_exactly_the_app_and_keeps_data(server, tmp_path):
     assert os.path.exists(server.path("data", "doomed", "keep.txt"))
     assert os.path.exists(server.path("repos", "doomed2"))
     server.wait_http(server.app_port("doomed2"), contains="req-web")
+
+
+def scp(server, *args):
+    argv = ["scp", "-O", "-q", "-P", str(server.ssh_port)] + [a for a in server.ssh_argv()[1:]
+                                                                if a not in ("-p", str(server.ssh_port))]
+    return subprocess.run(argv + list(args), capture_output=True, text=True, timeout=60)
+
+
+def test_scp_reaches_only_app_data(server, kinds, tmp_path):
+    src = tmp_path / "upload.txt"
+    src.write_text("uploaded\n")
+    r = scp(server, str(src), "pikutest@127.0.0.1:kinds/")
+    assert r.returncode == 0, r.stderr
+    assert open(server.path("data", "kinds", "upload.txt")).read() == "uploaded\n"
+    r = scp(server, f"pikutest@127.0.0.1:{server.path('data', 'kinds', 'upload.txt')}", str(tmp_path / "back.txt"))
+    assert r.returncode == 0 and (tmp_path / "back.txt").read_text() == "uploaded\n", r.stderr
+    before = server.tree()
+    auth = os.path.join(server.home, ".ssh", "authorized_keys")
+    keys = open(auth).read()
+    for target in (".ssh/authorized_keys", "../.ssh/", "kinds/../../", "/etc/", "nosuchapp/", "'a;id'"):
+        r = scp(server, str(src), f"pikutest@127.0.0.1:{target}")
+        assert r.returncode != 0, target
+    assert open(auth).read() == keys and server.tree() == before
+    r = server.ssh("scp", "-t", "-oProxyCommand=x", "kinds/")
+    assert r.returncode != 0 and "refused" in r.stderr

@@ -214,3 +214,16 @@ def test_parse_server_address(value, parsed):
 def test_parse_server_address_refuses(value):
     with pytest.raises(PikuError):
         piku.parse_server_address(value)
+
+
+@pytest.mark.parametrize("args,parsed", [(["-t", "app/"], (["-t"], "app/")),
+                                         (["-r", "-p", "-f", "app/x"], (["-r", "-p", "-f"], "app/x"))])
+def test_parse_scp_args(args, parsed):
+    assert piku.parse_scp_args(args) == parsed
+
+
+@pytest.mark.parametrize("args", [[], ["-t"], ["app/"], ["-t", "-f", "a"], ["-t", "a", "b"], ["-S", "x", "-t", "a"],
+                                  ["-oProxyCommand=x", "-t", "a"]])
+def test_parse_scp_args_refuses(args):
+    with pytest.raises(PikuError, match="refused"):
+        piku.parse_scp_args(args)
