@@ -945,7 +945,7 @@ def render_nginx_backend(n, cache):
                     "    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
                     "    proxy_set_header X-Forwarded-Proto $scheme;",
                     "    proxy_set_header Upgrade $http_upgrade;",
-                    "    proxy_set_header Connection $connection_upgrade;"]
+                    "    proxy_set_header Connection $piku_connection_upgrade;"]
         if catch_all:
             out += [f"    error_page 404 = {render_catch_all(catch_all)};"]
         if cache and name == "/":
@@ -991,8 +991,9 @@ def render_cache_location(c):
 
 
 def render_nginx_map():
-    """http-level snippet every piku server needs once (WebSocket upgrade header)."""
-    return ("map $http_upgrade $connection_upgrade {\n  default upgrade;\n  '' close;\n}\n")
+    """http-level snippet every piku server needs once (WebSocket upgrade header); the name is
+    piku's own so it cannot clash with a map the admin's nginx.conf already has."""
+    return ("map $http_upgrade $piku_connection_upgrade {\n  default upgrade;\n  '' close;\n}\n")
 
 
 CLOUDFLARE_NETS = ("173.245.48.0/20", "103.21.244.0/22", "103.22.200.0/22", "103.31.4.0/22",

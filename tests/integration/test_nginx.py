@@ -81,7 +81,7 @@ def test_web_through_proxy_with_forwarded_headers(server, web_site):
     assert headers["host"] == "web.piku.test"
     assert headers["x-forwarded-for"] == "127.0.0.1" and headers["x-forwarded-proto"] == "http"
     conf = server.read("nginx/website.conf")
-    assert "proxy_pass http://piku-website" in conf and "$connection_upgrade" in conf
+    assert "proxy_pass http://piku-website" in conf and "$piku_connection_upgrade" in conf
 
 
 def test_hosts_are_routed_to_their_own_app(server, wsgi_site, web_site):
