@@ -655,7 +655,8 @@ def render_inner_ini(v):
     """ini for the venv's own uWSGI (pyuwsgi) when the system plugin has another Python."""
     p, app, kind, n = v["paths"], v["app"], v["kind"], v["index"]
     pairs = [("master", "true"), ("die-on-term", "true"), ("chdir", os.path.join(p.apps, app)),
-             ("procname-prefix-spaced", f"{app}:{kind}.{n}")] + wsgi_pairs(v)
+             ("procname-prefix-spaced", f"{app}:{kind}.{n}"),
+             ("master-fifo", os.path.join(p.state, app, f"{kind}.{n}.fifo"))] + wsgi_pairs(v)
     return render_ini(pairs)
 
 
@@ -1059,9 +1060,10 @@ def plan_vassals(app, scaling):
 
 def plan_preboot(settings, scaling):
     """Start the new `web` process on a standby port before the old one stops? Only where nginx
-    fronts the app (it fails over to the standby port) and workers restart on deploy."""
-    return (bool(split_names(settings.get("NGINX_SERVER_NAME", ""))) and scaling.get("web", 0) > 0
-            and setting_bool(settings, "PIKU_PREBOOT") and setting_bool(settings, "PIKU_AUTO_RESTART"))
+    fronts the app (it falls back to the standby port) and workers restart on deploy. (Native
+    wsgi vassals and pyuwsgi reload gracefully in place: their sockets stay open.)"""
+    return ("web" if setting_bool(settings, "PIKU_PREBOOT") and setting_bool(settings, "PIKU_AUTO_RESTART")
+            and split_names(settings.get("NGINX_SERVER_NAME", "")) and scaling.get("web", 0) > 0 else None)
 
 
 def plan_sync(saved_fingerprint, fingerprint, venv_ok):
@@ -1691,8 +1693,6 @@ def prepare(paths, app, release_dir, environ, build=True):
     plan = {"paths": paths, "app": app, "release_dir": release_dir, "workers": workers,
             "settings": settings, "build": b, "runtime": runtime, "port": port, "env": env,
             "scaling": plan_scaling(workers, load_scaling(paths, app))}
-    plan["standby"] = choose_standby_port(paths, app, settings, port) \
-        if plan_preboot(settings, plan["scaling"]) else None
     if build:
         step(label)
         if "preflight" in workers:
@@ -1701,6 +1701,8 @@ def prepare(paths, app, release_dir, environ, build=True):
     else:
         b.python = venv_python_version(b.venv)
     plan["wsgi_mode"] = choose_wsgi_mode(plan)
+    plan["preboot"] = plan_preboot(settings, plan["scaling"])
+    plan["standby"] = choose_standby_port(paths, app, settings, port) if plan["preboot"] == "web" else None
     return plan
 
 
@@ -1753,7 +1755,8 @@ def vassal_specs(plan):
         mode = plan["wsgi_mode"] if kind == "wsgi" else "daemon"
         v = {"app": app, "kind": kind, "index": n, "paths": p, "settings": s, "port": plan["port"],
              "piku": piku_argv(), "python_plugin": plan.get("python_plugin"), "mode": mode,
-             "release": stamp,
+             # pyuwsgi: the outer vassal stays as it is; its inner uWSGI reloads in place (SIGHUP)
+             "release": "pyuwsgi (reloaded in place)" if mode == "pyuwsgi" else stamp,
              "socket": os.path.join(p.nginx, f"{app}.{n}.sock") if nginx_on and kind == "wsgi" else None}
         vassals[name] = render_vassal(v)
         if mode == "pyuwsgi":
@@ -2074,6 +2077,11 @@ def activate(plan, switch=True, restart=True):
             continue
         log = os.path.join(p.logs, app, name[len(app) + 1:-4] + ".log")
         undo["written"][name] = (log, os.path.getsize(log) if os.path.exists(log) else 0)
+        inner = os.path.join(p.state, app, name[len(app) + 1:-4] + ".ini")
+        if read_text(enabled) == text and inner in extra and undo["files"].get(inner) == extra[inner] \
+                and reload_inner_uwsgi(p, app, name):
+            undo.setdefault("reloaded", []).append(name)
+            continue
         write_atomic(os.path.join(p.uwsgi_available, name), text)
         write_vassal(enabled, text)
     for name in stale:
@@ -2084,6 +2092,25 @@ def activate(plan, switch=True, restart=True):
     elif os.path.exists(nginx_conf):
         os.unlink(nginx_conf)
     return undo
+
+
+def reload_inner_uwsgi(paths, app, vassal_name):
+    """Chain-reload the workers of the virtualenv's uWSGI that a pyuwsgi vassal runs, through its
+    master FIFO: each new worker loads the new code (lazy-apps) while the master keeps the
+    sockets open. (A full reload would re-exec the base interpreter, outside the venv.) False
+    when that uWSGI is not running."""
+    fifo = os.path.join(paths.state, app, vassal_name[len(app) + 1:-4] + ".fifo")
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: nobody reads it
+    except OSError:
+        return False
+    try:
+        os.write(fd, b"c")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def write_vassal(path, text):
@@ -2124,7 +2151,9 @@ def rollback(paths, app, undo):
             if os.path.lexists(path):
                 os.unlink(path)
         else:
-            write_atomic(path, text, mode=0o600 if path.startswith(paths.envs) else 0o644)
+            write_atomic(path, text, mode=0o600 if path.startswith((paths.envs, paths.state)) else 0o644)
+    for name in undo.get("reloaded", []):
+        reload_inner_uwsgi(paths, app, name)
 
 
 def health_check(plan, undo):
@@ -2135,17 +2164,19 @@ def health_check(plan, undo):
         return True
     host, port = setting(plan["settings"], "BIND_ADDRESS"), plan["port"]
     deadline = time.monotonic() + setting_int(plan["settings"], "PIKU_HEALTH_TIMEOUT")
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host in ("::", "[::]") else host)
-    # A restarted worker says so in its log: wsgi when the app is loaded, web when the
-    # daemon is respawned (the old one is gone by then, so an open port is the new one).
+    # A restarted worker says so in its log: wsgi when the app is loaded (pyuwsgi reloaded in
+    # place: when its chain reload is over), web when the daemon is respawned (the old one is
+    # gone by then, so an open port is the new one).
     markers = {f"{plan['app']}_wsgi.": "WSGI app 0 (mountpoint='') ready",
                f"{plan['app']}_web.": "[uwsgi-daemons] spawning"}
-    pending = {name: pos for name, pos in undo["written"].items()
-               if any(name.startswith(m) for m in markers)}
+    pending = {name: (log, offset, "chain reloading complete" if name in undo.get("reloaded", ()) else
+                      next(text for m, text in markers.items() if name.startswith(m)))
+               for name, (log, offset) in undo["written"].items() if any(name.startswith(m) for m in markers)}
+    host = connect_host(host)
     while True:
-        for name, (log, offset) in list(pending.items()):
+        for name, (log, offset, marker) in list(pending.items()):
             fresh = read_tail(log, offset)
-            if any(name.startswith(m) and text in fresh for m, text in markers.items()):
+            if marker in fresh:
                 del pending[name]
             elif "no app loaded" in fresh or "unable to load app" in fresh:
                 return False
@@ -2221,7 +2252,9 @@ def go_live(plan, failure, switch=True, undo_on_failure=True):
                 warn(line)
             raise PikuError(failure)
     finally:
+        t2 = time.monotonic()
         stop_preboot(preboot)
+        waited += time.monotonic() - t2
     return undo, waited
 
 
@@ -2237,16 +2270,18 @@ def _die_with_parent():
 
 def start_preboot(plan):
     """Start the new release's web command on the standby port and wait until it listens (nginx
-    fails over to it while the web worker restarts). None when not applicable."""
+    falls back to it while the web worker restarts). Returns a handle for stop_preboot, or None."""
     import subprocess
     import time
-    port, s = plan.get("standby"), plan["settings"]
-    if not port or "web" not in plan["workers"]:
+    p, app, s, port = plan["paths"], plan["app"], plan["settings"], plan.get("standby")
+    if plan.get("preboot") != "web" or not port:
         return None
     env = process_env(plan, "web")
     env["PORT"] = str(port)
-    ensure_dirs(os.path.join(plan["paths"].logs, plan["app"]))
-    with open(os.path.join(plan["paths"].logs, plan["app"], "web.1.log"), "ab") as log:
+    ensure_dirs(os.path.join(p.logs, app))
+    log_path = os.path.join(p.logs, app, "web.1.log")
+    with open(log_path, "ab") as log:
+        start = log.tell()
         proc = subprocess.Popen(["/bin/sh", "-c", plan["workers"]["web"]], cwd=plan["release_dir"], env=env,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=_die_with_parent)
@@ -2255,8 +2290,8 @@ def start_preboot(plan):
     while not port_open(host, port, timeout=0.2):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_preboot(proc)
-            for line in worker_log_tail(plan["paths"], plan["app"]):
-                warn(line)
+            for line in read_tail(log_path, start).splitlines()[-15:]:
+                warn(f"web: {line}")
             why = f"exited ({proc.returncode})" if proc.returncode is not None else "did not listen in time"
             raise PikuError(f"the new release's web process {why} on standby port {port}: nothing was "
                             "changed, the previous release keeps serving (see `logs APP web`)")
@@ -2272,7 +2307,7 @@ def stop_preboot(proc, grace=10):
     if proc is None:
         return
     deadline = time.monotonic() + grace
-    sig = signal.SIGTERM
+    sig = signal.SIGTERM  # graceful: requests in flight finish
     while True:
         proc.poll()  # reaps the group leader, so an empty group really is empty
         try:

@@ -206,3 +206,23 @@ def test_pyproject_app_without_uv_is_rejected_with_the_fix(server, tmp_path):
     r = server.push(repo, "nouv")
     assert r.returncode != 0 and "PIKU_USE_UV=false" in r.stdout and "requirements.txt" in r.stdout, r.stdout
     assert server.remote_rev("nouv") is None and not os.path.exists(server.path("apps", "nouv"))
+
+
+def test_pyuwsgi_redeploy_loses_no_request(server, other, tmp_path):
+    """The venv's own uWSGI reloads its workers in place (chain reload through its master FIFO):
+    its socket stays open, so a redeploy loses no request, as with the system uWSGI."""
+    from test_zero_downtime import Hammer
+    bindir, minor = other
+    repo = server.make_app("uv-wsgi", tmp_path / "pyzd", {"ENV": env_file(bindir, PYTHON_VERSION=minor)})
+    push_ok(server, repo, "pyzd")
+    port = server.app_port("pyzd")
+    server.wait_http(port, contains="uv-wsgi v1")
+    for version in ("v2", "v3"):
+        text = open(repo / "app.py").read().replace("uv-wsgi v", "uv-wsgi v" + version[1] + "#")
+        server.commit(repo, version, {"app.py": text})
+        with Hammer(server, port=port) as h:
+            push_ok(server, repo, "pyzd")
+        assert not h.failures, f"{len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
+        assert h.ok > 50
+        server.wait_http(port, contains=f"uv-wsgi v{version[1]}#")
+    assert "chain reload" in server.read("logs/pyzd/wsgi.1.log")

@@ -10,10 +10,11 @@ import pytest
 
 
 class Hammer:
-    """GET / through the test nginx with a Host header, as fast as it answers, in a thread."""
+    """GET / through the test nginx with a Host header (or straight to `port`), as fast as it
+    answers, in a thread."""
 
-    def __init__(self, server, host):
-        self.server, self.host = server, host
+    def __init__(self, server, host=None, port=None):
+        self.server, self.host, self.port = server, host, port or server.nginx_port
         self.ok, self.failures, self.bodies = 0, [], {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.loop, daemon=True)
@@ -21,8 +22,8 @@ class Hammer:
     def loop(self):
         while not self.stop.is_set():
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.server.nginx_port, timeout=10)
-                conn.request("GET", "/", headers={"Host": self.host})
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request("GET", "/", headers={"Host": self.host} if self.host else {})
                 resp = conn.getresponse()
                 body = resp.read().decode()
                 if resp.status == 200:

@@ -121,15 +121,15 @@ def test_nginx_web_standby_port_is_a_backup():
 
 
 @pytest.mark.parametrize("settings,scaling,preboot", [
-    ({"NGINX_SERVER_NAME": "a.test"}, {"web": 1}, True),
-    ({}, {"web": 1}, False),
-    ({"NGINX_SERVER_NAME": "a.test"}, {"web": 0, "worker": 1}, False),
-    ({"NGINX_SERVER_NAME": "a.test"}, {"wsgi": 1}, False),
-    ({"NGINX_SERVER_NAME": "a.test", "PIKU_PREBOOT": "false"}, {"web": 1}, False),
-    ({"NGINX_SERVER_NAME": "a.test", "PIKU_AUTO_RESTART": "false"}, {"web": 1}, False),
+    ({"NGINX_SERVER_NAME": "a.test"}, {"web": 1}, "web"),
+    ({}, {"web": 1}, None),
+    ({"NGINX_SERVER_NAME": "a.test"}, {"web": 0, "worker": 1}, None),
+    ({"NGINX_SERVER_NAME": "a.test"}, {"wsgi": 1}, None),
+    ({"NGINX_SERVER_NAME": "a.test", "PIKU_PREBOOT": "false"}, {"web": 1}, None),
+    ({"NGINX_SERVER_NAME": "a.test", "PIKU_AUTO_RESTART": "false"}, {"web": 1}, None),
 ])
 def test_plan_preboot(settings, scaling, preboot):
-    assert piku.plan_preboot(settings, scaling) is preboot
+    assert piku.plan_preboot(settings, scaling) == preboot
 
 
 def test_nginx_wsgi_uses_unix_sockets():
