@@ -1258,6 +1258,49 @@ def restore_env_dir(venv, snap):
             write_atomic(os.path.join(venv, name), text, mode=0o600)
 
 
+VENV_SNAPSHOT_STATE = ("deps.fingerprint", "uv.lock")  # state files that describe the venv
+
+
+def snapshot_venv(paths, app):
+    """Before a build changes envs/<app>: a hard-linked copy of it (and of the state files that
+    describe it), so a push that fails later puts the live release's environment back. Package
+    managers replace files rather than rewrite them, so the links keep the old contents."""
+    venv, backup = os.path.join(paths.envs, app), os.path.join(paths.state, app, "venv-previous")
+    if os.path.exists(backup) or not os.path.exists(os.path.join(venv, "pyvenv.cfg")):
+        return
+    ensure_dirs(os.path.join(backup, "_state"))
+    for name in os.listdir(venv):
+        if name not in PIKU_FILES_IN_ENV_DIR:
+            run(["cp", "-al", "--", os.path.join(venv, name), backup])
+    for name in VENV_SNAPSHOT_STATE:
+        path = os.path.join(paths.state, app, name)
+        if os.path.exists(path):
+            os.link(path, os.path.join(backup, "_state", name))
+            os.unlink(path)  # a build cut off half-way must not look finished next time
+
+
+def restore_venv(paths, app):
+    """Put back the environment saved by snapshot_venv (the build failed); True if there was one."""
+    venv, backup = os.path.join(paths.envs, app), os.path.join(paths.state, app, "venv-previous")
+    if not os.path.isdir(backup):
+        return False
+    clear_venv(venv)
+    for name in os.listdir(backup):
+        if name != "_state":
+            os.rename(os.path.join(backup, name), os.path.join(venv, name))
+    for name in VENV_SNAPSHOT_STATE:
+        path, saved = os.path.join(paths.state, app, name), os.path.join(backup, "_state", name)
+        remove_path(path)
+        if os.path.exists(saved):
+            os.rename(saved, path)
+    remove_path(backup)
+    return True
+
+
+def discard_venv_snapshot(paths, app):
+    remove_path(os.path.join(paths.state, app, "venv-previous"))
+
+
 def free_port(bind):
     import socket
     fam = socket.AF_INET6 if ":" in bind else socket.AF_INET
@@ -1426,6 +1469,7 @@ def ensure_venv(b, interpreter, version):
         step("Virtualenv is broken: recreating it")
     else:
         step(f"Creating virtualenv with Python {version}")
+    snapshot_venv(b.paths, b.app)
     snap = snapshot_env_dir(b.venv)
     clear_venv(b.venv)
     if os.path.exists(deps_fingerprint_path(b)):
@@ -1502,6 +1546,7 @@ def build_uv(b):
     if sync_needed(b, fp):
         step("Syncing dependencies with uv" + (" (uv.lock)" if committed else ""))
         argv = [b.uv, "sync", "--no-progress", "--no-dev", "--no-install-project", "--python", interpreter]
+        snapshot_venv(b.paths, b.app)
         snap = snapshot_env_dir(b.venv)
         try:
             out, secs = tool_run(b, argv + (["--locked"] if committed else []), "uv sync")
@@ -1535,6 +1580,7 @@ def build_requirements(b):
     fp = fingerprint("requirements", reqs, version, tool, pinned, uv_settings_part(b))
     if not sync_needed(b, fp):
         return
+    snapshot_venv(b.paths, b.app)
     py = os.path.join(b.venv, "bin", "python")
     if b.uv:
         verb = ["pip", "sync"] if pinned else ["pip", "install", "-r"]
@@ -1543,7 +1589,8 @@ def build_requirements(b):
                              "installing requirements")
         announce_changes(out, secs)
     else:
-        step("Installing requirements with pip (uv not found)")
+        step("Installing requirements with pip" + (" (PIKU_USE_UV=false)" if not setting_bool(
+            b.settings, "PIKU_USE_UV") else " (uv not found)"))
         out, secs = tool_run(b, [py, "-m", "pip", "install", "--disable-pip-version-check", "-q",
                                  "-r", "requirements.txt"], "pip install")
         detail(f"Installed in {secs:.1f}s")
@@ -1585,6 +1632,7 @@ def ensure_pyuwsgi(b):
     if os.path.exists(os.path.join(b.venv, "bin", "uwsgi")):
         return
     py = os.path.join(b.venv, "bin", "python")
+    snapshot_venv(b.paths, b.app)
     detail("installing pyuwsgi into the virtualenv")
     if b.uv:
         tool_run(b, [b.uv, "pip", "install", "--no-progress", "--python", py, "pyuwsgi"], "installing pyuwsgi")
@@ -2247,6 +2295,7 @@ def go_live(plan, failure, switch=True, undo_on_failure=True):
         waited += time.monotonic() - t1
         if not healthy:
             if undo_on_failure:
+                restore_venv(p, app)  # before the old workers start again
                 rollback(p, app, undo)
             for line in worker_log_tail(p, app):
                 warn(line)
@@ -2342,13 +2391,19 @@ def deploy_rev(paths, app, rev, label, environ):
     """Check out rev into a new release and deploy it; the release dir is removed on failure."""
     import time
     t0 = time.monotonic()
+    if restore_venv(paths, app):  # an earlier deploy was cut off in the middle
+        detail("restored the live release's virtualenv left by an interrupted deploy")
     release_dir = new_release(paths, app, rev, environ)
     try:
-        return deploy_release(paths, app, release_dir, environ, label, t0)
+        plan = deploy_release(paths, app, release_dir, environ, label, t0)
     except BaseException:
         if live_release(paths, app) != os.path.realpath(release_dir):
             remove_path(release_dir)
+            if restore_venv(paths, app):
+                detail("the virtualenv is back as the live release had it")
         raise
+    discard_venv_snapshot(paths, app)
+    return plan
 
 
 def reconfigure(paths, app, environ):
@@ -2435,8 +2490,10 @@ def deploy_branch_of(paths, app):
     return text.strip() if text and text.strip().startswith("refs/heads/") else None
 
 
-def record_deploy_branch(paths, app, ref):
+def record_deploy_branch(paths, app, ref, rev):
+    """The branch piku deploys, and the revision of it that is live."""
     ensure_dirs(os.path.join(paths.state, app))
+    write_atomic(os.path.join(paths.state, app, "rev"), rev + "\n")
     write_atomic(os.path.join(paths.state, app, "branch"), ref + "\n", only_if_changed=True)
     write_atomic(os.path.join(paths.repos, app, "HEAD"), f"ref: {ref}\n", only_if_changed=True)
 
@@ -2473,13 +2530,29 @@ def git_hook(paths, app, lines, environ):
             return
         rev, ref = target
         old = next(o for o, n, r in updates if r == ref)
-        if current_ref_value(paths, app, ref, environ) != ("" if set(old) == {"0"} else old):
-            # Another push moved the ref while this one waited for the lock: git would refuse
-            # to update it after we deployed, leaving a live revision the repo does not have.
+        # The revision this push builds on must be the one live now. If another push went live
+        # while this one waited for the lock, git would refuse to move the ref after we
+        # deployed (and the ref update of that push may still be in flight, so the live
+        # revision piku recorded is what counts, not the ref).
+        expected = "" if set(old) == {"0"} else old
+        live = (read_text(os.path.join(paths.state, app, "rev")) or "").strip() \
+            or current_ref_value(paths, app, ref, environ)
+        if live != expected and not ref_settles(paths, app, ref, live, expected, environ):
             raise PikuError(f"{ref} was updated by another push while this one waited: "
                             "`git pull` (or fetch and rebase) and push again")
         deploy_rev(paths, app, rev, f"{ref.replace('refs/heads/', '')}@{rev[:10]}", environ)
-        record_deploy_branch(paths, app, ref)
+        record_deploy_branch(paths, app, ref, rev)
+
+
+def ref_settles(paths, app, ref, live, expected, environ, wait=10.0):
+    """The live revision is not the one this push builds on. Wait for the ref update of the
+    push that put it live (git moves the ref after the hook); True if the ref then still is at
+    `expected` (that update failed, so this push may go on), False if it moved."""
+    import time
+    deadline = time.monotonic() + wait
+    while current_ref_value(paths, app, ref, environ) != live and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return current_ref_value(paths, app, ref, environ) == expected
 
 
 def current_ref_value(paths, app, ref, environ):

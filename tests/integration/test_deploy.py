@@ -94,6 +94,28 @@ def test_failing_release_rejects_push(server, uvapp):
     server.git(uvapp, "reset", "-q", "--hard", old)
 
 
+def test_failed_push_leaves_the_virtualenv_as_it_was(server, uvapp):
+    """The build changed the packages, then the release step failed: the live release gets its
+    own virtualenv back, exactly, and the next deploy knows nothing changed."""
+    def version():
+        r = server.ssh("run", "uvapp", "python", "-c", "'import markupsafe; print(markupsafe.__version__)'")
+        return r.stdout.strip()
+    old, before = server.rev(uvapp), version()
+    assert before and before != "2.1.5"
+    pyproject = open(os.path.join(uvapp, "pyproject.toml")).read()
+    procfile = open(os.path.join(uvapp, "Procfile")).read() + "release: exit 1\n"
+    server.commit(uvapp, "downgrade, add six, fail", {
+        "pyproject.toml": pyproject.replace('"markupsafe"', '"markupsafe==2.1.5", "six"'), "Procfile": procfile})
+    r = assert_rejected_and_old_served(server, uvapp, "uvapp", old, "uv-wsgi v2", "release command failed")
+    assert "+ six==" in r.stdout and "virtualenv is back" in r.stdout
+    assert version() == before
+    assert server.ssh("run", "uvapp", "python", "-c", "'import six'").returncode != 0
+    server.git(uvapp, "reset", "-q", "--hard", old)
+    server.commit(uvapp, "redeploy the live code")
+    r = server.push(uvapp, "uvapp")
+    assert r.returncode == 0 and "Dependencies unchanged, skipping sync" in r.stdout, r.stdout
+
+
 def test_push_without_procfile_rejected(server, uvapp, tmp_path):
     old = server.rev(uvapp)
     server.commit(uvapp, "no procfile", {"Procfile": None})
@@ -223,7 +245,7 @@ def test_one_app_at_a_time_other_apps_in_parallel(server, tmp_path):
     assert "waiting for another operation on slowapp" in cs["r"].stdout + cs["r"].stderr
     out2 = p2["r"].stdout
     assert p2["r"].returncode != 0 and "waiting for another operation on slowapp" in out2, out2
-    assert "updated by another push while this one waited" in out2
+    assert "updated by another push while this one waited" in out2, out2
     assert server.remote_rev("slowapp") == first
     assert "first" in subprocess.run(["git", "log", "-1", "--format=%s", first], cwd=slow,
                                      capture_output=True, text=True).stdout
