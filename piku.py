@@ -508,7 +508,7 @@ BOOL_SETTINGS = ("PIKU_AUTO_RESTART", "PIKU_VERBOSE", "PIKU_USE_UV", "PIKU_PREBO
                  "NGINX_HTTPS_ONLY",
                  "NGINX_ALLOW_GIT_FOLDERS", "NGINX_CACHE_REDIRECTS", "NGINX_CACHE_ANY",
                  "UWSGI_ENABLE_THREADS", "UWSGI_LOG_X_FORWARDED_FOR", "UWSGI_GEVENT",
-                 "NGINX_CLOUDFLARE_ACL", "NGINX_CATCH_ALL_ENABLED")
+                 "NGINX_CLOUDFLARE_ACL")
 CHOICE_SETTINGS = {"PIKU_PYUWSGI": ("auto", "never", "always"),
                    "ACME_CLIENT": ("auto", "acme.sh", "dehydrated", "none")}
 
@@ -886,9 +886,10 @@ def render_nginx(n):
             lines.append(f"  server {bind}:{n['standby']} backup max_fails=0;")
         lines.append("}")
     cache = parse_cache(s, p, app)
-    if cache:
-        lines.append(f"proxy_cache_path {cache['path']} levels=1:2 keys_zone={app}:20m "
-                     f"inactive={cache['expiry']}s max_size={cache['size']}g use_temp_path=off;")
+    if cache:  # wsgi apps are reached with uwsgi_pass: the uwsgi module has its own cache
+        lines.append(f"{'uwsgi' if n['sockets'] else 'proxy'}_cache_path {cache['path']} levels=1:2 "
+                     f"keys_zone={app}:20m inactive={cache['expiry']}s max_size={cache['size']}g "
+                     "use_temp_path=off;")
     if https_only:
         lines += ["server {"] + nginx_listen_lines(s, False)[:]
         lines += [f"  server_name {' '.join(names)};",
@@ -911,28 +912,29 @@ def render_nginx(n):
     if include:
         lines.append(f"  include {os.path.join(n['app_dir'], safe_path(include, 'NGINX_INCLUDE_FILE'))};")
     statics = parse_static_paths(s.get("NGINX_STATIC_PATHS", ""))
-    if "static" in n["kinds"]:
+    if "static" in n["kinds"] and not any(url == "/" for url, _ in statics):
         statics.append(("/", safe_path(n["kinds"]["static"], "static")))
+    catch_all = render_catch_all(s["NGINX_CATCH_ALL"]) if s.get("NGINX_CATCH_ALL") else None
     for url, path in statics:
         target = path if path.startswith("/") else os.path.join(n["app_dir"], path)
         slash = "/" if url.endswith("/") else ""
+        # What a static location lacks: the catch-all page (a single-page app), else for "/"
+        # the app behind it, else a 404 (a static prefix is nginx's alone).
+        fallback = catch_all or ("@piku" if url == "/" and n["has_backend"] else "=404")
         lines += [f"  location {url} {{", f"    alias {target.rstrip('/')}{slash or ('/' if url == '/' else '')};",
-                  # a static prefix is nginx's alone; a static "/" hands what it lacks to the app
-                  "    try_files $uri $uri.html $uri/ @piku;" if url == "/" and n["has_backend"] else
-                  "    try_files $uri $uri.html $uri/ =404;", "  }"]
+                  f"    try_files $uri $uri.html $uri/ {fallback};", "  }"]
     if n["has_backend"]:
-        lines += render_nginx_backend(n, cache)
+        lines += render_nginx_backend(n, cache, static_root=any(url == "/" for url, _ in statics))
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-def render_nginx_backend(n, cache):
-    s, app = n["settings"], n["app"]
-    catch_all = s.get("NGINX_CATCH_ALL")
+def render_nginx_backend(n, cache, static_root=False):
+    """The locations that pass requests to the app: `/` (unless a static directory has it) and
+    @piku, where a static `/` sends what it does not have."""
+    app = n["app"]
     out = []
-    has_root = any(url == "/" for url, _ in parse_static_paths(s.get("NGINX_STATIC_PATHS", "")))
-    names = ["@piku"] if has_root else ["/", "@piku"]
-    for name in names:
+    for name in ["@piku"] if static_root else ["/", "@piku"]:
         out.append(f"  location {name} {{")
         if n["sockets"]:
             out += [f"    uwsgi_param {p};" for p in UWSGI_PARAMS]
@@ -947,10 +949,8 @@ def render_nginx_backend(n, cache):
                     "    proxy_set_header X-Forwarded-Proto $scheme;",
                     "    proxy_set_header Upgrade $http_upgrade;",
                     "    proxy_set_header Connection $piku_connection_upgrade;"]
-        if catch_all:
-            out += [f"    error_page 404 = {render_catch_all(catch_all)};"]
-        if cache and name == "/":
-            out += render_cache_location(cache)
+        if cache:
+            out += render_cache_location(cache, "uwsgi" if n["sockets"] else "proxy")
         out.append("  }")
     return out
 
@@ -978,16 +978,22 @@ def parse_cache(s, p, app):
             "redirects": setting_bool(s, "NGINX_CACHE_REDIRECTS"), "any": setting_bool(s, "NGINX_CACHE_ANY")}
 
 
-def render_cache_location(c):
+def render_cache_location(c, module):
+    """Cache directives for a location passing to the app (module: proxy or uwsgi). Only URIs
+    under the cache prefixes are cached and marked public; everything else passes untouched."""
     codes = "200 301 302" if c["redirects"] else "200"
     regex = "|".join(re.escape(u) for u in c["prefixes"])
-    lines = ["    set $piku_nocache 1;", f"    if ($uri ~ ^({regex})) {{ set $piku_nocache 0; }}",
-             f"    proxy_cache {c['app']};", "    proxy_cache_bypass $piku_nocache;",
-             "    proxy_no_cache $piku_nocache;", f"    proxy_cache_valid {codes} {c['time']}s;"]
+    lines = ["    set $piku_nocache 1;", '    set $piku_cache_control "";',
+             f"    if ($uri ~ ^({regex})) {{ set $piku_nocache 0; "
+             f"set $piku_cache_control \"public, max-age={c['control']}\"; }}",
+             f"    {module}_cache {c['app']};", f"    {module}_cache_bypass $piku_nocache;",
+             f"    {module}_no_cache $piku_nocache;", f"    {module}_cache_valid {codes} {c['time']}s;"]
+    if module == "uwsgi":  # the uwsgi module has no default key
+        lines.append("    uwsgi_cache_key $scheme$host$request_uri;")
     if c["any"]:
-        lines.append(f"    proxy_cache_valid any {c['time']}s;")
-    return lines + ["    proxy_ignore_headers Cache-Control Expires Set-Cookie;",
-                    f"    add_header Cache-Control \"public, max-age={c['control']}\";",
+        lines.append(f"    {module}_cache_valid any {c['time']}s;")
+    return lines + [f"    {module}_ignore_headers Cache-Control Expires Set-Cookie;",
+                    "    add_header Cache-Control $piku_cache_control;",  # empty: not sent
                     "    add_header X-Cache-Status $upstream_cache_status;"]
 
 

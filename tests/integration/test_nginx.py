@@ -126,6 +126,34 @@ def test_static_kind(server, tmp_path):
     assert r[0] == 404, r
 
 
+def test_static_beside_an_app_with_catch_all_and_cache(server, tmp_path):
+    """static: next to a wsgi app: files from the static directory, everything else from the
+    app; cached prefixes are cached and marked public, other pages are not."""
+    app_py = ("import os, time\n"
+              "def application(environ, start_response):\n"
+              "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+              "    return [f\"app {environ['PATH_INFO']} {time.time()}\".encode()]\n")
+    files = {"Procfile": "wsgi: app:application\nstatic: public\n", "requirements.txt": "", "app.py": app_py,
+             "public/logo.txt": "a static file\n",
+             "ENV": server.nginx_env("mixed.piku.test", NGINX_CACHE_PREFIXES="/feed")}
+    server.deployed(None, "mixedsite", tmp_path / "mixed", files)
+    host = "mixed.piku.test"
+    server.wait_http(server.nginx_port, "/logo.txt", host=host, contains="a static file")  # nginx reloaded
+    assert plain_get(server, host, "/logo.txt", want=200)[2] == "a static file\n"
+    status, headers, body = plain_get(server, host, "/page", want=200)
+    assert body.startswith("app /page ") and "public" not in headers.get("Cache-Control", "")
+    first = plain_get(server, host, "/feed/x", want=200)
+    second = plain_get(server, host, "/feed/x", want=200)
+    assert second[2] == first[2] and second[1].get("X-Cache-Status") == "HIT"
+    assert second[1].get("Cache-Control") == "public, max-age=3600"
+    # a single-page app: unknown paths under the static directory get its index page
+    files = {"Procfile": "static: public\n", "public/index.html": "<h1>spa shell</h1>\n",
+             "ENV": server.nginx_env("spa.piku.test", NGINX_CATCH_ALL="/index.html")}
+    server.deployed(None, "spasite", tmp_path / "spa", files)
+    server.wait_http(server.nginx_port, "/", host="spa.piku.test", contains="spa shell")  # nginx reloaded
+    assert "spa shell" in plain_get(server, "spa.piku.test", "/some/client/route", want=200)[2]
+
+
 def test_include_file_applied_and_broken_one_rejected(server, tmp_path):
     files = {"Procfile": "static: public\n", "public/index.html": "v1\n",
              "extra.conf": "add_header X-Piku-Extra yes;\n",

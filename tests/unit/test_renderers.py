@@ -146,9 +146,11 @@ def test_nginx_wsgi_uses_unix_sockets():
     ({"NGINX_STATIC_PATHS": "/static:public"}, "alias /srv/piku/apps/demo/public;", None),
     ({"NGINX_STATIC_PATHS": "/:public"}, "try_files $uri $uri.html $uri/ @piku;", "location / {\n    proxy_pass"),
     ({"NGINX_INCLUDE_FILE": "nginx.inc"}, "include /srv/piku/apps/demo/nginx.inc;", None),
-    ({"NGINX_CATCH_ALL": "index.html"}, "error_page 404 = /index.html;", None),
+    ({"NGINX_STATIC_PATHS": "/s/:public", "NGINX_CATCH_ALL": "index.html"}, "try_files $uri $uri.html $uri/ /index.html;",
+     None),
     ({"NGINX_CLOUDFLARE_ACL": "true"}, "allow 173.245.48.0/20;", None),
     ({"NGINX_CACHE_PREFIXES": "/api"}, "proxy_cache demo;", None),
+    ({"NGINX_CACHE_PREFIXES": "/api"}, 'set $piku_cache_control "public, max-age=3600"; }', None),
     ({"NGINX_CACHE_PREFIXES": "/api", "NGINX_CACHE_TIME": "60"}, "proxy_cache_valid 200 60s;", None),
     ({"NGINX_CACHE_PREFIXES": "/api", "NGINX_CACHE_REDIRECTS": "true"}, "200 301 302", None),
 ])
@@ -316,3 +318,26 @@ def test_pyproject_app_without_uv_gets_the_install_hint(tmp_path, monkeypatch):
     assert b.uv is None
     with pytest.raises(PikuError, match=r"uv is not installed .*pip install --user uv"):
         piku.build_uv(b)
+
+
+def test_static_kind_beside_an_app_has_one_root_location():
+    conf = nginx(kinds={"web": "x", "static": "public"})
+    assert conf.count("location / {") == 1 and "try_files $uri $uri.html $uri/ @piku;" in conf
+    assert "location @piku {" in conf and "alias /srv/piku/apps/demo/public/;" in conf
+    conf = nginx({"NGINX_STATIC_PATHS": "/:www"}, kinds={"web": "x", "static": "public"})
+    assert conf.count("location / {") == 1 and "alias /srv/piku/apps/demo/www/;" in conf
+
+
+def test_catch_all_is_the_static_fallback():
+    conf = nginx({"NGINX_CATCH_ALL": "/index.html"}, kinds={"static": "public"}, backend=False)
+    assert "try_files $uri $uri.html $uri/ /index.html;" in conf and "error_page" not in conf
+
+
+def test_cache_for_wsgi_uses_the_uwsgi_module():
+    conf = nginx({"NGINX_CACHE_PREFIXES": "/api,/feed"}, kinds={"wsgi": "a:b"}, sockets=["/s/demo.1.sock"])
+    assert "uwsgi_cache_path /srv/piku/cache/demo levels=1:2 keys_zone=demo:20m" in conf
+    assert "uwsgi_cache demo;" in conf and "uwsgi_cache_key $scheme$host$request_uri;" in conf
+    assert "proxy_cache" not in conf and "if ($uri ~ ^(/api|/feed))" in conf
+    assert 'add_header Cache-Control "public' not in conf  # only cached prefixes are marked public
+    web = nginx({"NGINX_CACHE_PREFIXES": "/api"})
+    assert "proxy_cache_path /srv/piku/cache/demo" in web and "uwsgi_cache" not in web
