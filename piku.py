@@ -1379,9 +1379,9 @@ def build_env(paths, app, settings, environ):
     env.setdefault("UV_PYTHON_PREFERENCE", DEFAULTS["UV_PYTHON_PREFERENCE"])
     env.setdefault("UV_CACHE_DIR", paths.uv_cache)
     env["UV_PROJECT_ENVIRONMENT"] = os.path.join(paths.envs, app)
-    server_uv_toml = os.path.join(paths.root, "uv.toml")
-    if os.path.exists(server_uv_toml):
-        env.setdefault("UV_CONFIG_FILE", server_uv_toml)
+    # Server-wide uv settings live where uv itself looks (~/.config/uv/uv.toml, /etc/uv/uv.toml):
+    # uv merges them under each project's own [tool.uv], which wins. (UV_CONFIG_FILE would make
+    # uv skip the project's settings, a private index included.)
     return env
 
 
@@ -1539,8 +1539,9 @@ def build_uv(b):
                         "requirements.txt")
     if not b.uv:
         raise PikuError("this app has a pyproject.toml but uv is not installed for the piku user: "
-                        "install it with `pip install --user uv` (or Astral's standalone installer), "
-                        "or add a requirements.txt")
+                        "install it with `pip install --user uv` (on Debian 12 / Ubuntu 24.04: "
+                        "`pipx install uv`, or add --break-system-packages), or Astral's standalone "
+                        "installer, then push again; or add a requirements.txt")
     interpreter, version = setup_python(b)
     lock = os.path.join(b.release_dir, "uv.lock")
     saved_lock = os.path.join(b.state, "uv.lock")
@@ -2022,7 +2023,10 @@ def acme_certificate(plan, force=False):
     if not names:
         return None
     ca, public = parse_acme_ca(setting(s, "ACME_ROOT_CA"))
-    record = read_cert_record(p, app) or {}
+    record = read_cert_record(p, app)
+    if record is None and os.path.exists(cert_paths(p, app)[0]):
+        return None  # a certificate piku did not make is the admin's: never replaced
+    record = record or {}
     if (not force and record.get("source") == "acme" and record.get("names") == names
             and record.get("ca") == ca
             and (record.get("not_after") or 0) - time.time() > ACME_RENEW_DAYS * 86400):

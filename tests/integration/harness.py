@@ -100,9 +100,11 @@ class Server:
     def start(self):
         r = self.as_user([SYSTEM_PY, self.piku_py, "setup"])
         assert r.returncode == 0, r.stdout + r.stderr
-        # Outbound TLS here goes through a local CA: the server-wide uv.toml is how an admin says so.
-        with open(os.path.join(self.root, "uv.toml"), "w") as f:
-            f.write("system-certs = true\n")
+        # Outbound TLS here goes through a local CA: the piku user's own uv.toml (uv's user-level
+        # config, merged under each project's settings) is how an admin says so server-wide.
+        r = self.as_user(["sh", "-c", 'mkdir -p "$HOME/.config/uv" && echo "system-certs = true" '
+                                      '> "$HOME/.config/uv/uv.toml"'])
+        assert r.returncode == 0, r.stderr
         self.setup_client_key()
         self.start_sshd()
         self.spawn("emperor", ["uwsgi", "--ini", os.path.join(self.root, "uwsgi", "uwsgi.ini")])

@@ -100,3 +100,22 @@ def test_bad_acme_settings_rejected(server, acme_app):
         r = server.ssh("config:set", "acme", kv)
         assert r.returncode != 0 and r.stderr.count("\n") == 1, (kv, r.stderr)
     assert server.tree() == before
+
+
+def test_admin_certificate_is_never_replaced(server, pebble, tmp_path):
+    """A certificate the admin put in nginx/ (piku has no record of it) stays, ACME or not."""
+    import subprocess
+    url, ca_file = pebble
+    crt, key = server.path("nginx", "adminc.crt"), server.path("nginx", "adminc.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj",
+                    "/CN=adminc.piku.test", "-keyout", key, "-out", crt], check=True, capture_output=True)
+    for path in (crt, key):
+        server.chown(path)
+    before = open(crt).read()
+    env = server.nginx_env("adminc.piku.test", ACME_ROOT_CA=url, ACME_CA_BUNDLE=ca_file)
+    repo = server.make_app("kinds", tmp_path / "adminc", {"ENV": env})
+    r = server.push(repo, "adminc")
+    assert r.returncode == 0 and "Requesting a certificate" not in r.stdout, r.stdout
+    server.ssh("certs:renew", "adminc")
+    assert open(crt).read() == before
+    assert "provided by the admin" in server.ssh("certs", "adminc").stdout

@@ -226,3 +226,15 @@ def test_pyuwsgi_redeploy_loses_no_request(server, other, tmp_path):
         assert h.ok > 50
         server.wait_http(port, contains=f"uv-wsgi v{version[1]}#")
     assert "chain reload" in server.read("logs/pyzd/wsgi.1.log")
+
+
+def test_project_uv_settings_apply_beside_the_server_uv_toml(server, tmp_path):
+    """The server's uv settings (~/.config/uv/uv.toml: system-certs here) and the project's own
+    [tool.uv] settings both apply (a uv config file given as UV_CONFIG_FILE would hide the
+    project's): the project's exclude-newer picks the last markupsafe of 2022."""
+    pyproject = open(os.path.join(os.path.dirname(__file__), "..", "apps", "uv-wsgi", "pyproject.toml")).read()
+    repo = server.make_app("uv-wsgi", tmp_path / "uvcfg", {
+        "pyproject.toml": pyproject + '\n[tool.uv]\nexclude-newer = "2023-01-01T00:00:00Z"\n'})
+    out = push_ok(server, repo, "uvcfg")
+    assert "+ markupsafe==2.1.1" in out, out
+    assert os.path.exists(os.path.join(server.home, ".config", "uv", "uv.toml"))
