@@ -143,6 +143,11 @@ def parse_app_name(raw):
     return name
 
 
+def host_port(host, port):
+    """'host:port', with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def parse_bool(value, key="value"):
     v = str(value).strip().lower()
     if v in ("1", "true", "yes", "on", "y"):
@@ -337,6 +342,11 @@ def parse_scale_args(args, known_kinds):
         if kind not in known_kinds:
             raise PikuError(f"unknown process kind {kind!r}; this app has: {', '.join(sorted(known_kinds)) or 'none'}")
         out[kind] = parse_int(count, kind, 0, 64)
+        if out[kind] > 1 and kind == "web":
+            raise PikuError("web: every web process would get the same PORT; run more workers inside "
+                            "it instead (e.g. gunicorn --workers N), or scale a wsgi worker")
+        if out[kind] > 1 and kind.startswith("cron"):
+            raise PikuError(f"{kind}: a cron job runs once per schedule; scale it to 0 or 1")
     return out
 
 
@@ -448,6 +458,16 @@ def parse_uv_changes(output):
     return added, removed
 
 
+def parse_requirement_includes(requirements_text):
+    """Files a requirements file pulls in: `-r FILE`, `--requirement FILE`, `-c`, `--constraint`."""
+    out = []
+    for line in requirements_text.splitlines():
+        m = re.match(r"^\s*(?:-r|-c|--requirement|--constraint)(?:\s*=\s*|\s+|(?<=-r)|(?<=-c))(\S+)", line)
+        if m:
+            out.append(m.group(1))
+    return out
+
+
 def is_fully_pinned(requirements_text):
     """True when every requirement is 'name==version' (then `uv pip sync` is exact)."""
     reqs = [l.split("#")[0].strip() for l in requirements_text.splitlines()]
@@ -500,7 +520,7 @@ INT_SETTINGS = {"PORT": (1, 65535), "UWSGI_MAX_REQUESTS": (0, 10**9), "UWSGI_LIS
                 "UWSGI_PROCESSES": (1, 1024), "UWSGI_THREADS": (1, 1024),
                 "UWSGI_LOG_MAXSIZE": (0, 10**12), "UWSGI_IDLE": (0, 10**7),
                 "UWSGI_ASYNCIO": (0, 10**5), "NGINX_HTTP_PORT": (1, 65535),
-                "NGINX_HTTPS_PORT": (1, 65535), "PIKU_HEALTH_TIMEOUT": (0, 3600),
+                "NGINX_HTTPS_PORT": (1, 65535), "PIKU_HEALTH_TIMEOUT": (1, 3600),
                 "PIKU_RELEASES_KEPT": (1, 100), "NGINX_CACHE_SIZE": (1, 10**6),
                 "NGINX_CACHE_TIME": (0, 10**9), "NGINX_CACHE_CONTROL": (0, 10**9),
                 "NGINX_CACHE_EXPIRY": (0, 10**9)}
@@ -524,8 +544,8 @@ def validate_settings(settings):
     for key, choices in CHOICE_SETTINGS.items():
         if key in settings and settings[key] not in choices:
             raise PikuError(f"{key}: expected one of {', '.join(choices)}, got {settings[key]!r}")
-    if settings.get("BIND_ADDRESS") and not IP_RE.match(settings["BIND_ADDRESS"]):
-        raise PikuError(f"BIND_ADDRESS: not an IP address: {settings['BIND_ADDRESS']!r}")
+    if settings.get("BIND_ADDRESS"):
+        parse_ip(settings["BIND_ADDRESS"], "BIND_ADDRESS")
     for name in split_names(settings.get("NGINX_SERVER_NAME", "")):
         if not HOSTNAME_RE.match(name):
             raise PikuError(f"NGINX_SERVER_NAME: invalid host name {name!r}")
@@ -538,6 +558,16 @@ def validate_settings(settings):
     if settings.get("ACME_CA_BUNDLE"):
         safe_path(settings["ACME_CA_BUNDLE"], "ACME_CA_BUNDLE")
     return settings
+
+
+def parse_ip(value, key):
+    """An IPv4 or IPv6 address (brackets allowed around IPv6); raises otherwise."""
+    import ipaddress
+    try:
+        ipaddress.ip_address(value.strip("[]") if value.startswith("[") and value.endswith("]") else value)
+    except ValueError:
+        raise PikuError(f"{key}: not an IP address: {value!r}")
+    return value
 
 
 def split_names(value):
@@ -609,7 +639,8 @@ def render_vassal(v):
              ("log-maxsize", setting(s, "UWSGI_LOG_MAXSIZE")),
              ("log-backupname", os.path.join(p.logs, app, f"{kind}.{n}.log.old"))]
     if v["mode"] == "native":
-        pairs = [("plugin", v.get("python_plugin") or "python3")] + pairs + wsgi_pairs(v)
+        plugins = [v.get("python_plugin") or "python3"] + list(v.get("extra_plugins") or [])
+        pairs = [("plugin", ",".join(plugins))] + pairs + wsgi_pairs(v)
     elif v["mode"] == "pyuwsgi":
         cmd = v["piku"] + ["exec-worker", app, kind, str(n)]
         pairs.append(("attach-daemon2", "cmd=" + shlex.join(cmd) + ",stopsignal=15"))
@@ -632,8 +663,9 @@ def wsgi_pairs(v, inner=False):
              ("processes", setting(s, "UWSGI_PROCESSES")),
              ("max-requests", setting(s, "UWSGI_MAX_REQUESTS")),
              ("listen", setting(s, "UWSGI_LISTEN")),
-             ("http-socket", f"{setting(s, 'BIND_ADDRESS')}:{v['port']}"),
-             ("reuse-port", "true"), ("need-app", "true"), ("lazy-apps", "true")]
+             ("http-socket", host_port(setting(s, "BIND_ADDRESS"), v["port"])),
+             ("reuse-port", "true"), ("need-app", "true"), ("lazy-apps", "true"),
+             ("env", f"PROC_INDEX={v['index']}")]
     if v.get("socket"):
         pairs += [("socket", v["socket"]), ("chmod-socket", "666")]
     if setting_bool(s, "UWSGI_GEVENT"):
@@ -654,9 +686,11 @@ def wsgi_pairs(v, inner=False):
 def render_inner_ini(v):
     """ini for the venv's own uWSGI (pyuwsgi) when the system plugin has another Python."""
     p, app, kind, n = v["paths"], v["app"], v["kind"], v["index"]
+    include = v["settings"].get("UWSGI_INCLUDE_FILE")
     pairs = [("master", "true"), ("die-on-term", "true"), ("chdir", os.path.join(p.apps, app)),
              ("procname-prefix-spaced", f"{app}:{kind}.{n}"),
-             ("master-fifo", os.path.join(p.state, app, f"{kind}.{n}.fifo"))] + wsgi_pairs(v)
+             ("master-fifo", os.path.join(p.state, app, f"{kind}.{n}.fifo"))] + wsgi_pairs(v) \
+        + ([("ini", safe_path(include, "UWSGI_INCLUDE_FILE"))] if include else [])
     return render_ini(pairs)
 
 
@@ -880,10 +914,10 @@ def render_nginx(n):
     elif "web" in n["kinds"]:
         # max_fails=0: a refused connection never marks the port down, it only sends that one
         # request on to the standby port, where the next release preboots during a deploy.
-        bind = setting(s, "BIND_ADDRESS")
-        lines += [f"upstream piku-{app} {{", f"  server {bind}:{n['port']} max_fails=0;"]
+        bind = connect_host(setting(s, "BIND_ADDRESS"))
+        lines += [f"upstream piku-{app} {{", f"  server {host_port(bind, n['port'])} max_fails=0;"]
         if n.get("standby"):
-            lines.append(f"  server {bind}:{n['standby']} backup max_fails=0;")
+            lines.append(f"  server {host_port(bind, n['standby'])} backup max_fails=0;")
         lines.append("}")
     cache = parse_cache(s, p, app)
     if cache:  # wsgi apps are reached with uwsgi_pass: the uwsgi module has its own cache
@@ -907,7 +941,8 @@ def render_nginx(n):
     if not setting_bool(s, "NGINX_ALLOW_GIT_FOLDERS"):
         lines.append("  location ~ /\\.git { deny all; return 404; }")
     if setting_bool(s, "NGINX_CLOUDFLARE_ACL"):
-        lines += [f"  allow {net};" for net in CLOUDFLARE_NETS] + ["  allow 127.0.0.1;", "  deny all;"]
+        lines += [f"  allow {net};" for net in CLOUDFLARE_NETS] + ["  allow 127.0.0.1;", "  allow ::1;",
+                                                                    "  deny all;"]
     include = s.get("NGINX_INCLUDE_FILE")
     if include:
         lines.append(f"  include {os.path.join(n['app_dir'], safe_path(include, 'NGINX_INCLUDE_FILE'))};")
@@ -1006,7 +1041,9 @@ def render_nginx_map():
 CLOUDFLARE_NETS = ("173.245.48.0/20", "103.21.244.0/22", "103.22.200.0/22", "103.31.4.0/22",
                    "141.101.64.0/18", "108.162.192.0/18", "190.93.240.0/20", "188.114.96.0/20",
                    "197.234.240.0/22", "198.41.128.0/17", "162.158.0.0/15", "104.16.0.0/13",
-                   "104.24.0.0/14", "172.64.0.0/13", "131.0.72.0/22")
+                   "104.24.0.0/14", "172.64.0.0/13", "131.0.72.0/22", "2400:cb00::/32",
+                   "2606:4700::/32", "2803:f800::/32", "2405:b500::/32", "2405:8100::/32",
+                   "2a06:98c0::/29", "2c0f:f248::/32")
 
 
 UWSGI_PARAMS = ("QUERY_STRING $query_string", "REQUEST_METHOD $request_method",
@@ -1425,11 +1462,7 @@ def no_interpreter_error(request):
 def find_python(b, request):
     """Path of the interpreter for request (uv's default when None)."""
     if not b.uv:
-        name = f"python{request}" if request and re.match(r"^3\.\d+$", request) else "python3"
-        path = which(name, b.env)
-        if not path:
-            raise no_interpreter_error(request or "3")
-        return path
+        return find_python_on_path(b.env, request)
     argv = [b.uv, "python", "find", "--no-progress"] + ([request] if request else [])
     proc = run(argv, cwd=b.release_dir, env=b.env, capture=True, check=False)
     if proc.returncode != 0 and request and b.env.get("UV_PYTHON_DOWNLOADS") != "never" \
@@ -1440,6 +1473,47 @@ def find_python(b, request):
     if proc.returncode != 0 or not proc.stdout.strip():
         raise no_interpreter_error(request or "(uv default)")
     return proc.stdout.strip().splitlines()[-1]
+
+
+def find_python_on_path(env, request):
+    """Without uv: the newest python3.X on PATH whose version satisfies request (None: python3)."""
+    import glob
+    if not request:
+        path = which("python3", env)
+        if not path:
+            raise no_interpreter_error("3")
+        return path
+    minors = set()
+    for d in (env.get("PATH") or "").split(":"):
+        for exe in glob.glob(os.path.join(d, "python3.[0-9]*")):
+            m = re.fullmatch(r"python3\.(\d+)", os.path.basename(exe))
+            if m and os.access(exe, os.X_OK):
+                minors.add(int(m.group(1)))
+    for minor in sorted(minors, reverse=True):
+        exe = which(f"python3.{minor}", env)
+        if python_satisfies(python_version_of(exe), request):
+            return exe
+    raise no_interpreter_error(request)
+
+
+def python_satisfies(version, request):
+    """Does 'X.Y.Z' meet a request from parse_python_version ('3', '3.12', '3.12.1', '>=3.11,<3.13')?"""
+    have = tuple(int(x) for x in version.split(".")[:3])
+    if not re.match(r"^[<>=!~]", request):
+        want = tuple(int(x) for x in request.rstrip("t").split("."))
+        return have[:len(want)] == want
+    for clause in request.split(","):
+        m = re.match(r"^(==|!=|<=|>=|~=|<|>)(\d+(?:\.\d+)*)(\.\*)?$", clause.strip())
+        if not m:
+            return False
+        op, ver, star = m.group(1), tuple(int(x) for x in m.group(2).split(".")), m.group(3)
+        full = (ver + (0, 0, 0))[:3]  # PEP 440: 3.11 means 3.11.0, except with a .* prefix
+        same = have[:len(ver)] == ver if star else have == full
+        ok = {"==": same, "!=": not same, "<=": have <= full, ">=": have >= full, "<": have < full,
+              ">": have > full, "~=": have >= full and have[:len(ver) - 1] == ver[:-1]}[op]
+        if not ok:
+            return False
+    return True
 
 
 def python_version_of(interpreter):
@@ -1584,7 +1658,8 @@ def build_requirements(b):
     reqs = read_text(os.path.join(b.release_dir, "requirements.txt"), "")
     pinned = is_fully_pinned(reqs)
     tool = "uv" if b.uv else "pip"
-    fp = fingerprint("requirements", reqs, version, tool, pinned, uv_settings_part(b))
+    fp = fingerprint("requirements", requirements_with_includes(b.release_dir), version, tool, pinned,
+                     uv_settings_part(b))
     if not sync_needed(b, fp):
         return
     snapshot_venv(b.paths, b.app)
@@ -1605,6 +1680,20 @@ def build_requirements(b):
     write_atomic(deps_fingerprint_path(b), fp + "\n")
 
 
+def requirements_with_includes(release_dir, name="requirements.txt", seen=None):
+    """requirements.txt and every file it includes (-r/-c, recursively), for the fingerprint."""
+    seen = set() if seen is None else seen
+    path = os.path.realpath(os.path.join(release_dir, name))
+    if path in seen or len(seen) > 50:
+        return ""
+    seen.add(path)
+    text = read_text(path, "")
+    parts = [f"# {name}\n{text}"]
+    for inc in parse_requirement_includes(text):
+        parts.append(requirements_with_includes(os.path.dirname(path), inc, seen))
+    return "".join(parts)
+
+
 def build_generic(b):
     detail("no Python dependencies to install")
 
@@ -1621,17 +1710,39 @@ RUNTIMES = (
 )
 
 
+def uwsgi_plugin_dirs(environ):
+    return [d for d in (environ.get("PIKU_UWSGI_PLUGIN_DIR"), "/usr/lib/uwsgi/plugins",
+                        "/usr/lib64/uwsgi", "/usr/local/lib/uwsgi/plugins") if d]
+
+
 def uwsgi_python_plugin(environ=None):
     """(plugin name, 'X.Y') of the system uWSGI python3 plugin, or (None, None)."""
-    env = environ or os.environ
-    dirs = [d for d in (env.get("PIKU_UWSGI_PLUGIN_DIR"), "/usr/lib/uwsgi/plugins",
-                        "/usr/lib64/uwsgi", "/usr/local/lib/uwsgi/plugins") if d]
-    for d in dirs:
+    for d in uwsgi_plugin_dirs(environ or os.environ):
         path = os.path.join(d, "python3_plugin.so")
         if os.path.exists(path):
             with open(path, "rb") as f:
                 return "python3", parse_plugin_python(f.read())
     return None, None
+
+
+LOOP_PLUGINS = {"UWSGI_GEVENT": (("gevent_python3", "uwsgi-plugin-gevent-python3"),),
+                "UWSGI_ASYNCIO": (("asyncio_python3", "uwsgi-plugin-asyncio-python3"),
+                                  ("greenlet_python3", "uwsgi-plugin-greenlet-python3"))}
+
+
+def native_loop_plugins(settings, dirs):
+    """The system uWSGI plugins UWSGI_GEVENT / UWSGI_ASYNCIO need; rejects the deploy with the
+    package to install when one is missing (uWSGI would silently ignore the option)."""
+    wanted = []
+    if setting_bool(settings, "UWSGI_GEVENT"):
+        wanted += LOOP_PLUGINS["UWSGI_GEVENT"]
+    elif int(setting(settings, "UWSGI_ASYNCIO") or 0) > 0:
+        wanted += LOOP_PLUGINS["UWSGI_ASYNCIO"]
+    for plugin, package in wanted:
+        if not any(os.path.exists(os.path.join(d, f"{plugin}_plugin.so")) for d in dirs):
+            raise PikuError(f"{'UWSGI_GEVENT' if plugin.startswith('gevent') else 'UWSGI_ASYNCIO'} needs "
+                            f"uWSGI's {plugin} plugin: as root, `apt-get install {package}`")
+    return [plugin for plugin, _ in wanted]
 
 
 def ensure_pyuwsgi(b):
@@ -1770,6 +1881,8 @@ def choose_wsgi_mode(plan):
     name, plugin_version = uwsgi_python_plugin(b.env)
     mode, notice = plan_wsgi_mode(setting(plan["settings"], "PIKU_PYUWSGI"), b.python, plugin_version)
     plan["python_plugin"] = name
+    if mode == "native":
+        plan["extra_plugins"] = native_loop_plugins(plan["settings"], uwsgi_plugin_dirs(b.env))
     if notice:
         step(notice[0].upper() + notice[1:])
     if mode == "pyuwsgi":
@@ -1810,6 +1923,7 @@ def vassal_specs(plan):
         mode = plan["wsgi_mode"] if kind == "wsgi" else "daemon"
         v = {"app": app, "kind": kind, "index": n, "paths": p, "settings": s, "port": plan["port"],
              "piku": piku_argv(), "python_plugin": plan.get("python_plugin"), "mode": mode,
+             "extra_plugins": plan.get("extra_plugins"),
              # pyuwsgi: the outer vassal stays as it is; its inner uWSGI reloads in place (SIGHUP)
              "release": "pyuwsgi (reloaded in place)" if mode == "pyuwsgi" else stamp,
              "socket": os.path.join(p.nginx, f"{app}.{n}.sock") if nginx_on and kind == "wsgi" else None}
@@ -2099,10 +2213,13 @@ def check_nginx(paths, app, text):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def activate(plan, switch=True, restart=True):
-    """Make the plan live: symlink switch, env files, vassals, nginx. Returns an undo record."""
+def activate(plan, switch=True, restart="auto"):
+    """Make the plan live: symlink switch, env files, vassals, nginx. Returns an undo record.
+    restart: 'auto' (running workers restart unless PIKU_AUTO_RESTART=false), 'always' (the
+    restart command) or 'never' (ps:scale: only new workers start)."""
     p, app = plan["paths"], plan["app"]
-    auto_restart = setting_bool(plan["settings"], "PIKU_AUTO_RESTART")
+    auto_restart = restart == "always" or (restart == "auto" and
+                                           setting_bool(plan["settings"], "PIKU_AUTO_RESTART"))
     vassals, extra = vassal_specs(plan)
     nginx_text = render_app_nginx(plan)
     if nginx_text is not None:  # checked against the new release's files (include, statics)
@@ -2125,13 +2242,13 @@ def activate(plan, switch=True, restart=True):
     write_atomic(os.path.join(p.envs, app, "SCALING"), render_scaling(plan["scaling"]), mode=0o600)
     if plan["wsgi_mode"]:
         module = plan["workers"]["wsgi"]
-        write_atomic(boot, render_wsgi_boot(plan["build"].venv, app_link, module, plan["env"],
+        write_atomic(boot, render_wsgi_boot(plan["build"].venv, app_link, module, {**plan["env"], "PROC_TYPE": "wsgi"},
                                             ".".join(plan["build"].python.split(".")[:2])), mode=0o600)
     for path, text in extra.items():
         write_atomic(path, text, mode=0o600)
     for name, text in vassals.items():
         enabled = os.path.join(p.uwsgi_enabled, name)
-        if (not restart or not auto_restart) and os.path.exists(enabled):
+        if not auto_restart and os.path.exists(enabled):
             continue
         log = os.path.join(p.logs, app, name[len(app) + 1:-4] + ".log")
         undo["written"][name] = (log, os.path.getsize(log) if os.path.exists(log) else 0)
@@ -2208,6 +2325,8 @@ def rollback(paths, app, undo):
         if text is None:
             if os.path.lexists(path):
                 os.unlink(path)
+        elif path.startswith(paths.uwsgi_enabled + os.sep):
+            write_vassal(path, text)
         else:
             write_atomic(path, text, mode=0o600 if path.startswith((paths.envs, paths.state)) else 0o644)
     for name in undo.get("reloaded", []):
@@ -2288,7 +2407,7 @@ def deploy_release(paths, app, release_dir, environ, label, t0=None):
     return plan
 
 
-def go_live(plan, failure, switch=True, undo_on_failure=True):
+def go_live(plan, failure, switch=True, undo_on_failure=True, restart="auto"):
     """Activate the plan and wait for its workers; a web worker behind nginx is prebooted on
     the standby port first, so requests never find nothing listening. On failure: rolled back
     (unless undo_on_failure is False) and PikuError(failure). Returns (undo, seconds spent
@@ -2299,7 +2418,7 @@ def go_live(plan, failure, switch=True, undo_on_failure=True):
     preboot = start_preboot(plan)
     waited = time.monotonic() - t0
     try:
-        undo = activate(plan, switch=switch)
+        undo = activate(plan, switch=switch, restart=restart)
         t1 = time.monotonic()
         healthy = health_check(plan, undo)
         waited += time.monotonic() - t1
@@ -2380,11 +2499,13 @@ def stop_preboot(proc, grace=10):
 
 
 def app_url(plan):
-    names = split_names(plan["settings"].get("NGINX_SERVER_NAME", ""))
+    s = plan["settings"]
+    names = split_names(s.get("NGINX_SERVER_NAME", ""))
     if names:
-        return f"http://{names[0]}/"
+        https = setting_bool(s, "NGINX_HTTPS_ONLY") and os.path.exists(cert_paths(plan["paths"], plan["app"])[0])
+        return f"{'https' if https else 'http'}://{names[0]}/"
     if plan["scaling"].get("wsgi") or plan["scaling"].get("web"):
-        return f"http://{setting(plan['settings'], 'BIND_ADDRESS')}:{plan['port']}/"
+        return f"http://{host_port(setting(s, 'BIND_ADDRESS'), plan['port'])}/"
     return None
 
 
@@ -2425,7 +2546,10 @@ def reconfigure(paths, app, environ):
     plan = prepare(paths, app, release_dir, environ, build=False)
     go_live(plan, f"{app} did not come back on port {plan['port']} with the new settings: "
                   "restored the previous ones (see `logs APP`)", switch=False)
-    step(f"Restarted {app} with the new settings")
+    if setting_bool(plan["settings"], "PIKU_AUTO_RESTART"):
+        step(f"Restarted {app} with the new settings")
+    else:
+        step(f"Saved; PIKU_AUTO_RESTART is false, so {app} runs with the old settings until `restart`")
     acme_certificate(plan)
 
 
@@ -2443,7 +2567,7 @@ def restart_app(paths, app, environ):
         raise PikuError(f"{app} has never been deployed: push to it first")
     plan = prepare(paths, app, release_dir, environ, build=False)
     go_live(plan, f"{app} was restarted but its workers did not load the app or listen on port "
-                  f"{plan['port']} (see `logs APP`)", switch=False, undo_on_failure=False)
+                  f"{plan['port']} (see `logs APP`)", switch=False, undo_on_failure=False, restart="always")
     return plan
 
 
@@ -2890,7 +3014,7 @@ def cmd_ps_scale(app, settings):
         scaling = {**plan_scaling(workers, load_scaling(paths, app)), **changes}
         write_atomic(os.path.join(paths.envs, app, "SCALING"), render_scaling(scaling), mode=0o600)
         plan = prepare(paths, app, release_dir, os.environ, build=False)
-        activate(plan, switch=False, restart=False)
+        activate(plan, switch=False, restart="never")
     for kind, n in changes.items():
         detail(f"{kind}: {n}")
 
@@ -2995,8 +3119,11 @@ def cmd_update(source):
     me = os.path.abspath(__file__)
     if source.startswith("https://"):
         import urllib.request
-        with urllib.request.urlopen(source, timeout=60) as resp:
-            text = resp.read().decode("utf-8")
+        try:
+            with urllib.request.urlopen(source, timeout=60) as resp:
+                text = resp.read().decode("utf-8")
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise PikuError(f"cannot download {source}: {getattr(e, 'reason', None) or e}; nothing was replaced")
     else:
         text = read_text(source)
         if text is None:

@@ -96,6 +96,8 @@ def test_config_unset_and_live(server, kinds):
     (["ps:scale", "kinds", "nosuch=1"], "unknown process kind"),
     (["ps:scale", "kinds", "worker"], "KIND=COUNT"),
     (["ps:scale", "kinds", "worker=1000"], "out of range"),
+    (["ps:scale", "kinds", "web=2"], "same PORT"),
+    (["ps:scale", "kinds", "cron1=2"], "once per schedule"),
     (["logs", "nosuchapp"], "no such app"),
     (["ps", "nosuchapp"], "no such app"),
     (["restart", "nosuchapp"], "no such app"),
@@ -208,6 +210,39 @@ def test_update_checks_the_new_file_first(server):
     os.chmod(good, 0o644)
     assert "Updated piku.py" in ok(server.ssh("update", good))
     assert open(server.piku_py).read() == before
+    from harness import free_port
+    refused(server.ssh("update", f"https://127.0.0.1:{free_port()}/piku.py"), "cannot download")
+    assert open(server.piku_py).read() == before
+
+
+def test_restart_applies_settings_saved_without_auto_restart(server, kinds):
+    out = ok(server.ssh("config:set", "kinds", "PIKU_AUTO_RESTART=false", "LATER=1"))
+    assert "PIKU_AUTO_RESTART is false" in out and "Restarted" not in out
+    assert "LATER" not in web_env(server)
+    assert "Restarted kinds" in ok(server.ssh("restart", "kinds"))
+    deadline = time.monotonic() + 20
+    while web_env(server).get("LATER") != "1":
+        assert time.monotonic() < deadline, "restart did not apply the saved settings"
+        time.sleep(0.3)
+    ok(server.ssh("config:unset", "kinds", "PIKU_AUTO_RESTART", "LATER"))
+    assert "LATER" not in web_env(server)
+
+
+def test_wsgi_workers_get_proc_type_and_index(server, tmp_path):
+    app_py = ("import os\ndef application(environ, start_response):\n"
+              "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+              "    return [f\"{os.environ.get('PROC_TYPE')} {os.environ.get('PROC_INDEX')}\".encode()]\n")
+    server.deployed(None, "wsgienv", tmp_path, {"Procfile": "wsgi: app:application\n",
+                                                "requirements.txt": "", "app.py": app_py})
+    assert server.wait_http(server.app_port("wsgienv"))[1] == "wsgi 1"
+
+
+def test_gevent_without_its_plugin_is_refused_at_deploy(server, tmp_path):
+    files = {"Procfile": "wsgi: app:application\n", "requirements.txt": "", "ENV": "UWSGI_GEVENT=true\n",
+             "app.py": "def application(e, s):\n    s('200 OK', [])\n    return [b'x']\n"}
+    repo = server.make_app(None, tmp_path / "gev", files)
+    r = server.push(repo, "gev")
+    assert r.returncode != 0 and "apt-get install uwsgi-plugin-gevent-python3" in r.stdout, r.stdout
 
 
 def test_plugins(server):

@@ -97,10 +97,10 @@ def test_ssh_command_refusals(original):
 def test_scaling_roundtrip_and_scale_args():
     assert piku.parse_scaling("web:2\nworker=1\n# x\nbad\n") == {"web": 2, "worker": 1}
     assert piku.parse_scaling(piku.render_scaling({"a": 3})) == {"a": 3}
-    assert piku.parse_scale_args(["web=3"], {"web"}) == {"web": 3}
+    assert piku.parse_scale_args(["worker=3"], {"worker"}) == {"worker": 3}
     for bad in (["web=-1"], ["nope=1"], ["web"], ["web=x"]):
         with pytest.raises(PikuError):
-            piku.parse_scale_args(bad, {"web"})
+            piku.parse_scale_args(bad, {"web", "worker"})
 
 
 @pytest.mark.parametrize("value,req", [("3.12", "3.12"), ("3.12.1", "3.12.1"), ("3", "3"),
@@ -227,3 +227,34 @@ def test_parse_scp_args(args, parsed):
 def test_parse_scp_args_refuses(args):
     with pytest.raises(PikuError, match="refused"):
         piku.parse_scp_args(args)
+
+
+@pytest.mark.parametrize("version,request_,ok", [
+    ("3.11.2", "3", True), ("3.11.2", "3.11", True), ("3.11.2", "3.12", False), ("3.11.2", "3.11.2", True),
+    ("3.11.2", "3.11.1", False), ("3.11.2", ">=3.11", True), ("3.10.1", ">=3.11", False),
+    ("3.12.0", ">=3.11,<3.13", True), ("3.13.0", ">=3.11,<3.13", False), ("3.11.2", "==3.11.*", True),
+    ("3.12.0", "==3.11.*", False), ("3.11.2", "~=3.10", True), ("3.11.2", "!=3.11.*", False),
+    ("3.11.9", ">3.11", True), ("3.11.0", ">3.11", False), ("3.11.5", "<=3.11", False)])
+def test_python_satisfies(version, request_, ok):
+    assert piku.python_satisfies(version, request_) is ok
+
+
+@pytest.mark.parametrize("args,msg", [(["web=2"], "same PORT"), (["cron1=2"], "once per schedule")])
+def test_scale_limits(args, msg):
+    with pytest.raises(PikuError, match=msg):
+        piku.parse_scale_args(args, {"web", "cron1", "worker"})
+    assert piku.parse_scale_args(["web=0", "cron1=1", "worker=5"], {"web", "cron1", "worker"}) == \
+        {"web": 0, "cron1": 1, "worker": 5}
+
+
+def test_requirement_includes():
+    text = "-r base.txt\n--requirement=dev.txt\n-c constraints.txt\n--constraint more.txt\n-rfoo.txt\nflask\n# -r no\n"
+    assert piku.parse_requirement_includes(text) == ["base.txt", "dev.txt", "constraints.txt", "more.txt", "foo.txt"]
+
+
+def test_requirements_fingerprint_follows_includes(tmp_path):
+    (tmp_path / "requirements.txt").write_text("-r base.txt\n")
+    (tmp_path / "base.txt").write_text("flask==3.0.0\n-r requirements.txt\n")  # a cycle is fine
+    before = piku.requirements_with_includes(str(tmp_path))
+    (tmp_path / "base.txt").write_text("flask==3.0.1\n")
+    assert piku.requirements_with_includes(str(tmp_path)) != before

@@ -341,3 +341,37 @@ def test_cache_for_wsgi_uses_the_uwsgi_module():
     assert 'add_header Cache-Control "public' not in conf  # only cached prefixes are marked public
     web = nginx({"NGINX_CACHE_PREFIXES": "/api"})
     assert "proxy_cache_path /srv/piku/cache/demo" in web and "uwsgi_cache" not in web
+
+
+def test_loop_plugins_are_required_and_loaded(tmp_path):
+    assert piku.native_loop_plugins({}, [str(tmp_path)]) == []
+    with pytest.raises(PikuError, match="apt-get install uwsgi-plugin-gevent-python3"):
+        piku.native_loop_plugins({"UWSGI_GEVENT": "true"}, [str(tmp_path)])
+    (tmp_path / "gevent_python3_plugin.so").write_bytes(b"")
+    assert piku.native_loop_plugins({"UWSGI_GEVENT": "true"}, [str(tmp_path)]) == ["gevent_python3"]
+    with pytest.raises(PikuError, match="uwsgi-plugin-asyncio-python3"):
+        piku.native_loop_plugins({"UWSGI_ASYNCIO": "10"}, [str(tmp_path)])
+    ini = vassal(extra_plugins=["gevent_python3"], settings={"UWSGI_GEVENT": "true"})
+    assert "plugin = python3,gevent_python3" in ini and "gevent = 100" in ini
+
+
+@pytest.mark.parametrize("host,port,out", [("127.0.0.1", 80, "127.0.0.1:80"), ("::1", 80, "[::1]:80"),
+                                           ("[::1]", 80, "[::1]:80")])
+def test_host_port(host, port, out):
+    assert piku.host_port(host, port) == out
+
+
+def test_ipv6_bind_address():
+    piku.validate_settings({"BIND_ADDRESS": "::1"})
+    piku.validate_settings({"BIND_ADDRESS": "[::1]"})
+    with pytest.raises(PikuError, match="BIND_ADDRESS"):
+        piku.validate_settings({"BIND_ADDRESS": "1.2.3"})
+    assert "http-socket = [::1]:5000" in vassal(settings={"BIND_ADDRESS": "::1"})
+    assert "server [::1]:5000 max_fails=0;" in nginx({"BIND_ADDRESS": "::1"})
+    assert "server 127.0.0.1:5000 max_fails=0;" in nginx({"BIND_ADDRESS": "0.0.0.0"})
+
+
+def test_cloudflare_acl_covers_ipv6():
+    conf = nginx({"NGINX_CLOUDFLARE_ACL": "true"})
+    assert "allow 2606:4700::/32;" in conf and "allow ::1;" in conf
+    assert conf.index("allow 2606:4700") < conf.index("  deny all;\n")
