@@ -3083,8 +3083,8 @@ def cmd_setup(write_units):
             detail(f"wrote {os.path.join(write_units, name)}")
         detail(f"then: systemctl daemon-reload && systemctl enable --now {' '.join(SYSTEMD_START)}")
         return
-    detail("With systemd: `setup --write-units /etc/systemd/system`, then "
-           f"`systemctl enable --now {' '.join(SYSTEMD_START)}`. The units:")
+    detail("With systemd: `setup --write-units /tmp/piku-units` as this user, then as root copy them "
+           f"to /etc/systemd/system and `systemctl enable --now {' '.join(SYSTEMD_START)}`. The units:")
     for name, text in units.items():
         click.echo(f"\n# --- {name}\n{text}", nl=False)
     click.echo("")
