@@ -357,6 +357,8 @@ class Server:
                     st = os.lstat(p)
                 except FileNotFoundError:
                     continue
+                if p == os.path.join(self.root, "uwsgi", "uwsgi.log"):  # the emperor's own log
+                    continue
                 out[p] = (st.st_size, st.st_mtime_ns) if n in files else None
         return out
 
