@@ -1772,6 +1772,11 @@ def setup_tree(paths):
         os.chmod(d, 0o755)  # nginx (www-data) must reach sockets, static files and certificates
     write_atomic(os.path.join(paths.uwsgi, "uwsgi.ini"), render_emperor_ini(paths), only_if_changed=True)
     write_atomic(os.path.join(paths.nginx, "_piku.conf"), render_nginx_map(), only_if_changed=True)
+    for name in os.listdir(paths.nginx):  # confs of piku.py 0.1 used a map name admins use too
+        path = os.path.join(paths.nginx, name)
+        text = read_text(path, "") if name.endswith(".conf") else ""
+        if "upstream piku-" in text and "Connection $connection_upgrade;" in text:
+            write_atomic(path, text.replace("Connection $connection_upgrade;", "Connection $piku_connection_upgrade;"))
 
 
 def new_release(paths, app, rev, environ):
