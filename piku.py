@@ -2457,8 +2457,9 @@ def start_preboot(plan):
     import subprocess
     import time
     p, app, s, port = plan["paths"], plan["app"], plan["settings"], plan.get("standby")
-    if plan.get("preboot") != "web" or not port:
-        return None
+    if plan.get("preboot") != "web" or not port or \
+            not os.path.exists(os.path.join(p.uwsgi_enabled, f"{app}_web.1.ini")):
+        return None  # (nothing is serving yet: nothing to cover for)
     env = process_env(plan, "web")
     env["PORT"] = str(port)
     ensure_dirs(os.path.join(p.logs, app))
