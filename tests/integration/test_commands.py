@@ -107,6 +107,18 @@ def test_config_unset_and_live(server, kinds):
     (["run", "nosuchapp", "true"], "no such app"),
     (["run", "kinds"], None),
     (["nosuchcommand"], "not a piku command"),
+    (["config", "nosuchapp"], "no such app"),
+    (["config", "'../etc'"], "invalid app name"),
+    (["config:live", "nosuchapp"], "no such app"),
+    (["config:get", "kinds", "NOPE"], "not set"),
+    (["logs", "kinds", "-n", "many"], "many"),
+    (["logs", "kinds", "nosuchworker"], "no logs"),
+    (["update"], None),
+    (["update", "/nonexistent/piku.py"], "no such file"),
+    (["setup:ssh", "/nonexistent.pub"], "no such key file"),
+    (["scp", "-t", "/etc/"], "refused"),
+    (["git-hook", "kinds"], "internal"),
+    (["exec-worker", "kinds", "web", "1"], "internal"),
 ])
 def test_bad_input_is_refused_and_changes_nothing(server, kinds, args, text):
     before = server.tree()
