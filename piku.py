@@ -234,6 +234,8 @@ def parse_procfile(text):
                 parse_cron(cmd)
             except PikuError as e:
                 raise PikuError(f"Procfile line {lineno}: {e}")
+        if kind == "wsgi":
+            cmd = re.sub(r"\s+#.*$", "", cmd)  # `wsgi: app:app  # a comment`
         if kind == "wsgi" and not WSGI_SPEC_RE.match(cmd):
             raise PikuError(f"Procfile line {lineno}: wsgi needs 'module:callable', got {cmd!r}")
         workers[kind] = cmd

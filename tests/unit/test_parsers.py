@@ -258,3 +258,8 @@ def test_requirements_fingerprint_follows_includes(tmp_path):
     before = piku.requirements_with_includes(str(tmp_path))
     (tmp_path / "base.txt").write_text("flask==3.0.1\n")
     assert piku.requirements_with_includes(str(tmp_path)) != before
+
+
+def test_procfile_crlf_and_wsgi_trailing_comment():
+    workers, _ = piku.parse_procfile("wsgi: app:app   # served by uWSGI\r\nworker: python w.py # kept\r\n")
+    assert workers == {"wsgi": "app:app", "worker": "python w.py # kept"}
