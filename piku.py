@@ -955,9 +955,9 @@ def render_nginx(n):
     for url, path in statics:
         target = path if path.startswith("/") else os.path.join(n["app_dir"], path)
         slash = "/" if url.endswith("/") else ""
-        # What a static location lacks: the catch-all page (a single-page app), else for "/"
-        # the app behind it, else a 404 (a static prefix is nginx's alone).
-        fallback = catch_all or ("@piku" if url == "/" and n["has_backend"] else "=404")
+        # What a static location lacks: for "/" the app behind it, else the catch-all page (a
+        # single-page app), else a 404 (a static prefix is nginx's alone).
+        fallback = "@piku" if url == "/" and n["has_backend"] else (catch_all or "=404")
         lines += [f"  location {url} {{", f"    alias {target.rstrip('/')}{slash or ('/' if url == '/' else '')};",
                   f"    try_files $uri $uri.html $uri/ {fallback};", "  }"]
     if n["has_backend"]:
@@ -1093,8 +1093,10 @@ def plan_runtime(files, workers, runtimes):
 
 
 def plan_scaling(workers, saved):
-    """{kind: count} for every long-running kind (default 1); Procfile kinds only."""
-    return {k: saved.get(k, 1) for k in workers if k not in SPECIAL_KINDS and k != "static"}
+    """{kind: count} for every long-running kind (default 1); Procfile kinds only. web and cron
+    kinds run at most once (a SCALING file of the original piku may ask for more)."""
+    return {k: min(saved.get(k, 1), 1) if k == "web" or k.startswith("cron") else saved.get(k, 1)
+            for k in workers if k not in SPECIAL_KINDS and k != "static"}
 
 
 def plan_vassals(app, scaling):
@@ -1849,6 +1851,8 @@ def read_procfile(release_dir):
 
 def prepare(paths, app, release_dir, environ, build=True):
     """Everything about a release short of making it live: parse, build, compute env and files."""
+    if restore_venv(paths, app):  # (callers hold the app lock) an earlier deploy was cut off
+        detail("restored the live release's virtualenv, left half-built by an interrupted deploy")
     workers, warnings = read_procfile(release_dir)
     for w in warnings:
         warn(w)
@@ -2001,6 +2005,9 @@ def ensure_certificate(plan):
     record = read_cert_record(p, app)
     if os.path.exists(crt) and os.path.exists(key) and (record is None or record.get("names") == names):
         return True
+    if record is None and (os.path.exists(crt) or os.path.exists(key)):
+        warn(f"{crt} or {key} is missing: the admin's certificate is incomplete, serving HTTP only")
+        return False
     openssl = which("openssl")
     if not openssl or not names:
         return False
@@ -2530,8 +2537,6 @@ def deploy_rev(paths, app, rev, label, environ):
     """Check out rev into a new release and deploy it; the release dir is removed on failure."""
     import time
     t0 = time.monotonic()
-    if restore_venv(paths, app):  # an earlier deploy was cut off in the middle
-        detail("restored the live release's virtualenv left by an interrupted deploy")
     release_dir = new_release(paths, app, rev, environ)
     try:
         plan = deploy_release(paths, app, release_dir, environ, label, t0)
@@ -2994,6 +2999,9 @@ def cmd_certs_renew(app, force):
     for name in [app_must_exist(paths, app)] if app else known_apps(paths):
         settings = live_settings(paths, name)
         if not split_names(settings.get("NGINX_SERVER_NAME", "")):
+            continue
+        if read_cert_record(paths, name) is None and os.path.exists(cert_paths(paths, name)[0]):
+            detail(f"{name}: certificate provided by the admin, left as it is")
             continue
         with AppLock(paths, name):
             record = acme_certificate({"paths": paths, "app": name, "settings": settings}, force=force)

@@ -375,3 +375,16 @@ def test_cloudflare_acl_covers_ipv6():
     conf = nginx({"NGINX_CLOUDFLARE_ACL": "true"})
     assert "allow 2606:4700::/32;" in conf and "allow ::1;" in conf
     assert conf.index("allow 2606:4700") < conf.index("  deny all;\n")
+
+
+def test_catch_all_never_hides_the_app():
+    conf = nginx({"NGINX_CATCH_ALL": "/index.html", "NGINX_STATIC_PATHS": "/assets/:static"},
+                 kinds={"web": "x", "static": "public"})
+    assert "try_files $uri $uri.html $uri/ @piku;" in conf  # "/" hands what it lacks to the app
+    assert "try_files $uri $uri.html $uri/ /index.html;" in conf  # the static prefix gets the page
+
+
+def test_plan_scaling_runs_web_and_cron_once():
+    workers = {"web": "x", "cron1": "* * * * * x", "worker": "y", "release": "z", "static": "s"}
+    assert piku.plan_scaling(workers, {"web": 2, "cron1": 3, "worker": 4}) == {"web": 1, "cron1": 1, "worker": 4}
+    assert piku.plan_scaling(workers, {"web": 0}) == {"web": 0, "cron1": 1, "worker": 1}
