@@ -588,11 +588,16 @@ def setting_int(settings, key):
     return int(setting(settings, key))
 
 
-def computed_env(paths, app, settings, port, home, user, base_path):
-    """Values piku injects into every process; they override ENV (except PORT, PATH set there)."""
+def computed_env(paths, app, settings, port, home, user, base_path, src_layout=False):
+    """Values piku injects into every process; they override ENV (except PORT, PATH set there).
+    src_layout: the app keeps its packages in src/ (the project itself is not installed into
+    the virtualenv), so apps/<app>/src goes first on PYTHONPATH."""
     venv = os.path.join(paths.envs, app)
     user_path = settings.get("PATH") or base_path
-    return {
+    extra = {"PYTHONPATH": ":".join([os.path.join(paths.apps, app, "src")]
+                                    + ([settings["PYTHONPATH"]] if settings.get("PYTHONPATH") else []))} \
+        if src_layout else {}
+    return extra | {
         "APP": app,
         "DATA_ROOT": os.path.join(paths.data, app),
         "LOG_ROOT": paths.logs,
@@ -705,7 +710,7 @@ def render_wsgi_boot(venv, app_dir, spec, env, pyver):
         "# Written by piku.py on every deploy; do not edit.\n"
         "import os, sys, site, importlib\n"
         f"os.environ.update({env!r})\n"
-        f"sys.path.insert(0, {app_dir!r})\n"
+        f"sys.path[0:0] = [{app_dir!r}] + [p for p in os.environ.get('PYTHONPATH', '').split(':') if p]\n"
         f"site.addsitedir({site!r})\n"
         f"sys.prefix = sys.exec_prefix = {venv!r}\n"
         f"application = getattr(importlib.import_module({module!r}), {attr or 'application'!r})\n"
@@ -1866,7 +1871,9 @@ def prepare(paths, app, release_dir, environ, build=True):
     env = dict(settings)
     env.update(computed_env(paths, app, settings, port, os.path.expanduser("~"),
                             environ.get("USER") or os.path.basename(os.path.expanduser("~")),
-                            environ.get("PATH", os.defpath)))
+                            environ.get("PATH", os.defpath),
+                            src_layout=runtime.startswith("python") and "src" in files
+                            and os.path.isdir(os.path.join(release_dir, "src"))))
     plan = {"paths": paths, "app": app, "release_dir": release_dir, "workers": workers,
             "settings": settings, "build": b, "runtime": runtime, "port": port, "env": env,
             "scaling": plan_scaling(workers, load_scaling(paths, app))}

@@ -238,3 +238,19 @@ def test_project_uv_settings_apply_beside_the_server_uv_toml(server, tmp_path):
     out = push_ok(server, repo, "uvcfg")
     assert "+ markupsafe==2.1.1" in out, out
     assert os.path.exists(os.path.join(server.home, ".config", "uv", "uv.toml"))
+
+
+def test_src_layout_app(server, tmp_path):
+    """Packages in src/ import in wsgi workers and in commands (the project is not installed)."""
+    pyproject = open(os.path.join(os.path.dirname(__file__), "..", "apps", "uv-wsgi", "pyproject.toml")).read()
+    files = {"pyproject.toml": pyproject, "Procfile": "wsgi: shop.web:application\n",
+             "src/shop/__init__.py": "NAME = 'shop from src'\n",
+             "src/shop/web.py": "import markupsafe\nfrom shop import NAME\n"
+                                "def application(environ, start_response):\n"
+                                "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+                                "    return [NAME.encode()]\n"}
+    server.make_app(None, tmp_path / "srcapp", files)
+    push_ok(server, tmp_path / "srcapp", "srcapp")
+    server.wait_http(server.app_port("srcapp"), contains="shop from src")
+    r = server.ssh("run", "srcapp", "python", "-c", "'import shop; print(shop.NAME)'")
+    assert r.returncode == 0 and r.stdout.strip() == "shop from src", r.stdout + r.stderr

@@ -388,3 +388,12 @@ def test_plan_scaling_runs_web_and_cron_once():
     workers = {"web": "x", "cron1": "* * * * * x", "worker": "y", "release": "z", "static": "s"}
     assert piku.plan_scaling(workers, {"web": 2, "cron1": 3, "worker": 4}) == {"web": 1, "cron1": 1, "worker": 4}
     assert piku.plan_scaling(workers, {"web": 0}) == {"web": 0, "cron1": 1, "worker": 1}
+
+
+def test_computed_env_src_layout():
+    env = piku.computed_env(PATHS, "demo", {}, 5000, "/home/piku", "piku", "/usr/bin")
+    assert "PYTHONPATH" not in env and env["PATH"] == "/srv/piku/envs/demo/bin:/usr/bin"
+    env = piku.computed_env(PATHS, "demo", {"PYTHONPATH": "/opt/lib"}, 5000, "/h", "piku", "/usr/bin", True)
+    assert env["PYTHONPATH"] == "/srv/piku/apps/demo/src:/opt/lib"
+    boot = piku.render_wsgi_boot("/v", "/srv/piku/apps/demo", "a:b", env, "3.11")
+    assert "os.environ.get('PYTHONPATH', '')" in boot
