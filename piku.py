@@ -2795,8 +2795,9 @@ def print_logs(paths, app, process, lines, follow):
 
 
 def running_workers():
-    """Set of 'app:kind.n' names of uWSGI processes now running (from their process titles)."""
-    out = set()
+    """{'app:kind.n': pids of its uWSGI master's children} for every vassal master running
+    (found by process title). A master with no child runs nothing (its daemon is down)."""
+    out = {}
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
@@ -2804,9 +2805,20 @@ def running_workers():
                     title = f.read().split(b"\0")[0].decode("utf-8", "replace")
             except OSError:
                 continue
-            if " uWSGI" in title or title.endswith(" uWSGI master"):
-                out.add(title.split(" ")[0])
+            if title.endswith(" uWSGI master"):
+                try:
+                    with open(f"/proc/{pid}/task/{pid}/children") as f:
+                        children = f.read().split()
+                except OSError:
+                    children = ["?"]  # no way to tell: count the master alone
+                out.setdefault(title.split(" ")[0], []).extend(children)
     return out
+
+
+def worker_up(running, name, kind):
+    """Is the worker really running? Its master, and (but for cron, whose jobs come and go)
+    something under it: the daemon, or the wsgi workers."""
+    return name in running and (kind.startswith("cron") or bool(running[name]))
 
 
 # === 14. CLI ===
@@ -2963,7 +2975,7 @@ def cmd_ps(app):
     running = running_workers()
     enabled = vassals_of(paths, app)
     for kind, count in scaling.items():
-        up = sum(1 for n in range(1, count + 1) if f"{app}:{kind}.{n}" in running)
+        up = sum(1 for n in range(1, count + 1) if worker_up(running, f"{app}:{kind}.{n}", kind))
         on = sum(1 for n in range(1, count + 1) if f"{app}_{kind}.{n}.ini" in enabled)
         state = "stopped" if on == 0 else ("running" if up == count else "starting")
         click.echo(f"{kind}: {count} configured, {up} running ({state})")
