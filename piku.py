@@ -2767,6 +2767,8 @@ def log_files(paths, app, process=None):
 
 
 def print_logs(paths, app, process, lines, follow):
+    """The last `lines` lines of each worker (or of one kind / kind.N), after the worker's name;
+    then, with follow, new lines of all of them as they come."""
     import time
     files = log_files(paths, app, process)
     if not files and not follow:
@@ -2778,19 +2780,19 @@ def print_logs(paths, app, process, lines, follow):
         for line in text.splitlines()[-lines:] if lines else []:
             click.echo(f"{name} | {line}")
         offsets[path] = len(text.encode("utf-8", "surrogateescape"))
-    while follow:
+    partial = {}
+    while follow:  # every worker's new lines, interleaved as they are written
         time.sleep(0.5)
         for path in log_files(paths, app, process):
-            size = os.path.getsize(path)
-            start = offsets.get(path, 0)
-            if size < start:
-                start = 0
+            size, start = os.path.getsize(path), offsets.get(path, 0)
+            start = 0 if size < start else start  # rotated
             if size > start:
                 with open(path, "rb") as f:
                     f.seek(start)
-                    chunk = f.read(size - start).decode("utf-8", "replace")
-                for line in chunk.splitlines():
-                    click.echo(f"{os.path.basename(path)[:-4]} | {line}")
+                    chunk = partial.pop(path, b"") + f.read(size - start)
+                *done, partial[path] = chunk.split(b"\n")  # a line being written waits
+                for line in done:
+                    click.echo(f"{os.path.basename(path)[:-4]} | {line.decode('utf-8', 'replace')}")
             offsets[path] = size
 
 
