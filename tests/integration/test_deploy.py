@@ -140,6 +140,26 @@ def test_release_runs_with_clean_env_before_switch(server, tmp_path):
     server.wait_http(server.app_port("relenv"))
 
 
+def test_preflight_runs_before_the_build_and_can_stop_it(server, tmp_path):
+    files = {"Procfile": "wsgi: app:application\n"
+                         "preflight: echo checked by $PROC_TYPE > $DATA_ROOT/preflight.txt; test -f requirements.txt\n",
+             "requirements.txt": "markupsafe\n",
+             "app.py": "def application(e, s):\n    s('200 OK', [])\n    return [b'preflight ok']\n"}
+    repo = server.make_app(None, tmp_path / "pre", files)
+    r = server.push(repo, "pre")
+    assert r.returncode == 0, r.stdout
+    assert r.stdout.index("Running preflight") < r.stdout.index("Installing requirements"), r.stdout
+    assert open(server.path("data", "pre", "preflight.txt")).read() == "checked by preflight\n"
+    server.wait_http(server.app_port("pre"), contains="preflight ok")
+    old = server.rev(repo)
+    server.commit(repo, "no requirements", {"requirements.txt": None, "pyproject.toml": "[project]\nname='x'\n"
+                                            "version='0'\ndependencies=['six']\n"})
+    r = server.push(repo, "pre")
+    assert r.returncode != 0 and "preflight command failed" in r.stdout, r.stdout
+    assert "Syncing" not in r.stdout and server.remote_rev("pre") == old
+    server.wait_http(server.app_port("pre"), contains="preflight ok")
+
+
 def test_hostile_ssh_commands_refused(server):
     before = server.tree()
     for cmd in (["rm -rf /"], ["apps; id"], ["apps && id"], ["$(id)"], ["`id`"], ["git-hook", "uvapp"],
