@@ -148,6 +148,11 @@ def host_port(host, port):
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def connect_host(bind):
+    """Where to connect to reach something bound on bind (a wildcard means this host)."""
+    return "127.0.0.1" if bind in ("0.0.0.0", "") else ("::1" if bind in ("::", "[::]") else bind)
+
+
 def parse_bool(value, key="value"):
     v = str(value).strip().lower()
     if v in ("1", "true", "yes", "on", "y"):
@@ -594,9 +599,10 @@ def computed_env(paths, app, settings, port, home, user, base_path, src_layout=F
     the virtualenv), so apps/<app>/src goes first on PYTHONPATH."""
     venv = os.path.join(paths.envs, app)
     user_path = settings.get("PATH") or base_path
-    extra = {"PYTHONPATH": ":".join([os.path.join(paths.apps, app, "src")]
-                                    + ([settings["PYTHONPATH"]] if settings.get("PYTHONPATH") else []))} \
-        if src_layout else {}
+    extra = {}
+    if src_layout:
+        extra["PYTHONPATH"] = ":".join(p for p in (os.path.join(paths.apps, app, "src"),
+                                                   settings.get("PYTHONPATH")) if p)
     return extra | {
         "APP": app,
         "DATA_ROOT": os.path.join(paths.data, app),
@@ -1375,11 +1381,6 @@ def port_free(bind, port):
             return False
 
 
-def connect_host(bind):
-    """Where to connect to reach something bound on bind (a wildcard means this host)."""
-    return "127.0.0.1" if bind in ("0.0.0.0", "") else ("::1" if bind in ("::", "[::]") else bind)
-
-
 def port_open(host, port, timeout=0.5):
     import socket
     try:
@@ -1942,7 +1943,7 @@ def vassal_specs(plan):
         v = {"app": app, "kind": kind, "index": n, "paths": p, "settings": s, "port": plan["port"],
              "piku": piku_argv(), "python_plugin": plan.get("python_plugin"), "mode": mode,
              "extra_plugins": plan.get("extra_plugins"),
-             # pyuwsgi: the outer vassal stays as it is; its inner uWSGI reloads in place (SIGHUP)
+             # pyuwsgi: the outer vassal stays as it is; its inner uWSGI reloads in place
              "release": "pyuwsgi (reloaded in place)" if mode == "pyuwsgi" else stamp,
              "socket": os.path.join(p.nginx, f"{app}.{n}.sock") if nginx_on and kind == "wsgi" else None}
         vassals[name] = render_vassal(v)
@@ -2065,8 +2066,7 @@ def challenge_served(plan, name, timeout=15.0):
     ensure_dirs(d)
     token = "piku-probe-" + secrets.token_hex(8)
     write_atomic(os.path.join(d, token), token)
-    addr = setting(s, "NGINX_IPV4_ADDRESS")
-    addr = "127.0.0.1" if addr in ("0.0.0.0", "") else addr
+    addr = connect_host(setting(s, "NGINX_IPV4_ADDRESS"))
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
