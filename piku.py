@@ -1316,7 +1316,10 @@ def restore_env_dir(venv, snap):
             write_atomic(os.path.join(venv, name), text, mode=0o600)
 
 
-VENV_SNAPSHOT_STATE = ("deps.fingerprint", "uv.lock")  # state files that describe the venv
+# State files that describe the venv: copied with it; the fingerprint is also taken away, so a
+# build cut off half-way does not look finished next time (the server's uv.lock stays: the
+# build reuses it).
+VENV_SNAPSHOT_STATE = ("deps.fingerprint", "uv.lock")
 
 
 def snapshot_venv(paths, app):
@@ -1334,7 +1337,8 @@ def snapshot_venv(paths, app):
         path = os.path.join(paths.state, app, name)
         if os.path.exists(path):
             os.link(path, os.path.join(backup, "_state", name))
-            os.unlink(path)  # a build cut off half-way must not look finished next time
+            if name == "deps.fingerprint":
+                os.unlink(path)
 
 
 def restore_venv(paths, app):

@@ -83,9 +83,16 @@ def test_version_change_by_config_set_keeps_config(server, other, tmp_path):
     repo = server.make_app("uv-wsgi", tmp_path / "pyswitch", {"ENV": env_file(bindir, PYTHON_VERSION=system)})
     push_ok(server, repo, "pyswitch")
     server.wait_http(server.app_port("pyswitch"), contains=f"python={system}")
+    # The repo has no uv.lock: the server's lock (here one pinning an older markupsafe) is what
+    # the rebuilt virtualenv must follow.
+    import shutil
+    shutil.copytree(repo, tmp_path / "pinned")
+    make_lock(tmp_path / "pinned", "markupsafe==2.1.5")
+    with open(server.path("state", "pyswitch", "uv.lock"), "w") as f:
+        f.write(open(tmp_path / "pinned" / "uv.lock").read())
     r = server.ssh("config:set", "pyswitch", f"PYTHON_VERSION={minor}", "KEEP=me")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "recreating the virtualenv" in r.stdout, r.stdout
+    assert "recreating the virtualenv" in r.stdout and "+ markupsafe==2.1.5" in r.stdout, r.stdout
     server.wait_http(server.app_port("pyswitch"), contains=f"python={minor}")
     assert "KEEP=me" in server.read("envs/pyswitch/ENV")
 
