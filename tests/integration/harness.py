@@ -305,6 +305,8 @@ class Server:
 
     # -- HTTP ---------------------------------------------------------------
     def http_get(self, port, path="/", host=None, timeout=5):
+        if port == getattr(self, "nginx_port", None):
+            self.nginx_settled()
         req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
         if host:
             req.add_header("Host", host)
@@ -326,6 +328,39 @@ class Server:
             time.sleep(0.2)
         raise AssertionError(f"port {port}{path} host={host}: wanted {status} {contains!r}, got {last}\n"
                              + self.logs())
+
+    def nginx_settled(self, timeout=20):
+        """Wait until the test nginx serves what nginx/ holds now: one generation of workers
+        (right after a reload the old worker, with the old config, still accepts connections
+        until it handles its QUIT), started after the newest file in nginx/ was written
+        (nginx-watch reloads a moment after a deploy)."""
+        master, tick = self.procs["nginx"].pid, os.sysconf("SC_CLK_TCK")
+        deadline = time.monotonic() + timeout
+        while True:
+            folder = os.path.join(self.root, "nginx")
+            newest = max((os.stat(os.path.join(folder, n)).st_mtime for n in os.listdir(folder)
+                          if n.endswith((".conf", ".crt", ".key"))), default=0)
+            workers = []
+            for pid in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                    if int(fields[1]) != master:
+                        continue
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        title = f.read().replace(b"\0", b" ").decode().strip()
+                except (OSError, ValueError, IndexError):
+                    continue
+                # start time: clock ticks since boot (rounded down), as wall-clock time
+                started = time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / tick)
+                workers.append((title, started))
+            live = [started for title, started in workers if title == "nginx: worker process"]
+            if len(live) == 1 and live[0] > newest:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nginx did not reload onto nginx/ (newest file {newest}): {workers}\n"
+                                     + self.logs())
+            time.sleep(0.05)
 
     def app_port(self, app):
         live = self.read(os.path.join("envs", app, "LIVE_ENV")) or ""
