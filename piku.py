@@ -475,13 +475,6 @@ def parse_requirement_includes(requirements_text):
     return out
 
 
-def is_fully_pinned(requirements_text):
-    """True when every requirement is 'name==version' (then `uv pip sync` is exact)."""
-    reqs = [l.split("#")[0].strip() for l in requirements_text.splitlines()]
-    reqs = [r for r in reqs if r]
-    return bool(reqs) and all(re.match(r"^[A-Za-z0-9._\[\],-]+==[A-Za-z0-9.*+!_-]+(\s*;.*)?$", r) for r in reqs)
-
-
 # === 6. Settings ===
 # Layering: DEFAULTS < repo ENV < config:set values (envs/<app>/ENV) < computed values.
 
@@ -879,6 +872,11 @@ def acme_names(names, public_ca):
         if public_ca and n.lower().endswith(PRIVATE_SUFFIXES):
             return []
     return list(names)
+
+
+def probe_host(name):
+    """A Host header that nginx routes to the server_name `name` (a wildcard gets a label)."""
+    return "piku-probe" + name[1:] if name.startswith("*.") else name
 
 
 def render_dehydrated_config(ca_url, basedir, wellknown, email):
@@ -1555,9 +1553,12 @@ def clear_venv(venv):
 def ensure_venv(b, interpreter, version):
     """Make envs/<app> a venv of exactly `version`; True when (re)created."""
     have = venv_python_version(b.venv)
-    if have == version:
+    pip_missing = not b.uv and not os.path.exists(os.path.join(b.venv, "bin", "pip"))
+    if have == version and not pip_missing:
         return False
-    if have:
+    if have == version:
+        step("Virtualenv has no pip (uv made it) and uv is not used now: recreating it")
+    elif have:
         step(f"Python changed from {have} to {version}: recreating the virtualenv")
     elif os.path.exists(os.path.join(b.venv, "pyvenv.cfg")):
         step("Virtualenv is broken: recreating it")
@@ -1669,20 +1670,19 @@ def build_requirements(b):
     if os.path.exists(os.path.join(b.release_dir, "pyproject.toml")):
         detail("requirements.txt present: it decides the dependencies (pyproject.toml not used)")
     interpreter, version = setup_python(b)
-    reqs = read_text(os.path.join(b.release_dir, "requirements.txt"), "")
-    pinned = is_fully_pinned(reqs)
     tool = "uv" if b.uv else "pip"
-    fp = fingerprint("requirements", requirements_with_includes(b.release_dir), version, tool, pinned,
+    fp = fingerprint("requirements", requirements_with_includes(b.release_dir), version, tool, "exact",
                      uv_settings_part(b))
     if not sync_needed(b, fp):
         return
     snapshot_venv(b.paths, b.app)
     py = os.path.join(b.venv, "bin", "python")
     if b.uv:
-        verb = ["pip", "sync"] if pinned else ["pip", "install", "-r"]
-        step(f"Installing requirements with uv ({'exact sync, fully pinned' if pinned else 'install'})")
-        out, secs = tool_run(b, [b.uv] + verb + ["requirements.txt", "--python", py, "--no-progress"],
-                             "installing requirements")
+        # The file's packages and their dependencies, resolved; --exact also removes what is no
+        # longer needed (`uv pip sync` would skip the dependencies of a hand-pinned file).
+        step("Installing requirements with uv")
+        out, secs = tool_run(b, [b.uv, "pip", "install", "--exact", "-r", "requirements.txt", "--python", py,
+                                 "--no-progress"], "installing requirements")
         announce_changes(out, secs)
     else:
         step("Installing requirements with pip" + (" (PIKU_USE_UV=false)" if not setting_bool(
@@ -2454,11 +2454,30 @@ def go_live(plan, failure, switch=True, undo_on_failure=True, restart="auto"):
             for line in worker_log_tail(p, app):
                 warn(line)
             raise PikuError(failure)
+        t1 = time.monotonic()
+        wait_for_nginx(plan, undo)
+        waited += time.monotonic() - t1
     finally:
         t2 = time.monotonic()
         stop_preboot(preboot)
         waited += time.monotonic() - t2
     return undo, waited
+
+
+def wait_for_nginx(plan, undo, timeout=10.0):
+    """An app that has just got its nginx config: wait until nginx routes its name (nginx reloads
+    a moment after nginx/ changes), so it answers when the push returns; warn if it never does.
+    An app whose config only changed is served by the old one meanwhile: no wait."""
+    p, app, s = plan["paths"], plan["app"], plan["settings"]
+    conf = os.path.join(p.nginx, f"{app}.conf")
+    names = split_names(s.get("NGINX_SERVER_NAME", ""))
+    if not names or undo["files"].get(conf) is not None or not os.path.exists(conf) or \
+            not (which("nginx") or os.path.exists("/usr/sbin/nginx")):
+        return
+    if not challenge_served(plan, probe_host(names[0]), timeout):
+        warn(f"nginx has not loaded {app}'s config after {timeout:.0f}s: is nginx running, and is it "
+             f"reloaded when {p.nginx} changes (piku-nginx.path, or `piku.py nginx-watch`)? "
+             "See docs/TROUBLESHOOTING.md")
 
 
 def _die_with_parent():

@@ -9,7 +9,9 @@ import pytest
 
 
 def https_get(server, host, path="/", cafile=None):
-    """GET over TLS to the test nginx with SNI and Host set to host (no DNS involved)."""
+    """GET over TLS to the test nginx with SNI and Host set to host (no DNS involved), once
+    nginx serves what nginx/ holds."""
+    server.nginx_settled()
     ctx = ssl.create_default_context(cafile=cafile)
     if not cafile:  # self-signed: the tests compare the certificate itself
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
@@ -28,6 +30,7 @@ def plain_get(server, host, path="/", want=None, timeout=20):
     import time
     deadline = time.monotonic() + timeout
     while True:
+        server.nginx_settled()
         try:
             conn = http.client.HTTPConnection("127.0.0.1", server.nginx_port, timeout=5)
             conn.request("GET", path, headers={"Host": host})
@@ -178,3 +181,37 @@ def test_hostile_server_name_rejected(server, wsgi_site):
         r = server.ssh("config:set", "wsgisite", f"NGINX_SERVER_NAME={value}")
         assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
     assert server.tree() == before
+
+
+def raw_get(server, host, path="/"):
+    """One GET through the test nginx, without waiting for it to reload first."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.nginx_port, timeout=5)
+    conn.request("GET", path, headers={"Host": host})
+    resp = conn.getresponse()
+    return resp.status, resp.read().decode()
+
+
+def test_first_deploy_answers_by_name_when_the_push_returns(server, tmp_path):
+    files = {"Procfile": "static: public\n", "public/index.html": "<h1>first</h1>\n",
+             "ENV": server.nginx_env("first.piku.test")}
+    r = server.push(server.make_app(None, tmp_path / "first", files), "firstsite")
+    assert r.returncode == 0 and "nginx has not loaded" not in r.stdout, r.stdout
+    assert raw_get(server, "first.piku.test") == (200, "<h1>first</h1>\n")
+
+
+def test_nginx_that_never_reloads_is_reported(server, tmp_path):
+    """The push still succeeds (the app is live on its port), with a warning that says why the
+    name does not answer; once nginx reloads, it does."""
+    import signal
+    files = {"Procfile": "static: public\n", "public/index.html": "<h1>late</h1>\n",
+             "ENV": server.nginx_env("late.piku.test")}
+    repo = server.make_app(None, tmp_path / "late", files)
+    watcher = server.procs["nginx-watch"].pid
+    os.kill(watcher, signal.SIGSTOP)
+    try:
+        r = server.push(repo, "latesite")
+    finally:
+        os.kill(watcher, signal.SIGCONT)
+    assert r.returncode == 0, r.stdout
+    assert "nginx has not loaded latesite's config after 10s" in r.stdout, r.stdout
+    server.wait_http(server.nginx_port, host="late.piku.test", contains="late")

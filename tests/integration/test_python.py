@@ -198,6 +198,31 @@ def test_requirements_app_with_uv_and_with_virtualenv(server, tmp_path, use_uv):
     assert "Dependencies unchanged, skipping sync" in push_ok(server, repo, app)
 
 
+def test_hand_pinned_requirements_get_their_dependencies(server, tmp_path):
+    """A requirements.txt that pins only what the app imports (gunicorn needs packaging) gets
+    the dependencies too; a package dropped from the file leaves the virtualenv."""
+    repo = server.make_app("req-web", tmp_path / "pinned",
+                           {"requirements.txt": "gunicorn==23.0.0\nsix==1.16.0\n"})
+    push_ok(server, repo, "pinned")
+    server.wait_http(server.app_port("pinned"), contains="req-web v1")
+    check = "'import packaging, six, gunicorn; print(gunicorn.__version__)'"
+    assert server.ssh("run", "pinned", "python", "-c", check).stdout.strip() == "23.0.0"
+    server.commit(repo, "drop six", {"requirements.txt": "gunicorn==23.0.0\n"})
+    out = push_ok(server, repo, "pinned")
+    assert "- six==1.16.0" in out, out
+    assert server.ssh("run", "pinned", "python", "-c", "'import six'").returncode != 0
+    assert server.ssh("run", "pinned", "python", "-c", "'import packaging'").returncode == 0
+
+
+def test_switching_from_uv_to_pip_recreates_the_venv(server, tmp_path):
+    repo = server.make_app("req-web", tmp_path / "touv")
+    assert "with uv" in push_ok(server, repo, "touv")
+    server.commit(repo, "pip now", {"ENV": "PIKU_USE_UV=false\n"})
+    out = push_ok(server, repo, "touv")
+    assert "Virtualenv has no pip" in out and "with pip" in out, out
+    server.wait_http(server.app_port("touv"), contains="req-web v1")
+
+
 def test_dev_dependencies_are_not_installed(server, tmp_path):
     pyproject = open(os.path.join(os.path.dirname(__file__), "..", "apps", "uv-wsgi", "pyproject.toml")).read()
     repo = server.make_app("uv-wsgi", tmp_path / "devdeps",

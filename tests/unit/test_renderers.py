@@ -397,3 +397,10 @@ def test_computed_env_src_layout():
     assert env["PYTHONPATH"] == "/srv/piku/apps/demo/src:/opt/lib"
     boot = piku.render_wsgi_boot("/v", "/srv/piku/apps/demo", "a:b", env, "3.11")
     assert "os.environ.get('PYTHONPATH', '')" in boot
+
+
+@pytest.mark.parametrize("name,host", [("app.example.com", "app.example.com"),
+                                       ("*.example.com", "piku-probe.example.com"), ("_", "_")])
+def test_probe_host_is_routed_to_the_server_name(name, host):
+    assert piku.probe_host(name) == host
+    assert piku.HOSTNAME_RE.match(piku.probe_host(name))
