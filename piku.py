@@ -475,6 +475,26 @@ def parse_requirement_includes(requirements_text):
     return out
 
 
+def parse_lock_local_sources(lock_text):
+    """Local directories and files a uv.lock installs from (`directory`, `editable`, `path`
+    sources), relative to the project; the project itself (".") is left out."""
+    found = re.findall(r'^source = \{ (?:directory|editable|path) = "([^"]+)"', lock_text, re.M)
+    return sorted({p for p in found if p not in (".", "./")})
+
+
+def parse_requirement_local_paths(requirements_text):
+    """Local paths a requirements file installs from: `./lib`, `../lib`, `-e ./lib`, `-e .`,
+    `file:` URLs and `name @ file:` references."""
+    out = []
+    for line in requirements_text.splitlines():
+        line = line.split(" #")[0].strip()
+        line = re.sub(r"^(?:-e|--editable)(?:\s*=\s*|\s+)", "", line)
+        m = re.search(r"(?:^|@\s*)file://(/\S*)", line) or re.match(r"^(\.{1,2}(?:/\S*)?|/\S+)$", line)
+        if m:
+            out.append(m.group(1).split("#")[0])
+    return out
+
+
 # === 6. Settings ===
 # Layering: DEFAULTS < repo ENV < config:set values (envs/<app>/ENV) < computed values.
 
@@ -1620,6 +1640,13 @@ def sync_needed(b, fp):
     return True
 
 
+def uv_fingerprint(b, lock, version, committed):
+    lock_text = read_text(lock, "")
+    return fingerprint("uv", read_text(os.path.join(b.release_dir, "pyproject.toml")), lock_text, version,
+                       uv_settings_part(b), committed,
+                       local_sources_digest(b.release_dir, parse_lock_local_sources(lock_text)))
+
+
 def build_uv(b):
     """pyproject.toml app: `uv sync` into envs/<app>, honouring a committed uv.lock."""
     if not b.uv and not setting_bool(b.settings, "PIKU_USE_UV"):
@@ -1637,11 +1664,13 @@ def build_uv(b):
     committed = os.path.exists(lock)
     if not committed and os.path.exists(saved_lock):
         write_atomic(lock, read_text(saved_lock))
-    fp = fingerprint("uv", read_text(os.path.join(b.release_dir, "pyproject.toml")),
-                     read_text(lock, ""), version, uv_settings_part(b), committed)
+    fp = uv_fingerprint(b, lock, version, committed)
     if sync_needed(b, fp):
         step("Syncing dependencies with uv" + (" (uv.lock)" if committed else ""))
-        argv = [b.uv, "sync", "--no-progress", "--no-dev", "--no-install-project", "--python", interpreter]
+        # --no-editable: a local package is copied into the venv, never linked to this release
+        # directory (which is pruned later, and a rollback must not see the new code).
+        argv = [b.uv, "sync", "--no-progress", "--no-dev", "--no-install-project", "--no-editable",
+                "--python", interpreter]
         snapshot_venv(b.paths, b.app)
         snap = snapshot_env_dir(b.venv)
         try:
@@ -1659,8 +1688,7 @@ def build_uv(b):
             write_atomic(saved_lock, read_text(lock, ""))
             detail("No uv.lock in the repo: keeping the server's lock for the next deploys; "
                    "commit one (`uv lock`) for reproducible builds")
-            fp = fingerprint("uv", read_text(os.path.join(b.release_dir, "pyproject.toml")),
-                             read_text(lock, ""), version, uv_settings_part(b), committed)
+            fp = uv_fingerprint(b, lock, version, committed)
         ensure_dirs(b.state)
         write_atomic(deps_fingerprint_path(b), fp + "\n")
 
@@ -1671,8 +1699,9 @@ def build_requirements(b):
         detail("requirements.txt present: it decides the dependencies (pyproject.toml not used)")
     interpreter, version = setup_python(b)
     tool = "uv" if b.uv else "pip"
-    fp = fingerprint("requirements", requirements_with_includes(b.release_dir), version, tool, "exact",
-                     uv_settings_part(b))
+    reqs = requirements_with_includes(b.release_dir)
+    fp = fingerprint("requirements", reqs, version, tool, "exact", uv_settings_part(b),
+                     local_sources_digest(b.release_dir, parse_requirement_local_paths(reqs)))
     if not sync_needed(b, fp):
         return
     snapshot_venv(b.paths, b.app)
@@ -1681,8 +1710,8 @@ def build_requirements(b):
         # The file's packages and their dependencies, resolved; --exact also removes what is no
         # longer needed (`uv pip sync` would skip the dependencies of a hand-pinned file).
         step("Installing requirements with uv")
-        out, secs = tool_run(b, [b.uv, "pip", "install", "--exact", "-r", "requirements.txt", "--python", py,
-                                 "--no-progress"], "installing requirements")
+        out, secs = tool_run(b, [b.uv, "pip", "install", "--exact", "--no-editable", "-r", "requirements.txt",
+                                 "--python", py, "--no-progress"], "installing requirements")
         announce_changes(out, secs)
     else:
         step("Installing requirements with pip" + (" (PIKU_USE_UV=false)" if not setting_bool(
@@ -1692,6 +1721,32 @@ def build_requirements(b):
         detail(f"Installed in {secs:.1f}s")
     ensure_dirs(b.state)
     write_atomic(deps_fingerprint_path(b), fp + "\n")
+
+
+def local_sources_digest(base, rels):
+    """Fingerprint part for local packages: every file under each path (a file: itself), so a
+    change to a library kept in the repo re-syncs it. Hidden folders, caches and what a build
+    writes into a source tree (build/, dist/, *.egg-info, target/) are skipped."""
+    import hashlib
+    h = hashlib.sha256()
+    skip = {"__pycache__", "node_modules", "build", "dist", "target"}
+    for rel in rels:
+        top = os.path.normpath(os.path.join(base, rel))
+        h.update(f"\0{rel}\0".encode())
+        walk = [(os.path.dirname(top), [], [os.path.basename(top)])] if os.path.isfile(top) else os.walk(top)
+        for d, dirs, files in walk:
+            dirs[:] = sorted(x for x in dirs if x not in skip and not x.startswith(".")
+                             and not x.endswith(".egg-info"))
+            for name in sorted(files):
+                if name.endswith((".pyc", ".pyo")):
+                    continue
+                path = os.path.join(d, name)
+                try:
+                    with open(path, "rb") as f:
+                        h.update(os.path.relpath(path, top).encode() + b"\0" + hashlib.sha256(f.read()).digest())
+                except OSError:
+                    continue
+    return h.hexdigest() if rels else ""
 
 
 def requirements_with_includes(release_dir, name="requirements.txt", seen=None):

@@ -223,6 +223,49 @@ def test_switching_from_uv_to_pip_recreates_the_venv(server, tmp_path):
     server.wait_http(server.app_port("touv"), contains="req-web v1")
 
 
+def local_lib(name, version):
+    return {f"libs/{name}/pyproject.toml": (
+                f'[project]\nname = "{name}"\nversion = "1.0"\n[build-system]\n'
+                'requires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
+                f'[tool.setuptools]\npy-modules = ["{name}"]\n'),
+            f"libs/{name}/{name}.py": f"V = {version!r}\n"}
+
+
+@pytest.mark.parametrize("committed_lock", [True, False])
+def test_local_path_dependencies_follow_the_repo(server, tmp_path, committed_lock):
+    """Libraries kept in the repo ([tool.uv.sources] path, one of them editable): a change to
+    their code re-syncs them even though pyproject.toml and uv.lock did not change, and the
+    venv never points into a release directory (those are pruned)."""
+    app = "monolock" if committed_lock else "mononolock"
+    files = {"pyproject.toml": ('[project]\nname = "mono"\nversion = "0.1.0"\nrequires-python = ">=3.9"\n'
+                                'dependencies = ["mylib", "edlib"]\n[tool.uv.sources]\n'
+                                'mylib = { path = "libs/mylib" }\n'
+                                'edlib = { path = "libs/edlib", editable = true }\n'),
+             "app.py": ("import edlib, mylib\n"
+                        "def application(environ, start_response):\n"
+                        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+                        "    return [f'mylib={mylib.V} edlib={edlib.V}'.encode()]\n"),
+             "Procfile": "wsgi: app:application\n", "ENV": "PIKU_RELEASES_KEPT=1\n",
+             **local_lib("mylib", "1"), **local_lib("edlib", "1")}
+    repo = server.make_app(None, tmp_path / app, files)
+    if committed_lock:
+        subprocess.run(["uv", "lock", "--quiet"], cwd=repo, check=True, env={**os.environ, "UV_SYSTEM_CERTS": "1"})
+        server.commit(repo, "lock")
+    push_ok(server, repo, app)
+    server.wait_http(server.app_port(app), contains="mylib=1 edlib=1")
+    server.commit(repo, "libs v2", {**local_lib("mylib", "2"), **local_lib("edlib", "2")})
+    out = push_ok(server, repo, app)
+    assert "skipping sync" not in out, out
+    server.wait_http(server.app_port(app), contains="mylib=2 edlib=2")
+    server.commit(repo, "nothing")
+    assert "skipping sync" in push_ok(server, repo, app)  # the release that built the libs is pruned now
+    assert server.ssh("restart", app).returncode == 0
+    server.wait_http(server.app_port(app), contains="mylib=2 edlib=2")
+    links = subprocess.run(["grep", "-rl", "--include=*.pth", "releases/", server.path("envs", app)],
+                           capture_output=True, text=True).stdout
+    assert links == "", links
+
+
 def test_dev_dependencies_are_not_installed(server, tmp_path):
     pyproject = open(os.path.join(os.path.dirname(__file__), "..", "apps", "uv-wsgi", "pyproject.toml")).read()
     repo = server.make_app("uv-wsgi", tmp_path / "devdeps",

@@ -260,3 +260,34 @@ def test_requirements_fingerprint_follows_includes(tmp_path):
 def test_procfile_crlf_and_wsgi_trailing_comment():
     workers, _ = piku.parse_procfile("wsgi: app:app   # served by uWSGI\r\nworker: python w.py # kept\r\n")
     assert workers == {"wsgi": "app:app", "worker": "python w.py # kept"}
+
+
+def test_lock_local_sources():
+    lock = ('[[package]]\nname = "app"\nsource = { editable = "." }\n'
+            '[[package]]\nname = "a"\nsource = { directory = "libs/a" }\n'
+            '[[package]]\nname = "b"\nsource = { editable = "libs/b" }\n'
+            '[[package]]\nname = "c"\nsource = { path = "wheels/c-1.0-py3-none-any.whl" }\n'
+            '[[package]]\nname = "d"\nsource = { registry = "https://pypi.org/simple" }\n'
+            '[[package]]\nname = "e"\nsource = { git = "https://example.org/e.git" }\n')
+    assert piku.parse_lock_local_sources(lock) == ["libs/a", "libs/b", "wheels/c-1.0-py3-none-any.whl"]
+    assert piku.parse_lock_local_sources("") == []
+
+
+def test_requirement_local_paths():
+    text = ("flask==3.0\n-e .\n./libs/a\n--editable ../b  # a comment\nfoo @ file:///opt/x.whl\n"
+            "https://example.org/y.whl\n/abs/pkg\n-r other.txt\n# ./not-this\n")
+    assert piku.parse_requirement_local_paths(text) == [".", "./libs/a", "../b", "/opt/x.whl", "/abs/pkg"]
+
+
+def test_local_sources_digest_follows_content_not_build_output(tmp_path):
+    lib = tmp_path / "libs" / "a"
+    lib.mkdir(parents=True)
+    (lib / "a.py").write_text("V = 1\n")
+    first = piku.local_sources_digest(str(tmp_path), ["libs/a"])
+    for junk in ("build/lib/a.py", "a.egg-info/PKG-INFO", "__pycache__/a.pyc", ".cache/x"):
+        (lib / junk).parent.mkdir(parents=True, exist_ok=True)
+        (lib / junk).write_text("junk")
+    assert piku.local_sources_digest(str(tmp_path), ["libs/a"]) == first
+    (lib / "a.py").write_text("V = 2\n")
+    assert piku.local_sources_digest(str(tmp_path), ["libs/a"]) != first
+    assert piku.local_sources_digest(str(tmp_path), []) == ""
