@@ -899,6 +899,17 @@ def probe_host(name):
     return "piku-probe" + name[1:] if name.startswith("*.") else name
 
 
+def server_name_owners(confs):
+    """{host name (lower case): app} from the server_name lines of apps' nginx confs
+    ({app: conf text})."""
+    owners = {}
+    for app, text in confs.items():
+        for line in re.findall(r"^\s*server_name\s+([^;]*);", text, re.M):
+            for name in line.split():
+                owners.setdefault(name.lower(), app)
+    return owners
+
+
 def render_dehydrated_config(ca_url, basedir, wellknown, email):
     """dehydrated's config is sourced by bash: every value is quoted for the shell."""
     import shlex
@@ -2268,6 +2279,14 @@ def check_nginx(paths, app, text):
     """`nginx -t` on the full piku config with this app's candidate in place of its current one."""
     import shutil
     import tempfile
+    # nginx only warns about a name two server blocks claim, and gives it to the first one
+    others = {n[:-5]: read_text(os.path.join(paths.nginx, n), "") for n in os.listdir(paths.nginx)
+              if n.endswith(".conf") and n not in (f"{app}.conf", "_piku.conf")}
+    owners = server_name_owners(others)
+    for name in server_name_owners({app: text}):
+        if name in owners:
+            raise PikuError(f"NGINX_SERVER_NAME: {name} is already served by app {owners[name]}: "
+                            f"remove it there first (config:set {owners[name]} NGINX_SERVER_NAME=...)")
     nginx = which("nginx") or (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx")
     if not nginx:
         warn("nginx is not installed: its config was written but not checked")
@@ -2277,7 +2296,8 @@ def check_nginx(paths, app, text):
         # nginx -t binds the listen addresses: test on free loopback ports, one per address.
         ports = {}
         confs = [(n, read_text(os.path.join(paths.nginx, n), "")) for n in sorted(os.listdir(paths.nginx))
-                 if n.endswith(".conf") and n != f"{app}.conf"] + [("candidate.conf", text)]
+                 if n.endswith(".conf") and n != f"{app}.conf"]
+        confs.append(("candidate.conf", text))
         for name, body in confs:
             write_atomic(os.path.join(tmp, "check-" + name), relisten_for_check(body, ports))
         candidate = os.path.join(tmp, "check-candidate.conf")

@@ -215,3 +215,13 @@ def test_nginx_that_never_reloads_is_reported(server, tmp_path):
     assert r.returncode == 0, r.stdout
     assert "nginx has not loaded latesite's config after 10s" in r.stdout, r.stdout
     server.wait_http(server.nginx_port, host="late.piku.test", contains="late")
+
+
+def test_a_name_another_app_serves_is_refused(server, wsgi_site, tmp_path):
+    files = {"Procfile": "static: public\n", "public/index.html": "thief\n",
+             "ENV": server.nginx_env("www.other.piku.test, WSGI.piku.test")}
+    r = server.push(server.make_app(None, tmp_path / "thief", files), "thief")
+    assert r.returncode != 0, r.stdout
+    assert "NGINX_SERVER_NAME: wsgi.piku.test is already served by app wsgisite" in r.stdout, r.stdout
+    assert not os.path.exists(server.path("nginx", "thief.conf"))
+    assert "uv-wsgi" in server.wait_http(server.nginx_port, host="wsgi.piku.test")[1]

@@ -404,3 +404,15 @@ def test_computed_env_src_layout():
 def test_probe_host_is_routed_to_the_server_name(name, host):
     assert piku.probe_host(name) == host
     assert piku.HOSTNAME_RE.match(piku.probe_host(name))
+
+
+def test_server_name_owners_from_rendered_confs():
+    def conf(app, names, **extra):
+        settings = {"NGINX_SERVER_NAME": names, **extra}
+        return piku.render_nginx({"app": app, "settings": settings, "paths": PATHS, "kinds": {"web": "x"},
+                                  "sockets": [], "port": 5000, "app_dir": "/a", "cert": True,
+                                  "has_backend": True})
+    owners = piku.server_name_owners({"one": conf("one", "A.example.com www.a.example.com",
+                                                  NGINX_HTTPS_ONLY="true"),
+                                      "two": conf("two", "*.example.org")})
+    assert owners == {"a.example.com": "one", "www.a.example.com": "one", "*.example.org": "two"}
