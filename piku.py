@@ -2587,12 +2587,14 @@ def start_preboot(plan):
     deadline = time.monotonic() + setting_int(s, "PIKU_HEALTH_TIMEOUT")
     while not port_open(host, port, timeout=0.2):
         if proc.poll() is not None or time.monotonic() > deadline:
+            why = (f"exited with status {proc.returncode} before it listened" if proc.returncode is not None
+                   else f"did not listen on $PORT within {setting(s, 'PIKU_HEALTH_TIMEOUT')}s (it must "
+                   "bind $BIND_ADDRESS:$PORT, not a fixed port)")
             stop_preboot(proc)
             for line in read_tail(log_path, start).splitlines()[-15:]:
                 warn(f"web: {line}")
-            why = f"exited ({proc.returncode})" if proc.returncode is not None else "did not listen in time"
-            raise PikuError(f"the new release's web process {why} on standby port {port}: nothing was "
-                            "changed, the previous release keeps serving (see `logs APP web`)")
+            raise PikuError(f"the new release's web process {why}, tried on standby port {port}: nothing "
+                            "was changed, the previous release keeps serving (see `logs APP web`)")
         time.sleep(0.05)
     detail(f"new web process answering on standby port {port} while the worker restarts")
     return proc

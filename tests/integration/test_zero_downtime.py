@@ -90,10 +90,23 @@ def test_broken_web_release_is_refused_before_the_old_one_stops(server, gunicorn
     server.commit(gunicorn_site, "broken web", {"Procfile": procfile})
     with Hammer(server, "gunicorn.piku.test") as h:
         r = server.push(gunicorn_site, "gunisite")
-    assert r.returncode != 0 and "web process exited (3) on standby port" in r.stdout, r.stdout
+    assert r.returncode != 0, r.stdout
+    assert "web process exited with status 3 before it listened, tried on standby port" in r.stdout, r.stdout
     assert server.remote_rev("gunisite") == old
     assert not h.failures and h.bodies.get("req-web v2"), (h.failures[:5], h.bodies)
     server.git(gunicorn_site, "reset", "-q", "--hard", old)
+
+
+def test_web_that_never_listens_on_port_is_refused_with_the_reason(server, gunicorn_site):
+    old = server.rev(gunicorn_site)
+    env = open(os.path.join(gunicorn_site, "ENV")).read() + "PIKU_HEALTH_TIMEOUT=3\n"
+    server.commit(gunicorn_site, "web on a fixed port", {"Procfile": "web: sleep 60\n", "ENV": env})
+    r = server.push(gunicorn_site, "gunisite")
+    assert r.returncode != 0, r.stdout
+    assert "web process did not listen on $PORT within 3s (it must bind $BIND_ADDRESS:$PORT" in r.stdout, r.stdout
+    assert server.remote_rev("gunisite") == old
+    server.git(gunicorn_site, "reset", "-q", "--hard", old)
+    server.wait_http(server.nginx_port, host="gunicorn.piku.test", contains="req-web")
 
 
 def test_preboot_can_be_turned_off(server, gunicorn_site):
