@@ -121,9 +121,13 @@ def which(name, environ=None):
 
 
 def clean_env(environ):
-    """A copy of environ without git's hook variables (GIT_DIR, GIT_QUARANTINE_PATH, ...)."""
-    return {k: v for k, v in environ.items() if not k.startswith("GIT_")
-            and k not in ("SSH_ORIGINAL_COMMAND",)}
+    """A copy of environ without git's hook variables (GIT_DIR, GIT_QUARANTINE_PATH, ...) and
+    without the directory git puts first on PATH for its hooks (.../git-core)."""
+    env = {k: v for k, v in environ.items() if not k.startswith("GIT_") and k not in ("SSH_ORIGINAL_COMMAND",)}
+    if "PATH" in env:
+        parts = [d for d in env["PATH"].split(":") if d and not d.rstrip("/").endswith("/git-core")]
+        env["PATH"] = ":".join(dict.fromkeys(parts)) or os.defpath
+    return env
 
 
 # === 5. Parsers (pure) ===
@@ -1455,7 +1459,7 @@ def build_env(paths, app, settings, environ):
     env = clean_env(environ)
     env.pop("VIRTUAL_ENV", None)
     env.update(settings)
-    env["PATH"] = settings.get("PATH") or environ.get("PATH") or os.defpath
+    env["PATH"] = settings.get("PATH") or clean_env(environ).get("PATH") or os.defpath
     env.setdefault("UV_PYTHON_PREFERENCE", DEFAULTS["UV_PYTHON_PREFERENCE"])
     env.setdefault("UV_CACHE_DIR", paths.uv_cache)
     env["UV_PROJECT_ENVIRONMENT"] = os.path.join(paths.envs, app)
@@ -1942,7 +1946,7 @@ def prepare(paths, app, release_dir, environ, build=True):
     env = dict(settings)
     env.update(computed_env(paths, app, settings, port, os.path.expanduser("~"),
                             environ.get("USER") or os.path.basename(os.path.expanduser("~")),
-                            environ.get("PATH", os.defpath),
+                            clean_env(environ).get("PATH", os.defpath),
                             src_layout=runtime.startswith("python") and "src" in files
                             and os.path.isdir(os.path.join(release_dir, "src"))))
     plan = {"paths": paths, "app": app, "release_dir": release_dir, "workers": workers,

@@ -134,6 +134,8 @@ def test_release_runs_with_clean_env_before_switch(server, tmp_path):
     assert r.returncode == 0, r.stdout
     env = open(server.path("data", "relenv", "release-env.txt")).read()
     assert "GIT_DIR" not in env and "GIT_QUARANTINE_PATH" not in env and "GIT_OBJECT_DIRECTORY" not in env
+    assert "git-core" not in env  # git's exec dir, which git puts on PATH for hooks
+    assert "git-core" not in server.read("envs/relenv/LIVE_ENV")
     for key in ("APP=relenv", "PROC_TYPE=release", "PYTHONUNBUFFERED=1", "DATA_ROOT=", "LOG_ROOT=",
                 "BIND_ADDRESS=127.0.0.1", "PORT="):
         assert key in env

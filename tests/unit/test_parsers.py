@@ -291,3 +291,9 @@ def test_local_sources_digest_follows_content_not_build_output(tmp_path):
     (lib / "a.py").write_text("V = 2\n")
     assert piku.local_sources_digest(str(tmp_path), ["libs/a"]) != first
     assert piku.local_sources_digest(str(tmp_path), []) == ""
+
+
+def test_clean_env_drops_git_hook_variables_and_exec_path():
+    env = piku.clean_env({"GIT_DIR": "/r", "GIT_QUARANTINE_PATH": "/q", "HOME": "/h", "SSH_ORIGINAL_COMMAND": "x",
+                          "PATH": "/usr/lib/git-core:/usr/lib/git-core:/usr/local/bin:/usr/bin:/usr/bin"})
+    assert env == {"HOME": "/h", "PATH": "/usr/local/bin:/usr/bin"}
