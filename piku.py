@@ -3162,7 +3162,7 @@ def cmd_ps_scale(app, settings):
 
 @cli.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("app")
-@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 def cmd_run(app, cmd):
     """Run a command in the app's directory with its live environment."""
     paths = P()

@@ -182,6 +182,8 @@ def test_run_passes_stdin_stdout_and_exit_code(server, kinds):
     r = server.ssh("run", "kinds", "python3", "-c", shlex.quote("import os; print(os.environ['GREETING'])"))
     assert r.stdout == "hello world\n"
     refused(server.ssh("run", "kinds", "no-such-binary-xyz"), "cannot run")
+    r = server.ssh("run", "kinds")
+    assert r.returncode == 2 and "run needs a command: run APP CMD [ARGS]..." in r.stderr, r.stderr
 
 
 def test_cron_job_runs(server, kinds):
