@@ -499,6 +499,19 @@ def parse_requirement_local_paths(requirements_text):
     return out
 
 
+def daemon_restarts(log_text):
+    """How often uWSGI restarted a daemon (web/worker process) in this log text, and whether it
+    is now holding it back for dying too fast."""
+    return (log_text.count("[uwsgi-daemons] respawning"), "[uwsgi-daemons] throttling" in log_text)
+
+
+def crash_looping(log_tail):
+    """The last lines of a daemon worker's log say it keeps dying: restarted at least twice
+    among them, or held back by uWSGI's throttling."""
+    restarts, throttled = daemon_restarts(log_tail)
+    return restarts >= 2 or throttled
+
+
 # === 6. Settings ===
 # Layering: DEFAULTS < repo ENV < config:set values (envs/<app>/ENV) < computed values.
 
@@ -2454,12 +2467,20 @@ def health_check(plan, undo):
                       next(text for m, text in markers.items() if name.startswith(m)))
                for name, (log, offset) in undo["written"].items() if any(name.startswith(m) for m in markers)}
     host = connect_host(host)
+    webs = {name: (log, offset) for name, (log, offset) in undo["written"].items()
+            if name.startswith(f"{plan['app']}_web.")}
     while True:
         for name, (log, offset, marker) in list(pending.items()):
             fresh = read_tail(log, offset)
             if marker in fresh:
                 del pending[name]
             elif "no app loaded" in fresh or "unable to load app" in fresh:
+                return False
+        # a web command that keeps dying (not found, crashes at import) fails now, not at the timeout
+        for log, offset in webs.values():
+            fresh = read_tail(log, offset)
+            if crash_looping(fresh):
+                warn(f"the web command keeps exiting (uWSGI restarted it {daemon_restarts(fresh)[0]} times)")
                 return False
         if not pending and port_open(host, port):
             return True
@@ -2532,6 +2553,10 @@ def go_live(plan, failure, switch=True, undo_on_failure=True, restart="auto"):
                 rollback(p, app, undo)
             for line in worker_log_tail(p, app):
                 warn(line)
+            if undo_on_failure and switch and not undo["link"]:  # nothing to go back to
+                failure = failure.split(": rolled back")[0] + (
+                    ": its workers were stopped; the app had no earlier release, so nothing serves it "
+                    f"until a push succeeds (see `logs {app}`)")
             raise PikuError(failure)
         t1 = time.monotonic()
         wait_for_nginx(plan, undo)
@@ -2921,6 +2946,21 @@ def running_workers():
     return out
 
 
+def worker_crashing(paths, app, worker, recent=60):
+    """Does the worker's log, written to in the last `recent` seconds, end in a crash loop?"""
+    import time
+    path = os.path.join(paths.logs, app, f"{worker}.log")
+    try:
+        if time.time() - os.stat(path).st_mtime > recent:
+            return False
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4096))
+            tail = f.read().decode("utf-8", "replace").splitlines()[-30:]
+    except OSError:
+        return False
+    return crash_looping("\n".join(tail))
+
+
 def worker_up(running, name, kind):
     """Is the worker really running? Its master, and (but for cron, whose jobs come and go)
     something under it: the daemon, or the wsgi workers."""
@@ -3081,9 +3121,14 @@ def cmd_ps(app):
     running = running_workers()
     enabled = vassals_of(paths, app)
     for kind, count in scaling.items():
-        up = sum(1 for n in range(1, count + 1) if worker_up(running, f"{app}:{kind}.{n}", kind))
+        crashing = [n for n in range(1, count + 1) if f"{app}_{kind}.{n}.ini" in enabled
+                    and worker_crashing(paths, app, f"{kind}.{n}")]
+        up = sum(1 for n in range(1, count + 1)
+                 if worker_up(running, f"{app}:{kind}.{n}", kind) and n not in crashing)
         on = sum(1 for n in range(1, count + 1) if f"{app}_{kind}.{n}.ini" in enabled)
         state = "stopped" if on == 0 else ("running" if up == count else "starting")
+        if crashing:
+            state = f"crashing: it keeps exiting and is restarted, see `logs {app} {kind}`"
         click.echo(f"{kind}: {count} configured, {up} running ({state})")
 
 

@@ -273,3 +273,29 @@ def test_one_app_at_a_time_other_apps_in_parallel(server, tmp_path):
                                      capture_output=True, text=True).stdout
     assert not os.path.exists(server.path("apps", "slowapp", "second.txt"))
     assert server.wait_http(server.app_port("slowapp"), contains='"X": "1"')
+
+
+def test_first_release_whose_web_keeps_dying_fails_fast_and_says_so(server, tmp_path):
+    files = {"Procfile": "web: no-such-server-xyz --port $PORT\n", "ENV": "PIKU_HEALTH_TIMEOUT=300\n"}
+    r = server.push(server.make_app(None, tmp_path / "diesfast", files), "diesfast")
+    assert r.returncode != 0, r.stdout
+    assert "the web command keeps exiting (uWSGI restarted it" in r.stdout, r.stdout
+    assert "no-such-server-xyz: not found" in r.stdout, r.stdout
+    assert "the app had no earlier release, so nothing serves it" in r.stdout, r.stdout
+    assert "previous release keeps serving" not in r.stdout
+    assert not [n for n in os.listdir(server.path("uwsgi-enabled")) if n.startswith("diesfast_")]
+
+
+def test_ps_tells_a_crash_looping_worker_from_a_running_one(server, tmp_path):
+    import time
+    files = {"Procfile": "web: python3 -m http.server --bind $BIND_ADDRESS $PORT\n"
+                         "crashy: echo dying; exit 2\nsteady: sleep 600\n"}
+    server.deployed(None, "crashps", tmp_path, files)
+    deadline = time.monotonic() + 60
+    while True:
+        out = server.ssh("ps", "crashps").stdout
+        if "crashy: 1 configured, 0 running (crashing" in out:
+            break
+        assert time.monotonic() < deadline, out
+        time.sleep(1)
+    assert "web: 1 configured, 1 running (running)" in out and "steady: 1 configured, 1 running (running)" in out

@@ -297,3 +297,13 @@ def test_clean_env_drops_git_hook_variables_and_exec_path():
     env = piku.clean_env({"GIT_DIR": "/r", "GIT_QUARANTINE_PATH": "/q", "HOME": "/h", "SSH_ORIGINAL_COMMAND": "x",
                           "PATH": "/usr/lib/git-core:/usr/lib/git-core:/usr/local/bin:/usr/bin:/usr/bin"})
     assert env == {"HOME": "/h", "PATH": "/usr/local/bin:/usr/bin"}
+
+
+def test_crash_loop_from_uwsgi_daemon_lines():
+    spawn = '[uwsgi-daemons] spawning "gunicorn app" (uid: 1000 gid: 1000)\n'
+    again = '/bin/sh: 1: gunicorn: not found\n[uwsgi-daemons] respawning "gunicorn app" (uid: 1000 gid: 1000)\n'
+    assert not piku.crash_looping(spawn + "listening\n")
+    assert not piku.crash_looping(spawn + again)  # one restart can be a fluke
+    assert piku.crash_looping(spawn + again * 2)
+    assert piku.crash_looping('[uwsgi-daemons] throttling "x" for 4 seconds\n')
+    assert piku.daemon_restarts(spawn + again * 3) == (3, False)
