@@ -1510,12 +1510,27 @@ def python_request(settings, release_dir):
     return None, None
 
 
-def no_interpreter_error(request):
+def parse_requires_python(pyproject_text):
+    """The `requires-python` specifier of a pyproject.toml, or None."""
+    m = re.search(r"""^requires-python\s*=\s*["']([^"']+)["']""", pyproject_text or "", re.M)
+    return m.group(1).strip() if m else None
+
+
+def no_interpreter_error(request, requires=None, download_error=None):
+    """The error for a Python that cannot be found, with the fixes that apply (pure)."""
+    why = f" (uv could not download it: {download_error})" if download_error else ""
+    if request is None and requires:
+        return PikuError(
+            f"No installed Python satisfies requires-python = \"{requires}\" of pyproject.toml{why}. "
+            f"Fixes: (1) install one on the server as the piku user: `uv python install '{requires}'`; "
+            f"(2) choose an installed version that fits: `config:set APP PYTHON_VERSION=<version>` "
+            f"(see `uv python list --only-installed`); (3) relax requires-python and push again")
+    label = request or "(uv default)"
     return PikuError(
-        f"No interpreter found for Python {request}. Fixes: (1) install it on the server as the "
-        f"piku user: `uv python install {request}`; (2) choose an installed version: "
+        f"No interpreter found for Python {label}{why}. Fixes: (1) install it on the server as the "
+        f"piku user: `uv python install {request or ''}`; (2) choose an installed version: "
         f"`config:set APP PYTHON_VERSION=<version>` (see `uv python list --only-installed`); "
-        f"(3) allow managed downloads: `config:set APP UV_PYTHON_PREFERENCE=managed "
+        f"(3) let uv download it: `config:set APP UV_PYTHON_PREFERENCE=managed "
         f"UV_PYTHON_DOWNLOADS=automatic` on a server that can reach them")
 
 
@@ -1525,13 +1540,18 @@ def find_python(b, request):
         return find_python_on_path(b.env, request)
     argv = [b.uv, "python", "find", "--no-progress"] + ([request] if request else [])
     proc = run(argv, cwd=b.release_dir, env=b.env, capture=True, check=False)
+    download_error = None
     if proc.returncode != 0 and request and b.env.get("UV_PYTHON_DOWNLOADS") != "never" \
             and b.env.get("UV_PYTHON_PREFERENCE") not in ("only-system", "system"):
-        run([b.uv, "python", "install", "--no-progress", request], cwd=b.release_dir, env=b.env,
-            capture="merged", check=False)
+        inst = run([b.uv, "python", "install", "--no-progress", request], cwd=b.release_dir, env=b.env,
+                   capture="merged", check=False)
+        if inst.returncode != 0:
+            lines = [l.strip() for l in inst.stdout.splitlines() if l.strip()]
+            download_error = (lines[-1] if lines else f"exit {inst.returncode}")[:200]
         proc = run(argv, cwd=b.release_dir, env=b.env, capture=True, check=False)
     if proc.returncode != 0 or not proc.stdout.strip():
-        raise no_interpreter_error(request or "(uv default)")
+        requires = parse_requires_python(read_text(os.path.join(b.release_dir, "pyproject.toml"), ""))
+        raise no_interpreter_error(request, requires, download_error)
     return proc.stdout.strip().splitlines()[-1]
 
 

@@ -123,6 +123,15 @@ def test_missing_interpreter_gives_three_fixes(server, tmp_path):
     assert "uv python install 3.99" in r.stdout and "PYTHON_VERSION" in r.stdout and "managed" in r.stdout
 
 
+def test_requires_python_nothing_satisfies_names_it(server, tmp_path):
+    pyproject = open(os.path.join(os.path.dirname(__file__), "..", "apps", "uv-wsgi", "pyproject.toml")).read()
+    repo = server.make_app("uv-wsgi", tmp_path / "toonew",
+                           {"pyproject.toml": pyproject.replace('">=3.9"', '">=3.99"')})
+    r = server.push(repo, "toonew")
+    assert r.returncode != 0, r.stdout
+    assert 'No installed Python satisfies requires-python = ">=3.99" of pyproject.toml' in r.stdout, r.stdout
+
+
 def make_lock(repo, pin=None):
     env = dict(os.environ, UV_SYSTEM_CERTS="1")
     subprocess.run(["uv", "lock", "-q"], cwd=repo, env=env, check=True)

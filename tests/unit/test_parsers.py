@@ -307,3 +307,14 @@ def test_crash_loop_from_uwsgi_daemon_lines():
     assert piku.crash_looping(spawn + again * 2)
     assert piku.crash_looping('[uwsgi-daemons] throttling "x" for 4 seconds\n')
     assert piku.daemon_restarts(spawn + again * 3) == (3, False)
+
+
+def test_requires_python_and_the_missing_interpreter_error():
+    assert piku.parse_requires_python('[project]\nname = "x"\nrequires-python = ">=3.15"\n') == ">=3.15"
+    assert piku.parse_requires_python("[project]\nrequires-python='~=3.11'\n") == "~=3.11"
+    assert piku.parse_requires_python('[project]\nname = "x"\n') is None
+    e = str(piku.no_interpreter_error(None, ">=3.15"))
+    assert 'requires-python = ">=3.15"' in e and "uv python install '>=3.15'" in e and "(uv default)" not in e
+    e = str(piku.no_interpreter_error("3.14", ">=3.9", "Failed to download https://example.org/cpython.tar.gz"))
+    assert e.startswith("No interpreter found for Python 3.14 (uv could not download it: Failed to download")
+    assert "uv python install 3.14" in e
