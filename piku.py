@@ -1690,9 +1690,10 @@ def sync_needed(b, fp):
 
 def uv_fingerprint(b, lock, version, committed):
     lock_text = read_text(lock, "")
+    local = local_sources_digest(b.release_dir, parse_lock_local_sources(lock_text))
+    # (no local packages: the same fingerprint as piku.py versions before local ones counted)
     return fingerprint("uv", read_text(os.path.join(b.release_dir, "pyproject.toml")), lock_text, version,
-                       uv_settings_part(b), committed,
-                       local_sources_digest(b.release_dir, parse_lock_local_sources(lock_text)))
+                       uv_settings_part(b), committed, *([local] if local else []))
 
 
 def build_uv(b):
@@ -2643,7 +2644,7 @@ def start_preboot(plan):
             for line in read_tail(log_path, start).splitlines()[-15:]:
                 warn(f"web: {line}")
             raise PikuError(f"the new release's web process {why}, tried on standby port {port}: nothing "
-                            "was changed, the previous release keeps serving (see `logs APP web`)")
+                            f"was changed, the previous release keeps serving (see `logs {app} web`)")
         time.sleep(0.05)
     detail(f"new web process answering on standby port {port} while the worker restarts")
     return proc

@@ -196,7 +196,8 @@ def test_first_deploy_answers_by_name_when_the_push_returns(server, tmp_path):
              "ENV": server.nginx_env("first.piku.test")}
     r = server.push(server.make_app(None, tmp_path / "first", files), "firstsite")
     assert r.returncode == 0 and "nginx has not loaded" not in r.stdout, r.stdout
-    assert raw_get(server, "first.piku.test") == (200, "<h1>first</h1>\n")
+    got = raw_get(server, "first.piku.test")
+    assert got == (200, "<h1>first</h1>\n"), (got, r.stdout, server.logs())
 
 
 def test_nginx_that_never_reloads_is_reported(server, tmp_path):
