@@ -192,12 +192,33 @@ def raw_get(server, host, path="/"):
 
 
 def test_first_deploy_answers_by_name_when_the_push_returns(server, tmp_path):
+    """The push of a new name waits until nginx routes it: with the reload watcher paused it
+    is still running after its config is written, and it ends, without a warning, once nginx
+    has reloaded."""
+    import signal
+    import threading
+    import time
     files = {"Procfile": "static: public\n", "public/index.html": "<h1>first</h1>\n",
              "ENV": server.nginx_env("first.piku.test")}
-    r = server.push(server.make_app(None, tmp_path / "first", files), "firstsite")
+    repo = server.make_app(None, tmp_path / "first", files)
+    watcher, result = server.procs["nginx-watch"].pid, {}
+    os.kill(watcher, signal.SIGSTOP)
+    try:
+        pusher = threading.Thread(target=lambda: result.update(r=server.push(repo, "firstsite")))
+        pusher.start()
+        deadline = time.monotonic() + 120
+        while not os.path.exists(server.path("nginx", "firstsite.conf")):
+            assert time.monotonic() < deadline and pusher.is_alive(), result
+            time.sleep(0.05)
+        time.sleep(2)
+        assert pusher.is_alive(), result["r"].stdout  # waiting for nginx, not done
+        assert raw_get(server, "first.piku.test")[1] != "<h1>first</h1>\n"  # nginx has not reloaded
+    finally:
+        os.kill(watcher, signal.SIGCONT)
+    pusher.join(60)
+    r = result["r"]
     assert r.returncode == 0 and "nginx has not loaded" not in r.stdout, r.stdout
-    got = raw_get(server, "first.piku.test")
-    assert got == (200, "<h1>first</h1>\n"), (got, r.stdout, server.logs())
+    assert server.wait_http(server.nginx_port, host="first.piku.test")[1] == "<h1>first</h1>\n"
 
 
 def test_nginx_that_never_reloads_is_reported(server, tmp_path):
