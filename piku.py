@@ -479,6 +479,19 @@ def parse_requirement_includes(requirements_text):
     return out
 
 
+def is_fully_pinned(requirements_text):
+    """Every requirement is `name==version` (extras, markers and comments allowed): the file
+    may be a complete lock, which `uv pip sync` installs exactly."""
+    reqs = [l.split("#")[0].strip() for l in requirements_text.splitlines()]
+    reqs = [r for r in reqs if r]
+    return bool(reqs) and all(re.match(r"^[A-Za-z0-9._\[\],-]+==[A-Za-z0-9.*+!_-]+(\s*;.*)?$", r) for r in reqs)
+
+
+def parse_missing_requirements(check_output):
+    """Packages `uv pip check` says are required but not installed."""
+    return sorted(set(re.findall(r"requires `([A-Za-z0-9._-]+)[^`]*`, but it's not installed", check_output)))
+
+
 def parse_lock_local_sources(lock_text):
     """Local directories and files a uv.lock installs from (`directory`, `editable`, `path`
     sources), relative to the project; the project itself (".") is left out."""
@@ -1749,19 +1762,33 @@ def build_requirements(b):
     interpreter, version = setup_python(b)
     tool = "uv" if b.uv else "pip"
     reqs = requirements_with_includes(b.release_dir)
-    fp = fingerprint("requirements", reqs, version, tool, "exact", uv_settings_part(b),
-                     local_sources_digest(b.release_dir, parse_requirement_local_paths(reqs)))
+    pinned = is_fully_pinned(read_text(os.path.join(b.release_dir, "requirements.txt"), ""))
+    local = local_sources_digest(b.release_dir, parse_requirement_local_paths(reqs))
+    fp = fingerprint("requirements", reqs, version, tool, pinned, uv_settings_part(b), *([local] if local else []))
     if not sync_needed(b, fp):
         return
     snapshot_venv(b.paths, b.app)
     py = os.path.join(b.venv, "bin", "python")
     if b.uv:
-        # The file's packages and their dependencies, resolved; --exact also removes what is no
-        # longer needed (`uv pip sync` would skip the dependencies of a hand-pinned file).
-        step("Installing requirements with uv")
-        out, secs = tool_run(b, [b.uv, "pip", "install", "--exact", "--no-editable", "-r", "requirements.txt",
-                                 "--python", py, "--no-progress"], "installing requirements")
-        announce_changes(out, secs)
+        install = [b.uv, "pip", "install", "--exact", "--no-editable", "-r", "requirements.txt", "--python", py,
+                   "--no-progress"]
+        if pinned:  # a complete lock (pip freeze, uv pip compile): installed exactly as it is
+            step("Installing requirements with uv (exact sync, fully pinned)")
+            out, secs = tool_run(b, [b.uv, "pip", "sync", "requirements.txt", "--python", py, "--no-progress"],
+                                 "installing requirements")
+            announce_changes(out, secs)
+            check = run([b.uv, "pip", "check", "--python", py], cwd=b.release_dir, env=b.env, capture="merged",
+                        check=False)
+            missing = parse_missing_requirements(check.stdout)
+            if missing:  # pins only some packages: their dependencies are needed too
+                step(f"requirements.txt pins packages without their dependencies ({', '.join(missing[:5])}"
+                     f"{', ...' if len(missing) > 5 else ''}): installing those too")
+                out, secs = tool_run(b, install, "installing requirements")
+                announce_changes(out, secs)
+        else:  # the file's packages and their dependencies; --exact removes what left the file
+            step("Installing requirements with uv")
+            out, secs = tool_run(b, install, "installing requirements")
+            announce_changes(out, secs)
     else:
         step("Installing requirements with pip" + (" (PIKU_USE_UV=false)" if not setting_bool(
             b.settings, "PIKU_USE_UV") else " (uv not found)"))

@@ -212,7 +212,8 @@ def test_hand_pinned_requirements_get_their_dependencies(server, tmp_path):
     the dependencies too; a package dropped from the file leaves the virtualenv."""
     repo = server.make_app("req-web", tmp_path / "pinned",
                            {"requirements.txt": "gunicorn==23.0.0\nsix==1.16.0\n"})
-    push_ok(server, repo, "pinned")
+    out = push_ok(server, repo, "pinned")
+    assert "exact sync, fully pinned" in out and "without their dependencies (packaging)" in out, out
     server.wait_http(server.app_port("pinned"), contains="req-web v1")
     check = "'import packaging, six, gunicorn; print(gunicorn.__version__)'"
     assert server.ssh("run", "pinned", "python", "-c", check).stdout.strip() == "23.0.0"
@@ -221,6 +222,11 @@ def test_hand_pinned_requirements_get_their_dependencies(server, tmp_path):
     assert "- six==1.16.0" in out, out
     assert server.ssh("run", "pinned", "python", "-c", "'import six'").returncode != 0
     assert server.ssh("run", "pinned", "python", "-c", "'import packaging'").returncode == 0
+    # a complete lock (as pip freeze writes it) is installed as it is, nothing resolved
+    server.commit(repo, "frozen", {"requirements.txt": "gunicorn==23.0.0\npackaging==24.1\n"})
+    out = push_ok(server, repo, "pinned")
+    assert "exact sync, fully pinned" in out and "without their dependencies" not in out, out
+    assert "packaging==24.1" in out, out
 
 
 def test_switching_from_uv_to_pip_recreates_the_venv(server, tmp_path):

@@ -136,8 +136,20 @@ def test_plugin_python_and_pyvenv_cfg():
     assert piku.parse_pyvenv_cfg("home = /usr\nversion_info = 3.12.1\n")["version_info"] == "3.12.1"
 
 
-def test_uv_changes():
+def test_uv_changes_and_pinned_requirements():
     assert piku.parse_uv_changes("Resolved\n + flask==3.0\n - six==1.0\n") == (["flask==3.0"], ["six==1.0"])
+    assert piku.is_fully_pinned("flask==3.0.0\n# c\nsix==1.16 ; python_version>'3'\n")
+    assert not piku.is_fully_pinned("flask>=3\n")
+    assert not piku.is_fully_pinned("")
+
+
+def test_missing_requirements_from_uv_pip_check():
+    out = ("Checked 1 package in 0.30ms\nFound 3 incompatibilities\n"
+           "The package `flask` requires `werkzeug>=3.0.0`, but it's not installed\n"
+           "The package `flask` requires `jinja2>=3.1.2`, but it's not installed\n"
+           "The package `a` requires `b==1`, but `2` is installed\n")
+    assert piku.parse_missing_requirements(out) == ["jinja2", "werkzeug"]
+    assert piku.parse_missing_requirements("Checked 3 packages in 1ms\nAll installed packages are compatible\n") == []
 
 
 def test_bool_and_int_parsers():
