@@ -166,6 +166,23 @@ def parse_bool(value, key="value"):
     raise PikuError(f"{key}: expected true or false, got {value!r}")
 
 
+def parse_count_or_bool(value, key, when_true, maximum=10**9):
+    """A number, or a boolean standing for `when_true` (true) or 0 (false): settings the
+    original piku read as numbers and earlier piku.py versions as booleans."""
+    v = str(value).strip().lower()
+    if v in ("true", "yes", "on", "y"):
+        return when_true
+    if v in ("false", "no", "off", "n", ""):
+        return 0
+    try:
+        n = int(v)
+    except ValueError:
+        raise PikuError(f"{key}: expected a number (0 = off) or true/false, got {value!r}")
+    if not 0 <= n <= maximum:
+        raise PikuError(f"{key}: expected a number between 0 and {maximum}, got {value!r}")
+    return n
+
+
 def parse_int(value, key="value", minimum=None, maximum=None):
     try:
         n = int(str(value).strip())
@@ -549,8 +566,8 @@ DEFAULTS = {
     "NGINX_CACHE_TIME": "3600",
     "NGINX_CACHE_CONTROL": "3600",
     "NGINX_CACHE_EXPIRY": "86400",
-    "NGINX_CACHE_REDIRECTS": "false",
-    "NGINX_CACHE_ANY": "false",
+    "NGINX_CACHE_REDIRECTS": "3600",
+    "NGINX_CACHE_ANY": "0",
     "UWSGI_MAX_REQUESTS": "1024",
     "UWSGI_LISTEN": "16",
     "UWSGI_PROCESSES": "1",
@@ -558,7 +575,7 @@ DEFAULTS = {
     "UWSGI_ENABLE_THREADS": "true",
     "UWSGI_LOG_MAXSIZE": "1048576",
     "UWSGI_LOG_X_FORWARDED_FOR": "false",
-    "UWSGI_GEVENT": "false",
+    "UWSGI_GEVENT": "0",
     "UWSGI_ASYNCIO": "0",
     "UWSGI_IDLE": "",
     "ACME_ROOT_CA": "letsencrypt.org",
@@ -576,8 +593,8 @@ INT_SETTINGS = {"PORT": (1, 65535), "UWSGI_MAX_REQUESTS": (0, 10**9), "UWSGI_LIS
                 "NGINX_CACHE_EXPIRY": (0, 10**9)}
 BOOL_SETTINGS = ("PIKU_AUTO_RESTART", "PIKU_VERBOSE", "PIKU_USE_UV", "PIKU_PREBOOT", "DISABLE_IPV6",
                  "NGINX_HTTPS_ONLY",
-                 "NGINX_ALLOW_GIT_FOLDERS", "NGINX_CACHE_REDIRECTS", "NGINX_CACHE_ANY",
-                 "UWSGI_ENABLE_THREADS", "UWSGI_LOG_X_FORWARDED_FOR", "UWSGI_GEVENT",
+                 "NGINX_ALLOW_GIT_FOLDERS",
+                 "UWSGI_ENABLE_THREADS", "UWSGI_LOG_X_FORWARDED_FOR",
                  "NGINX_CLOUDFLARE_ACL")
 CHOICE_SETTINGS = {"PIKU_PYUWSGI": ("auto", "never", "always"),
                    "ACME_CLIENT": ("auto", "acme.sh", "dehydrated", "none")}
@@ -591,6 +608,9 @@ def validate_settings(settings):
     for key in BOOL_SETTINGS:
         if key in settings:
             parse_bool(settings[key], key)
+    for key in COUNT_OR_BOOL:
+        if key in settings:
+            parse_count_or_bool(settings[key], key, 0)
     for key, choices in CHOICE_SETTINGS.items():
         if key in settings and settings[key] not in choices:
             raise PikuError(f"{key}: expected one of {', '.join(choices)}, got {settings[key]!r}")
@@ -634,6 +654,15 @@ def setting_bool(settings, key):
 
 def setting_int(settings, key):
     return int(setting(settings, key))
+
+
+# number-or-boolean settings: what `true` stands for
+COUNT_OR_BOOL = {"UWSGI_GEVENT": lambda s: 100, "NGINX_CACHE_ANY": lambda s: setting_int(s, "NGINX_CACHE_TIME"),
+                 "NGINX_CACHE_REDIRECTS": lambda s: setting_int(s, "NGINX_CACHE_TIME")}
+
+
+def setting_count(settings, key):
+    return parse_count_or_bool(setting(settings, key), key, COUNT_OR_BOOL[key](settings))
 
 
 def computed_env(paths, app, settings, port, home, user, base_path, src_layout=False):
@@ -724,8 +753,8 @@ def wsgi_pairs(v, inner=False):
              ("env", f"PROC_INDEX={v['index']}")]
     if v.get("socket"):
         pairs += [("socket", v["socket"]), ("chmod-socket", "666")]
-    if setting_bool(s, "UWSGI_GEVENT"):
-        pairs.append(("gevent", "100"))
+    if setting_count(s, "UWSGI_GEVENT"):
+        pairs.append(("gevent", str(setting_count(s, "UWSGI_GEVENT"))))
     elif int(setting(s, "UWSGI_ASYNCIO") or 0) > 0:
         pairs += [("asyncio", setting(s, "UWSGI_ASYNCIO")), ("greenlet", "true")]
     else:
@@ -1082,23 +1111,25 @@ def parse_cache(s, p, app):
             "size": setting_int(s, "NGINX_CACHE_SIZE"), "time": setting_int(s, "NGINX_CACHE_TIME"),
             "control": setting_int(s, "NGINX_CACHE_CONTROL"),
             "expiry": setting_int(s, "NGINX_CACHE_EXPIRY"),
-            "redirects": setting_bool(s, "NGINX_CACHE_REDIRECTS"), "any": setting_bool(s, "NGINX_CACHE_ANY")}
+            "redirects": setting_count(s, "NGINX_CACHE_REDIRECTS"), "any": setting_count(s, "NGINX_CACHE_ANY")}
 
 
 def render_cache_location(c, module):
     """Cache directives for a location passing to the app (module: proxy or uwsgi). Only URIs
     under the cache prefixes are cached and marked public; everything else passes untouched."""
-    codes = "200 301 302" if c["redirects"] else "200"
+
     regex = "|".join(re.escape(u) for u in c["prefixes"])
     lines = ["    set $piku_nocache 1;", '    set $piku_cache_control "";',
              f"    if ($uri ~ ^({regex})) {{ set $piku_nocache 0; "
              f"set $piku_cache_control \"public, max-age={c['control']}\"; }}",
              f"    {module}_cache {c['app']};", f"    {module}_cache_bypass $piku_nocache;",
-             f"    {module}_no_cache $piku_nocache;", f"    {module}_cache_valid {codes} {c['time']}s;"]
+             f"    {module}_no_cache $piku_nocache;", f"    {module}_cache_valid 200 304 {c['time']}s;"]
     if module == "uwsgi":  # the uwsgi module has no default key
         lines.append("    uwsgi_cache_key $scheme$host$request_uri;")
+    if c["redirects"]:
+        lines.append(f"    {module}_cache_valid 301 302 307 308 {c['redirects']}s;")
     if c["any"]:
-        lines.append(f"    {module}_cache_valid any {c['time']}s;")
+        lines.append(f"    {module}_cache_valid any {c['any']}s;")
     return lines + [f"    {module}_ignore_headers Cache-Control Expires Set-Cookie;",
                     "    add_header Cache-Control $piku_cache_control;",  # empty: not sent
                     "    add_header X-Cache-Status $upstream_cache_status;"]
@@ -1879,7 +1910,7 @@ def native_loop_plugins(settings, dirs):
     """The system uWSGI plugins UWSGI_GEVENT / UWSGI_ASYNCIO need; rejects the deploy with the
     package to install when one is missing (uWSGI would silently ignore the option)."""
     wanted = []
-    if setting_bool(settings, "UWSGI_GEVENT"):
+    if setting_count(settings, "UWSGI_GEVENT"):
         wanted += LOOP_PLUGINS["UWSGI_GEVENT"]
     elif int(setting(settings, "UWSGI_ASYNCIO") or 0) > 0:
         wanted += LOOP_PLUGINS["UWSGI_ASYNCIO"]

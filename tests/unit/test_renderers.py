@@ -26,7 +26,7 @@ def test_wsgi_vassal_defaults():
 @pytest.mark.parametrize("key,value,line", [
     ("UWSGI_PROCESSES", "3", "processes = 3"), ("UWSGI_THREADS", "8", "threads = 8"),
     ("UWSGI_MAX_REQUESTS", "10", "max-requests = 10"), ("UWSGI_LISTEN", "64", "listen = 64"),
-    ("UWSGI_GEVENT", "true", "gevent = 100"), ("UWSGI_ASYNCIO", "50", "asyncio = 50"),
+    ("UWSGI_GEVENT", "true", "gevent = 100"), ("UWSGI_GEVENT", "250", "gevent = 250"), ("UWSGI_ASYNCIO", "50", "asyncio = 50"),
     ("UWSGI_LOG_X_FORWARDED_FOR", "true", "log-x-forwarded-for = true"),
     ("UWSGI_IDLE", "60", "idle = 60"), ("UWSGI_LOG_MAXSIZE", "99", "log-maxsize = 99"),
     ("BIND_ADDRESS", "0.0.0.0", "http-socket = 0.0.0.0:5000"),
@@ -151,8 +151,12 @@ def test_nginx_wsgi_uses_unix_sockets():
     ({"NGINX_CLOUDFLARE_ACL": "true"}, "allow 173.245.48.0/20;", None),
     ({"NGINX_CACHE_PREFIXES": "/api"}, "proxy_cache demo;", None),
     ({"NGINX_CACHE_PREFIXES": "/api"}, 'set $piku_cache_control "public, max-age=3600"; }', None),
-    ({"NGINX_CACHE_PREFIXES": "/api", "NGINX_CACHE_TIME": "60"}, "proxy_cache_valid 200 60s;", None),
-    ({"NGINX_CACHE_PREFIXES": "/api", "NGINX_CACHE_REDIRECTS": "true"}, "200 301 302", None),
+    ({"NGINX_CACHE_PREFIXES": "/api", "NGINX_CACHE_TIME": "60"}, "proxy_cache_valid 200 304 60s;", None),
+    ({"NGINX_CACHE_PREFIXES": "/api", "NGINX_CACHE_REDIRECTS": "600"},
+     "proxy_cache_valid 301 302 307 308 600s;", None),
+    ({"NGINX_CACHE_PREFIXES": "/api", "NGINX_CACHE_TIME": "90", "NGINX_CACHE_REDIRECTS": "true"},
+     "proxy_cache_valid 301 302 307 308 90s;", None),
+    ({"NGINX_CACHE_PREFIXES": "/api", "NGINX_CACHE_ANY": "120"}, "proxy_cache_valid any 120s;", None),
 ])
 def test_nginx_flags(settings, added, removed):
     default, conf = nginx(), nginx(settings)
@@ -416,3 +420,17 @@ def test_server_name_owners_from_rendered_confs():
                                                   NGINX_HTTPS_ONLY="true"),
                                       "two": conf("two", "*.example.org")})
     assert owners == {"a.example.com": "one", "www.a.example.com": "one", "*.example.org": "two"}
+
+
+def test_cache_times_are_seconds_as_in_the_original_piku():
+    cached = {"NGINX_CACHE_PREFIXES": "/api"}
+    conf = nginx(cached)
+    assert "proxy_cache_valid 301 302 307 308 3600s;" in conf and "proxy_cache_valid any" not in conf
+    assert "301 302 307 308" not in nginx({**cached, "NGINX_CACHE_REDIRECTS": "0"})
+    assert "301 302 307 308" not in nginx({**cached, "NGINX_CACHE_REDIRECTS": "false"})
+    for key in ("NGINX_CACHE_REDIRECTS", "NGINX_CACHE_ANY", "UWSGI_GEVENT"):
+        with pytest.raises(PikuError, match=key):
+            piku.validate_settings({key: "soon"})
+        with pytest.raises(PikuError, match=key):
+            piku.validate_settings({key: "-5"})
+        piku.validate_settings({key: "3600"})
