@@ -1572,7 +1572,7 @@ def no_interpreter_error(request, requires=None, download_error=None):
     label = request or "(uv default)"
     return PikuError(
         f"No interpreter found for Python {label}{why}. Fixes: (1) install it on the server as the "
-        f"piku user: `uv python install {request or ''}`; (2) choose an installed version: "
+        f"piku user: `uv python install{' ' + request if request else ''}`; (2) choose an installed version: "
         f"`config:set APP PYTHON_VERSION=<version>` (see `uv python list --only-installed`); "
         f"(3) let uv download it: `config:set APP UV_PYTHON_PREFERENCE=managed "
         f"UV_PYTHON_DOWNLOADS=automatic` on a server that can reach them")
@@ -2021,6 +2021,21 @@ def read_procfile(release_dir):
     return parse_procfile(text)
 
 
+def env_file_base(paths, app, environ):
+    """What `$VAR` in a repo ENV file may refer to besides earlier keys, as in the original
+    piku: APP, DATA_ROOT, LOG_ROOT, HOME, USER, VIRTUAL_ENV and the server's PATH (so
+    `PATH=$PATH:/opt/bin` and `DB=$DATA_ROOT/db.sqlite` work)."""
+    home = os.path.expanduser("~")
+    return {"APP": app, "DATA_ROOT": os.path.join(paths.data, app), "LOG_ROOT": paths.logs, "HOME": home,
+            "USER": environ.get("USER") or os.path.basename(home), "VIRTUAL_ENV": os.path.join(paths.envs, app),
+            "PATH": clean_env(environ).get("PATH", os.defpath)}
+
+
+def read_repo_env(paths, app, release_dir, environ):
+    return parse_env(read_text(os.path.join(release_dir, "ENV"), "") if release_dir else "",
+                     env_file_base(paths, app, environ), source="ENV (in the repo)")
+
+
 def prepare(paths, app, release_dir, environ, build=True):
     """Everything about a release short of making it live: parse, build, compute env and files."""
     if restore_venv(paths, app):  # (callers hold the app lock) an earlier deploy was cut off
@@ -2028,7 +2043,7 @@ def prepare(paths, app, release_dir, environ, build=True):
     workers, warnings = read_procfile(release_dir)
     for w in warnings:
         warn(w)
-    repo_env = parse_env(read_text(os.path.join(release_dir, "ENV"), ""), source="ENV (in the repo)")
+    repo_env = read_repo_env(paths, app, release_dir, environ)
     settings = validate_settings({**repo_env, **load_config(paths, app)})
     b = Build(paths, app, release_dir, settings, workers, environ)
     ensure_dirs(os.path.join(paths.data, app), os.path.join(paths.logs, app))  # release may write there
@@ -3214,8 +3229,7 @@ def cmd_ps(app):
 def live_settings(paths, app):
     """The settings the live release runs with (repo ENV < config), without building."""
     release = live_release(paths, app)
-    repo_env = parse_env(read_text(os.path.join(release, "ENV"), "") if release else "",
-                         source="ENV (in the repo)")
+    repo_env = read_repo_env(paths, app, release, os.environ)
     return validate_settings({**repo_env, **load_config(paths, app)})
 
 

@@ -299,3 +299,18 @@ def test_ps_tells_a_crash_looping_worker_from_a_running_one(server, tmp_path):
         assert time.monotonic() < deadline, out
         time.sleep(1)
     assert "web: 1 configured, 1 running (running)" in out and "steady: 1 configured, 1 running (running)" in out
+
+
+def test_repo_env_expands_piku_values_as_the_original_did(server, tmp_path):
+    """`$DATA_ROOT`, `$APP`, `$HOME` and `$PATH` in the repo's ENV file mean what they mean in
+    the app's processes (the original piku expanded them); earlier keys still come first."""
+    files = {"Procfile": "web: python3 -m http.server --bind $BIND_ADDRESS $PORT\n",
+             "ENV": "DB_PATH=$DATA_ROOT/db.sqlite\nNAME=${APP}-site\nPATH=$PATH:/opt/piku-extra/bin\n"
+                    "CACHE=$HOME/.cache/$NAME\n"}
+    server.deployed(None, "expander", tmp_path, files)
+    live = server.ssh("config:live", "expander").stdout
+    assert f"DB_PATH={server.path('data', 'expander', 'db.sqlite')}\n" in live, live
+    assert "NAME=expander-site\n" in live and "/.cache/expander-site\n" in live, live
+    path = [l for l in live.splitlines() if l.startswith("PATH=")][0]
+    assert path.startswith(f"PATH={server.path('envs', 'expander', 'bin')}:") and \
+        path.endswith(":/opt/piku-extra/bin") and "$PATH" not in path, path
