@@ -1986,15 +1986,45 @@ def live_release(paths, app):
     return os.path.realpath(path) if os.path.isdir(path) else None
 
 
-def choose_port(paths, app, settings):
-    """PORT from settings, else the one the app had (a web app keeps its port), else a free one."""
+def ports_of_other_apps(paths, app):
+    """{port: app} for the PORT and standby port of every other app."""
+    out = {}
+    for other in known_apps(paths):
+        if other == app:
+            continue
+        live = os.path.join(paths.envs, other, "LIVE_ENV")
+        port = load_live_env(paths, other).get("PORT", "") if os.path.exists(live) else ""
+        standby = (read_text(os.path.join(paths.state, other, "standby_port")) or "").strip()
+        for value in (port, standby):
+            if value.isdigit():
+                out.setdefault(int(value), other)
+    return out
+
+
+def choose_port(paths, app, settings, listens=True):
+    """PORT from settings, else the one the app had (a web app keeps its port), else a free one.
+    A port another app has, or (when it is not the app's own already) one something else
+    listens on, is refused: the health check would take that listener for the app."""
+    bind = setting(settings, "BIND_ADDRESS")
+    live = os.path.join(paths.envs, app, "LIVE_ENV")
+    old = load_live_env(paths, app).get("PORT", "") if os.path.exists(live) else ""
+    taken = ports_of_other_apps(paths, app) if listens else {}
     if settings.get("PORT"):
-        return parse_int(settings["PORT"], "PORT", 1, 65535)
-    old = load_live_env(paths, app).get("PORT") if os.path.exists(
-        os.path.join(paths.envs, app, "LIVE_ENV")) else None
-    if old and old.isdigit():
+        port = parse_int(settings["PORT"], "PORT", 1, 65535)
+        if port in taken:
+            raise PikuError(f"PORT {port} is already used by app {taken[port]}: choose another one, or unset "
+                            "PORT and piku picks a free one")
+        if listens and str(port) != old and not port_free(bind, port):
+            raise PikuError(f"PORT {port} cannot be used on {bind}: something else listens there"
+                            + (" (or, below 1024, it needs root)" if port < 1024 else "")
+                            + "; choose another one, or unset PORT and piku picks a free one")
+        return port
+    if old.isdigit() and int(old) not in taken and (int(old) >= 1024 or os.geteuid() == 0):
         return int(old)
-    return free_port(setting(settings, "BIND_ADDRESS"))
+    port = free_port(bind)
+    while port in taken:
+        port = free_port(bind)
+    return port
 
 
 def choose_standby_port(paths, app, settings, port):
@@ -2049,7 +2079,7 @@ def prepare(paths, app, release_dir, environ, build=True):
     ensure_dirs(os.path.join(paths.data, app), os.path.join(paths.logs, app))  # release may write there
     files = set(os.listdir(release_dir))
     runtime, label, builder = plan_runtime(files, workers, RUNTIMES)
-    port = choose_port(paths, app, settings)
+    port = choose_port(paths, app, settings, listens=bool({"web", "wsgi"} & set(workers)))
     env = dict(settings)
     env.update(computed_env(paths, app, settings, port, os.path.expanduser("~"),
                             environ.get("USER") or os.path.basename(os.path.expanduser("~")),
@@ -3138,6 +3168,8 @@ def apply_config(paths, app, change, keys):
     """Validate, save and apply a config change under the app lock (restored if it fails)."""
     with AppLock(paths, app):
         old = load_config(paths, app)
+        config_file = os.path.join(paths.envs, app, "ENV")
+        old_text = read_text(config_file)
         new = change(old)
         validate_settings(new)
         write_config(paths, app, new)
@@ -3151,7 +3183,10 @@ def apply_config(paths, app, change, keys):
             else:
                 reconfigure(paths, app, os.environ)
         except PikuError:
-            write_config(paths, app, old)
+            if old_text is None:  # (no config file before: none after)
+                remove_path(config_file)
+            else:
+                write_atomic(config_file, old_text, mode=0o600)
             raise
 
 

@@ -315,3 +315,21 @@ def test_scp_reaches_only_app_data(server, kinds, tmp_path):
     assert open(auth).read() == keys and server.tree() == before
     r = server.ssh("scp", "-t", "-oProxyCommand=x", "kinds/")
     assert r.returncode != 0 and "refused" in r.stderr
+
+
+def test_port_of_another_app_or_program_is_refused(server, kinds, tmp_path):
+    """The health check would take whatever listens on PORT for the app: a port another app
+    has, or one some other program listens on, is refused and nothing changes."""
+    files = {"Procfile": "web: python3 -m http.server --bind $BIND_ADDRESS $PORT\n"}
+    server.deployed(None, "portless", tmp_path, files)
+    mine, theirs = server.app_port("portless"), server.app_port("kinds")
+    before = server.read("envs/portless/ENV")
+    refused(server.ssh("config:set", "portless", f"PORT={theirs}"), f"PORT {theirs} is already used by app kinds")
+    refused(server.ssh("config:set", "portless", f"PORT={server.ssh_port}"), "something else listens there")
+    assert server.read("envs/portless/ENV") == before and server.app_port("portless") == mine
+    from harness import free_port
+    port = free_port()
+    assert server.ssh("config:set", "portless", f"PORT={port}").returncode == 0
+    assert server.app_port("portless") == port
+    server.wait_http(port)
+    assert server.ssh("config:set", "portless", f"PORT={port}", "X=1").returncode == 0  # its own port
