@@ -953,6 +953,15 @@ def acme_names(names, public_ca):
     return list(names)
 
 
+def name_clash(app, existing):
+    """An existing app whose vassal file names could be the same as this one's: worker files are
+    named <app>_<kind>.N.ini, so `a` (kind `b_web`) and `a_b` (kind `web`) would share one."""
+    for other in existing:
+        if other != app and (app.startswith(other + "_") or other.startswith(app + "_")):
+            return other
+    return None
+
+
 def probe_host(name):
     """A Host header that nginx routes to the server_name `name` (a wildcard gets a label)."""
     return "piku-probe" + name[1:] if name.startswith("*.") else name
@@ -3461,6 +3470,12 @@ def cmd_update(source):
 def cmd_git_receive_pack(app):
     paths = P()
     app = parse_app_name(app)
+    if app not in known_apps(paths):
+        clash = name_clash(app, known_apps(paths))
+        if clash:
+            raise PikuError(f"app name {app} is refused: with app {clash} it could share worker file "
+                            "names (<app>_<kind>.N.ini): choose another name (neither may be the other "
+                            "followed by `_`)")
     setup_tree(paths)
     repo = ensure_repo(paths, app)
     os.execvpe("git", ["git", "receive-pack", repo], clean_env(os.environ) | {"PIKU_ROOT": paths.root})

@@ -333,3 +333,10 @@ def test_port_of_another_app_or_program_is_refused(server, kinds, tmp_path):
     assert server.app_port("portless") == port
     server.wait_http(port)
     assert server.ssh("config:set", "portless", f"PORT={port}", "X=1").returncode == 0  # its own port
+
+
+def test_app_name_that_could_share_worker_files_is_refused(server, kinds, tmp_path):
+    repo = server.make_app("kinds", tmp_path / "kinds_web")
+    r = server.push(repo, "kinds_web")
+    assert r.returncode != 0 and "app name kinds_web is refused: with app kinds" in r.stdout, r.stdout
+    assert not os.path.exists(server.path("repos", "kinds_web"))

@@ -330,3 +330,9 @@ def test_requires_python_and_the_missing_interpreter_error():
     e = str(piku.no_interpreter_error("3.14", ">=3.9", "Failed to download https://example.org/cpython.tar.gz"))
     assert e.startswith("No interpreter found for Python 3.14 (uv could not download it: Failed to download")
     assert "uv python install 3.14" in e
+
+
+def test_app_names_whose_worker_files_could_clash():
+    assert piku.name_clash("au-v_y", ["au-v", "other"]) == "au-v"
+    assert piku.name_clash("au-v", ["au-v_y"]) == "au-v_y"
+    assert piku.name_clash("au-v", ["au-v", "au-vx", "au-v-y", "au-v.y"]) is None
