@@ -2613,7 +2613,10 @@ def health_check(plan, undo):
         for log, offset in webs.values():
             fresh = read_tail(log, offset)
             if crash_looping(fresh):
-                warn(f"the web command keeps exiting (uWSGI restarted it {daemon_restarts(fresh)[0]} times)")
+                restarts, throttled = daemon_restarts(fresh)
+                plan["health_failure"] = "its web command kept exiting" + (
+                    f" (uWSGI restarted it {restarts} times{' and then held it back' if throttled else ''})"
+                    if restarts else " (uWSGI held it back for dying too fast)")
                 return False
         if not pending and port_open(host, port):
             return True
@@ -2686,6 +2689,9 @@ def go_live(plan, failure, switch=True, undo_on_failure=True, restart="auto"):
                 rollback(p, app, undo)
             for line in worker_log_tail(p, app):
                 warn(line)
+            if plan.get("health_failure"):  # a precise reason beats the generic one
+                failure = re.sub(r"\(its workers did not load the app or listen on port \d+ within \d+s\)",
+                                 f"({plan['health_failure']})", failure)
             if undo_on_failure and switch and not undo["link"]:  # nothing to go back to
                 failure = failure.split(": rolled back")[0] + (
                     ": its workers were stopped; the app had no earlier release, so nothing serves it "

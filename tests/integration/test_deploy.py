@@ -279,7 +279,7 @@ def test_first_release_whose_web_keeps_dying_fails_fast_and_says_so(server, tmp_
     files = {"Procfile": "web: no-such-server-xyz --port $PORT\n", "ENV": "PIKU_HEALTH_TIMEOUT=300\n"}
     r = server.push(server.make_app(None, tmp_path / "diesfast", files), "diesfast")
     assert r.returncode != 0, r.stdout
-    assert "the web command keeps exiting (uWSGI restarted it" in r.stdout, r.stdout
+    assert "the new release failed its health check (its web command kept exiting (uWSGI" in r.stdout, r.stdout
     assert "no-such-server-xyz: not found" in r.stdout, r.stdout
     assert "the app had no earlier release, so nothing serves it" in r.stdout, r.stdout
     assert "previous release keeps serving" not in r.stdout
