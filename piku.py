@@ -1312,10 +1312,10 @@ def ensure_dirs(*dirs):
 
 def remove_path(path):
     import shutil
-    if os.path.islink(path) or os.path.isfile(path):
-        os.unlink(path)
-    elif os.path.isdir(path):
+    if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):  # files, links, sockets, FIFOs
+        os.unlink(path)
 
 
 class AppLock:
@@ -2871,13 +2871,14 @@ def destroy_app(paths, app):
                  os.path.join(paths.acme, app), os.path.join(paths.locks, f"{app}.lock"),
                  os.path.join(paths.state, "_acme", "dehydrated", "certs", app),
                  os.path.join(paths.state, "_acme", "dehydrated", f"{app}.conf")) + tuple(
-            os.path.join(paths.nginx, f"{app}{ext}") for ext in (".conf", ".crt", ".key", ".sock")):
+            os.path.join(paths.nginx, f"{app}{ext}") for ext in (".conf", ".crt", ".key")):
         if os.path.lexists(path):
             remove_path(path)
             removed.append(path)
     for name in os.listdir(paths.nginx) if os.path.isdir(paths.nginx) else []:
         if re.fullmatch(re.escape(app) + r"\.\d+\.sock", name):
             remove_path(os.path.join(paths.nginx, name))
+            removed.append(os.path.join(paths.nginx, name))
     return removed
 
 

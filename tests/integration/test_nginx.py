@@ -247,3 +247,15 @@ def test_a_name_another_app_serves_is_refused(server, wsgi_site, tmp_path):
     assert "NGINX_SERVER_NAME: wsgi.piku.test is already served by app wsgisite" in r.stdout, r.stdout
     assert not os.path.exists(server.path("nginx", "thief.conf"))
     assert "uv-wsgi" in server.wait_http(server.nginx_port, host="wsgi.piku.test")[1]
+
+
+def test_destroy_removes_the_wsgi_sockets_and_only_those(server, tmp_path):
+    server.deployed("uv-wsgi", "sockapp", tmp_path, {"ENV": server.nginx_env("sock.piku.test")})
+    server.wait_http(server.nginx_port, host="sock.piku.test", contains="uv-wsgi")
+    sock = server.path("nginx", "sockapp.1.sock")
+    assert os.path.exists(sock)
+    others = sorted(n for n in os.listdir(server.path("nginx")) if n.endswith(".sock") and not n.startswith("sockapp."))
+    r = server.ssh("destroy", "sockapp")
+    assert r.returncode == 0, r.stderr
+    assert not os.path.lexists(sock) and not os.path.exists(server.path("nginx", "sockapp.conf"))
+    assert sorted(n for n in os.listdir(server.path("nginx")) if n.endswith(".sock")) == others
