@@ -1066,7 +1066,9 @@ def render_nginx(n):
         # What a static location lacks: for "/" the app behind it, else the catch-all page (a
         # single-page app), else a 404 (a static prefix is nginx's alone).
         fallback = "@piku" if url == "/" and n["has_backend"] else (catch_all or "=404")
+        # a symlink committed in the repo (public -> /) must not publish the server's files
         lines += [f"  location {url} {{", f"    alias {target.rstrip('/')}{slash or ('/' if url == '/' else '')};",
+                  "    disable_symlinks if_not_owner;",
                   f"    try_files $uri $uri.html $uri/ {fallback};", "  }"]
     if n["has_backend"]:
         lines += render_nginx_backend(n, cache, static_root=any(url == "/" for url, _ in statics))

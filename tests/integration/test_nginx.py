@@ -122,11 +122,19 @@ def test_https_only_redirects(server, tmp_path):
 
 def test_static_kind(server, tmp_path):
     files = {"Procfile": "static: public\n", "public/index.html": "<h1>static site</h1>\n",
-             "ENV": server.nginx_env("static.piku.test")}
-    server.deployed(None, "staticsite", tmp_path, files)
+             "public/sub/page.html": "in a sub directory\n", "ENV": server.nginx_env("static.piku.test")}
+    repo = server.make_app(None, tmp_path / "staticsite", files)
+    os.symlink("/etc", repo / "public" / "etc")  # committed symlinks out of the repo are not served
+    os.symlink("sub", repo / "public" / "inside")  # ... links within it are
+    server.commit(repo, "links")
+    r = server.push(repo, "staticsite")
+    assert r.returncode == 0, r.stdout
     server.wait_http(server.nginx_port, host="static.piku.test", contains="static site")
     r = server.http_get(server.nginx_port, "/nope", host="static.piku.test")
     assert r[0] == 404, r
+    assert server.http_get(server.nginx_port, "/etc/passwd", host="static.piku.test")[0] in (403, 404)
+    assert server.http_get(server.nginx_port, "/inside/page.html", host="static.piku.test") == \
+        (200, "in a sub directory\n")
 
 
 def test_static_beside_an_app_with_catch_all_and_cache(server, tmp_path):
