@@ -3358,7 +3358,8 @@ def cmd_run(app, cmd):
     """Run a command in the app's directory with its live environment."""
     paths = P()
     app = app_must_exist(paths, app)
-    cmd = cmd[1:] if cmd[:1] == ("--",) else cmd  # `run APP -- cmd ...`
+    # `run APP -- cmd ...`, and the original piku's `run APP ls -- -al` (its click ate the `--`)
+    cmd = cmd[1:] if cmd[:1] == ("--",) else (cmd[:1] + cmd[2:] if cmd[1:2] == ("--",) else cmd)
     if not cmd:
         raise PikuError("run needs a command: run APP CMD [ARGS]...", 2)
     env = {k: v for k, v in clean_env(os.environ).items() if k in ("LANG", "LC_ALL", "TERM", "TZ")}

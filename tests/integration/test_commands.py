@@ -184,6 +184,8 @@ def test_run_passes_stdin_stdout_and_exit_code(server, kinds):
     refused(server.ssh("run", "kinds", "no-such-binary-xyz"), "cannot run")
     r = server.ssh("run", "kinds")
     assert r.returncode == 2 and "run needs a command: run APP CMD [ARGS]..." in r.stderr, r.stderr
+    r = server.ssh("run", "kinds", "ls", "--", "-a")  # the original piku's own example
+    assert r.returncode == 0 and "..\n" in r.stdout and "Procfile" in r.stdout, r.stdout + r.stderr
 
 
 def test_cron_job_runs(server, kinds):
