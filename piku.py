@@ -2710,14 +2710,15 @@ def go_live(plan, failure, switch=True, undo_on_failure=True, restart="auto"):
 
 
 def wait_for_nginx(plan, undo, timeout=10.0):
-    """An app that has just got its nginx config: wait until nginx routes its name (nginx reloads
-    a moment after nginx/ changes), so it answers when the push returns; warn if it never does.
-    An app whose config only changed is served by the old one meanwhile: no wait."""
+    """An app that has just got its nginx config, or a new name in it: wait until nginx routes
+    the (first new) name (nginx reloads a moment after nginx/ changes), so it answers when the
+    push or config:set returns; warn if it never does. Other changes are served by the old
+    config meanwhile: no wait."""
     p, app, s = plan["paths"], plan["app"], plan["settings"]
     conf = os.path.join(p.nginx, f"{app}.conf")
-    names = split_names(s.get("NGINX_SERVER_NAME", ""))
-    if not names or undo["files"].get(conf) is not None or not os.path.exists(conf) or \
-            not (which("nginx") or os.path.exists("/usr/sbin/nginx")):
+    before = server_name_owners({app: undo["files"].get(conf) or ""})
+    names = [n for n in split_names(s.get("NGINX_SERVER_NAME", "")) if n.lower() not in before]
+    if not names or not os.path.exists(conf) or not (which("nginx") or os.path.exists("/usr/sbin/nginx")):
         return
     if not challenge_served(plan, probe_host(names[0]), timeout):
         warn(f"nginx has not loaded {app}'s config after {timeout:.0f}s: is nginx running, and is it "

@@ -267,3 +267,26 @@ def test_destroy_removes_the_wsgi_sockets_and_only_those(server, tmp_path):
     assert r.returncode == 0, r.stderr
     assert not os.path.lexists(sock) and not os.path.exists(server.path("nginx", "sockapp.conf"))
     assert sorted(n for n in os.listdir(server.path("nginx")) if n.endswith(".sock")) == others
+
+
+def test_config_set_waits_for_nginx_to_route_an_added_name(server, tmp_path):
+    import signal
+    # (nginx sends unknown names to the first server block: make that another app's)
+    server.deployed(None, "aa-first", tmp_path, {"Procfile": "static: public\n", "public/index.html": "first\n",
+                                                 "ENV": server.nginx_env("aa-first.piku.test")})
+    files = {"Procfile": "static: public\n", "public/index.html": "<h1>named</h1>\n",
+             "ENV": server.nginx_env("one.piku.test")}
+    server.deployed(None, "namedsite", tmp_path, files)
+    server.wait_http(server.nginx_port, host="one.piku.test", contains="named")
+    watcher = server.procs["nginx-watch"].pid
+    os.kill(watcher, signal.SIGSTOP)
+    try:
+        r = server.ssh("config:set", "namedsite", "NGINX_SERVER_NAME=one.piku.test,two.piku.test")
+    finally:
+        os.kill(watcher, signal.SIGCONT)
+    assert r.returncode == 0, r.stderr
+    assert "nginx has not loaded namedsite's config after 10s" in r.stdout + r.stderr, r.stdout + r.stderr
+    server.wait_http(server.nginx_port, host="two.piku.test", contains="named")
+    r = server.ssh("config:set", "namedsite", "NGINX_SERVER_NAME=two.piku.test,three.piku.test")
+    assert r.returncode == 0 and "nginx has not loaded" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert raw_get(server, "three.piku.test") == (200, "<h1>named</h1>\n")
