@@ -3395,7 +3395,24 @@ def cmd_stop(app):
     app = app_must_exist(paths, app)
     with AppLock(paths, app):
         names = stop_app(paths, app)
+        left = wait_workers_gone(app, names)
+    if left:
+        warn(f"still stopping after 30s: {', '.join(left)} (the emperor stops them; see `ps {app}`)")
     step(f"Stopped {app}" + ("" if names else " (it was not running)"))
+
+
+def wait_workers_gone(app, vassal_names, timeout=30.0):
+    """Wait until the uWSGI masters of these vassals have exited (the emperor notices a removed
+    vassal within a second, then stops it gracefully), so `stop` returns when the app is down.
+    Returns the workers still running at the timeout."""
+    import time
+    keys = {f"{app}:{n[len(app) + 1:-4]}" for n in vassal_names}
+    deadline = time.monotonic() + timeout
+    while True:
+        left = sorted(keys & set(running_workers()))
+        if not left or time.monotonic() > deadline:
+            return [k.split(":", 1)[1] for k in left]
+        time.sleep(0.1)
 
 
 @cli.command("setup")

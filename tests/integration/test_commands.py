@@ -148,8 +148,12 @@ def test_logs_follow(server, kinds):
 def test_ps_stop_restart(server, kinds):
     out = ok(server.ssh("ps", "kinds"))
     assert "web: 1 configured, 1 running" in out and "worker: 1 configured" in out
+    port = server.app_port("kinds")
     ok(server.ssh("stop", "kinds"))
-    assert "stopped" in ok(server.ssh("ps", "kinds"))
+    # stop returns once the workers are gone: nothing answers any more
+    assert server.http_get(port)[0] is None
+    out = ok(server.ssh("ps", "kinds"))
+    assert "web: 1 configured, 0 running (stopped)" in out and "worker: 1 configured, 0 running (stopped)" in out, out
     assert "not running" in ok(server.ssh("stop", "kinds"))  # stop on a stopped app works
     assert ok(server.ssh("apps")).count("  kinds") == 1
     ok(server.ssh("restart", "kinds"))
