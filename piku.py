@@ -3180,7 +3180,14 @@ def cmd_config_unset(app, keys):
     for key in keys:
         if not ENV_KEY_RE.match(key):
             raise PikuError(f"invalid key {key!r}")
-    apply_config(paths, app, lambda config: {k: v for k, v in config.items() if k not in keys}, set(keys))
+    present = set(load_config(paths, app))
+    for key in sorted(set(keys) - present):
+        detail(f"{key}: not set with config:set, nothing to remove")
+    if not present & set(keys):
+        step(f"Nothing to change: {app} keeps running as it is")
+        return
+    apply_config(paths, app, lambda config: {k: v for k, v in config.items() if k not in keys},
+                 set(keys) & present)
 
 
 def apply_config(paths, app, change, keys):
@@ -3278,6 +3285,12 @@ def cmd_ps(app):
         if crashing:
             state = f"crashing: it keeps exiting and is restarted, see `logs {app} {kind}`"
         click.echo(f"{kind}: {count} configured, {up} running ({state})")
+    release = live_release(paths, app)
+    static = read_procfile(release)[0].get("static") if release else None
+    if static:
+        click.echo(f"static: {static}/ served by nginx (no process)")
+    elif not scaling:
+        click.echo("no processes" + ("" if release else f": {app} has not been deployed yet"))
 
 
 def live_settings(paths, app):

@@ -145,6 +145,19 @@ def test_logs_follow(server, kinds):
         proc.wait(10)
 
 
+def test_config_unset_of_a_key_that_is_not_set_changes_nothing(server, kinds):
+    vassal = server.path("uwsgi-enabled", "kinds_web.1.ini")
+    before = os.stat(vassal).st_mtime_ns, server.read("envs/kinds/LIVE_ENV")
+    out = ok(server.ssh("config:unset", "kinds", "NEVER_SET_KEY"))
+    assert "NEVER_SET_KEY: not set with config:set" in out and "Nothing to change" in out, out
+    assert (os.stat(vassal).st_mtime_ns, server.read("envs/kinds/LIVE_ENV")) == before
+
+
+def test_ps_of_a_static_site(server, tmp_path):
+    server.deployed(None, "pstatic", tmp_path, {"Procfile": "static: public\n", "public/index.html": "x\n"})
+    assert ok(server.ssh("ps", "pstatic")) == "static: public/ served by nginx (no process)\n"
+
+
 def test_ps_stop_restart(server, kinds):
     out = ok(server.ssh("ps", "kinds"))
     assert "web: 1 configured, 1 running" in out and "worker: 1 configured" in out
