@@ -3476,10 +3476,13 @@ def cmd_setup_ssh(keyfile):
 
 
 @cli.command("update")
-@click.argument("source")
+@click.argument("source", required=False)
 def cmd_update(source):
     """Replace piku.py with SOURCE (a file or https URL) after checking it runs."""
     import tempfile
+    if not source:  # the original piku downloaded its own repository's copy: piku.py has none
+        raise PikuError("update needs the new piku.py: update FILE, or update https://URL "
+                        "(piku.py has no built-in download location)", 2)
     me = os.path.abspath(__file__)
     if source.startswith("https://"):
         import urllib.request

@@ -113,7 +113,7 @@ def test_config_unset_and_live(server, kinds):
     (["config:get", "kinds", "NOPE"], "not set"),
     (["logs", "kinds", "-n", "many"], "many"),
     (["logs", "kinds", "nosuchworker"], "no logs"),
-    (["update"], None),
+    (["update"], "update needs the new piku.py"),
     (["update", "/nonexistent/piku.py"], "no such file"),
     (["setup:ssh", "/nonexistent.pub"], "no such key file"),
     (["scp", "-t", "/etc/"], "refused"),
