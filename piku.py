@@ -1420,7 +1420,7 @@ def restore_env_dir(venv, snap):
 # State files that describe the venv: copied with it; the fingerprint is also taken away, so a
 # build cut off half-way does not look finished next time (the server's uv.lock stays: the
 # build reuses it).
-VENV_SNAPSHOT_STATE = ("deps.fingerprint", "uv.lock")
+VENV_SNAPSHOT_STATE = ("deps.fingerprint", "uv.lock", "entry_points.json")
 
 
 def snapshot_venv(paths, app):
@@ -1563,6 +1563,44 @@ def python_request(settings, release_dir):
         except PikuError as e:
             raise PikuError(f".python-version: {e}")
     return None, None
+
+
+ENTRY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+ENTRY_TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def parse_project_scripts(pyproject_text):
+    """[project.scripts] of a pyproject.toml -> ({name: 'module:attr'}, [problems])."""
+    table, problems = {}, []
+    section = None
+    for raw in (pyproject_text or "").splitlines():
+        line = raw.split(" #")[0].strip()
+        if line.startswith("["):
+            section = line.strip("[] ").replace(" ", "")
+            continue
+        if section != "project.scripts" or "=" not in line:
+            continue
+        name, _, value = line.partition("=")
+        name, value = name.strip().strip("\"'"), value.strip().strip("\"'")
+        target = value.split("[")[0].strip()  # `mod:func [extra]`
+        if ENTRY_NAME_RE.match(name) and ENTRY_TARGET_RE.match(target):
+            table[name] = target
+        else:
+            problems.append(f"[project.scripts] {name} = {value!r} is not `module:function`: skipped")
+    return table, problems
+
+
+def render_entry_point(python, app_dir, target):
+    """A console script for [project.scripts] that runs the app's code from the app directory
+    (the project itself is not installed into the virtualenv)."""
+    module, attr = target.split(":")
+    return (f"#!{python}\n# written by piku.py from [project.scripts] of the app\n"
+            "import importlib\nimport os\nimport sys\n"
+            f"app_dir = {app_dir!r}\n"
+            "sys.path[0:0] = [d for d in (app_dir, os.path.join(app_dir, 'src')) if os.path.isdir(d)]\n"
+            f"target = importlib.import_module({module!r})\n"
+            f"for part in {attr!r}.split('.'):\n    target = getattr(target, part)\n"
+            "sys.exit(target())\n")
 
 
 def parse_requires_python(pyproject_text):
@@ -1751,6 +1789,42 @@ def uv_fingerprint(b, lock, version, committed):
                        uv_settings_part(b), committed, *([local] if local else []))
 
 
+def install_entry_points(b):
+    """Console scripts of [project.scripts] in envs/<app>/bin, as installing the project would
+    make them (a Procfile may name them); the ones piku wrote before and the project dropped
+    are removed. A script a package installed is never replaced."""
+    import json
+    scripts, problems = parse_project_scripts(read_text(os.path.join(b.release_dir, "pyproject.toml"), ""))
+    for problem in problems:
+        warn(problem)
+    record = os.path.join(b.state, "entry_points.json")
+    try:
+        ours = set(json.loads(read_text(record) or "[]"))
+    except ValueError:
+        ours = set()
+    bindir = os.path.join(b.venv, "bin")
+    python = os.path.join(bindir, "python")
+    app_dir = os.path.join(b.paths.apps, b.app)
+    written = set()
+    for name, target in sorted(scripts.items()):
+        path = os.path.join(bindir, name)
+        if os.path.lexists(path) and name not in ours:
+            warn(f"[project.scripts] {name}: the virtualenv already has a program of that name: kept it")
+            continue
+        text = render_entry_point(python, app_dir, target)
+        if read_text(path) != text:
+            snapshot_venv(b.paths, b.app)
+            write_atomic(path, text, mode=0o755)
+            detail(f"script {name} -> {target}")
+        written.add(name)
+    for name in sorted(ours - written):
+        snapshot_venv(b.paths, b.app)
+        remove_path(os.path.join(bindir, name))
+    if written or ours:
+        ensure_dirs(b.state)
+        write_atomic(record, json.dumps(sorted(written)) + "\n", only_if_changed=True)
+
+
 def build_uv(b):
     """pyproject.toml app: `uv sync` into envs/<app>, honouring a committed uv.lock."""
     if not b.uv and not setting_bool(b.settings, "PIKU_USE_UV"):
@@ -1795,6 +1869,7 @@ def build_uv(b):
             fp = uv_fingerprint(b, lock, version, committed)
         ensure_dirs(b.state)
         write_atomic(deps_fingerprint_path(b), fp + "\n")
+    install_entry_points(b)
 
 
 def build_requirements(b):

@@ -281,6 +281,31 @@ def test_local_path_dependencies_follow_the_repo(server, tmp_path, committed_loc
     assert links == "", links
 
 
+def test_project_scripts_can_be_named_in_the_procfile(server, tmp_path):
+    """The project is not installed, but its [project.scripts] exist in the venv (the original
+    piku's `uv sync` installed them): a Procfile may run one; a dropped one disappears."""
+    files = {"pyproject.toml": ('[project]\nname = "scr"\nversion = "0.1.0"\nrequires-python = ">=3.9"\n'
+                                'dependencies = []\n[project.scripts]\nscr-web = "scr.web:main"\n'
+                                'scr-old = "scr.web:main"\n'),
+             "src/scr/__init__.py": "",
+             "src/scr/web.py": ("import http.server, os\n"
+                                "class H(http.server.BaseHTTPRequestHandler):\n"
+                                "    def do_GET(self):\n"
+                                "        self.send_response(200); self.end_headers(); self.wfile.write(b'scripted')\n"
+                                "def main():\n"
+                                "    http.server.HTTPServer((os.environ['BIND_ADDRESS'], int(os.environ['PORT'])), H)"
+                                ".serve_forever()\n"),
+             "Procfile": "web: scr-web\n"}
+    repo = server.make_app(None, tmp_path / "scripted", files)
+    out = push_ok(server, repo, "scripted")
+    assert "script scr-web -> scr.web:main" in out, out
+    server.wait_http(server.app_port("scripted"), contains="scripted")
+    server.commit(repo, "drop one", {"pyproject.toml": files["pyproject.toml"].replace('scr-old = "scr.web:main"\n', "")})
+    out = push_ok(server, repo, "scripted")
+    assert not os.path.exists(server.path("envs", "scripted", "bin", "scr-old"))
+    assert os.access(server.path("envs", "scripted", "bin", "scr-web"), os.X_OK)
+
+
 def test_dev_dependencies_are_not_installed(server, tmp_path):
     pyproject = open(os.path.join(os.path.dirname(__file__), "..", "apps", "uv-wsgi", "pyproject.toml")).read()
     repo = server.make_app("uv-wsgi", tmp_path / "devdeps",

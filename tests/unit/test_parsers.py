@@ -1,4 +1,6 @@
 """Unit tests for the pure parsers of piku.py (section 5)."""
+import subprocess
+import sys
 import time
 
 import pytest
@@ -336,3 +338,23 @@ def test_app_names_whose_worker_files_could_clash():
     assert piku.name_clash("au-v_y", ["au-v", "other"]) == "au-v"
     assert piku.name_clash("au-v", ["au-v_y"]) == "au-v_y"
     assert piku.name_clash("au-v", ["au-v", "au-vx", "au-v-y", "au-v.y"]) is None
+
+
+def test_project_scripts_and_their_wrappers(tmp_path):
+    text = ('[project]\nname = "x"\n[project.scripts]\nserve = "mypkg.web:main"\n'
+            "'tool-2' = 'mypkg.cli:App.run'  # a comment\nbad = \"not a target\"\n"
+            '[tool.uv]\nother = "a:b"\n')
+    scripts, problems = piku.parse_project_scripts(text)
+    assert scripts == {"serve": "mypkg.web:main", "tool-2": "mypkg.cli:App.run"}
+    assert len(problems) == 1 and "bad" in problems[0]
+    assert piku.parse_project_scripts('[project]\nname = "x"\n') == ({}, [])
+    pkg = tmp_path / "app" / "src" / "mypkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli.py").write_text("import sys\nclass App:\n    @staticmethod\n    def run():\n"
+                                "        print('ran', sys.argv[1:])\n        return 3\n")
+    script = tmp_path / "tool-2"
+    script.write_text(piku.render_entry_point(sys.executable, str(tmp_path / "app"), "mypkg.cli:App.run"))
+    script.chmod(0o755)
+    r = subprocess.run([str(script), "a", "b"], capture_output=True, text=True, cwd="/")
+    assert r.returncode == 3 and r.stdout == "ran ['a', 'b']\n", r
