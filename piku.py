@@ -3635,6 +3635,24 @@ def cmd_git_hook(app):
     git_hook(paths, parse_app_name(app), sys.stdin.read().splitlines(), dict(os.environ))
 
 
+def claim_cron_minute(paths, app, worker, now):
+    """True for the first call in this minute: uWSGI asks every minute, and again right after a
+    restart (a deploy, config:set), so a job due now must not run twice. A marker file per
+    minute, created exclusively, also settles a race between an old and a new cron master."""
+    import time
+    d = os.path.join(paths.state, app, "cron")
+    ensure_dirs(d)
+    stamp = f"{worker}.{time.strftime('%Y%m%d%H%M', now)}"
+    try:
+        os.close(os.open(os.path.join(d, stamp), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    for name in os.listdir(d):  # earlier minutes' markers of this job
+        if name.startswith(worker + ".") and name != stamp:
+            remove_path(os.path.join(d, name))
+    return True
+
+
 @cli.command("exec-worker", hidden=True)
 @click.option("--if-due", is_flag=True)
 @click.argument("app")
@@ -3656,7 +3674,8 @@ def cmd_exec_worker(app, kind, index, if_due):
         os.execve(uwsgi, [uwsgi, "--ini", inner], env)
     if kind.startswith("cron"):
         sets, cmd = parse_cron(cmd)
-        if if_due and not cron_matches(sets, time.localtime()):
+        now = time.localtime()
+        if if_due and (not cron_matches(sets, now) or not claim_cron_minute(paths, app, f"{kind}.{index}", now)):
             return
     env = {k: v for k, v in os.environ.items() if k in ("LANG", "LC_ALL", "TZ")}
     env.update(load_live_env(paths, app))

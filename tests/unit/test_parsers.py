@@ -1,4 +1,5 @@
 """Unit tests for the pure parsers of piku.py (section 5)."""
+import os
 import subprocess
 import sys
 import time
@@ -358,3 +359,14 @@ def test_project_scripts_and_their_wrappers(tmp_path):
     script.chmod(0o755)
     r = subprocess.run([str(script), "a", "b"], capture_output=True, text=True, cwd="/")
     assert r.returncode == 3 and r.stdout == "ran ['a', 'b']\n", r
+
+
+def test_a_cron_job_runs_once_per_minute_across_restarts(tmp_path):
+    paths = piku.paths_for(str(tmp_path))
+    now, later = time.localtime(1_800_000_000), time.localtime(1_800_000_060)
+    assert piku.claim_cron_minute(paths, "app", "cron1.1", now)
+    assert not piku.claim_cron_minute(paths, "app", "cron1.1", now)  # a restarted master asks again
+    assert piku.claim_cron_minute(paths, "app", "cron1.10", now)  # another job
+    assert piku.claim_cron_minute(paths, "app", "cron1.1", later)
+    assert sorted(os.listdir(tmp_path / "state" / "app" / "cron")) == [
+        "cron1.1." + time.strftime("%Y%m%d%H%M", later), "cron1.10." + time.strftime("%Y%m%d%H%M", now)]
