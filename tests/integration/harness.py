@@ -386,6 +386,8 @@ class Server:
         for d, dirs, files in os.walk(self.root):
             if d == self.root:  # running workers write these all the time
                 dirs[:] = [x for x in dirs if x not in ("uv-cache", "logs", "data")]
+            if os.path.basename(d) == "cron" and os.path.dirname(os.path.dirname(d)) == os.path.join(self.root, "state"):
+                dirs[:], files = [], []  # cron jobs mark the minute they ran in
             for n in dirs + files:
                 p = os.path.join(d, n)
                 try:
