@@ -1805,7 +1805,7 @@ def install_entry_points(b):
     bindir = os.path.join(b.venv, "bin")
     python = os.path.join(bindir, "python")
     app_dir = os.path.join(b.paths.apps, b.app)
-    written = set()
+    written, fp_text = set(), read_text(deps_fingerprint_path(b))
     for name, target in sorted(scripts.items()):
         path = os.path.join(bindir, name)
         if os.path.lexists(path) and name not in ours:
@@ -1823,6 +1823,8 @@ def install_entry_points(b):
     if written or ours:
         ensure_dirs(b.state)
         write_atomic(record, json.dumps(sorted(written)) + "\n", only_if_changed=True)
+    if fp_text and not os.path.exists(deps_fingerprint_path(b)):  # (a snapshot set it aside:
+        write_atomic(deps_fingerprint_path(b), fp_text)  # the packages did not change)
 
 
 def build_uv(b):

@@ -304,6 +304,15 @@ def test_project_scripts_can_be_named_in_the_procfile(server, tmp_path):
     out = push_ok(server, repo, "scripted")
     assert not os.path.exists(server.path("envs", "scripted", "bin", "scr-old"))
     assert os.access(server.path("envs", "scripted", "bin", "scr-web"), os.X_OK)
+    # a lost script comes back without a sync, and the next deploy still skips the sync
+    os.unlink(server.path("envs", "scripted", "bin", "scr-web"))
+    server.commit(repo, "again")
+    out = push_ok(server, repo, "scripted")
+    assert "skipping sync" in out and "script scr-web" in out, out
+    server.commit(repo, "and again")
+    out = push_ok(server, repo, "scripted")
+    assert "skipping sync" in out and "script scr-web" not in out, out
+    server.wait_http(server.app_port("scripted"), contains="scripted")
 
 
 def test_dev_dependencies_are_not_installed(server, tmp_path):
