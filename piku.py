@@ -1857,8 +1857,13 @@ def build_uv(b):
             out, secs = tool_run(b, argv + (["--locked"] if committed else []), "uv sync")
         except PikuError as e:
             if committed and "needs to be updated" in getattr(e, "output", ""):
-                raise PikuError("uv.lock does not match pyproject.toml: run `uv lock`, commit "
-                                "uv.lock and push again (piku never rewrites a committed lock)")
+                why = [l.strip() for l in e.output.splitlines() if "due to" in l][:1]
+                settings = uv_settings_part(b)
+                raise PikuError("uv.lock does not match pyproject.toml" + (
+                    f" with this app's uv settings ({', '.join(k for k, _ in settings)})" if settings else "")
+                    + ": run `uv lock`" + (" with the same settings" if settings else "") + ", commit "
+                    "uv.lock and push again (piku never rewrites a committed lock)"
+                    + (f"; uv says: {why[0][:200]}" if why else ""))
             raise
         finally:
             restore_env_dir(b.venv, snap)
