@@ -159,6 +159,21 @@ def test_committed_lock_is_honoured_and_stale_lock_rejected(server, tmp_path):
     assert open(repo / "uv.lock").read() == lock_before
 
 
+def test_uv_setting_that_invalidates_a_committed_lock_is_undone_and_named(server, tmp_path):
+    repo = tmp_path / "lockset"
+    server.make_app("uv-wsgi", repo)
+    make_lock(repo)
+    server.commit(repo, "lock", {})
+    push_ok(server, repo, "lockset")
+    before = server.read("envs/lockset/ENV")
+    r = server.ssh("config:set", "lockset", "UV_EXCLUDE_NEWER=2024-01-01T00:00:00Z")
+    assert r.returncode != 0, r.stdout
+    assert "uv.lock does not match pyproject.toml with this app's uv settings (UV_EXCLUDE_NEWER)" in r.stderr, \
+        r.stdout + r.stderr
+    assert server.read("envs/lockset/ENV") == before
+    server.wait_http(server.app_port("lockset"), contains="uv-wsgi v1")
+
+
 def test_no_lock_keeps_server_lock_and_skips_unchanged_sync(server, tmp_path):
     repo = server.make_app("uv-wsgi", tmp_path / "nolock")
     out = push_ok(server, repo, "nolock")
