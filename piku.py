@@ -1527,7 +1527,7 @@ def build_env(paths, app, settings, environ):
     env = clean_env(environ)
     env.pop("VIRTUAL_ENV", None)
     env.update(settings)
-    env["PATH"] = settings.get("PATH") or clean_env(environ).get("PATH") or os.defpath
+    env["PATH"] = settings.get("PATH") or env.get("PATH") or os.defpath
     env.setdefault("UV_PYTHON_PREFERENCE", DEFAULTS["UV_PYTHON_PREFERENCE"])
     env.setdefault("UV_CACHE_DIR", paths.uv_cache)
     env["UV_PROJECT_ENVIRONMENT"] = os.path.join(paths.envs, app)
@@ -2079,14 +2079,19 @@ def live_release(paths, app):
     return os.path.realpath(path) if os.path.isdir(path) else None
 
 
+def live_port(paths, app):
+    """The PORT the app's live environment has ('' if none)."""
+    live = os.path.join(paths.envs, app, "LIVE_ENV")
+    return load_live_env(paths, app).get("PORT", "") if os.path.exists(live) else ""
+
+
 def ports_of_other_apps(paths, app):
     """{port: app} for the PORT and standby port of every other app."""
     out = {}
     for other in known_apps(paths):
         if other == app:
             continue
-        live = os.path.join(paths.envs, other, "LIVE_ENV")
-        port = load_live_env(paths, other).get("PORT", "") if os.path.exists(live) else ""
+        port = live_port(paths, other)
         standby = (read_text(os.path.join(paths.state, other, "standby_port")) or "").strip()
         for value in (port, standby):
             if value.isdigit():
@@ -2099,8 +2104,7 @@ def choose_port(paths, app, settings, listens=True):
     A port another app has, or (when it is not the app's own already) one something else
     listens on, is refused: the health check would take that listener for the app."""
     bind = setting(settings, "BIND_ADDRESS")
-    live = os.path.join(paths.envs, app, "LIVE_ENV")
-    old = load_live_env(paths, app).get("PORT", "") if os.path.exists(live) else ""
+    old = live_port(paths, app)
     taken = ports_of_other_apps(paths, app) if listens else {}
     if settings.get("PORT"):
         port = parse_int(settings["PORT"], "PORT", 1, 65535)
@@ -2148,15 +2152,14 @@ def env_file_base(paths, app, environ):
     """What `$VAR` in a repo ENV file may refer to besides earlier keys, as in the original
     piku: APP, DATA_ROOT, LOG_ROOT, HOME, USER, VIRTUAL_ENV and the server's PATH (so
     `PATH=$PATH:/opt/bin` and `DB=$DATA_ROOT/db.sqlite` work)."""
-    home = os.path.expanduser("~")
-    return {"APP": app, "DATA_ROOT": os.path.join(paths.data, app), "LOG_ROOT": paths.logs, "HOME": home,
-            "USER": environ.get("USER") or os.path.basename(home), "VIRTUAL_ENV": os.path.join(paths.envs, app),
-            "PATH": clean_env(environ).get("PATH", os.defpath)}
+    home, path = os.path.expanduser("~"), clean_env(environ).get("PATH", os.defpath)
+    env = computed_env(paths, app, {}, 0, home, environ.get("USER") or os.path.basename(home), path)
+    return {k: env[k] for k in ("APP", "DATA_ROOT", "LOG_ROOT", "HOME", "USER", "VIRTUAL_ENV")} | {"PATH": path}
 
 
-def read_repo_env(paths, app, release_dir, environ):
-    return parse_env(read_text(os.path.join(release_dir, "ENV"), "") if release_dir else "",
-                     env_file_base(paths, app, environ), source="ENV (in the repo)")
+def read_repo_env(paths, app, release_dir, base):
+    return parse_env(read_text(os.path.join(release_dir, "ENV"), "") if release_dir else "", base,
+                     source="ENV (in the repo)")
 
 
 def prepare(paths, app, release_dir, environ, build=True):
@@ -2166,7 +2169,8 @@ def prepare(paths, app, release_dir, environ, build=True):
     workers, warnings = read_procfile(release_dir)
     for w in warnings:
         warn(w)
-    repo_env = read_repo_env(paths, app, release_dir, environ)
+    base = env_file_base(paths, app, environ)
+    repo_env = read_repo_env(paths, app, release_dir, base)
     settings = validate_settings({**repo_env, **load_config(paths, app)})
     b = Build(paths, app, release_dir, settings, workers, environ)
     ensure_dirs(os.path.join(paths.data, app), os.path.join(paths.logs, app))  # release may write there
@@ -2174,9 +2178,7 @@ def prepare(paths, app, release_dir, environ, build=True):
     runtime, label, builder = plan_runtime(files, workers, RUNTIMES)
     port = choose_port(paths, app, settings, listens=bool({"web", "wsgi"} & set(workers)))
     env = dict(settings)
-    env.update(computed_env(paths, app, settings, port, os.path.expanduser("~"),
-                            environ.get("USER") or os.path.basename(os.path.expanduser("~")),
-                            clean_env(environ).get("PATH", os.defpath),
+    env.update(computed_env(paths, app, settings, port, base["HOME"], base["USER"], base["PATH"],
                             src_layout=runtime.startswith("python") and "src" in files
                             and os.path.isdir(os.path.join(release_dir, "src"))))
     plan = {"paths": paths, "app": app, "release_dir": release_dir, "workers": workers,
@@ -2509,19 +2511,24 @@ def relisten_for_check(text, ports):
     return re.sub(r"listen (\S+:\d+)", sub, text)
 
 
+def nginx_binary():
+    """nginx's path (it is in /usr/sbin, often not on the piku user's PATH), or None."""
+    return which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+
 def check_nginx(paths, app, text):
     """`nginx -t` on the full piku config with this app's candidate in place of its current one."""
     import shutil
     import tempfile
+    others = {n: read_text(os.path.join(paths.nginx, n), "") for n in sorted(os.listdir(paths.nginx))
+              if n.endswith(".conf") and n != f"{app}.conf"}
     # nginx only warns about a name two server blocks claim, and gives it to the first one
-    others = {n[:-5]: read_text(os.path.join(paths.nginx, n), "") for n in os.listdir(paths.nginx)
-              if n.endswith(".conf") and n not in (f"{app}.conf", "_piku.conf")}
-    owners = server_name_owners(others)
+    owners = server_name_owners({n[:-5]: t for n, t in others.items() if n != "_piku.conf"})
     for name in server_name_owners({app: text}):
         if name in owners:
             raise PikuError(f"NGINX_SERVER_NAME: {name} is already served by app {owners[name]}: "
                             f"remove it there first (config:set {owners[name]} NGINX_SERVER_NAME=...)")
-    nginx = which("nginx") or (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx")
+    nginx = nginx_binary()
     if not nginx:
         warn("nginx is not installed: its config was written but not checked")
         return
@@ -2529,9 +2536,7 @@ def check_nginx(paths, app, text):
     try:
         # nginx -t binds the listen addresses: test on free loopback ports, one per address.
         ports = {}
-        confs = [(n, read_text(os.path.join(paths.nginx, n), "")) for n in sorted(os.listdir(paths.nginx))
-                 if n.endswith(".conf") and n != f"{app}.conf"]
-        confs.append(("candidate.conf", text))
+        confs = list(others.items()) + [("candidate.conf", text)]
         for name, body in confs:
             write_atomic(os.path.join(tmp, "check-" + name), relisten_for_check(body, ports))
         candidate = os.path.join(tmp, "check-candidate.conf")
@@ -2669,12 +2674,15 @@ def rollback(paths, app, undo):
 
 def health_check(plan, undo):
     """Wait until restarted wsgi workers log that the app loaded and web/wsgi accept connections
-    on PORT; False on timeout or when a wsgi worker failed to load the app."""
+    on PORT. None when they do; else why not (a timeout, a wsgi worker that failed to load the
+    app, a web command that keeps exiting)."""
     import time
     if not (plan["scaling"].get("wsgi") or plan["scaling"].get("web")):
-        return True
+        return None
     host, port = setting(plan["settings"], "BIND_ADDRESS"), plan["port"]
-    deadline = time.monotonic() + setting_int(plan["settings"], "PIKU_HEALTH_TIMEOUT")
+    timeout = setting_int(plan["settings"], "PIKU_HEALTH_TIMEOUT")
+    generic = f"its workers did not load the app or listen on port {port} within {timeout}s"
+    deadline = time.monotonic() + timeout
     # A restarted worker says so in its log: wsgi when the app is loaded (pyuwsgi reloaded in
     # place: when its chain reload is over), web when the daemon is respawned (the old one is
     # gone by then, so an open port is the new one).
@@ -2692,20 +2700,19 @@ def health_check(plan, undo):
             if marker in fresh:
                 del pending[name]
             elif "no app loaded" in fresh or "unable to load app" in fresh:
-                return False
+                return generic
         # a web command that keeps dying (not found, crashes at import) fails now, not at the timeout
         for log, offset in webs.values():
             fresh = read_tail(log, offset)
             if crash_looping(fresh):
                 restarts, throttled = daemon_restarts(fresh)
-                plan["health_failure"] = "its web command kept exiting" + (
+                return "its web command kept exiting" + (
                     f" (uWSGI restarted it {restarts} times{' and then held it back' if throttled else ''})"
                     if restarts else " (uWSGI held it back for dying too fast)")
-                return False
         if not pending and port_open(host, port):
-            return True
+            return None
         if time.monotonic() > deadline:
-            return False
+            return generic
         time.sleep(0.05)
 
 
@@ -2737,9 +2744,10 @@ def deploy_release(paths, app, release_dir, environ, label, t0=None):
     if "release" in plan["workers"]:
         run_phase(plan, "release")
     step("Releasing")
-    _, waited = go_live(plan, "the new release failed its health check (its workers did not load the app or "
-                  f"listen on port {plan['port']} within {setting(plan['settings'], 'PIKU_HEALTH_TIMEOUT')}s)"
-                  ": rolled back, the previous release keeps serving (see `logs APP`)")
+    tail = (": rolled back, the previous release keeps serving (see `logs APP`)" if live_release(paths, app) else
+            ": its workers were stopped; the app had no earlier release, so nothing serves it until a push "
+            f"succeeds (see `logs {app}`)")
+    _, waited = go_live(plan, "the new release failed its health check ({reason})" + tail)
     prune_releases(paths, app, setting_int(plan["settings"], "PIKU_RELEASES_KEPT"))
     ensure_dirs(os.path.join(paths.state, app))
     with open(os.path.join(paths.state, app, "deploys.log"), "a") as f:
@@ -2755,8 +2763,8 @@ def deploy_release(paths, app, release_dir, environ, label, t0=None):
 def go_live(plan, failure, switch=True, undo_on_failure=True, restart="auto"):
     """Activate the plan and wait for its workers; a web worker behind nginx is prebooted on
     the standby port first, so requests never find nothing listening. On failure: rolled back
-    (unless undo_on_failure is False) and PikuError(failure). Returns (undo, seconds spent
-    waiting for workers to start)."""
+    (unless undo_on_failure is False) and PikuError(failure), where `{reason}` says why the
+    health check failed. Returns (undo, seconds spent waiting for workers to start)."""
     import time
     p, app = plan["paths"], plan["app"]
     t0 = time.monotonic()
@@ -2765,22 +2773,15 @@ def go_live(plan, failure, switch=True, undo_on_failure=True, restart="auto"):
     try:
         undo = activate(plan, switch=switch, restart=restart)
         t1 = time.monotonic()
-        healthy = health_check(plan, undo)
+        unhealthy = health_check(plan, undo)
         waited += time.monotonic() - t1
-        if not healthy:
+        if unhealthy:
             if undo_on_failure:
                 restore_venv(p, app)  # before the old workers start again
                 rollback(p, app, undo)
             for line in worker_log_tail(p, app):
                 warn(line)
-            if plan.get("health_failure"):  # a precise reason beats the generic one
-                failure = re.sub(r"\(its workers did not load the app or listen on port \d+ within \d+s\)",
-                                 f"({plan['health_failure']})", failure)
-            if undo_on_failure and switch and not undo["link"]:  # nothing to go back to
-                failure = failure.split(": rolled back")[0] + (
-                    ": its workers were stopped; the app had no earlier release, so nothing serves it "
-                    f"until a push succeeds (see `logs {app}`)")
-            raise PikuError(failure)
+            raise PikuError(failure.replace("{reason}", unhealthy))
         t1 = time.monotonic()
         wait_for_nginx(plan, undo)
         waited += time.monotonic() - t1
@@ -2800,7 +2801,7 @@ def wait_for_nginx(plan, undo, timeout=10.0):
     conf = os.path.join(p.nginx, f"{app}.conf")
     before = server_name_owners({app: undo["files"].get(conf) or ""})
     names = [n for n in split_names(s.get("NGINX_SERVER_NAME", "")) if n.lower() not in before]
-    if not names or not os.path.exists(conf) or not (which("nginx") or os.path.exists("/usr/sbin/nginx")):
+    if not names or not os.path.exists(conf) or not nginx_binary():
         return
     if not challenge_served(plan, probe_host(names[0]), timeout):
         warn(f"nginx has not loaded {app}'s config after {timeout:.0f}s: is nginx running, and is it "
@@ -3378,7 +3379,7 @@ def cmd_ps(app):
 def live_settings(paths, app):
     """The settings the live release runs with (repo ENV < config), without building."""
     release = live_release(paths, app)
-    repo_env = read_repo_env(paths, app, release, os.environ)
+    repo_env = read_repo_env(paths, app, release, env_file_base(paths, app, os.environ))
     return validate_settings({**repo_env, **load_config(paths, app)})
 
 
