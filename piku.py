@@ -750,6 +750,9 @@ def wsgi_pairs(v, inner=False):
              ("listen", setting(s, "UWSGI_LISTEN")),
              ("http-socket", host_port(setting(s, "BIND_ADDRESS"), v["port"])),
              ("reuse-port", "true"), ("need-app", "true"), ("lazy-apps", "true"),
+             # each worker enters the app's stable path before loading it: a master kept across
+             # chain reloads sits in the release it started in, which pruning removes later
+             ("hook-pre-app", "chdir:" + os.path.join(p.apps, app)),
              ("env", f"PROC_INDEX={v['index']}")]
     if v.get("socket"):
         pairs += [("socket", v["socket"]), ("chmod-socket", "666")]
@@ -787,6 +790,7 @@ def render_wsgi_boot(venv, app_dir, spec, env, pyver):
     return (
         "# Written by piku.py on every deploy; do not edit.\n"
         "import os, sys, site, importlib\n"
+        f"os.chdir({app_dir!r})\n"
         f"os.environ.update({env!r})\n"
         f"sys.path[0:0] = [{app_dir!r}] + [p for p in os.environ.get('PYTHONPATH', '').split(':') if p]\n"
         f"site.addsitedir({site!r})\n"
@@ -2886,12 +2890,35 @@ def app_url(plan):
 
 
 def prune_releases(paths, app, keep):
+    """Remove all but the `keep` newest releases; never the live one, nor one that a running
+    process still works in (its current directory is inside it)."""
     base = os.path.join(paths.releases, app)
     live = live_release(paths, app)
     olds = sorted((os.path.join(base, n) for n in os.listdir(base)), key=os.path.getmtime, reverse=True)
-    for path in olds[keep:]:
-        if os.path.realpath(path) != live:
+    doomed = [p for p in olds[keep:] if os.path.realpath(p) != live]
+    busy = releases_in_use(doomed) if doomed else set()
+    for path in doomed:
+        if path not in busy:
             remove_path(path)
+
+
+def process_dirs():
+    """The current directory of every process this user can see (pid -> path)."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                out[pid] = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue
+    return out
+
+
+def releases_in_use(candidates):
+    """The release directories among candidates that a running process sits in."""
+    cwds = set(process_dirs().values())
+    return {c for c in candidates for real in [os.path.realpath(c)] for cwd in cwds
+            if cwd == real or cwd.startswith(real + "/")}
 
 
 def deploy_rev(paths, app, rev, label, environ):

@@ -21,6 +21,10 @@ def test_wsgi_vassal_defaults():
     assert "http-socket = 127.0.0.1:5000" in ini and "logto = /srv/piku/logs/demo/wsgi.1.log" in ini
     assert "wsgi-file = /srv/piku/state/demo/wsgi_boot.py" in ini
     assert "threads = 4" in ini and "gevent" not in ini and "socket = " not in ini.replace("http-socket", "")
+    # every worker enters the stable path before loading (issue 9: a master outlives releases)
+    assert "hook-pre-app = chdir:/srv/piku/apps/demo" in ini
+    assert "hook-pre-app = chdir:/srv/piku/apps/demo" in piku.render_inner_ini(
+        {"app": "demo", "kind": "wsgi", "index": 1, "paths": PATHS, "settings": {}, "port": 5000})
 
 
 @pytest.mark.parametrize("key,value,line", [
