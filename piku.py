@@ -174,20 +174,21 @@ def parse_count_or_bool(value, key, when_true, maximum=10**9):
         return when_true
     if v in ("false", "no", "off", "n", ""):
         return 0
-    try:
-        n = int(v)
-    except ValueError:
+    if not re.fullmatch(r"[0-9]{1,30}", v):
         raise PikuError(f"{key}: expected a number (0 = off) or true/false, got {value!r}")
+    n = int(v)
     if not 0 <= n <= maximum:
         raise PikuError(f"{key}: expected a number between 0 and {maximum}, got {value!r}")
     return n
 
 
 def parse_int(value, key="value", minimum=None, maximum=None):
-    try:
-        n = int(str(value).strip())
-    except ValueError:
+    """A whole number in ASCII digits (Python's int() also takes '1_000' and other scripts'
+    digits, which no other reader of these values does)."""
+    text = str(value).strip()
+    if not re.fullmatch(r"-?[0-9]{1,30}", text):
         raise PikuError(f"{key}: expected a whole number, got {value!r}")
+    n = int(text)
     if (minimum is not None and n < minimum) or (maximum is not None and n > maximum):
         raise PikuError(f"{key}: {n} is out of range ({minimum}..{maximum})")
     return n
@@ -543,90 +544,116 @@ def crash_looping(log_tail):
 
 
 # === 6. Settings ===
-# Layering: DEFAULTS < repo ENV < config:set values (envs/<app>/ENV) < computed values.
+# Layering: defaults < repo ENV < config:set values (envs/<app>/ENV) < computed values.
+# SETTINGS is the one table of what piku reads: name, default (None: unset), the check a value
+# must pass before anything is written, and a one-line doc (docs/ENV.md has the long form; a
+# unit test keeps the two in step).
 
-DEFAULTS = {
-    "BIND_ADDRESS": "127.0.0.1",
-    "PIKU_AUTO_RESTART": "true",
-    "PIKU_PYUWSGI": "auto",
-    "PIKU_HEALTH_TIMEOUT": "30",
-    "PIKU_RELEASES_KEPT": str(DEFAULT_RELEASES_KEPT),
-    "PIKU_VERBOSE": "false",
-    "PIKU_USE_UV": "true",
-    "PIKU_PREBOOT": "true",
-    "UV_PYTHON_PREFERENCE": "managed",
-    "DISABLE_IPV6": "false",
-    "NGINX_IPV4_ADDRESS": "0.0.0.0",
-    "NGINX_IPV6_ADDRESS": "[::]",
-    "NGINX_HTTP_PORT": "80",
-    "NGINX_HTTPS_PORT": "443",
-    "NGINX_HTTPS_ONLY": "false",
-    "NGINX_ALLOW_GIT_FOLDERS": "false",
-    "NGINX_CACHE_SIZE": "1",
-    "NGINX_CACHE_TIME": "3600",
-    "NGINX_CACHE_CONTROL": "3600",
-    "NGINX_CACHE_EXPIRY": "86400",
-    "NGINX_CACHE_REDIRECTS": "3600",
-    "NGINX_CACHE_ANY": "0",
-    "UWSGI_MAX_REQUESTS": "1024",
-    "UWSGI_LISTEN": "16",
-    "UWSGI_PROCESSES": "1",
-    "UWSGI_THREADS": "4",
-    "UWSGI_ENABLE_THREADS": "true",
-    "UWSGI_LOG_MAXSIZE": "1048576",
-    "UWSGI_LOG_X_FORWARDED_FOR": "false",
-    "UWSGI_GEVENT": "0",
-    "UWSGI_ASYNCIO": "0",
-    "UWSGI_IDLE": "",
-    "ACME_ROOT_CA": "letsencrypt.org",
-    "ACME_CLIENT": "auto",
-}
+Setting = namedtuple("Setting", "name default check doc")
 
-# Settings that must parse as numbers / booleans; checked before anything is written.
-INT_SETTINGS = {"PORT": (1, 65535), "UWSGI_MAX_REQUESTS": (0, 10**9), "UWSGI_LISTEN": (1, 65535),
-                "UWSGI_PROCESSES": (1, 1024), "UWSGI_THREADS": (1, 1024),
-                "UWSGI_LOG_MAXSIZE": (0, 10**12), "UWSGI_IDLE": (0, 10**7),
-                "UWSGI_ASYNCIO": (0, 10**5), "NGINX_HTTP_PORT": (1, 65535),
-                "NGINX_HTTPS_PORT": (1, 65535), "PIKU_HEALTH_TIMEOUT": (1, 3600),
-                "PIKU_RELEASES_KEPT": (1, 100), "NGINX_CACHE_SIZE": (1, 10**6),
-                "NGINX_CACHE_TIME": (0, 10**9), "NGINX_CACHE_CONTROL": (0, 10**9),
-                "NGINX_CACHE_EXPIRY": (0, 10**9)}
-BOOL_SETTINGS = ("PIKU_AUTO_RESTART", "PIKU_VERBOSE", "PIKU_USE_UV", "PIKU_PREBOOT", "DISABLE_IPV6",
-                 "NGINX_HTTPS_ONLY",
-                 "NGINX_ALLOW_GIT_FOLDERS",
-                 "UWSGI_ENABLE_THREADS", "UWSGI_LOG_X_FORWARDED_FOR",
-                 "NGINX_CLOUDFLARE_ACL")
-CHOICE_SETTINGS = {"PIKU_PYUWSGI": ("auto", "never", "always"),
-                   "ACME_CLIENT": ("auto", "acme.sh", "dehydrated", "none")}
+
+def v_int(lo, hi):
+    return lambda value, key: parse_int(value, key, lo, hi)
+
+
+def v_bool(value, key):
+    parse_bool(value, key)
+
+
+def v_choice(*choices):
+    def check(value, key):
+        if value not in choices:
+            raise PikuError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return check
+
+
+def v_count_or_bool(value, key):
+    parse_count_or_bool(value, key, 0)
+
+
+def v_ip(value, key):
+    parse_ip(value, key)
+
+
+def v_hostnames(value, key):
+    for name in split_names(value):
+        if not HOSTNAME_RE.match(name):
+            raise PikuError(f"{key}: invalid host name {name!r}")
+
+
+def v_path(value, key):
+    safe_path(value, key)
+
+
+S = Setting
+SETTINGS = (
+    # piku
+    S("PIKU_AUTO_RESTART", "true", v_bool, "restart running processes on deploys and config changes"),
+    S("PIKU_PREBOOT", "true", v_bool, "start a web process's new release before the old one stops"),
+    S("PIKU_HEALTH_TIMEOUT", "30", v_int(1, 3600), "seconds new processes get to answer"),
+    S("PIKU_RELEASES_KEPT", str(DEFAULT_RELEASES_KEPT), v_int(1, 100), "releases kept per app"),
+    S("PIKU_VERBOSE", "false", v_bool, "show build tools' output on success too"),
+    S("PIKU_USE_UV", "true", v_bool, "build requirements.txt apps with uv (else virtualenv + pip)"),
+    S("PIKU_PYUWSGI", "auto", v_choice("auto", "never", "always"), "serve wsgi with the venv's own uWSGI"),
+    S("PIKU_UWSGI_PLUGIN_DIR", None, v_path, "where to look first for uWSGI's python3 plugin"),
+    # Python and uv
+    S("PYTHON_VERSION", None, lambda v, k: parse_python_version(v), "the app's Python version"),
+    S("UV_PYTHON_PREFERENCE", "managed", None, "where uv takes Pythons from"),
+    S("PATH", None, None, "the PATH after the virtualenv's bin/"),
+    # network
+    S("BIND_ADDRESS", "127.0.0.1", v_ip, "where wsgi and web processes listen"),
+    S("PORT", None, v_int(1, 65535), "the port of wsgi/web"),
+    S("DISABLE_IPV6", "false", v_bool, "no IPv6 listen lines in nginx"),
+    S("NGINX_IPV4_ADDRESS", "0.0.0.0", v_ip, "nginx IPv4 listen address"),
+    S("NGINX_IPV6_ADDRESS", "[::]", v_ip, "nginx IPv6 listen address"),
+    S("NGINX_HTTP_PORT", "80", v_int(1, 65535), "nginx HTTP port"),
+    S("NGINX_HTTPS_PORT", "443", v_int(1, 65535), "nginx HTTPS port"),
+    # nginx
+    S("NGINX_SERVER_NAME", None, v_hostnames, "host names; puts the app behind nginx"),
+    S("NGINX_HTTPS_ONLY", "false", v_bool, "redirect HTTP to HTTPS"),
+    S("NGINX_STATIC_PATHS", None, lambda v, k: parse_static_paths(v), "/url:dir pairs nginx serves"),
+    S("NGINX_CATCH_ALL", None, lambda v, k: render_catch_all(v), "fallback page of static locations"),
+    S("NGINX_INCLUDE_FILE", None, v_path, "file included in the app's server block"),
+    S("NGINX_ALLOW_GIT_FOLDERS", "false", v_bool, "serve URLs containing /.git"),
+    S("NGINX_CLOUDFLARE_ACL", "false", v_bool, "only Cloudflare and loopback may connect"),
+    S("NGINX_CACHE_PREFIXES", None, lambda v, k: parse_url_prefixes(v, k), "URL prefixes nginx caches"),
+    S("NGINX_CACHE_SIZE", "1", v_int(1, 10**6), "cache size in GB"),
+    S("NGINX_CACHE_TIME", "3600", v_int(0, 10**9), "seconds a cached 200/304 is valid"),
+    S("NGINX_CACHE_CONTROL", "3600", v_int(0, 10**9), "max-age of cached responses"),
+    S("NGINX_CACHE_EXPIRY", "86400", v_int(0, 10**9), "unused cache entries are dropped after this"),
+    S("NGINX_CACHE_REDIRECTS", "3600", v_count_or_bool, "seconds cached redirects are valid"),
+    S("NGINX_CACHE_ANY", "0", v_count_or_bool, "seconds other cached statuses are valid"),
+    S("NGINX_CACHE_PATH", None, v_path, "where the cache lives"),
+    # uWSGI
+    S("UWSGI_MAX_REQUESTS", "1024", v_int(0, 10**9), "recycle a worker after this many requests"),
+    S("UWSGI_LISTEN", "16", v_int(1, 65535), "socket backlog"),
+    S("UWSGI_PROCESSES", "1", v_int(1, 1024), "worker processes per wsgi instance"),
+    S("UWSGI_THREADS", "4", v_int(1, 1024), "threads per worker"),
+    S("UWSGI_ENABLE_THREADS", "true", v_bool, "let the app start threads"),
+    S("UWSGI_LOG_MAXSIZE", "1048576", v_int(0, 10**12), "rotate logs at this size"),
+    S("UWSGI_LOG_X_FORWARDED_FOR", "false", v_bool, "log the X-Forwarded-For address"),
+    S("UWSGI_GEVENT", "0", v_count_or_bool, "gevent cores instead of threads"),
+    S("UWSGI_ASYNCIO", "0", v_int(0, 10**5), "asyncio cores instead of threads"),
+    S("UWSGI_IDLE", "", v_int(0, 10**7), "exit after this many idle seconds"),
+    S("UWSGI_INCLUDE_FILE", None, v_path, "extra uWSGI options for every vassal"),
+    # TLS
+    S("ACME_ROOT_CA", "letsencrypt.org", lambda v, k: parse_acme_ca(v), "the ACME CA"),
+    S("ACME_CLIENT", "auto", v_choice("auto", "acme.sh", "dehydrated", "none"), "the ACME client"),
+    S("ACME_EMAIL", None, lambda v, k: parse_email(v, k), "ACME account contact"),
+    S("ACME_CA_BUNDLE", None, v_path, "CA file for the ACME server's own HTTPS"),
+)
+del S
+SETTING = {s.name: s for s in SETTINGS}
+DEFAULTS = {s.name: s.default for s in SETTINGS if s.default is not None}
 
 
 def validate_settings(settings):
-    """Raise PikuError for the first setting piku cannot use; returns settings."""
-    for key, (lo, hi) in INT_SETTINGS.items():
-        if settings.get(key, "") != "":
-            parse_int(settings[key], key, lo, hi)
-    for key in BOOL_SETTINGS:
-        if key in settings:
-            parse_bool(settings[key], key)
-    for key in COUNT_OR_BOOL:
-        if key in settings:
-            parse_count_or_bool(settings[key], key, 0)
-    for key, choices in CHOICE_SETTINGS.items():
-        if key in settings and settings[key] not in choices:
-            raise PikuError(f"{key}: expected one of {', '.join(choices)}, got {settings[key]!r}")
-    if settings.get("BIND_ADDRESS"):
-        parse_ip(settings["BIND_ADDRESS"], "BIND_ADDRESS")
-    for name in split_names(settings.get("NGINX_SERVER_NAME", "")):
-        if not HOSTNAME_RE.match(name):
-            raise PikuError(f"NGINX_SERVER_NAME: invalid host name {name!r}")
-    if settings.get("PYTHON_VERSION"):
-        parse_python_version(settings["PYTHON_VERSION"])
-    if settings.get("ACME_ROOT_CA"):
-        parse_acme_ca(settings["ACME_ROOT_CA"])
-    if settings.get("ACME_EMAIL") and not EMAIL_RE.match(settings["ACME_EMAIL"]):
-        raise PikuError(f"ACME_EMAIL: not an e-mail address: {settings['ACME_EMAIL']!r}")
-    if settings.get("ACME_CA_BUNDLE"):
-        safe_path(settings["ACME_CA_BUNDLE"], "ACME_CA_BUNDLE")
+    """Raise PikuError for the first setting piku cannot use; returns settings. An empty value
+    means unset (the default applies), as it always has."""
+    for s in SETTINGS:
+        value = settings.get(s.name, "")
+        if s.check and value != "":
+            s.check(value, s.name)
     return settings
 
 
@@ -926,6 +953,12 @@ ACME_CAS = {
 }
 ACME_URL_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~/%-]*)?$")
 EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}$")
+
+
+def parse_email(value, key):
+    if not EMAIL_RE.fullmatch(value or ""):
+        raise PikuError(f"{key}: not an e-mail address: {value!r}")
+    return value
 # Names no public CA will ever certify: they get the self-signed certificate.
 PRIVATE_SUFFIXES = (".localhost", ".test", ".invalid", ".example", ".local", ".internal", ".lan",
                     ".home.arpa", ".localdomain")
@@ -1113,14 +1146,19 @@ def render_catch_all(value):
     return target
 
 
-def parse_cache(s, p, app):
-    prefixes = s.get("NGINX_CACHE_PREFIXES", "")
-    if not prefixes:
-        return None
-    urls = [u for u in prefixes.split(",") if u]
+def parse_url_prefixes(value, key):
+    """'/a,/b' -> ['/a', '/b']; anything that is not a plain /path raises."""
+    urls = [u for u in (value or "").split(",") if u]
     for u in urls:
         if not URL_PREFIX_RE.match(u):
-            raise PikuError(f"NGINX_CACHE_PREFIXES: {u!r} is not a /path")
+            raise PikuError(f"{key}: {u!r} is not a /path")
+    return urls
+
+
+def parse_cache(s, p, app):
+    urls = parse_url_prefixes(s.get("NGINX_CACHE_PREFIXES", ""), "NGINX_CACHE_PREFIXES")
+    if not urls:
+        return None
     path = s.get("NGINX_CACHE_PATH") or os.path.join(p.cache, app)
     return {"prefixes": urls, "path": safe_path(path, "NGINX_CACHE_PATH"), "app": app,
             "size": setting_int(s, "NGINX_CACHE_SIZE"), "time": setting_int(s, "NGINX_CACHE_TIME"),

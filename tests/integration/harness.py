@@ -14,7 +14,8 @@ import urllib.request
 from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-USER = "pikutest"
+# PIKU_TEST_USER: another user lets two test runs share a machine (each kills only its own processes)
+USER = os.environ.get("PIKU_TEST_USER", "pikutest")
 INSTALL_HINT = "run `bash scripts/install-deps` as root"
 SYSTEM_PY = "/usr/bin/python3"
 

@@ -370,3 +370,32 @@ def test_a_cron_job_runs_once_per_minute_across_restarts(tmp_path):
     assert piku.claim_cron_minute(paths, "app", "cron1.1", later)
     assert sorted(os.listdir(tmp_path / "state" / "app" / "cron")) == [
         "cron1.1." + time.strftime("%Y%m%d%H%M", later), "cron1.10." + time.strftime("%Y%m%d%H%M", now)]
+
+
+def documented_settings():
+    """Setting names in docs/ENV.md's reference tables (the `Not app settings` table excluded)."""
+    import os
+    import re
+    text = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "ENV.md")).read()
+    ref = text.split("## Reference", 1)[1].split("### Not app settings", 1)[0]
+    return {m for m in re.findall(r"^\| `([A-Z][A-Z0-9_]*)`", ref, re.M)}
+
+
+def test_settings_table_matches_the_docs():
+    table = {s.name for s in piku.SETTINGS}
+    documented = documented_settings()
+    assert table - documented == set(), f"settings missing from docs/ENV.md: {sorted(table - documented)}"
+    assert documented - table == set(), f"documented but not in SETTINGS: {sorted(documented - table)}"
+
+
+def test_every_setting_has_a_doc_line_and_its_default_passes_its_check():
+    for s in piku.SETTINGS:
+        assert s.doc and len(s.doc) < 100, s.name
+        if s.default not in (None, "") and s.check:
+            s.check(s.default, s.name)
+
+
+@pytest.mark.parametrize("value", ["٥٠٠٠", "1_0000", "+5", "5.0", "0x10", " "])
+def test_integers_are_ascii_digits_only(value):
+    with pytest.raises(PikuError):
+        piku.validate_settings({"PORT": value} if value.strip() else {"UWSGI_PROCESSES": value + "x"})
