@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from harness import USER
+
 HOSTILE = 'a b\n$HOME ; #x "q" \'s\' @(exec://id) %(k) =eq\\back'
 
 
@@ -135,7 +137,7 @@ def test_logs_tail_and_process_filter(server, kinds):
 
 
 def test_logs_follow(server, kinds):
-    proc = subprocess.Popen(server.ssh_argv() + ["pikutest@127.0.0.1", "logs", "kinds", "worker", "-n", "0", "-f"],
+    proc = subprocess.Popen(server.ssh_argv() + [f"{USER}@127.0.0.1", "logs", "kinds", "worker", "-n", "0", "-f"],
                             stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # the worker logs a line every second
@@ -320,16 +322,16 @@ def scp(server, *args):
 def test_scp_reaches_only_app_data(server, kinds, tmp_path):
     src = tmp_path / "upload.txt"
     src.write_text("uploaded\n")
-    r = scp(server, str(src), "pikutest@127.0.0.1:kinds/")
+    r = scp(server, str(src), f"{USER}@127.0.0.1:kinds/")
     assert r.returncode == 0, r.stderr
     assert open(server.path("data", "kinds", "upload.txt")).read() == "uploaded\n"
-    r = scp(server, f"pikutest@127.0.0.1:{server.path('data', 'kinds', 'upload.txt')}", str(tmp_path / "back.txt"))
+    r = scp(server, f"{USER}@127.0.0.1:{server.path('data', 'kinds', 'upload.txt')}", str(tmp_path / "back.txt"))
     assert r.returncode == 0 and (tmp_path / "back.txt").read_text() == "uploaded\n", r.stderr
     before = server.tree()
     auth = os.path.join(server.home, ".ssh", "authorized_keys")
     keys = open(auth).read()
     for target in (".ssh/authorized_keys", "../.ssh/", "kinds/../../", "/etc/", "nosuchapp/", "'a;id'"):
-        r = scp(server, str(src), f"pikutest@127.0.0.1:{target}")
+        r = scp(server, str(src), f"{USER}@127.0.0.1:{target}")
         assert r.returncode != 0, target
     assert open(auth).read() == keys and server.tree() == before
     r = server.ssh("scp", "-t", "-oProxyCommand=x", "kinds/")
