@@ -43,7 +43,7 @@ DEFAULT_RELEASES_KEPT = 3
 PIKU_FILES_IN_ENV_DIR = ("ENV", "LIVE_ENV", "SCALING")
 
 Paths = namedtuple("Paths", "root apps repos envs data logs cache nginx uwsgi uwsgi_available "
-                            "uwsgi_enabled acme plugins releases state locks uv_cache")
+                            "uwsgi_enabled acme plugins releases state locks uv_cache venvs")
 
 
 def paths_for(root):
@@ -52,7 +52,7 @@ def paths_for(root):
     j = lambda *p: os.path.join(root, *p)  # noqa: E731
     return Paths(root, j("apps"), j("repos"), j("envs"), j("data"), j("logs"), j("cache"),
                  j("nginx"), j("uwsgi"), j("uwsgi-available"), j("uwsgi-enabled"), j("acme"),
-                 j("plugins"), j("releases"), j("state"), j("locks"), j("uv-cache"))
+                 j("plugins"), j("releases"), j("state"), j("locks"), j("uv-cache"), j("venvs"))
 
 
 def default_root(environ=None):
@@ -91,6 +91,22 @@ def warn(text):
 
 # === 4. Process runner ===
 
+def die_with_parent(sig):
+    """This process (and what it execs) gets `sig` when its parent dies. A vassal killed with
+    its emperor must not leave its web command or inner uWSGI on the app's port; a killed push
+    must not leave a build tool writing into what the next push builds."""
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _die_with_parent():
+    """preexec_fn for every child piku waits for: SIGKILL if piku dies first."""
+    die_with_parent(9)
+
+
 def run(argv, cwd=None, env=None, capture=False, input=None, check=True, timeout=None):
     """Run argv (a list, never a shell string). Returns CompletedProcess."""
     import subprocess
@@ -99,7 +115,7 @@ def run(argv, cwd=None, env=None, capture=False, input=None, check=True, timeout
                               stdout=subprocess.PIPE if capture else None,
                               stderr=subprocess.STDOUT if capture == "merged" else
                               (subprocess.PIPE if capture else None),
-                              text=True, errors="replace", timeout=timeout)
+                              text=True, errors="replace", timeout=timeout, preexec_fn=_die_with_parent)
     except FileNotFoundError:
         raise PikuError(f"command not found: {argv[0]}", 127)
     if check and proc.returncode != 0:
@@ -361,8 +377,9 @@ def render_scaling(scaling):
     return "".join(f"{k}:{v}\n" for k, v in scaling.items())
 
 
-def parse_scale_args(args, known_kinds):
-    """['web=2', 'worker=0'] -> {kind: n}; unknown kinds and bad counts raise."""
+def parse_scale_args(args, known_kinds, behind_nginx=False):
+    """['web=2', 'worker=0'] -> {kind: n}; unknown kinds and bad counts raise (KINDS says how
+    many of a kind may run)."""
     out = {}
     for arg in args:
         kind, sep, count = arg.partition("=")
@@ -371,12 +388,16 @@ def parse_scale_args(args, known_kinds):
         if kind not in known_kinds:
             raise PikuError(f"unknown process kind {kind!r}; this app has: {', '.join(sorted(known_kinds)) or 'none'}")
         out[kind] = parse_int(count, kind, 0, 64)
-        if out[kind] > 1 and kind == "web":
-            raise PikuError("web: every web process would get the same PORT; run more workers inside "
-                            "it instead (e.g. gunicorn --workers N), or scale a wsgi worker")
-        if out[kind] > 1 and kind.startswith("cron"):
-            raise PikuError(f"{kind}: a cron job runs once per schedule; scale it to 0 or 1")
+        if out[kind] > max_scale(kind, behind_nginx):
+            raise PikuError(SCALE_LIMITS.get(kind_name(kind), f"{kind}: at most {max_scale(kind, behind_nginx)}"))
     return out
+
+
+SCALE_LIMITS = {
+    "web": "web: without nginx every web process would get the same PORT; set NGINX_SERVER_NAME (nginx "
+           "then balances over one port per process), run more workers inside it (e.g. gunicorn "
+           "--workers N), or scale a wsgi worker",
+    "cron": "a cron job runs once per schedule; scale it to 0 or 1"}
 
 
 GIT_COMMANDS = ("git-receive-pack", "git-upload-pack")
@@ -591,6 +612,9 @@ SETTINGS = (
     S("PIKU_AUTO_RESTART", "true", v_bool, "restart running processes on deploys and config changes"),
     S("PIKU_PREBOOT", "true", v_bool, "start a web process's new release before the old one stops"),
     S("PIKU_HEALTH_TIMEOUT", "30", v_int(1, 3600), "seconds new processes get to answer"),
+    S("PIKU_HEALTHCHECK", "http", v_choice("http", "connect"), "what the health check asks: a GET, or a connect"),
+    S("PIKU_HEALTHCHECK_PATH", "/", lambda v, k: parse_health_path(v, k), "the path the health check GETs"),
+    S("PIKU_HEALTHCHECK_STATUS", "", lambda v, k: parse_status_spec(v), "healthy statuses (default: below 500)"),
     S("PIKU_RELEASES_KEPT", str(DEFAULT_RELEASES_KEPT), v_int(1, 100), "releases kept per app"),
     S("PIKU_VERBOSE", "false", v_bool, "show build tools' output on success too"),
     S("PIKU_USE_UV", "true", v_bool, "build requirements.txt apps with uv (else virtualenv + pip)"),
@@ -692,16 +716,17 @@ def setting_count(settings, key):
     return parse_count_or_bool(setting(settings, key), key, COUNT_OR_BOOL[key](settings))
 
 
-def computed_env(paths, app, settings, port, home, user, base_path, src_layout=False):
+def computed_env(paths, app, settings, port, home, user, base_path, src_layout=False, venv=None, app_dir=None):
     """Values piku injects into every process; they override ENV (except PORT, PATH set there).
-    src_layout: the app keeps its packages in src/ (the project itself is not installed into
-    the virtualenv), so apps/<app>/src goes first on PYTHONPATH."""
-    venv = os.path.join(paths.envs, app)
+    venv and app_dir: the release's own virtualenv and directory (envs/<app> and apps/<app>,
+    the live ones, when not given). src_layout: the app keeps its packages in src/ (the project
+    itself is not installed into the virtualenv), so <app_dir>/src goes first on PYTHONPATH."""
+    venv = venv or os.path.join(paths.envs, app)
+    app_dir = app_dir or os.path.join(paths.apps, app)
     user_path = settings.get("PATH") or base_path
     extra = {}
     if src_layout:
-        extra["PYTHONPATH"] = ":".join(p for p in (os.path.join(paths.apps, app, "src"),
-                                                   settings.get("PYTHONPATH")) if p)
+        extra["PYTHONPATH"] = ":".join(p for p in (os.path.join(app_dir, "src"), settings.get("PYTHONPATH")) if p)
     return extra | {
         "APP": app,
         "DATA_ROOT": os.path.join(paths.data, app),
@@ -710,6 +735,7 @@ def computed_env(paths, app, settings, port, home, user, base_path, src_layout=F
         "USER": user,
         "PATH": os.path.join(venv, "bin") + ":" + user_path,
         "VIRTUAL_ENV": venv,
+        "PIKU_APP_DIR": app_dir,
         "PORT": str(port),
         "BIND_ADDRESS": setting(settings, "BIND_ADDRESS"),
         "PYTHONUNBUFFERED": "1",
@@ -733,35 +759,46 @@ def render_ini(pairs):
     return "\n".join(lines) + "\n"
 
 
-def worker_port(settings, kind, port):
-    return port if kind in ("wsgi", "web") else None
+def worker_dir(v):
+    """Where a worker runs: its release's own directory (apps/<app> for files of older versions)."""
+    return v.get("dir") or os.path.join(v["paths"].apps, v["app"])
+
+
+def exec_worker_argv(v, *first):
+    """argv for `exec-worker`: the release directory, environment file and port the worker gets
+    are named in its vassal, so a worker started again later runs exactly what it ran before."""
+    opts = [*first]
+    for flag, key in (("--dir", "dir"), ("--env", "env_file"), ("--port", "worker_port"),
+                      ("--uwsgi", "inner")):
+        if v.get(key):
+            opts += [flag, str(v[key])]
+    return v["piku"] + ["exec-worker"] + opts + [v["app"], v["kind"], str(v["index"])]
 
 
 def render_vassal(v):
     """Vassal ini for one worker. `v` is a dict: app, kind, index, paths, settings, port,
     piku (argv prefix running piku.py), python_plugin, mode ('native'|'pyuwsgi'|'daemon'),
-    sockets (unix socket path or None), release."""
+    socket (unix socket for nginx or None), release (a label), and for workers of a release:
+    dir (its directory), env_file, boot (wsgi loader), inner + fifo (pyuwsgi), check_socket
+    (a private socket the health check uses), worker_port (a web instance's own port)."""
     import shlex
     s, p, app, kind, n = v["settings"], v["paths"], v["app"], v["kind"], v["index"]
     pairs = [("master", "true"), ("die-on-term", "true"), ("vacuum", "true"),
-             ("chdir", os.path.join(p.apps, app)),
+             ("chdir", worker_dir(v)),
              ("procname-prefix-spaced", f"{app}:{kind}.{n}"),
              ("env", f"PIKU_ROOT={p.root}"),
              ("logto", os.path.join(p.logs, app, f"{kind}.{n}.log")),
              ("log-maxsize", setting(s, "UWSGI_LOG_MAXSIZE")),
              ("log-backupname", os.path.join(p.logs, app, f"{kind}.{n}.log.old"))]
+    if v.get("master_fifo"):  # piku wakes the master through it (it acts once a second otherwise)
+        pairs.append(("master-fifo", v["master_fifo"]))
     if v["mode"] == "native":
         plugins = [v.get("python_plugin") or "python3"] + list(v.get("extra_plugins") or [])
         pairs = [("plugin", ",".join(plugins))] + pairs + wsgi_pairs(v)
-    elif v["mode"] == "pyuwsgi":
-        cmd = v["piku"] + ["exec-worker", app, kind, str(n)]
-        pairs.append(("attach-daemon2", "cmd=" + shlex.join(cmd) + ",stopsignal=15"))
     elif kind.startswith("cron"):
-        cmd = v["piku"] + ["exec-worker", "--if-due", app, kind, str(n)]
-        pairs.append(("cron", "-1 -1 -1 -1 -1 " + shlex.join(cmd)))
-    else:
-        cmd = v["piku"] + ["exec-worker", app, kind, str(n)]
-        pairs.append(("attach-daemon2", "cmd=" + shlex.join(cmd) + ",stopsignal=15"))
+        pairs.append(("cron", "-1 -1 -1 -1 -1 " + shlex.join(exec_worker_argv(v, "--if-due"))))
+    else:  # a daemon: web, worker, or the virtualenv's own uWSGI (pyuwsgi)
+        pairs.append(("attach-daemon2", "cmd=" + shlex.join(exec_worker_argv(v)) + ",stopsignal=15"))
     include = s.get("UWSGI_INCLUDE_FILE")
     if include:
         pairs.append(("ini", safe_path(include, "UWSGI_INCLUDE_FILE")))
@@ -771,18 +808,20 @@ def render_vassal(v):
 def wsgi_pairs(v, inner=False):
     """The python-serving options shared by native vassals and pyuwsgi inner inis."""
     s, p, app = v["settings"], v["paths"], v["app"]
-    pairs = [("wsgi-file", os.path.join(p.state, app, "wsgi_boot.py")),
+    pairs = [("wsgi-file", v.get("boot") or os.path.join(p.state, app, "wsgi_boot.py")),
              ("processes", setting(s, "UWSGI_PROCESSES")),
              ("max-requests", setting(s, "UWSGI_MAX_REQUESTS")),
              ("listen", setting(s, "UWSGI_LISTEN")),
              ("http-socket", host_port(setting(s, "BIND_ADDRESS"), v["port"])),
              ("reuse-port", "true"), ("need-app", "true"), ("lazy-apps", "true"),
-             # each worker enters the app's stable path before loading it: a master kept across
-             # chain reloads sits in the release it started in, which pruning removes later
-             ("hook-pre-app", "chdir:" + os.path.join(p.apps, app)),
+             # each worker enters its release's directory before loading the app (a master kept
+             # across chain reloads may sit elsewhere)
+             ("hook-pre-app", "chdir:" + worker_dir(v)),
              ("env", f"PROC_INDEX={v['index']}")]
     if v.get("socket"):
         pairs += [("socket", v["socket"]), ("chmod-socket", "666")]
+    if v.get("check_socket"):  # in a 0700 directory: only piku reaches it
+        pairs.append(("socket", v["check_socket"]))
     if setting_count(s, "UWSGI_GEVENT"):
         pairs.append(("gevent", str(setting_count(s, "UWSGI_GEVENT"))))
     elif int(setting(s, "UWSGI_ASYNCIO") or 0) > 0:
@@ -802,9 +841,9 @@ def render_inner_ini(v):
     """ini for the venv's own uWSGI (pyuwsgi) when the system plugin has another Python."""
     p, app, kind, n = v["paths"], v["app"], v["kind"], v["index"]
     include = v["settings"].get("UWSGI_INCLUDE_FILE")
-    pairs = [("master", "true"), ("die-on-term", "true"), ("chdir", os.path.join(p.apps, app)),
+    pairs = [("master", "true"), ("die-on-term", "true"), ("chdir", worker_dir(v)),
              ("procname-prefix-spaced", f"{app}:{kind}.{n}"),
-             ("master-fifo", os.path.join(p.state, app, f"{kind}.{n}.fifo"))] + wsgi_pairs(v) \
+             ("master-fifo", v.get("fifo") or os.path.join(p.state, app, f"{kind}.{n}.fifo"))] + wsgi_pairs(v) \
         + ([("ini", safe_path(include, "UWSGI_INCLUDE_FILE"))] if include else [])
     return render_ini(pairs)
 
@@ -837,6 +876,7 @@ def render_emperor_ini(paths):
         ("emperor", paths.uwsgi_enabled),
         ("emperor-freq", "1"),  # how often (s) the emperor scans for changed vassals
         ("master", "true"),
+        ("master-fifo", os.path.join(paths.uwsgi, "emperor.fifo")),  # piku writes E: scan now
         ("logto", os.path.join(paths.uwsgi, "uwsgi.log")),
         ("log-maxsize", "1048576"),
         ("pidfile", os.path.join(paths.uwsgi, "uwsgi.pid")),
@@ -1049,23 +1089,43 @@ def nginx_listen_lines(s, https):
     return [f"  listen {a}:{port}{flag};" for port, flag in ports for a in addrs]
 
 
+def nginx_upstream(n):
+    """[(address, backup?)] the app's upstream balances over: `n["upstream"]` when the caller
+    worked it out (both slots of a blue/green app), else the wsgi sockets or the web port."""
+    if n.get("upstream") is not None:
+        return n["upstream"]
+    if n["sockets"]:
+        return [("unix:" + sock, False) for sock in n["sockets"]]
+    if "web" in n["kinds"]:
+        bind = connect_host(setting(n["settings"], "BIND_ADDRESS"))
+        return [(host_port(bind, n["port"]), False)] + (
+            [(host_port(bind, n["standby"]), True)] if n.get("standby") else [])
+    return []
+
+
+def render_switch_probe(token):
+    """Locations that tell piku which config nginx serves: after a reload the new token answers
+    204, every other piku-switch URL 404 (nothing reaches the app)."""
+    if not token:
+        return []
+    return ["  location ^~ /.well-known/piku-switch/ { return 404; }",
+            f"  location = /.well-known/piku-switch/{token} {{ return 204; }}"]
+
+
 def render_nginx(n):
     """nginx server block(s) for one app. `n`: app, settings, paths, kinds (Procfile),
-    sockets (list of unix sockets for wsgi), port, app_dir, cert (bool: cert+key exist)."""
+    sockets (list of unix sockets for wsgi), upstream ([(address, backup?)], optional), port,
+    app_dir, cert (bool: cert+key exist), switch_token (optional)."""
     s, app, p = n["settings"], n["app"], n["paths"]
     names = split_names(setting(s, "NGINX_SERVER_NAME"))
     https_only = n["cert"] and setting_bool(s, "NGINX_HTTPS_ONLY")
     lines = []
-    if n["sockets"]:
-        lines += [f"upstream piku-{app} {{"] + [f"  server unix:{sock};" for sock in n["sockets"]] + ["}"]
-    elif "web" in n["kinds"]:
-        # max_fails=0: a refused connection never marks the port down, it only sends that one
-        # request on to the standby port, where the next release preboots during a deploy.
-        bind = connect_host(setting(s, "BIND_ADDRESS"))
-        lines += [f"upstream piku-{app} {{", f"  server {host_port(bind, n['port'])} max_fails=0;"]
-        if n.get("standby"):
-            lines.append(f"  server {host_port(bind, n['standby'])} backup max_fails=0;")
-        lines.append("}")
+    servers = nginx_upstream(n)
+    if servers:
+        # max_fails=0: a refused connection never marks a server down, it only sends that one
+        # request on to the next one; the backups are the other slot's workers (blue/green).
+        lines += [f"upstream piku-{app} {{"] + [f"  server {addr}{' backup' if backup else ''} max_fails=0;"
+                                                for addr, backup in servers] + ["}"]
     cache = parse_cache(s, p, app)
     if cache:  # wsgi apps are reached with uwsgi_pass: the uwsgi module has its own cache
         lines.append(f"{'uwsgi' if n['sockets'] else 'proxy'}_cache_path {cache['path']} levels=1:2 "
@@ -1074,8 +1134,9 @@ def render_nginx(n):
     if https_only:
         lines += ["server {"] + nginx_listen_lines(s, False)[:]
         lines += [f"  server_name {' '.join(names)};",
-                  f"  location ^~ /.well-known/acme-challenge/ {{ root {p.acme}/{app}; }}",
-                  "  location / { return 301 https://$host$request_uri; }", "}"]
+                  f"  location ^~ /.well-known/acme-challenge/ {{ root {p.acme}/{app}; }}"]
+        lines += render_switch_probe(n.get("switch_token"))
+        lines += ["  location / { return 301 https://$host$request_uri; }", "}"]
     lines += ["server {"]
     listen = nginx_listen_lines(s, n["cert"])
     if https_only:
@@ -1085,6 +1146,7 @@ def render_nginx(n):
         lines += [f"  ssl_certificate {p.nginx}/{app}.crt;", f"  ssl_certificate_key {p.nginx}/{app}.key;",
                   "  ssl_protocols TLSv1.2 TLSv1.3;"]
     lines.append(f"  location ^~ /.well-known/acme-challenge/ {{ root {p.acme}/{app}; }}")
+    lines += render_switch_probe(n.get("switch_token"))
     if not setting_bool(s, "NGINX_ALLOW_GIT_FOLDERS"):
         lines.append("  location ~ /\\.git { deny all; return 404; }")
     if setting_bool(s, "NGINX_CLOUDFLARE_ACL"):
@@ -1246,30 +1308,79 @@ def plan_runtime(files, workers, runtimes):
     raise PikuError("nothing to run: the Procfile has no wsgi, web, worker or static entry")
 
 
-def plan_scaling(workers, saved):
-    """{kind: count} for every long-running kind (default 1); Procfile kinds only. web and cron
-    kinds run at most once (a SCALING file of the original piku may ask for more)."""
-    return {k: min(saved.get(k, 1), 1) if k == "web" or k.startswith("cron") else saved.get(k, 1)
-            for k in workers if k not in SPECIAL_KINDS and k != "static"}
+# What each Procfile kind is: the one place that knows (every other function asks here).
+#   listens:    what it serves requests on: "socket" (a uwsgi socket for nginx, and PORT), "port", None
+#   max_scale:  most instances (web: one without nginx, where every instance would get PORT)
+#   vassal:     how uWSGI runs it: "wsgi" (native or pyuwsgi), "daemon", "cron", None (no process)
+#   health:     "http" (a real request must answer), "alive" (must not keep exiting), None
+#   blue_green: "always", "nginx" (when nginx fronts it: the old and new instances need not share
+#               a port), "never" (restarted in place)
+#   nginx:      how nginx reaches it: "uwsgi", "proxy", "files" (static), None
+Kind = namedtuple("Kind", "listens max_scale vassal health blue_green nginx")
+KINDS = {
+    "wsgi": Kind("socket", 64, "wsgi", "http", "always", "uwsgi"),
+    "web": Kind("port", 64, "daemon", "http", "nginx", "proxy"),
+    "static": Kind(None, 0, None, None, "never", "files"),
+    "cron": Kind(None, 1, "cron", None, "never", None),
+    "release": Kind(None, 0, None, None, "never", None),    # phases: run once per deploy
+    "preflight": Kind(None, 0, None, None, "never", None),
+    "worker": Kind(None, 64, "daemon", "alive", "never", None),  # any other name
+}
 
 
-def plan_vassals(app, scaling):
-    """Vassal file names for a scaling plan: {'<app>_<kind>.<n>.ini': (kind, n)}."""
-    return {f"{app}_{kind}.{n}.ini": (kind, n) for kind, count in scaling.items()
-            for n in range(1, count + 1)}
+def kind_name(kind):
+    """The KINDS row of a Procfile kind: cron1 -> cron, anything unknown -> worker."""
+    return "cron" if kind.startswith("cron") else (kind if kind in KINDS else "worker")
 
 
-def plan_preboot(settings, scaling):
-    """Start the new `web` process on a standby port before the old one stops? Only where nginx
-    fronts the app (it falls back to the standby port) and workers restart on deploy. (Native
-    wsgi vassals and pyuwsgi reload gracefully in place: their sockets stay open.)"""
-    return ("web" if setting_bool(settings, "PIKU_PREBOOT") and setting_bool(settings, "PIKU_AUTO_RESTART")
-            and split_names(settings.get("NGINX_SERVER_NAME", "")) and scaling.get("web", 0) > 0 else None)
+def kind_of(kind):
+    return KINDS[kind_name(kind)]
 
 
-def plan_sync(saved_fingerprint, fingerprint, venv_ok):
-    """Re-sync dependencies only when their inputs changed or the venv is broken."""
-    return not venv_ok or saved_fingerprint != fingerprint
+def max_scale(kind, behind_nginx):
+    return 1 if kind_name(kind) == "web" and not behind_nginx else kind_of(kind).max_scale
+
+
+def plan_scaling(workers, saved, behind_nginx=False):
+    """{kind: count} for every kind that runs as processes (default 1); Procfile kinds only,
+    counts capped by KINDS (a SCALING file of the original piku may ask for more)."""
+    return {k: min(saved.get(k, 1), max_scale(k, behind_nginx)) for k in workers if kind_of(k).vassal}
+
+
+def serving(kind):
+    """Does this kind answer requests (and so get a health check and a place in nginx)?"""
+    return kind_of(kind).listens is not None
+
+
+def plan_blue_green(kind, settings, port_pinned=False):
+    """Do the new release's instances of `kind` start beside the live ones (own sockets or
+    ports, health-checked, then traffic moves), or is the kind restarted in place?"""
+    rule = kind_of(kind).blue_green
+    if rule == "nginx":  # a web command binds $PORT: old and new can only differ behind nginx
+        return bool(split_names(settings.get("NGINX_SERVER_NAME", ""))) and not port_pinned \
+            and setting_bool(settings, "PIKU_PREBOOT")
+    return rule == "always"
+
+
+def vassal_name(app, kind, n, slot=None):
+    """<app>_<kind>.<n>.ini, or <app>_<kind>.<n>.<slot>.ini for a blue/green instance."""
+    return f"{app}_{kind}.{n}" + (f".{slot}" if slot else "") + ".ini"
+
+
+def parse_vassal_name(app, name):
+    """(kind, n, slot or None) of one of app's vassal file names, or None."""
+    m = re.fullmatch(re.escape(app) + r"_([A-Za-z][A-Za-z0-9_-]{0,30})\.(\d+)(?:\.([ab]))?\.ini", name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def plan_vassals(app, scaling, slot=None, slotted=()):
+    """Vassal file names for a scaling plan: {name: (kind, n)}; kinds in `slotted` get the slot."""
+    return {vassal_name(app, kind, n, slot if kind in slotted else None): (kind, n)
+            for kind, count in scaling.items() for n in range(1, count + 1)}
+
+
+def other_slot(slot):
+    return "b" if slot == "a" else "a"
 
 
 def plan_wsgi_mode(setting_value, venv_version, plugin_version):
@@ -1291,8 +1402,8 @@ def plan_wsgi_mode(setting_value, venv_version, plugin_version):
 
 
 CLIENT_APP_COMMANDS = ("config", "config:get", "config:set", "config:unset", "config:live", "deploy",
-                       "destroy", "logs", "ps", "ps:scale", "run", "restart", "stop", "certs",
-                       "certs:renew")
+                       "destroy", "logs", "ps", "ps:scale", "releases", "rollback", "run", "restart", "stop",
+                       "certs", "certs:renew")
 
 
 def plan_client_call(command, args, app):
@@ -1393,12 +1504,14 @@ class AppLock:
 
 
 def vassal_belongs(text, paths, app):
-    """A vassal ini belongs to app iff its chdir is that app's directory (exact, no prefix)."""
-    want = os.path.join(paths.apps, app)
+    """A vassal ini belongs to app iff its chdir is that app's directory or one of its releases
+    (exact, no prefix: app `a` never owns `ab`'s files)."""
+    want, releases = os.path.join(paths.apps, app), os.path.join(paths.releases, app)
     for line in (text or "").splitlines():
         key, sep, value = line.partition("=")
         if sep and key.strip() == "chdir":
-            return value.strip().rstrip("/") == want
+            value = value.strip().rstrip("/")
+            return value == want or (os.path.dirname(value) == releases and bool(os.path.basename(value)))
     return False
 
 
@@ -1446,66 +1559,6 @@ def load_scaling(paths, app):
     return parse_scaling(read_text(os.path.join(paths.envs, app, "SCALING"), ""))
 
 
-def snapshot_env_dir(venv):
-    """piku's own files inside envs/<app>; uv may delete that directory when it recreates a venv."""
-    return {n: read_text(os.path.join(venv, n)) for n in PIKU_FILES_IN_ENV_DIR
-            if os.path.exists(os.path.join(venv, n))}
-
-
-def restore_env_dir(venv, snap):
-    ensure_dirs(venv)
-    for name, text in snap.items():
-        if read_text(os.path.join(venv, name)) is None:
-            write_atomic(os.path.join(venv, name), text, mode=0o600)
-
-
-# State files that describe the venv: copied with it; the fingerprint is also taken away, so a
-# build cut off half-way does not look finished next time (the server's uv.lock stays: the
-# build reuses it).
-VENV_SNAPSHOT_STATE = ("deps.fingerprint", "uv.lock", "entry_points.json")
-
-
-def snapshot_venv(paths, app):
-    """Before a build changes envs/<app>: a hard-linked copy of it (and of the state files that
-    describe it), so a push that fails later puts the live release's environment back. Package
-    managers replace files rather than rewrite them, so the links keep the old contents."""
-    venv, backup = os.path.join(paths.envs, app), os.path.join(paths.state, app, "venv-previous")
-    if os.path.exists(backup) or not os.path.exists(os.path.join(venv, "pyvenv.cfg")):
-        return
-    ensure_dirs(os.path.join(backup, "_state"))
-    for name in os.listdir(venv):
-        if name not in PIKU_FILES_IN_ENV_DIR:
-            run(["cp", "-al", "--", os.path.join(venv, name), backup])
-    for name in VENV_SNAPSHOT_STATE:
-        path = os.path.join(paths.state, app, name)
-        if os.path.exists(path):
-            os.link(path, os.path.join(backup, "_state", name))
-            if name == "deps.fingerprint":
-                os.unlink(path)
-
-
-def restore_venv(paths, app):
-    """Put back the environment saved by snapshot_venv (the build failed); True if there was one."""
-    venv, backup = os.path.join(paths.envs, app), os.path.join(paths.state, app, "venv-previous")
-    if not os.path.isdir(backup):
-        return False
-    clear_venv(venv)
-    for name in os.listdir(backup):
-        if name != "_state":
-            os.rename(os.path.join(backup, name), os.path.join(venv, name))
-    for name in VENV_SNAPSHOT_STATE:
-        path, saved = os.path.join(paths.state, app, name), os.path.join(backup, "_state", name)
-        remove_path(path)
-        if os.path.exists(saved):
-            os.rename(saved, path)
-    remove_path(backup)
-    return True
-
-
-def discard_venv_snapshot(paths, app):
-    remove_path(os.path.join(paths.state, app, "venv-previous"))
-
-
 def free_port(bind):
     import socket
     fam = socket.AF_INET6 if ":" in bind else socket.AF_INET
@@ -1541,17 +1594,23 @@ def port_open(host, port, timeout=0.5):
 # One function per runtime; RUNTIMES (below) is the table deploy walks in order.
 
 class Build:
-    """Everything a builder needs about one release being prepared."""
+    """Everything a builder needs about one release being prepared. A builder writes only into
+    the release directory and into content-keyed directories it creates (a Python app's
+    virtualenv in venvs/<app>/<fingerprint>): never into anything the live release uses."""
 
-    def __init__(self, paths, app, release_dir, settings, workers, environ):
+    def __init__(self, paths, app, release_dir, settings, workers, environ, live=None):
         self.paths, self.app, self.release_dir = paths, app, release_dir
         self.settings, self.workers = settings, workers
-        self.venv = os.path.join(paths.envs, app)
         self.state = os.path.join(paths.state, app)
         self.env = build_env(paths, app, settings, environ)
         self.uv = find_uv(self.env, environ) if setting_bool(settings, "PIKU_USE_UV") else None
         self.verbose = setting_bool(settings, "PIKU_VERBOSE")
-        self.python = None  # 'X.Y.Z' of the venv once built
+        self.live = live or {}  # the live release's manifest record ({} for a first deploy)
+        self.venv = None         # the release's virtualenv (Python apps), once built or found
+        self.python = None       # 'X.Y.Z' of that virtualenv
+        self.fingerprint = None  # what the virtualenv was built from (its directory's name)
+        self.inputs = None       # the same before the interpreter is known (cheap to compute)
+        self.wants_pyuwsgi = False
 
 
 def find_uv(env, environ):
@@ -1572,18 +1631,17 @@ def build_env(paths, app, settings, environ):
     env["PATH"] = settings.get("PATH") or env.get("PATH") or os.defpath
     env.setdefault("UV_PYTHON_PREFERENCE", DEFAULTS["UV_PYTHON_PREFERENCE"])
     env.setdefault("UV_CACHE_DIR", paths.uv_cache)
-    env["UV_PROJECT_ENVIRONMENT"] = os.path.join(paths.envs, app)
     # Server-wide uv settings live where uv itself looks (~/.config/uv/uv.toml, /etc/uv/uv.toml):
     # uv merges them under each project's own [tool.uv], which wins. (UV_CONFIG_FILE would make
     # uv skip the project's settings, a private index included.)
     return env
 
 
-def tool_run(b, argv, what, cwd=None):
+def tool_run(b, argv, what, cwd=None, env=None):
     """Run a build tool, output captured; shown on failure (or always when verbose)."""
     import time
     t0 = time.monotonic()
-    proc = run(argv, cwd=cwd or b.release_dir, env=b.env, capture="merged", check=False)
+    proc = run(argv, cwd=cwd or b.release_dir, env={**b.env, **(env or {})}, capture="merged", check=False)
     if b.verbose or proc.returncode != 0:
         for line in proc.stdout.splitlines()[-60:]:
             (detail if proc.returncode == 0 else warn)(line)
@@ -1633,12 +1691,13 @@ def parse_project_scripts(pyproject_text):
 
 
 def render_entry_point(python, app_dir, target):
-    """A console script for [project.scripts] that runs the app's code from the app directory
-    (the project itself is not installed into the virtualenv)."""
+    """A console script for [project.scripts] that runs the app's code (the project itself is
+    not installed into the virtualenv). It runs the release of the process that starts it
+    ($PIKU_APP_DIR, set for every process), else the live release (apps/<app>)."""
     module, attr = target.split(":")
     return (f"#!{python}\n# written by piku.py from [project.scripts] of the app\n"
             "import importlib\nimport os\nimport sys\n"
-            f"app_dir = {app_dir!r}\n"
+            f"app_dir = os.environ.get('PIKU_APP_DIR') or {app_dir!r}\n"
             "sys.path[0:0] = [d for d in (app_dir, os.path.join(app_dir, 'src')) if os.path.isdir(d)]\n"
             f"target = importlib.import_module({module!r})\n"
             f"for part in {attr!r}.split('.'):\n    target = getattr(target, part)\n"
@@ -1737,140 +1796,256 @@ def python_version_of(interpreter):
 
 def venv_python_version(venv):
     """'X.Y.Z' of a working venv, or None when it is missing or broken."""
-    cfg = parse_pyvenv_cfg(read_text(os.path.join(venv, "pyvenv.cfg"), ""))
-    py = os.path.join(venv, "bin", "python")
+    cfg = parse_pyvenv_cfg(read_text(os.path.join(venv, "pyvenv.cfg"), "")) if venv else {}
+    py = os.path.join(venv or "", "bin", "python")
     if not cfg.get("version_info") or not os.path.exists(py) or not os.access(py, os.X_OK):
         return None
     return ".".join(cfg["version_info"].split(".")[:3])
 
 
-def clear_venv(venv):
-    """Remove the virtualenv's files but keep piku's (ENV, LIVE_ENV, SCALING)."""
-    if not os.path.isdir(venv):
-        return
-    for name in os.listdir(venv):
-        if name not in PIKU_FILES_IN_ENV_DIR:
-            remove_path(os.path.join(venv, name))
+VENV_MARK = ".piku-venv.json"  # written last: a virtualenv without it was cut off half-way
 
 
-def ensure_venv(b, interpreter, version):
-    """Make envs/<app> a venv of exactly `version`; True when (re)created."""
-    have = venv_python_version(b.venv)
-    pip_missing = not b.uv and not os.path.exists(os.path.join(b.venv, "bin", "pip"))
-    if have == version and not pip_missing:
-        return False
-    if have == version:
-        step("Virtualenv has no pip (uv made it) and uv is not used now: recreating it")
-    elif have:
-        step(f"Python changed from {have} to {version}: recreating the virtualenv")
-    elif os.path.exists(os.path.join(b.venv, "pyvenv.cfg")):
-        step("Virtualenv is broken: recreating it")
-    else:
-        step(f"Creating virtualenv with Python {version}")
-    snapshot_venv(b.paths, b.app)
-    snap = snapshot_env_dir(b.venv)
-    clear_venv(b.venv)
-    if os.path.exists(deps_fingerprint_path(b)):
-        os.unlink(deps_fingerprint_path(b))  # an empty venv needs a full sync
-    ensure_dirs(b.venv)
-    if b.uv:
-        tool_run(b, [b.uv, "venv", "--allow-existing", "--no-progress", "--python", interpreter, b.venv],
-                 "creating the virtualenv")
-    else:
-        tool_run(b, [sys.executable, "-m", "virtualenv", "--quiet", "--python", interpreter, b.venv],
-                 "creating the virtualenv (virtualenv)")
-    restore_env_dir(b.venv, snap)
-    return True
+def venv_dir(paths, app, fp):
+    return os.path.join(paths.venvs, app, fp[:16])
 
 
-def announce_changes(output, seconds):
-    added, removed = parse_uv_changes(output)
-    for pkg in added:
-        detail(f"+ {pkg}")
-    for pkg in removed:
-        detail(f"- {pkg}")
-    if added or removed:
-        detail(f"{len(added)} added, {len(removed)} removed in {seconds:.1f}s")
-    else:
-        detail(f"Checked in {seconds:.1f}s: nothing to install")
+def venv_complete(venv):
+    """Did piku finish building this virtualenv (and is it still usable)?"""
+    return bool(venv) and os.path.exists(os.path.join(venv, VENV_MARK)) and venv_python_version(venv) is not None
 
 
-def deps_fingerprint_path(b):
-    return os.path.join(b.state, "deps.fingerprint")
+def venv_packages(venv):
+    """{name: version} of the distributions installed in a virtualenv (its *.dist-info)."""
+    out = {}
+    for site in glob_paths(os.path.join(venv or "/nonexistent", "lib", "python*", "site-packages")):
+        for name in os.listdir(site):
+            m = re.fullmatch(r"([A-Za-z0-9_.]+)-([^-]+)\.dist-info", name)
+            if m:
+                out[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return out
+
+
+def glob_paths(pattern):
+    import glob
+    return glob.glob(pattern)
+
+
+def plan_package_diff(old, new):
+    """['+ six==1.16', '- six==1.15', ...] from two {name: version} maps (pure)."""
+    lines = []
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            if name in old:
+                lines.append(f"- {name}=={old[name]}")
+            if name in new:
+                lines.append(f"+ {name}=={new[name]}")
+    return lines
+
+
+def announce_venv_diff(live_venv, venv):
+    """What the new virtualenv has that the live one does not, and the reverse."""
+    lines = plan_package_diff(venv_packages(live_venv), venv_packages(venv))
+    for line in lines:
+        detail(line)
+    added, removed = sum(l[0] == "+" for l in lines), sum(l[0] == "-" for l in lines)
+    detail(f"{added} added, {removed} removed, compared with the live release" if lines else
+           "the same packages as the live release")
 
 
 def uv_settings_part(b):
     return sorted((k, v) for k, v in b.settings.items() if k.startswith("UV_"))
 
 
-def setup_python(b):
-    """Resolve the Python version and make the venv match it. Returns (interpreter, version)."""
+def python_inputs(b, tool, request, committed):
+    """What a Python app's virtualenv is made from, known before any interpreter is looked for:
+    the dependency files (with their includes and local packages), the tool, the Python asked
+    for, the UV_* settings and what decides the wsgi mode. Equal inputs: the live virtualenv
+    serves the new release as it is (no copy, no sync, no interpreter discovery)."""
+    d = b.release_dir
+    if tool == "uv":
+        lock_text = read_text(os.path.join(d, "uv.lock"), "")
+        local = local_sources_digest(d, parse_lock_local_sources(lock_text))
+        files = ("uv", read_text(os.path.join(d, "pyproject.toml"), ""), lock_text, committed)
+    else:
+        reqs = requirements_with_includes(d)
+        local = local_sources_digest(d, parse_requirement_local_paths(reqs))
+        files = ("requirements", reqs, "uv" if b.uv else "pip",
+                 is_fully_pinned(read_text(os.path.join(d, "requirements.txt"), "")))
+    wsgi = ("wsgi", setting(b.settings, "PIKU_PYUWSGI"), uwsgi_python_plugin(b.env)[1]) if "wsgi" in b.workers else ()
+    return fingerprint(*files, local, request or "", uv_settings_part(b), wsgi)
+
+
+def prepare_uv_lock(b):
+    """True when the repo commits a uv.lock (used as it is, `--locked`). Without one, the lock
+    the live release was built with is copied in, so dependencies stay where they were until
+    pyproject.toml changes (uv then updates the copy; the next release copies that)."""
+    lock = os.path.join(b.release_dir, "uv.lock")
+    if os.path.lexists(lock):
+        return True
+    live_dir = b.live.get("dir")
+    for source in ([os.path.join(live_dir, "uv.lock")] if live_dir else []) + [os.path.join(b.state, "uv.lock")]:
+        text = read_text(source)
+        if text:
+            write_atomic(lock, text)
+            break
+    return False
+
+
+def keep_live_python(b, request, source):
+    """An app that asks for no Python keeps the one its live virtualenv has, as long as that
+    satisfies requires-python: an interpreter installed later for another app must not move it."""
+    version = b.live.get("python")
+    if request or not version:
+        return request, source
+    requires = parse_requires_python(read_text(os.path.join(b.release_dir, "pyproject.toml"), ""))
+    try:
+        if requires and not python_satisfies(version, requires.replace(" ", "")):
+            detail(f"the live release's Python {version} does not satisfy requires-python {requires}")
+            return None, None
+    except (ValueError, KeyError):
+        return None, None
+    return version, "the live release: no version asked for"
+
+
+def find_interpreter(b, tool, request):
+    """A requirements.txt app that asks for no version gets the server's python3, as with the
+    original piku; a pyproject.toml app gets uv's choice (which honours requires-python)."""
+    if request is None and (tool == "requirements" or not b.uv):
+        found = which("python3", b.env)
+        if found:
+            return found
+    return find_python(b, request)
+
+
+def wsgi_needs_pyuwsgi(b, version):
+    if "wsgi" not in b.workers:
+        return False
+    mode, _ = plan_wsgi_mode(setting(b.settings, "PIKU_PYUWSGI"), version, uwsgi_python_plugin(b.env)[1])
+    return mode == "pyuwsgi"
+
+
+def build_python(b, tool):
+    """Python app: find or build the virtualenv for these dependencies, beside the live one."""
+    import json
+    import time
+    committed = prepare_uv_lock(b) if tool == "uv" else None
     request, source = python_request(b.settings, b.release_dir)
+    b.inputs = python_inputs(b, tool, request, committed)
+    if b.live.get("inputs") == b.inputs and venv_complete(b.live.get("venv")):
+        b.venv, b.python, b.fingerprint = b.live["venv"], b.live["python"], b.live["fingerprint"]
+        step(f"Dependencies unchanged: using the live virtualenv (Python {b.python})")
+        install_entry_points(b)  # (only a script that went missing is written again)
+        return
+    if b.live.get("venv") and not venv_complete(b.live["venv"]):
+        warn("the live virtualenv is broken (no working bin/python): a new one is built")
+    asked = request
+    request, source = keep_live_python(b, request, source)
     if request:
         step(f"Using Python {request} (from {source})")
-    interpreter = find_python(b, request)
-    version = python_version_of(interpreter)
-    ensure_venv(b, interpreter, version)
-    b.python = version
-    return interpreter, version
+    interpreter = find_interpreter(b, tool, request)
+    b.python = python_version_of(interpreter)
+    b.wants_pyuwsgi = wsgi_needs_pyuwsgi(b, b.python)
+    b.fingerprint = fingerprint(b.inputs, b.python, b.wants_pyuwsgi)
+    b.venv = venv_dir(b.paths, b.app, b.fingerprint)
+    if venv_complete(b.venv):
+        step(f"Dependencies unchanged: using the virtualenv of an earlier release (Python {b.python})")
+        return
+    if b.venv == b.live.get("venv"):  # the live one, broken by hand: the new one goes beside it
+        b.venv += "-" + fingerprint(time.time())[:6]
+    step(f"Building a virtualenv with Python {b.python} (the live one is not touched)")
+    remove_path(b.venv)  # what a build cut off half-way left
+    ensure_dirs(os.path.dirname(b.venv))
+    try:
+        (sync_uv if tool == "uv" else install_requirements)(b, interpreter, committed)
+        announce_venv_diff(b.live.get("venv"), b.venv)
+        if b.wants_pyuwsgi:
+            install_pyuwsgi(b)
+        install_entry_points(b)
+        if tool == "uv" and not committed:  # uv wrote the lock the next release starts from
+            b.inputs = python_inputs(b, tool, asked, committed)
+        write_atomic(os.path.join(b.venv, VENV_MARK), json.dumps(
+            {"python": b.python, "fingerprint": b.fingerprint, "created": int(time.time())}) + "\n")
+    except BaseException:
+        remove_path(b.venv)
+        raise
 
 
-def sync_needed(b, fp):
-    ok = venv_python_version(b.venv) == b.python
-    if not plan_sync(read_text(deps_fingerprint_path(b), "").strip(), fp, ok):
-        step("Dependencies unchanged, skipping sync")
-        return False
-    return True
+def sync_uv(b, interpreter, committed):
+    step("Syncing dependencies with uv" + (" (uv.lock)" if committed else ""))
+    # --no-editable: a local package is copied into the venv, never linked to this release
+    # directory (which is pruned later, and a rollback must not see the new code).
+    argv = [b.uv, "sync", "--no-progress", "--no-dev", "--no-install-project", "--no-editable",
+            "--python", interpreter] + (["--locked"] if committed else [])
+    try:
+        out, secs = tool_run(b, argv, "uv sync", env={"UV_PROJECT_ENVIRONMENT": b.venv})
+    except PikuError as e:
+        if committed and "needs to be updated" in getattr(e, "output", ""):
+            why = [l.strip() for l in e.output.splitlines() if "due to" in l][:1]
+            settings = uv_settings_part(b)
+            raise PikuError("uv.lock does not match pyproject.toml" + (
+                f" with this app's uv settings ({', '.join(k for k, _ in settings)})" if settings else "")
+                + ": run `uv lock`" + (" with the same settings" if settings else "") + ", commit "
+                "uv.lock and push again (piku never rewrites a committed lock)"
+                + (f"; uv says: {why[0][:200]}" if why else ""))
+        raise
+    detail(f"Synced in {secs:.1f}s")
+    if not committed:
+        detail("No uv.lock in the repo: the server's lock is kept with the release for the next deploys; "
+               "commit one (`uv lock`) for reproducible builds")
 
 
-def uv_fingerprint(b, lock, version, committed):
-    lock_text = read_text(lock, "")
-    local = local_sources_digest(b.release_dir, parse_lock_local_sources(lock_text))
-    # (no local packages: the same fingerprint as piku.py versions before local ones counted)
-    return fingerprint("uv", read_text(os.path.join(b.release_dir, "pyproject.toml")), lock_text, version,
-                       uv_settings_part(b), committed, *([local] if local else []))
+def install_requirements(b, interpreter, committed=None):
+    """requirements.txt app: a new virtualenv, then uv pip (or pip) installs the file."""
+    py = os.path.join(b.venv, "bin", "python")
+    if not b.uv:
+        tool_run(b, [sys.executable, "-m", "virtualenv", "--quiet", "--python", interpreter, b.venv],
+                 "creating the virtualenv (virtualenv)")
+        step("Installing requirements with pip" + (" (PIKU_USE_UV=false)" if not setting_bool(
+            b.settings, "PIKU_USE_UV") else " (uv not found)"))
+        out, secs = tool_run(b, [py, "-m", "pip", "install", "--disable-pip-version-check", "-q",
+                                 "-r", "requirements.txt"], "pip install")
+        detail(f"Installed in {secs:.1f}s")
+        return
+    tool_run(b, [b.uv, "venv", "--no-progress", "--python", interpreter, b.venv], "creating the virtualenv")
+    install = [b.uv, "pip", "install", "--exact", "--no-editable", "-r", "requirements.txt", "--python", py,
+               "--no-progress"]
+    if not is_fully_pinned(read_text(os.path.join(b.release_dir, "requirements.txt"), "")):
+        step("Installing requirements with uv")
+        detail(f"Installed in {tool_run(b, install, 'installing requirements')[1]:.1f}s")
+        return
+    # a complete lock (pip freeze, uv pip compile): installed exactly as it is
+    step("Installing requirements with uv (exact sync, fully pinned)")
+    detail(f"Installed in {tool_run(b, [b.uv, 'pip', 'sync', 'requirements.txt', '--python', py, '--no-progress'], 'installing requirements')[1]:.1f}s")
+    check = run([b.uv, "pip", "check", "--python", py], cwd=b.release_dir, env=b.env, capture="merged",
+                check=False)
+    missing = parse_missing_requirements(check.stdout)
+    if missing:  # pins only some packages: their dependencies are needed too
+        step(f"requirements.txt pins packages without their dependencies ({', '.join(missing[:5])}"
+             f"{', ...' if len(missing) > 5 else ''}): installing those too")
+        detail(f"Installed in {tool_run(b, install, 'installing requirements')[1]:.1f}s")
 
 
 def install_entry_points(b):
-    """Console scripts of [project.scripts] in envs/<app>/bin, as installing the project would
-    make them (a Procfile may name them); the ones piku wrote before and the project dropped
-    are removed. A script a package installed is never replaced."""
-    import json
+    """Console scripts of [project.scripts] in the virtualenv's bin/, as installing the project
+    would make them (a Procfile may name them). A program a package installed is kept."""
     scripts, problems = parse_project_scripts(read_text(os.path.join(b.release_dir, "pyproject.toml"), ""))
     for problem in problems:
         warn(problem)
-    record = os.path.join(b.state, "entry_points.json")
-    try:
-        ours = set(json.loads(read_text(record) or "[]"))
-    except ValueError:
-        ours = set()
     bindir = os.path.join(b.venv, "bin")
-    python = os.path.join(bindir, "python")
-    app_dir = os.path.join(b.paths.apps, b.app)
-    written, fp_text = set(), read_text(deps_fingerprint_path(b))
     for name, target in sorted(scripts.items()):
         path = os.path.join(bindir, name)
-        if os.path.lexists(path) and name not in ours:
-            warn(f"[project.scripts] {name}: the virtualenv already has a program of that name: kept it")
+        if os.path.lexists(path):
+            if "written by piku.py from [project.scripts]" not in (read_text(path, "") or "")[:200]:
+                warn(f"[project.scripts] {name}: the virtualenv already has a program of that name: kept it")
             continue
-        text = render_entry_point(python, app_dir, target)
-        if read_text(path) != text:
-            snapshot_venv(b.paths, b.app)
-            write_atomic(path, text, mode=0o755)
-            detail(f"script {name} -> {target}")
-        written.add(name)
-    for name in sorted(ours - written):
-        snapshot_venv(b.paths, b.app)
-        remove_path(os.path.join(bindir, name))
-    if written or ours:
-        ensure_dirs(b.state)
-        write_atomic(record, json.dumps(sorted(written)) + "\n", only_if_changed=True)
-    if fp_text and not os.path.exists(deps_fingerprint_path(b)):  # (a snapshot set it aside:
-        write_atomic(deps_fingerprint_path(b), fp_text)  # the packages did not change)
+        write_atomic(path, render_entry_point(os.path.join(bindir, "python"),
+                                              os.path.join(b.paths.apps, b.app), target), mode=0o755)
+        detail(f"script {name} -> {target}")
 
 
 def build_uv(b):
-    """pyproject.toml app: `uv sync` into envs/<app>, honouring a committed uv.lock."""
+    """pyproject.toml app: `uv sync` into its own virtualenv, honouring a committed uv.lock."""
     if not b.uv and not setting_bool(b.settings, "PIKU_USE_UV"):
         raise PikuError("PIKU_USE_UV=false, but this app has a pyproject.toml and no requirements.txt: "
                         "piku builds pyproject apps with uv only; unset PIKU_USE_UV or add a "
@@ -1880,89 +2055,14 @@ def build_uv(b):
                         "install it with `pip install --user uv` (on Debian 12 / Ubuntu 24.04: "
                         "`pipx install uv`, or add --break-system-packages), or Astral's standalone "
                         "installer, then push again; or add a requirements.txt")
-    interpreter, version = setup_python(b)
-    lock = os.path.join(b.release_dir, "uv.lock")
-    saved_lock = os.path.join(b.state, "uv.lock")
-    committed = os.path.exists(lock)
-    if not committed and os.path.exists(saved_lock):
-        write_atomic(lock, read_text(saved_lock))
-    fp = uv_fingerprint(b, lock, version, committed)
-    if sync_needed(b, fp):
-        step("Syncing dependencies with uv" + (" (uv.lock)" if committed else ""))
-        # --no-editable: a local package is copied into the venv, never linked to this release
-        # directory (which is pruned later, and a rollback must not see the new code).
-        argv = [b.uv, "sync", "--no-progress", "--no-dev", "--no-install-project", "--no-editable",
-                "--python", interpreter]
-        snapshot_venv(b.paths, b.app)
-        snap = snapshot_env_dir(b.venv)
-        try:
-            out, secs = tool_run(b, argv + (["--locked"] if committed else []), "uv sync")
-        except PikuError as e:
-            if committed and "needs to be updated" in getattr(e, "output", ""):
-                why = [l.strip() for l in e.output.splitlines() if "due to" in l][:1]
-                settings = uv_settings_part(b)
-                raise PikuError("uv.lock does not match pyproject.toml" + (
-                    f" with this app's uv settings ({', '.join(k for k, _ in settings)})" if settings else "")
-                    + ": run `uv lock`" + (" with the same settings" if settings else "") + ", commit "
-                    "uv.lock and push again (piku never rewrites a committed lock)"
-                    + (f"; uv says: {why[0][:200]}" if why else ""))
-            raise
-        finally:
-            restore_env_dir(b.venv, snap)
-        announce_changes(out, secs)
-        if not committed:
-            ensure_dirs(b.state)
-            write_atomic(saved_lock, read_text(lock, ""))
-            detail("No uv.lock in the repo: keeping the server's lock for the next deploys; "
-                   "commit one (`uv lock`) for reproducible builds")
-            fp = uv_fingerprint(b, lock, version, committed)
-        ensure_dirs(b.state)
-        write_atomic(deps_fingerprint_path(b), fp + "\n")
-    install_entry_points(b)
+    build_python(b, "uv")
 
 
 def build_requirements(b):
-    """requirements.txt app: uv pip (or virtualenv + pip) into envs/<app>."""
+    """requirements.txt app: uv pip (or virtualenv + pip) into its own virtualenv."""
     if os.path.exists(os.path.join(b.release_dir, "pyproject.toml")):
         detail("requirements.txt present: it decides the dependencies (pyproject.toml not used)")
-    interpreter, version = setup_python(b)
-    tool = "uv" if b.uv else "pip"
-    reqs = requirements_with_includes(b.release_dir)
-    pinned = is_fully_pinned(read_text(os.path.join(b.release_dir, "requirements.txt"), ""))
-    local = local_sources_digest(b.release_dir, parse_requirement_local_paths(reqs))
-    fp = fingerprint("requirements", reqs, version, tool, pinned, uv_settings_part(b), *([local] if local else []))
-    if not sync_needed(b, fp):
-        return
-    snapshot_venv(b.paths, b.app)
-    py = os.path.join(b.venv, "bin", "python")
-    if b.uv:
-        install = [b.uv, "pip", "install", "--exact", "--no-editable", "-r", "requirements.txt", "--python", py,
-                   "--no-progress"]
-        if pinned:  # a complete lock (pip freeze, uv pip compile): installed exactly as it is
-            step("Installing requirements with uv (exact sync, fully pinned)")
-            out, secs = tool_run(b, [b.uv, "pip", "sync", "requirements.txt", "--python", py, "--no-progress"],
-                                 "installing requirements")
-            announce_changes(out, secs)
-            check = run([b.uv, "pip", "check", "--python", py], cwd=b.release_dir, env=b.env, capture="merged",
-                        check=False)
-            missing = parse_missing_requirements(check.stdout)
-            if missing:  # pins only some packages: their dependencies are needed too
-                step(f"requirements.txt pins packages without their dependencies ({', '.join(missing[:5])}"
-                     f"{', ...' if len(missing) > 5 else ''}): installing those too")
-                out, secs = tool_run(b, install, "installing requirements")
-                announce_changes(out, secs)
-        else:  # the file's packages and their dependencies; --exact removes what left the file
-            step("Installing requirements with uv")
-            out, secs = tool_run(b, install, "installing requirements")
-            announce_changes(out, secs)
-    else:
-        step("Installing requirements with pip" + (" (PIKU_USE_UV=false)" if not setting_bool(
-            b.settings, "PIKU_USE_UV") else " (uv not found)"))
-        out, secs = tool_run(b, [py, "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                                 "-r", "requirements.txt"], "pip install")
-        detail(f"Installed in {secs:.1f}s")
-    ensure_dirs(b.state)
-    write_atomic(deps_fingerprint_path(b), fp + "\n")
+    build_python(b, "requirements")
 
 
 def local_sources_digest(base, rels):
@@ -2056,12 +2156,9 @@ def native_loop_plugins(settings, dirs):
     return [plugin for plugin, _ in wanted]
 
 
-def ensure_pyuwsgi(b):
-    """Install pyuwsgi (uWSGI built for the venv's own Python) into the venv if missing."""
-    if os.path.exists(os.path.join(b.venv, "bin", "uwsgi")):
-        return
+def install_pyuwsgi(b):
+    """pyuwsgi (uWSGI built for the venv's own Python) in a virtualenv being built."""
     py = os.path.join(b.venv, "bin", "python")
-    snapshot_venv(b.paths, b.app)
     detail("installing pyuwsgi into the virtualenv")
     if b.uv:
         tool_run(b, [b.uv, "pip", "install", "--no-progress", "--python", py, "pyuwsgi"], "installing pyuwsgi")
@@ -2070,28 +2167,152 @@ def ensure_pyuwsgi(b):
 
 
 # === 11. Orchestration ===
+# A deploy is a short recipe over the layers above: build a release (its code and its own
+# virtualenv), work out the target state (a Target record), then `switch` to it in one
+# transaction: the new release's serving workers start beside the live ones (their own sockets
+# and ports), answer a real HTTP request, take the traffic, and only then do the old ones stop.
+# Every operation that changes workers goes through `switch`; OPERATIONS says which steps each
+# takes. A failure at any point restores every file the operation wrote.
 
-def piku_argv():
-    """How uWSGI calls back into this very file (exec-worker)."""
-    return [sys.executable, os.path.abspath(__file__)]
+Operation = namedtuple("Operation", "name build release_cmd new_code restart on_failure")
+#   build:       check a revision out and build it (dependencies into a virtualenv of its own)
+#   release_cmd: run the Procfile's `release:` command before any worker starts
+#   new_code:    the target is another release than the live one (apps/<app> moves)
+#   restart:     which running workers restart: "auto" (as PIKU_AUTO_RESTART says), "always",
+#                "changed" (only the kinds whose counts change)
+#   on_failure:  what the user gets back
+OPERATIONS = {
+    "deploy": Operation("deploy", True, True, True, "auto", "the push is rejected; the live release serves on"),
+    "rollback": Operation("rollback", False, False, True, "always", "the live release serves on"),
+    "reconfigure": Operation("reconfigure", False, False, False, "auto", "the previous settings are restored"),
+    "restart": Operation("restart", False, False, False, "always", "the running workers serve on"),
+    "scale": Operation("scale", False, False, False, "changed", "SCALING and the workers are as before"),
+}
 
 
-def setup_tree(paths):
-    """Create the PIKU_ROOT tree and the emperor ini (idempotent)."""
-    ensure_dirs(*paths[1:])
-    for d in (paths.root, paths.nginx, paths.apps, paths.releases, paths.acme, paths.cache, paths.state):
-        os.chmod(d, 0o755)  # nginx (www-data) must reach sockets, static files and certificates
-    write_atomic(os.path.join(paths.uwsgi, "uwsgi.ini"), render_emperor_ini(paths), only_if_changed=True)
-    write_atomic(os.path.join(paths.nginx, "_piku.conf"), render_nginx_map(), only_if_changed=True)
-    for name in os.listdir(paths.nginx):  # confs of piku.py 0.1 used a map name admins use too
-        path = os.path.join(paths.nginx, name)
-        text = read_text(path, "") if name.endswith(".conf") else ""
-        if "upstream piku-" in text and "Connection $connection_upgrade;" in text:
-            write_atomic(path, text.replace("Connection $connection_upgrade;", "Connection $piku_connection_upgrade;"))
+def deploy(paths, app, rev, ref, environ):
+    """A push (or `deploy`): build rev into a new release, run its release command, switch."""
+    import time
+    t0 = time.monotonic()
+    recover(paths, app)
+    release = build_release(paths, app, rev, ref, environ)
+    try:
+        target = plan_target(paths, app, release, environ, OPERATIONS["deploy"])
+        run_phase(target, "release")
+        step("Releasing")
+        waited = switch(target)
+    except BaseException as e:
+        release_failed(paths, app, release, e)
+        raise
+    return finish(target, t0, waited)
 
 
-def new_release(paths, app, rev, environ):
-    """Check the pushed revision out into releases/<app>/<id> (a staging dir until switched)."""
+def rollback(paths, app, release_id, environ):
+    """`rollback APP [ID]`: switch back to a kept release; no build, no release command."""
+    import time
+    t0 = time.monotonic()
+    recover(paths, app)
+    release = rollback_release(paths, app, release_id)
+    warn(f"rolling back to {release.id}: code and dependencies only; the release command is not run, "
+         "so database migrations are not undone")
+    target = plan_target(paths, app, release, environ, OPERATIONS["rollback"])
+    waited = switch(target)
+    return finish(target, t0, waited)
+
+
+def reconfigure(paths, app, environ, op="reconfigure", scaling=None):
+    """config:set / config:unset (op reconfigure), restart, ps:scale: the live release with the
+    current settings (and scaling), switched to like a deploy."""
+    import time
+    t0 = time.monotonic()
+    recover(paths, app)
+    release = live_record(paths, app)
+    if release is None:
+        if op == "reconfigure":
+            detail("not deployed yet: the settings apply on the first push")
+            return None
+        raise PikuError(f"{app} has never been deployed: push to it first")
+    target = plan_target(paths, app, release, environ, OPERATIONS[op], scaling)
+    waited = switch(target)
+    finish(target, t0, waited, deployed=False)
+    return target
+
+
+# -- releases: what a release is and where it is recorded -------------------------------------
+
+Release = namedtuple("Release", "id dir rev ref created runtime python venv fingerprint inputs status "
+                                "reason rollback_of code_kb venv_kb")
+#   id, dir:      releases/<app>/<id>, the checked-out code (never changed after the build)
+#   rev, ref:     the git revision and branch it was built from
+#   runtime:      the RUNTIMES row that built it; python/venv/fingerprint: its virtualenv
+#   inputs:       the dependency inputs (equal inputs reuse the virtualenv without a look around)
+#   status:       building, built, live, previous, old, failed (reason says why), pruned
+#   rollback_of:  the release that was live when a rollback made this one live again
+#   code_kb, venv_kb: disk it costs (venv_kb 0 when it shares an earlier release's virtualenv)
+
+
+def release_from(record):
+    return Release(**{f: record.get(f) for f in Release._fields})
+
+
+def manifest_path(paths, app):
+    return os.path.join(paths.state, app, "releases.json")
+
+
+def load_manifest(paths, app):
+    """The app's release records, newest first ([] when none or unreadable)."""
+    import json
+    try:
+        data = json.loads(read_text(manifest_path(paths, app)) or "[]")
+        return [r for r in data if isinstance(r, dict) and r.get("id")] if isinstance(data, list) else []
+    except ValueError:
+        warn(f"{manifest_path(paths, app)} is not valid JSON: starting a new release history")
+        return []
+
+
+def save_manifest(paths, app, records, keep=50):
+    import json
+    ensure_dirs(os.path.join(paths.state, app))
+    write_atomic(manifest_path(paths, app), json.dumps(records[:keep], indent=1, sort_keys=True) + "\n")
+
+
+def update_release(paths, app, rid, **fields):
+    records = load_manifest(paths, app)
+    for r in records:
+        if r["id"] == rid:
+            r.update(fields)
+    save_manifest(paths, app, records)
+
+
+def live_state(paths, app):
+    """{"release": id, "slot": "a"|"b"|None} of what serves now ({} before the first deploy)."""
+    import json
+    try:
+        data = json.loads(read_text(os.path.join(paths.state, app, "live.json")) or "{}")
+        return data if isinstance(data, dict) else {}
+    except ValueError:
+        return {}
+
+
+def live_record(paths, app):
+    """The live release, or None. A release made by piku.py before releases had records (or by
+    the original piku) is described from what is on disk, so config:set and restart work."""
+    rid = live_state(paths, app).get("release")
+    for r in load_manifest(paths, app):
+        if r["id"] == rid:
+            return release_from(r)
+    d = live_release(paths, app)
+    if not d:
+        return None
+    venv = os.path.join(paths.envs, app)
+    return release_from({"id": os.path.basename(d), "dir": d, "status": "live", "runtime": "legacy",
+                         "venv": venv if venv_python_version(venv) else None,
+                         "python": venv_python_version(venv)})
+
+
+def new_release(paths, app, rev, ref, environ):
+    """Check rev out into releases/<app>/<id> and record it as `building`; a failed checkout
+    (a full disk) leaves nothing behind."""
     import time
     rid = time.strftime("%Y%m%d-%H%M%S") + "-" + rev[:10]
     base = os.path.join(paths.releases, app)
@@ -2100,86 +2321,294 @@ def new_release(paths, app, rev, environ):
     while os.path.exists(target):
         i += 1
         target = os.path.join(base, f"{rid}.{i}")
-    os.mkdir(target, 0o755)
+    rid = os.path.basename(target)
+    records = load_manifest(paths, app)
+    save_manifest(paths, app, [{"id": rid, "dir": target, "rev": rev, "ref": ref, "created": int(time.time()),
+                                "status": "building"}] + records)
     env = dict(environ)  # keeps git's quarantine variables: the new objects live there
     env["GIT_DIR"], env["GIT_WORK_TREE"] = os.path.join(paths.repos, app), target
     env["GIT_INDEX_FILE"] = os.path.join(paths.state, app, f"index-{os.getpid()}")
     try:
+        os.mkdir(target, 0o755)
         run(["git", "read-tree", rev], env=env, capture=True)
         run(["git", "checkout-index", "-a", "-f"], env=env, capture=True)
+    except BaseException as e:
+        remove_path(target)
+        update_release(paths, app, rid, status="failed", reason=f"checkout: {str(e)[:200]}")
+        if isinstance(e, OSError):
+            raise PikuError(f"could not check the revision out ({e.strerror}): is the disk full?")
+        raise
     finally:
-        if os.path.exists(env["GIT_INDEX_FILE"]):
-            os.unlink(env["GIT_INDEX_FILE"])
-    if os.path.isfile(os.path.join(target, "ENV")):
-        os.chmod(os.path.join(target, "ENV"), 0o600)  # settings may hold secrets; nginx never serves it
-    return target
+        remove_path(env["GIT_INDEX_FILE"])
+    env_file = os.path.join(target, "ENV")
+    if os.path.isfile(env_file) and not os.path.islink(env_file):
+        os.chmod(env_file, 0o600)  # settings may hold secrets; nginx never serves it
+    return rid, target
 
 
-def live_release(paths, app):
-    """Directory of the live release (apps/<app>), or None."""
-    path = os.path.join(paths.apps, app)
-    return os.path.realpath(path) if os.path.isdir(path) else None
+def build_release(paths, app, rev, ref, environ):
+    """A new release of rev: code checked out, dependencies built; recorded as `built`."""
+    rid, release_dir = new_release(paths, app, rev, ref, environ)
+    try:
+        workers, warnings = read_procfile(release_dir)
+        for w in warnings:
+            warn(w)
+        settings = release_settings(paths, app, release_dir, environ)
+        live = live_record(paths, app)
+        b = Build(paths, app, release_dir, settings, workers, environ, live._asdict() if live else None)
+        ensure_data_dirs(paths, app)  # the release command may write there
+        runtime, label, builder = plan_runtime(set(os.listdir(release_dir)), workers, RUNTIMES)
+        step(label)
+        if "preflight" in workers:
+            run_phase_in(paths, app, release_dir, workers, settings, b.venv, environ, "preflight")
+        builder(b)
+    except BaseException as e:
+        release_failed(paths, app, release_from({"id": rid, "dir": release_dir}), e)
+        raise
+    record = {"runtime": runtime, "python": b.python, "venv": b.venv, "fingerprint": b.fingerprint,
+              "inputs": b.inputs, "status": "built", "code_kb": disk_kb(release_dir)[0],
+              "venv_kb": disk_kb(b.venv)[0] if b.venv and b.venv != (live.venv if live else None) else 0}
+    update_release(paths, app, rid, **record)
+    return release_from({**next(r for r in load_manifest(paths, app) if r["id"] == rid), **record})
 
 
-def live_port(paths, app):
-    """The PORT the app's live environment has ('' if none)."""
-    live = os.path.join(paths.envs, app, "LIVE_ENV")
-    return load_live_env(paths, app).get("PORT", "") if os.path.exists(live) else ""
+def release_failed(paths, app, release, error):
+    """A release that did not go live: its directory goes, its record says why."""
+    if live_state(paths, app).get("release") != release.id and live_release(paths, app) != release.dir:
+        remove_path(release.dir)
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        update_release(paths, app, release.id, status="failed", reason=reason)
+
+
+def rollback_release(paths, app, release_id):
+    """The release `rollback` switches to: the given one, or the last one before the live one
+    that went live; it must still have its code and its virtualenv."""
+    live = live_state(paths, app).get("release")
+    records = load_manifest(paths, app)
+    ok = [r for r in records if r.get("status") in ("live", "previous", "old") and r["id"] != live]
+    if release_id:
+        found = [r for r in records if r["id"] == release_id]
+        if not found:
+            raise PikuError(f"no release {release_id} of {app} (see `releases {app}`)")
+        if release_id == live:
+            raise PikuError(f"{release_id} is the live release already")
+        r = found[0]
+    elif ok:
+        live_at = next((i for i, r in enumerate(records) if r["id"] == live), -1)
+        r = next((x for x in records[live_at + 1:] if x in ok), ok[0])
+    else:
+        raise PikuError(f"{app} has no earlier release to roll back to (see `releases {app}`)")
+    if r.get("status") in ("failed", "building"):
+        raise PikuError(f"release {r['id']} never went live ({r.get('reason') or r['status']}): cannot roll back to it")
+    if not os.path.isdir(r.get("dir") or "") or r.get("status") == "pruned":
+        raise PikuError(f"release {r['id']} was pruned (PIKU_RELEASES_KEPT): its code is gone; deploy its "
+                        f"revision {str(r.get('rev'))[:10]} again instead")
+    if r.get("venv") and not venv_complete(r["venv"]):
+        raise PikuError(f"release {r['id']}'s virtualenv was pruned: deploy its revision "
+                        f"{str(r.get('rev'))[:10]} again instead (nothing was changed)")
+    return release_from(r)
+
+
+def disk_kb(path):
+    """(KiB of files only this tree holds, KiB it shares through hard links, e.g. with uv's cache)."""
+    own = shared = 0
+    seen = set()
+    for d, dirs, files in os.walk(path or "/nonexistent"):
+        for n in files:
+            try:
+                st = os.lstat(os.path.join(d, n))
+            except OSError:
+                continue
+            if st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
+            if st.st_nlink > 1:
+                shared += st.st_blocks // 2
+            else:
+                own += st.st_blocks // 2
+    return own, shared
+
+
+# -- the target state of an operation ---------------------------------------------------------
+
+Target = namedtuple("Target", "paths app op release workers settings scaling live slot restart ports env "
+                              "wsgi_mode python_plugin extra_plugins names cert stamp")
+#   release:   the Release the workers run; workers: its Procfile ({kind: command})
+#   settings:  repo ENV < config:set values, validated; env: what every process gets
+#   scaling:   {kind: count}; live: live_state() before the operation
+#   slot:      where the serving kind's instances run after the switch ("a"/"b"; None when it has
+#              none or is restarted in place); restart: the kinds whose workers (re)start
+#   ports:     {"port": PORT, "web": {"a": [...], "b": [...]}} (web instances behind nginx)
+#   names:     NGINX_SERVER_NAME split; cert: TLS files exist; stamp: a label that changes
+#              every operation (a vassal whose text changes is restarted by the emperor)
+
+
+def release_settings(paths, app, release_dir, environ):
+    base = env_file_base(paths, app, environ)
+    return validate_settings({**read_repo_env(paths, app, release_dir, base), **load_config(paths, app)})
+
+
+def plan_target(paths, app, release, environ, op, scaling=None):
+    """Work out everything the switch to `release` needs (certificates are made here)."""
+    import time
+    workers, _ = read_procfile(release.dir)
+    settings = release_settings(paths, app, release.dir, environ)
+    names = split_names(settings.get("NGINX_SERVER_NAME", ""))
+    scaling = scaling or plan_scaling(workers, load_scaling(paths, app), bool(names))
+    live = live_state(paths, app)
+    restart = plan_restart(paths, app, op, settings, scaling, live)
+    serving_kind = next((k for k in scaling if serving(k) and scaling[k]), None)
+    pinned = bool(settings.get("PORT"))
+    if serving_kind == "web" and scaling["web"] > 1 and not plan_blue_green("web", settings, pinned):
+        raise PikuError("web=N needs NGINX_SERVER_NAME and piku's own ports: unset PORT (or PIKU_PREBOOT=false)")
+    bg = serving_kind and plan_blue_green(serving_kind, settings, pinned)
+    slot = (other_slot(live.get("slot")) if serving_kind in restart else live.get("slot") or "a") if bg else None
+    ports = plan_ports(paths, app, settings, scaling, slot if bg and serving_kind == "web" else None)
+    port = ports["web"][slot][0] if bg and serving_kind == "web" else ports["port"]
+    base = env_file_base(paths, app, environ)
+    files = set(os.listdir(release.dir))
+    env = dict(settings) | computed_env(
+        paths, app, settings, port, base["HOME"], base["USER"], base["PATH"], venv=release.venv,
+        app_dir=release.dir, src_layout=bool(release.venv) and "src" in files
+        and os.path.isdir(os.path.join(release.dir, "src")))
+    wsgi_mode = plugin = extra = None
+    if "wsgi" in scaling:
+        wsgi_mode, plugin, extra = choose_wsgi_mode(release, settings, environ)
+    cert = ensure_certificate({"paths": paths, "app": app, "settings": settings}) if names else False
+    return Target(paths, app, op, release, workers, settings, scaling, live, slot, restart, ports, env,
+                  wsgi_mode, plugin, extra, names, cert, f"{release.id} {op.name} {time.time():.3f}")
+
+
+def plan_restart(paths, app, op, settings, scaling, live):
+    """The kinds whose workers (re)start: every one, or (PIKU_AUTO_RESTART=false, ps:scale) only
+    those that are not running yet or whose count changes."""
+    enabled = {parse_vassal_name(app, n) for n in vassals_of(paths, app)} - {None}
+    running = {kind for kind, _, _ in enabled}
+    if op.restart == "always" or (op.restart == "auto" and setting_bool(settings, "PIKU_AUTO_RESTART")):
+        return set(scaling)
+    counts = {}
+    for kind, n, slot in enabled:
+        if slot in (None, live.get("slot")):
+            counts[kind] = counts.get(kind, 0) + 1
+    if op.restart == "changed":
+        return {k for k in scaling if counts.get(k, 0) != scaling[k]} | (running - set(scaling))
+    return {k for k in scaling if k not in running}
+
+
+def choose_wsgi_mode(release, settings, environ):
+    """(mode, python plugin name, extra plugins) for the release's wsgi workers."""
+    if not release.python:
+        raise PikuError("a wsgi worker needs a Python app (requirements.txt or pyproject.toml)")
+    name, plugin_version = uwsgi_python_plugin(environ)
+    mode, notice = plan_wsgi_mode(setting(settings, "PIKU_PYUWSGI"), release.python, plugin_version)
+    if notice:
+        step(notice[0].upper() + notice[1:])
+    if mode == "pyuwsgi" and not os.path.exists(os.path.join(release.venv or "", "bin", "uwsgi")):
+        raise PikuError(f"release {release.id}'s virtualenv has no pyuwsgi, which Python {release.python} "
+                        "needs here (the system uWSGI changed?): `deploy APP` builds one that has it")
+    extra = native_loop_plugins(settings, uwsgi_plugin_dirs(environ)) if mode == "native" else None
+    return mode, name, extra
+
+
+# -- ports: piku's own record, so no other app's files are ever parsed ------------------------
+
+def load_ports(paths, app):
+    """state/<app>/ports.json: {"port": PORT, "web": {"a": [...], "b": [...]}} ({} if none)."""
+    import json
+    try:
+        data = json.loads(read_text(os.path.join(paths.state, app, "ports.json")) or "{}")
+        return data if isinstance(data, dict) else {}
+    except ValueError:
+        return {}
+
+
+def ports_of_app(paths, app):
+    """Every port an app holds. Reading another app's state never fails this operation: what
+    cannot be read is skipped with a warning naming the app."""
+    saved = load_ports(paths, app)
+    found = [saved.get("port")] + [p for ps in (saved.get("web") or {}).values() for p in ps]
+    if not saved:  # an app deployed by an older piku.py: its LIVE_ENV and standby port
+        try:
+            found.append(load_live_env(paths, app).get("PORT"))
+        except PikuError as e:
+            warn(f"app {app}: {e}: its ports are not known (skipped)")
+        found.append((read_text(os.path.join(paths.state, app, "standby_port")) or "").strip())
+    return {int(p) for p in found if str(p).isdigit()}
 
 
 def ports_of_other_apps(paths, app):
-    """{port: app} for the PORT and standby port of every other app."""
+    """{port: app} for every port another app holds."""
     out = {}
     for other in known_apps(paths):
-        if other == app:
-            continue
-        port = live_port(paths, other)
-        standby = (read_text(os.path.join(paths.state, other, "standby_port")) or "").strip()
-        for value in (port, standby):
-            if value.isdigit():
-                out.setdefault(int(value), other)
+        if other != app:
+            for port in ports_of_app(paths, other):
+                out.setdefault(port, other)
     return out
 
 
-def choose_port(paths, app, settings, listens=True):
+def live_port(paths, app):
+    """The PORT the app has ('' if none yet)."""
+    port = load_ports(paths, app).get("port")
+    if port:
+        return str(port)
+    try:
+        return load_live_env(paths, app).get("PORT", "")
+    except PikuError:
+        return ""
+
+
+def choose_port(paths, app, settings, taken):
     """PORT from settings, else the one the app had (a web app keeps its port), else a free one.
     A port another app has, or (when it is not the app's own already) one something else
     listens on, is refused: the health check would take that listener for the app."""
     bind = setting(settings, "BIND_ADDRESS")
     old = live_port(paths, app)
-    taken = ports_of_other_apps(paths, app) if listens else {}
     if settings.get("PORT"):
         port = parse_int(settings["PORT"], "PORT", 1, 65535)
         if port in taken:
             raise PikuError(f"PORT {port} is already used by app {taken[port]}: choose another one, or unset "
                             "PORT and piku picks a free one")
-        if listens and str(port) != old and not port_free(bind, port):
+        if str(port) != old and not port_free(bind, port):
             raise PikuError(f"PORT {port} cannot be used on {bind}: something else listens there"
                             + (" (or, below 1024, it needs root)" if port < 1024 else "")
                             + "; choose another one, or unset PORT and piku picks a free one")
         return port
     if old.isdigit() and int(old) not in taken and (int(old) >= 1024 or os.geteuid() == 0):
         return int(old)
+    return pick_free_port(bind, taken)
+
+
+def pick_free_port(bind, taken, also=()):
     port = free_port(bind)
-    while port in taken:
+    while port in taken or port in also:
         port = free_port(bind)
     return port
 
 
-def choose_standby_port(paths, app, settings, port):
-    """The port a web app's next release preboots on: kept in state/<app>/standby_port so the
-    nginx upstream stays the same from deploy to deploy; a new one only when it is taken."""
-    path = os.path.join(paths.state, app, "standby_port")
+def plan_ports(paths, app, settings, scaling, web_slot):
+    """The app's ports: PORT, and for web instances behind nginx one port per instance and slot
+    (the slot that is about to start gets free ones where its saved ones are taken)."""
     bind = setting(settings, "BIND_ADDRESS")
-    saved = (read_text(path) or "").strip()
-    if saved.isdigit() and int(saved) != port and port_free(bind, int(saved)):
-        return int(saved)
-    standby = free_port(bind)
-    while standby == port:
-        standby = free_port(bind)
-    ensure_dirs(os.path.dirname(path))
-    write_atomic(path, f"{standby}\n")
-    return standby
+    listens = any(serving(k) and n for k, n in scaling.items())
+    taken = ports_of_other_apps(paths, app) if listens else {}
+    saved = load_ports(paths, app)
+    ports = {"port": choose_port(paths, app, settings, taken) if listens else saved.get("port"),
+             "web": {s: list((saved.get("web") or {}).get(s) or []) for s in ("a", "b")}}
+    if web_slot:
+        count = scaling.get("web", 0)
+        other = other_slot(web_slot)
+        mine = set(ports["web"][other]) | {ports["port"]}
+        fresh = []
+        for i in range(count):
+            old = ports["web"][web_slot][i] if i < len(ports["web"][web_slot]) else None
+            ok = old and old not in taken and old not in mine and old not in fresh and port_free(bind, old)
+            fresh.append(old if ok else pick_free_port(bind, taken, mine | set(fresh)))
+        ports["web"][web_slot] = fresh
+        # the other slot keeps (or is given) ports too: nginx lists them as backups from the first
+        # deploy on, so an nginx worker still on this config never finds nothing to send to
+        while len(ports["web"][other]) < count:
+            ports["web"][other].append(pick_free_port(bind, taken, set(fresh) | set(ports["web"][other])))
+    return ports
 
 
 def read_procfile(release_dir):
@@ -2204,121 +2633,81 @@ def read_repo_env(paths, app, release_dir, base):
                      source="ENV (in the repo)")
 
 
-def prepare(paths, app, release_dir, environ, build=True):
-    """Everything about a release short of making it live: parse, build, compute env and files."""
-    if restore_venv(paths, app):  # (callers hold the app lock) an earlier deploy was cut off
-        detail("restored the live release's virtualenv, left half-built by an interrupted deploy")
-    workers, warnings = read_procfile(release_dir)
-    for w in warnings:
-        warn(w)
-    base = env_file_base(paths, app, environ)
-    repo_env = read_repo_env(paths, app, release_dir, base)
-    settings = validate_settings({**repo_env, **load_config(paths, app)})
-    b = Build(paths, app, release_dir, settings, workers, environ)
-    ensure_dirs(os.path.join(paths.data, app), os.path.join(paths.logs, app))  # release may write there
-    files = set(os.listdir(release_dir))
-    runtime, label, builder = plan_runtime(files, workers, RUNTIMES)
-    port = choose_port(paths, app, settings, listens=bool({"web", "wsgi"} & set(workers)))
-    env = dict(settings)
-    env.update(computed_env(paths, app, settings, port, base["HOME"], base["USER"], base["PATH"],
-                            src_layout=runtime.startswith("python") and "src" in files
-                            and os.path.isdir(os.path.join(release_dir, "src"))))
-    plan = {"paths": paths, "app": app, "release_dir": release_dir, "workers": workers,
-            "settings": settings, "build": b, "runtime": runtime, "port": port, "env": env,
-            "scaling": plan_scaling(workers, load_scaling(paths, app))}
-    if build:
-        step(label)
-        if "preflight" in workers:
-            run_phase(plan, "preflight")
-        builder(b)
-    else:
-        b.python = venv_python_version(b.venv)
-    plan["wsgi_mode"] = choose_wsgi_mode(plan)
-    plan["preboot"] = plan_preboot(settings, plan["scaling"])
-    plan["standby"] = choose_standby_port(paths, app, settings, port) if plan["preboot"] == "web" else None
-    return plan
+def ensure_data_dirs(paths, app):
+    ensure_dirs(os.path.join(paths.data, app), os.path.join(paths.logs, app))
 
 
-def choose_wsgi_mode(plan):
-    if "wsgi" not in plan["workers"]:
-        return None
-    b = plan["build"]
-    if not b.python:
-        raise PikuError("a wsgi worker needs a Python app (requirements.txt or pyproject.toml)")
-    name, plugin_version = uwsgi_python_plugin(b.env)
-    mode, notice = plan_wsgi_mode(setting(plan["settings"], "PIKU_PYUWSGI"), b.python, plugin_version)
-    plan["python_plugin"] = name
-    if mode == "native":
-        plan["extra_plugins"] = native_loop_plugins(plan["settings"], uwsgi_plugin_dirs(b.env))
-    if notice:
-        step(notice[0].upper() + notice[1:])
-    if mode == "pyuwsgi":
-        ensure_pyuwsgi(b)
-    return mode
-
-
-def process_env(plan, kind, index=1, environ=None):
-    """The environment a worker or phase command sees: system basics + LIVE_ENV + PROC_TYPE."""
-    env = {k: v for k, v in clean_env(environ if environ is not None else os.environ).items()
+def process_env(env, kind, index=1, environ=None):
+    """The environment a worker or phase command sees: system basics + the app's env + PROC_TYPE."""
+    out = {k: v for k, v in clean_env(environ if environ is not None else os.environ).items()
            if k in ("LANG", "LC_ALL", "TZ", "TERM", "SHELL", "LOGNAME")}
-    env.update(plan["env"])
-    env["PROC_TYPE"] = kind
-    env["PROC_INDEX"] = str(index)
-    return env
+    out.update(env)
+    out["PROC_TYPE"] = kind
+    out["PROC_INDEX"] = str(index)
+    return out
 
 
-def run_phase(plan, kind):
-    """Run the Procfile's release/preflight command in the new release; failure rejects the push."""
-    cmd = plan["workers"][kind]
-    step(f"Running {kind}: {cmd}")
+def run_phase(t, kind):
+    """The Procfile's release command, in the new release, before any worker starts."""
+    if kind in t.workers:
+        run_phase_in(t.paths, t.app, t.release.dir, t.workers, t.settings, None, None, kind, env=t.env)
+
+
+def run_phase_in(paths, app, release_dir, workers, settings, venv, environ, kind, env=None):
+    """Run a phase command (release, preflight); failure rejects the push."""
     import subprocess
-    proc = subprocess.run(["/bin/sh", "-c", cmd], cwd=plan["release_dir"], stdin=subprocess.DEVNULL,
-                          env=process_env(plan, kind))
+    cmd = workers[kind]
+    step(f"Running {kind}: {cmd}")
+    if env is None:
+        base = env_file_base(paths, app, environ)
+        env = dict(settings) | computed_env(paths, app, settings, 0, base["HOME"], base["USER"], base["PATH"],
+                                            venv=venv, app_dir=release_dir)
+    try:
+        proc = subprocess.run(["/bin/sh", "-c", cmd], cwd=release_dir, stdin=subprocess.DEVNULL,
+                              env=process_env(env, kind), preexec_fn=_die_with_parent)
+    except OSError as e:
+        raise PikuError(f"{kind} command could not start: {e.strerror}")
     if proc.returncode != 0:
         raise PikuError(f"{kind} command failed (exit {proc.returncode}); nothing was changed, "
                         "the previous release keeps serving")
 
 
-def vassal_specs(plan):
-    """{filename: ini text} for every worker of the plan, plus extra files (inner inis)."""
-    import time
-    p, app, s = plan["paths"], plan["app"], plan["settings"]
-    stamp = os.path.basename(plan["release_dir"]) + f" {time.time():.3f}"
-    nginx_on = bool(split_names(s.get("NGINX_SERVER_NAME", "")))
-    vassals, extra = {}, {}
-    for name, (kind, n) in plan_vassals(app, plan["scaling"]).items():
-        mode = plan["wsgi_mode"] if kind == "wsgi" else "daemon"
-        v = {"app": app, "kind": kind, "index": n, "paths": p, "settings": s, "port": plan["port"],
-             "piku": piku_argv(), "python_plugin": plan.get("python_plugin"), "mode": mode,
-             "extra_plugins": plan.get("extra_plugins"),
-             # pyuwsgi: the outer vassal stays as it is; its inner uWSGI reloads in place
-             "release": "pyuwsgi (reloaded in place)" if mode == "pyuwsgi" else stamp,
-             "socket": os.path.join(p.nginx, f"{app}.{n}.sock") if nginx_on and kind == "wsgi" else None}
-        vassals[name] = render_vassal(v)
-        if mode == "pyuwsgi":
-            extra[os.path.join(p.state, app, f"{kind}.{n}.ini")] = render_inner_ini(v)
-    return vassals, extra
-
-
-def nginx_sockets(plan):
-    p, app = plan["paths"], plan["app"]
-    return [os.path.join(p.nginx, f"{app}.{n}.sock") for n in range(1, plan["scaling"].get("wsgi", 0) + 1)]
-
-
-def render_app_nginx(plan, app_dir=None):
-    """nginx conf text for the plan, or None when NGINX_SERVER_NAME is unset. Files of the app
-    are referred to through apps/<app> (the live link) unless app_dir says otherwise."""
-    s, p, app = plan["settings"], plan["paths"], plan["app"]
-    if not split_names(s.get("NGINX_SERVER_NAME", "")):
+def render_app_nginx(t, upstream, token=None, app_dir=None):
+    """nginx conf text for the target, or None when NGINX_SERVER_NAME is unset. Files of the
+    app are referred to through apps/<app> (the live link) unless app_dir says otherwise."""
+    if not t.names:
         return None
-    kinds = plan["workers"]
-    has_backend = plan["scaling"].get("wsgi", 0) > 0 or plan["scaling"].get("web", 0) > 0
-    cert = ensure_certificate(plan)
-    return render_nginx({"app": app, "settings": s, "paths": p, "kinds": kinds,
-                         "sockets": nginx_sockets(plan) if plan["scaling"].get("wsgi") else [],
-                         "port": plan["port"], "standby": plan.get("standby"),
-                         "app_dir": app_dir or os.path.join(p.apps, app),
-                         "cert": cert, "has_backend": has_backend})
+    s, p, app = t.settings, t.paths, t.app
+    has_backend = bool(t.scaling.get("wsgi") or t.scaling.get("web"))
+    return render_nginx({"app": app, "settings": s, "paths": p, "kinds": t.workers,
+                         "sockets": [a for a, _ in upstream if a.startswith("unix:")], "upstream": upstream,
+                         "port": t.env["PORT"], "app_dir": app_dir or os.path.join(p.apps, app),
+                         "cert": t.cert, "has_backend": has_backend, "switch_token": token})
+
+
+def piku_argv():
+    """How uWSGI calls back into this very file (exec-worker)."""
+    return [sys.executable, os.path.abspath(__file__)]
+
+
+def setup_tree(paths):
+    """Create the PIKU_ROOT tree and the emperor ini (idempotent)."""
+    ensure_dirs(*paths[1:])
+    for d in (paths.root, paths.nginx, paths.apps, paths.releases, paths.acme, paths.cache, paths.state):
+        os.chmod(d, 0o755)  # nginx (www-data) must reach sockets, static files and certificates
+    write_atomic(os.path.join(paths.uwsgi, "uwsgi.ini"), render_emperor_ini(paths), only_if_changed=True)
+    write_atomic(os.path.join(paths.nginx, "_piku.conf"), render_nginx_map(), only_if_changed=True)
+    for name in os.listdir(paths.nginx):  # confs of piku.py 0.1 used a map name admins use too
+        path = os.path.join(paths.nginx, name)
+        text = read_text(path, "") if name.endswith(".conf") else ""
+        if "upstream piku-" in text and "Connection $connection_upgrade;" in text:
+            write_atomic(path, text.replace("Connection $connection_upgrade;", "Connection $piku_connection_upgrade;"))
+
+
+def live_release(paths, app):
+    """Directory of the live release (apps/<app>), or None."""
+    path = os.path.join(paths.apps, app)
+    return os.path.realpath(path) if os.path.isdir(path) else None
 
 
 def cert_paths(paths, app):
@@ -2594,74 +2983,432 @@ def check_nginx(paths, app, text):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def activate(plan, switch=True, restart="auto"):
-    """Make the plan live: symlink switch, env files, vassals, nginx. Returns an undo record.
-    restart: 'auto' (running workers restart unless PIKU_AUTO_RESTART=false), 'always' (the
-    restart command) or 'never' (ps:scale: only new workers start)."""
-    p, app = plan["paths"], plan["app"]
-    auto_restart = restart == "always" or (restart == "auto" and
-                                           setting_bool(plan["settings"], "PIKU_AUTO_RESTART"))
-    vassals, extra = vassal_specs(plan)
-    nginx_text = render_app_nginx(plan)
-    if nginx_text is not None:  # checked against the new release's files (include, statics)
-        check_nginx(p, app, render_app_nginx(plan, plan["release_dir"]))
-    app_link = os.path.join(p.apps, app)
-    live_env_text = render_env(plan["env"])
-    boot = os.path.join(p.state, app, "wsgi_boot.py")
-    nginx_conf = os.path.join(p.nginx, f"{app}.conf")
-    stale = [n for n in vassals_of(p, app) if n not in vassals]
-    touched = ([os.path.join(p.envs, app, "LIVE_ENV"), os.path.join(p.envs, app, "SCALING"), boot,
-                nginx_conf] + list(extra) + [os.path.join(d, n) for n in list(vassals) + stale
-                                             for d in (p.uwsgi_available, p.uwsgi_enabled)])
-    undo = {"link": os.readlink(app_link) if os.path.islink(app_link) else None,
-            "files": {path: read_text(path) for path in touched}, "written": {}}
-    ensure_dirs(os.path.join(p.envs, app), os.path.join(p.state, app), os.path.join(p.logs, app),
-                os.path.join(p.data, app))
-    if switch:
-        switch_link(p, app, plan["release_dir"])
-    write_atomic(os.path.join(p.envs, app, "LIVE_ENV"), live_env_text, mode=0o600)
-    write_atomic(os.path.join(p.envs, app, "SCALING"), render_scaling(plan["scaling"]), mode=0o600)
-    if plan["wsgi_mode"]:
-        module = plan["workers"]["wsgi"]
-        write_atomic(boot, render_wsgi_boot(plan["build"].venv, app_link, module, {**plan["env"], "PROC_TYPE": "wsgi"},
-                                            ".".join(plan["build"].python.split(".")[:2])), mode=0o600)
-    for path, text in extra.items():
-        write_atomic(path, text, mode=0o600)
-    for name, text in vassals.items():
-        enabled = os.path.join(p.uwsgi_enabled, name)
-        if not auto_restart and os.path.exists(enabled):
-            continue
-        log = os.path.join(p.logs, app, name[len(app) + 1:-4] + ".log")
-        undo["written"][name] = (log, os.path.getsize(log) if os.path.exists(log) else 0)
-        inner = os.path.join(p.state, app, name[len(app) + 1:-4] + ".ini")
-        if read_text(enabled) == text and inner in extra and undo["files"].get(inner) == extra[inner] \
-                and reload_inner_uwsgi(p, app, name):
-            undo.setdefault("reloaded", []).append(name)
-            continue
-        write_atomic(os.path.join(p.uwsgi_available, name), text)
-        write_vassal(enabled, text)
-    for name in stale:
-        remove_path(os.path.join(p.uwsgi_enabled, name))
-        remove_path(os.path.join(p.uwsgi_available, name))
-    if nginx_text is not None:
-        write_atomic(nginx_conf, nginx_text, only_if_changed=True)
-    elif os.path.exists(nginx_conf):
-        os.unlink(nginx_conf)
-    return undo
+# -- the transaction: every file an operation writes, restorable (also after a kill -9) --------
+
+class Transaction:
+    """Records what each path held before the operation changed it, in a journal on disk first,
+    so `rollback` (or the next operation, after a kill) puts every file, link and vassal back."""
+
+    def __init__(self, paths, app):
+        self.paths, self.journal = paths, os.path.join(paths.state, app, "switch.journal")
+        self.saved = {}
+
+    def _save(self, path):
+        import json
+        if path in self.saved:
+            return
+        if os.path.islink(path):
+            old = {"link": os.readlink(path)}
+        elif os.path.isfile(path):
+            old = {"text": read_text(path), "mode": os.stat(path).st_mode & 0o7777}
+        else:
+            old = None
+        self.saved[path] = old
+        with open(self.journal, "a", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(json.dumps({"path": path, "old": old}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write(self, path, text, mode=0o644):
+        """Write (atomically) unless the file holds exactly that already; True if written."""
+        if read_text(path) == text and not os.path.islink(path):
+            return False
+        self._save(path)
+        ensure_dirs(os.path.dirname(path))
+        if path.startswith(self.paths.uwsgi_enabled + os.sep):
+            write_vassal(path, text)
+        else:
+            write_atomic(path, text, mode=mode)
+        return True
+
+    def link(self, path, target):
+        if os.path.islink(path) and os.readlink(path) == target:
+            return
+        self._save(path)
+        replace_link(path, target)
+
+    def remove(self, path):
+        if os.path.lexists(path) and not os.path.isdir(path) or os.path.islink(path):
+            self._save(path)
+            os.unlink(path)
+
+    def rollback(self):
+        restore_journal(self.paths, list(self.saved.items()))
+        remove_path(self.journal)
+        self.saved = {}
+
+    def commit(self):
+        remove_path(self.journal)
+        self.saved = {}
 
 
-def reload_inner_uwsgi(paths, app, vassal_name):
-    """Chain-reload the workers of the virtualenv's uWSGI that a pyuwsgi vassal runs, through its
-    master FIFO: each new worker loads the new code (lazy-apps) while the master keeps the
-    sockets open. (A full reload would re-exec the base interpreter, outside the venv.) False
-    when that uWSGI is not running."""
-    fifo = os.path.join(paths.state, app, vassal_name[len(app) + 1:-4] + ".fifo")
+def replace_link(path, target):
+    tmp = path + ".piku-new"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
+def restore_journal(paths, entries):
+    """Put back what each path held (the newest change is undone first)."""
+    done = set()
+    for path, old in reversed(entries):
+        if path in done:
+            continue
+        done.add(path)
+        if old is None:
+            if os.path.lexists(path) and not os.path.isdir(path) or os.path.islink(path):
+                os.unlink(path)
+        elif "link" in old:
+            replace_link(path, old["link"])
+        elif path.startswith(paths.uwsgi_enabled + os.sep):
+            write_vassal(path, old["text"])
+        else:
+            write_atomic(path, old["text"], mode=old.get("mode", 0o644))
+
+
+def recover(paths, app):
+    """Start of every operation (under the app lock): undo what an operation killed half-way
+    left (its journal), stop the workers of a slot that never went live, and drop release
+    directories and virtualenvs that a killed build left."""
+    import json
+    journal = os.path.join(paths.state, app, "switch.journal")
+    text = read_text(journal)
+    if text is not None:
+        entries = []
+        for line in text.splitlines():
+            try:
+                e = json.loads(line)
+                entries.append((e["path"], e["old"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut off by the kill: that change was not made
+        restore_journal(paths, entries)
+        remove_path(journal)
+        warn(f"an earlier operation on {app} was interrupted: undone (the live release serves on)")
+    live_slot = live_state(paths, app).get("slot")
+    orphans = [n for n in vassals_of(paths, app) if (parse_vassal_name(app, n) or (0, 0, None))[2]
+               not in (None, live_slot)]
+    for name in orphans:
+        remove_path(os.path.join(paths.uwsgi_enabled, name))
+        remove_path(os.path.join(paths.uwsgi_available, name))
+    if orphans:
+        nudge_emperor(paths)
+        detail(f"stopped workers an interrupted operation had started: {', '.join(orphans)}")
+    for r in load_manifest(paths, app):
+        if r.get("status") == "building":  # nothing builds now: we hold the lock
+            remove_path(r.get("dir") or "")
+            update_release(paths, app, r["id"], status="failed", reason="interrupted")
+    base = os.path.join(paths.venvs, app)
+    for name in os.listdir(base) if os.path.isdir(base) else []:
+        if not os.path.exists(os.path.join(base, name, VENV_MARK)) and name != "legacy":
+            remove_path(os.path.join(base, name))
+    prune_worker_files(paths, app)
+
+
+def nudge_emperor(paths):
+    """Ask the uWSGI emperor to scan its vassals now (its master FIFO command E), instead of at
+    its next once-a-second scan. Harmless when the emperor has no FIFO (older emperor.ini)."""
+    return fifo_send(os.path.join(paths.uwsgi, "emperor.fifo"), b"E")
+
+
+# -- what a target state is on disk (pure) ----------------------------------------------------
+
+def worker_file(t, *parts):
+    return os.path.join(t.paths.state, t.app, *parts)
+
+
+def slot_dir(t, slot):
+    return worker_file(t, f"slot-{slot}")
+
+
+def fifo_dir(t, slot):
+    """Where a worker's master FIFO lives: its slot's directory, or run/ (both 0700)."""
+    return slot_dir(t, slot) if slot else worker_file(t, "run")
+
+
+def content_name(text, suffix=""):
+    return fingerprint(text)[:16] + suffix
+
+
+def nginx_socket(t, n, slot):
+    return os.path.join(t.paths.nginx, f"{t.app}.{n}.{slot}.sock" if slot else f"{t.app}.{n}.sock")
+
+
+def upstream_of(t, slot):
+    """The nginx upstream servers for the app's serving kind in `slot`, the other slot's as backups
+    (a request an old nginx worker still sends to a stopped slot goes on to the live one)."""
+    kind = next((k for k in t.scaling if serving(k) and t.scaling[k]), None)
+    if not kind:
+        return []
+    count = t.scaling[kind]
+    if kind == "wsgi":
+        return [("unix:" + nginx_socket(t, n, s), s != slot) for s in (slot, other_slot(slot))
+                for n in range(1, count + 1)]
+    bind = connect_host(setting(t.settings, "BIND_ADDRESS"))
+    if not slot:  # restarted in place, on PORT
+        return [(host_port(bind, t.ports["port"]), False)]
+    return [(host_port(bind, p), s != slot) for s in (slot, other_slot(slot))
+            for p in t.ports["web"][s][:count]]
+
+
+def render_release_files(t):
+    """Every file the target state consists of: {path: (text, mode)}. Pure: the same target gives
+    the same files (golden tests in tests/unit show them)."""
+    p, app = t.paths, t.app
+    files = {}
+    env_text = render_env(t.env)
+    env_file = worker_file(t, "env", content_name(env_text))
+    files[env_file] = (env_text, 0o600)
+    files[os.path.join(p.envs, app, "LIVE_ENV")] = (env_text, 0o600)
+    files[os.path.join(p.envs, app, "SCALING")] = (render_scaling(t.scaling), 0o600)
+    boot = None
+    if t.wsgi_mode:
+        boot_text = render_wsgi_boot(t.release.venv, t.release.dir, t.workers["wsgi"], {**t.env, "PROC_TYPE": "wsgi"},
+                                     ".".join(t.release.python.split(".")[:2]))
+        boot = worker_file(t, "boot", content_name(boot_text, ".py"))
+        files[boot] = (boot_text, 0o600)
+    for kind, count in t.scaling.items():
+        for n in range(1, count + 1):
+            files.update(worker_files(t, kind, n, env_file, boot))
+    text = render_app_nginx(t, upstream_of(t, t.slot))
+    if text is not None:
+        text = render_app_nginx(t, upstream_of(t, t.slot), content_name(text))
+        files[os.path.join(p.nginx, f"{app}.conf")] = (text, 0o644)
+    return files
+
+
+def worker_files(t, kind, n, env_file, boot):
+    """The vassal (and, for pyuwsgi, the inner ini) of one worker instance."""
+    bg = t.slot if serving(kind) and t.slot else None
+    nginx_on = bool(t.names)
+    v = {"app": t.app, "kind": kind, "index": n, "paths": t.paths, "settings": t.settings,
+         "port": t.ports["port"], "piku": piku_argv(), "python_plugin": t.python_plugin,
+         "extra_plugins": t.extra_plugins, "release": t.stamp, "dir": t.release.dir, "env_file": env_file,
+         "mode": t.wsgi_mode if kind == "wsgi" else "daemon"}
+    if kind == "wsgi":
+        v.update(boot=boot, socket=nginx_socket(t, n, bg) if nginx_on else None,
+                 check_socket=None if nginx_on else os.path.join(slot_dir(t, bg), f"wsgi.{n}.sock"))
+    if kind == "web" and bg:
+        v["worker_port"] = t.ports["web"][bg][n - 1]
+    out = {}
+    v["master_fifo"] = os.path.join(fifo_dir(t, bg), f"{kind}.{n}.master.fifo")
+    if v["mode"] == "pyuwsgi":
+        v.update(inner=os.path.join(slot_dir(t, bg), f"wsgi.{n}.ini"),
+                 fifo=os.path.join(slot_dir(t, bg), f"wsgi.{n}.fifo"))
+        out[v["inner"]] = (render_inner_ini(v), 0o600)
+    name = vassal_name(t.app, kind, n, bg)
+    text = render_vassal(v)
+    out[os.path.join(t.paths.uwsgi_enabled, name)] = (text, 0o644)
+    out[os.path.join(t.paths.uwsgi_available, name)] = (text, 0o644)
+    return out
+
+
+# -- the switch ---------------------------------------------------------------------------------
+
+Check = namedtuple("Check", "name kind log offset target in_place")
+#   target: ("uwsgi", socket path) | ("http", host, port); in_place: the worker was restarted on
+#   the port the old one had (its log must say it started before the port counts)
+
+
+def switch(t):
+    """Move the app to the target state: (1) the new release's serving workers start beside the
+    live ones and must answer; (2) nginx, apps/<app>, envs/<app> and the other workers move to
+    it; (3) the old serving workers stop. Returns the seconds spent waiting for workers."""
+    import time
+    files = render_release_files(t)
+    conf = os.path.join(t.paths.nginx, f"{t.app}.conf")
+    if conf in files and (t.settings.get("NGINX_INCLUDE_FILE") or not same_nginx_conf(read_text(conf), files[conf][0])):
+        check_nginx(t.paths, t.app, render_app_nginx(t, upstream_of(t, t.slot), "check", t.release.dir))
+    tx, waited = Transaction(t.paths, t.app), 0.0
+    ensure_dirs(os.path.join(t.paths.state, t.app), os.path.join(t.paths.logs, t.app))
+    ensure_data_dirs(t.paths, t.app)
     try:
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: nobody reads it
-    except OSError:
+        t0 = time.monotonic()
+        new = start_beside(t, tx, files)
+        failure = health_check(t, new)
+        waited += time.monotonic() - t0
+        if failure:
+            raise PikuError(failure_message(t, failure))
+        restarted = commit_switch(t, tx, files)
+        t0 = time.monotonic()
+        failure = health_check(t, restarted)
+        if failure:
+            raise PikuError(failure_message(t, failure))
+        wait_for_nginx(t, tx, (files.get(conf) or (None,))[0])
+        waited += time.monotonic() - t0
+        stop_old(t, tx)
+    except BaseException:
+        tx.rollback()
+        nudge_emperor(t.paths)
+        raise
+    tx.commit()
+    return waited
+
+
+def same_nginx_conf(old, new):
+    """Do two confs differ only in what a switch changes (upstream servers, probe token)? Then the
+    new one needs no `nginx -t`: the old one passed it."""
+    if old is None:
+        return False
+    strip = lambda text: re.sub(r"  server (unix:)?\S+( backup)? max_fails=0;\n|piku-switch/\w+", "", text)  # noqa: E731
+    return strip(old) == strip(new)
+
+
+def start_beside(t, tx, files):
+    """Write the new slot's files and its serving workers' vassals: the emperor starts them
+    beside the live ones. (A serving kind restarted in place is first tried on a private port,
+    a canary.) Returns the checks that say when they answer."""
+    kind = next((k for k in t.restart if serving(k) and t.scaling.get(k)), None)
+    if not kind:
+        return []
+    if not t.slot:
+        canary(t, kind)
+        return []
+    d = private_dir(slot_dir(t, t.slot))  # the private check sockets, FIFOs and pyuwsgi inis
+    remove_path(os.path.join(d, "stopping"))  # (left when this slot last stopped)
+    for path, (text, mode) in files.items():
+        if path.startswith(tuple(x + os.sep for x in (worker_file(t, "env"), worker_file(t, "boot"), d))):
+            tx.write(path, text, mode)
+    checks = []
+    for n in range(1, t.scaling[kind] + 1):
+        remove_path(nginx_socket(t, n, t.slot))  # a socket a killed worker left
+        checks.append(log_check(t, kind, n, t.slot))
+        for folder in (t.paths.uwsgi_available, t.paths.uwsgi_enabled):
+            path = os.path.join(folder, vassal_name(t.app, kind, n, t.slot))
+            tx.write(path, files[path][0])
+    nudge_emperor(t.paths)
+    step(f"Starting the new release beside the live one: {kind} x{t.scaling[kind]} (slot {t.slot})")
+    return checks
+
+
+def log_check(t, kind, n, slot):
+    """A Check for one worker instance, reading its log from where it ends now."""
+    log = os.path.join(t.paths.logs, t.app, f"{kind}.{n}.log")
+    offset = os.path.getsize(log) if os.path.exists(log) else 0
+    return Check(f"{kind}.{n}", kind, log, offset, check_target(t, kind, n, slot), slot is None)
+
+
+ALIVE_SECONDS = 2.0  # a worker ps:scale starts must run this long without exiting
+
+
+def check_target(t, kind, n, slot):
+    import time
+    if kind_of(kind).health == "alive":
+        return ("alive", time.monotonic())
+    if kind == "wsgi":
+        return ("uwsgi", nginx_socket(t, n, slot) if t.names else os.path.join(slot_dir(t, slot), f"wsgi.{n}.sock"))
+    port = t.ports["web"][slot][n - 1] if slot else t.ports["port"]
+    return ("http", connect_host(setting(t.settings, "BIND_ADDRESS")), port)
+
+
+def old_serving(t, name):
+    """Is this vassal a serving worker the switch replaces (stopped once traffic has moved)?"""
+    kind, n, slot = parse_vassal_name(t.app, name) or (None, 0, None)
+    if not kind or not serving(kind):
+        return False
+    return kind not in t.scaling or (kind in t.restart and bool(t.slot) and slot != t.slot)
+
+
+def commit_switch(t, tx, files):
+    """Traffic moves to the target: every file but the nginx conf (wait_for_nginx writes it once
+    this is done) and but the vassals of workers that do not restart. Workers that are not
+    blue/green restart here. Returns checks for serving workers restarted in place."""
+    p, app = t.paths, t.app
+    checks, names = [], set()
+    conf = os.path.join(p.nginx, f"{app}.conf")
+    for path, (text, mode) in files.items():
+        parsed = parse_vassal_name(app, os.path.basename(path)) \
+            if os.path.dirname(path) in (p.uwsgi_enabled, p.uwsgi_available) else None
+        if parsed:
+            names.add(os.path.basename(path))
+            kind, n, slot = parsed
+            if kind not in t.restart:
+                continue  # kept running as it is (PIKU_AUTO_RESTART=false, ps:scale of another kind)
+            if os.path.dirname(path) == p.uwsgi_enabled and (serving(kind) and not slot or (
+                    t.op.name == "scale" and kind_of(kind).health == "alive")):
+                checks.append(log_check(t, kind, n, None))  # restarted in place: checked below
+        if path != conf:
+            tx.write(path, text, mode)
+    if live_release(p, app) != t.release.dir:
+        tx.link(os.path.join(p.apps, app), t.release.dir)
+    if t.release.venv:
+        link_live_venv(t, tx)
+    private_dir(fifo_dir(t, None))
+    write_state(t, tx)
+    for name in vassals_of(p, app):  # kinds and instances the target does not have
+        kind, n, _ = parse_vassal_name(app, name) or (None, 0, None)
+        if name in names or old_serving(t, name) or (kind in t.scaling and kind not in t.restart):
+            continue
+        tx.remove(os.path.join(p.uwsgi_enabled, name))
+        tx.remove(os.path.join(p.uwsgi_available, name))
+    nudge_emperor(p)
+    return checks
+
+
+def write_state(t, tx):
+    import json
+    tx.write(worker_file(t, "live.json"), json.dumps({"release": t.release.id, "slot": t.slot}, sort_keys=True) + "\n")
+    tx.write(worker_file(t, "ports.json"), json.dumps(t.ports, sort_keys=True) + "\n")
+
+
+def link_live_venv(t, tx):
+    """envs/<app> stays the path of the live virtualenv: its entries (bin, lib, pyvenv.cfg...)
+    are links through envs/<app>/.live, which points at the release's virtualenv. A real
+    virtualenv an older piku built there is moved to venvs/<app>/legacy, once."""
+    envdir = os.path.join(t.paths.envs, t.app)
+    ensure_dirs(envdir)
+    legacy = os.path.join(t.paths.venvs, t.app, "legacy")
+    for name in os.listdir(envdir):
+        path = os.path.join(envdir, name)
+        if name in PIKU_FILES_IN_ENV_DIR or name.startswith(".") or os.path.islink(path):
+            continue
+        ensure_dirs(legacy)
+        remove_path(os.path.join(legacy, name))
+        os.rename(path, os.path.join(legacy, name))
+    for name in os.listdir(t.release.venv):
+        if name != VENV_MARK and name not in PIKU_FILES_IN_ENV_DIR:
+            tx.link(os.path.join(envdir, name), os.path.join(".live", name))
+    tx.link(os.path.join(envdir, ".live"), t.release.venv)
+
+
+def stop_old(t, tx):
+    """The replaced serving workers stop once traffic has moved, gracefully: requests in flight
+    finish. Old wsgi workers share PORT with the new ones: wait until they have let go of it,
+    so that every request after the operation gets the new release."""
+    gone = [n for n in vassals_of(t.paths, t.app) if old_serving(t, n)]
+    wait_masters_gone(stop_gracefully(t.paths, gone, tx))
+
+
+def stop_gracefully(paths, names, tx=None):
+    """Remove these vassals of one app so that their requests in flight finish: the uWSGI that
+    holds the sockets first gets a graceful shutdown through its master FIFO (q), and only then
+    does the emperor stop the vassal (its stop alone kills workers mid-request; a master shutting
+    down gracefully ignores it). Returns the FIFOs of the masters that are on their way out."""
+    fifos = []
+    for name in names:
+        text = read_text(os.path.join(paths.uwsgi_enabled, name), "")
+        inner = re.search(r"--uwsgi (\S+)", text)
+        if inner:  # a respawn of the inner uWSGI by its vassal must not start the old release again
+            write_atomic(os.path.join(os.path.dirname(inner.group(1)), "stopping"), "")
+        for fifo in listening_fifos(paths, text):
+            if fifo_send(fifo, b"q"):
+                fifos.append(fifo)
+        for folder in (paths.uwsgi_enabled, paths.uwsgi_available):
+            (tx.remove if tx else remove_path)(os.path.join(folder, name))
+    if names:
+        nudge_emperor(paths)
+    return fifos
+
+
+def fifo_send(fifo, data):
+    """Write to a uWSGI master FIFO; False when no master reads it (gone, or never started)."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: no reader; ENOENT: none
         return False
     try:
-        os.write(fd, b"c")
+        os.write(fd, data)
         return True
     except OSError:
         return False
@@ -2669,92 +3416,310 @@ def reload_inner_uwsgi(paths, app, vassal_name):
         os.close(fd)
 
 
-def write_vassal(path, text):
-    """Write a vassal ini so the emperor sees it change: it compares whole-second mtimes."""
-    old = int(os.stat(path).st_mtime) if os.path.exists(path) else None
-    write_atomic(path, text)
-    if old is not None and int(os.stat(path).st_mtime) <= old:
-        os.utime(path, (old + 1, old + 1))
+def private_dir(path):
+    ensure_dirs(path)
+    os.chmod(path, 0o700)
+    return path
 
 
-def switch_link(paths, app, release_dir):
-    """Atomically point apps/<app> at release_dir (a legacy real directory is moved aside once)."""
+def listening_fifos(paths, vassal_text):
+    """Master FIFOs of the uWSGI that holds a wsgi vassal's sockets: the vassal's own (native), or
+    its inner uWSGI's (pyuwsgi). Vassals of older piku.py versions have none."""
+    fifos = re.findall(r"^master-fifo = (\S+)$", vassal_text, re.M)
+    inner = re.search(r"--uwsgi (\S+)", vassal_text)
+    if inner:
+        return re.findall(r"^master-fifo = (\S+)$", read_text(inner.group(1), ""), re.M)
+    return fifos if "plugin = " in vassal_text else []
+
+
+def wait_masters_gone(fifos, timeout=10.0):
+    """Wake each uWSGI master (a byte that is no command, on its FIFO) until it has exited: a
+    master acts on a stop at its next once-a-second tick otherwise. A FIFO nobody reads any
+    more means its master is gone. Returns the ones still there at the timeout."""
     import time
-    link = os.path.join(paths.apps, app)
-    if os.path.isdir(link) and not os.path.islink(link):
-        legacy = os.path.join(paths.releases, app, "legacy-" + time.strftime("%Y%m%d-%H%M%S"))
-        ensure_dirs(os.path.dirname(legacy))
-        os.rename(link, legacy)
-    tmp = link + ".piku-new"
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    os.symlink(release_dir, tmp)
-    os.replace(tmp, link)
-
-
-def rollback(paths, app, undo):
-    link = os.path.join(paths.apps, app)
-    if undo["link"]:
-        tmp = link + ".piku-new"
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        os.symlink(undo["link"], tmp)
-        os.replace(tmp, link)
-    elif os.path.islink(link):
-        os.unlink(link)
-    for path, text in undo["files"].items():
-        if text is None:
-            if os.path.lexists(path):
-                os.unlink(path)
-        elif path.startswith(paths.uwsgi_enabled + os.sep):
-            write_vassal(path, text)
-        else:
-            write_atomic(path, text, mode=0o600 if path.startswith((paths.envs, paths.state)) else 0o644)
-    for name in undo.get("reloaded", []):
-        reload_inner_uwsgi(paths, app, name)
-
-
-def health_check(plan, undo):
-    """Wait until restarted wsgi workers log that the app loaded and web/wsgi accept connections
-    on PORT. None when they do; else why not (a timeout, a wsgi worker that failed to load the
-    app, a web command that keeps exiting)."""
-    import time
-    if not (plan["scaling"].get("wsgi") or plan["scaling"].get("web")):
-        return None
-    host, port = setting(plan["settings"], "BIND_ADDRESS"), plan["port"]
-    timeout = setting_int(plan["settings"], "PIKU_HEALTH_TIMEOUT")
-    generic = f"its workers did not load the app or listen on port {port} within {timeout}s"
     deadline = time.monotonic() + timeout
-    # A restarted worker says so in its log: wsgi when the app is loaded (pyuwsgi reloaded in
-    # place: when its chain reload is over), web when the daemon is respawned (the old one is
-    # gone by then, so an open port is the new one).
-    markers = {f"{plan['app']}_wsgi.": "WSGI app 0 (mountpoint='') ready",
-               f"{plan['app']}_web.": "[uwsgi-daemons] spawning"}
-    pending = {name: (log, offset, "chain reloading complete" if name in undo.get("reloaded", ()) else
-                      next(text for m, text in markers.items() if name.startswith(m)))
-               for name, (log, offset) in undo["written"].items() if any(name.startswith(m) for m in markers)}
-    host = connect_host(host)
-    webs = {name: (log, offset) for name, (log, offset) in undo["written"].items()
-            if name.startswith(f"{plan['app']}_web.")}
+    pending = list(fifos)
+    while pending and time.monotonic() < deadline:
+        pending = [f for f in pending if fifo_send(f, b"\n")]
+        time.sleep(0.02)
+    return pending
+
+
+def wait_for_nginx(t, tx, text, timeout=10.0):
+    """Write the app's nginx conf and wait until nginx serves it (it reloads a moment after
+    nginx/ changes): the push returns when the new release answers by name, and the old workers
+    stop only then. A conf from before blue/green (no backup servers) also waits for the old
+    nginx workers to finish."""
+    import time
+    conf = os.path.join(t.paths.nginx, f"{t.app}.conf")
+    old = read_text(conf)
+    if text is None:
+        tx.remove(conf)
+        return
+    if not tx.write(conf, text) or not nginx_binary():
+        return
+    written = os.stat(conf).st_mtime
+    token = re.search(r"piku-switch/(\w+) ", text).group(1)
+    t0 = time.monotonic()
+    if not nginx_answers(t.settings, probe_host(t.names[0]), f"/.well-known/piku-switch/{token}", 204, timeout):
+        warn(f"nginx has not loaded {t.app}'s config after {timeout:.0f}s: is nginx running, and is it "
+             f"reloaded when {t.paths.nginx} changes (piku-nginx.path, or `piku.py nginx-watch`)? "
+             "See docs/TROUBLESHOOTING.md")
+        return
+    if old and " backup " not in old and t.live:
+        nginx_drained(written, timeout - (time.monotonic() - t0))
+
+
+def nginx_answers(settings, host, path, status, timeout):
+    """Poll nginx (NGINX_HTTP_PORT) for `path` with Host `host` until it answers `status`."""
+    import http.client
+    import time
+    addr, port = connect_host(setting(settings, "NGINX_IPV4_ADDRESS")), setting_int(settings, "NGINX_HTTP_PORT")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection(addr, port, timeout=2)
+            conn.request("GET", path, headers={"Host": host})
+            if conn.getresponse().status == status:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.02)
+    return False
+
+
+def nginx_drained(since, timeout):
+    """Wait (at most timeout) until every nginx worker was started after `since` (epoch seconds:
+    when the new config was written), i.e. none still serves an older config."""
+    import time
+    deadline = time.monotonic() + max(0.0, timeout)
+    tick, boot = os.sysconf("SC_CLK_TCK"), time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    while time.monotonic() < deadline:
+        old = False
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    title = f.read()
+                with open(f"/proc/{pid}/stat") as f:
+                    started = boot + int(f.read().rsplit(")", 1)[1].split()[19]) / tick
+            except (OSError, ValueError, IndexError):
+                continue
+            if title.startswith(b"nginx: worker process") and (b"shutting down" in title or started < since - 0.01):
+                old = True
+                break
+        if not old:
+            return
+        time.sleep(0.05)
+
+
+# -- health checks: a real HTTP request to the new workers ------------------------------------
+
+def parse_status_spec(value):
+    """PIKU_HEALTHCHECK_STATUS ('200', '200-399', '200,204', '' = below 500) -> [(lo, hi)]."""
+    if not (value or "").strip():
+        return [(100, 499)]
+    ranges = []
+    for part in value.split(","):
+        m = re.fullmatch(r"\s*([1-5][0-9][0-9])\s*(?:-\s*([1-5][0-9][0-9])\s*)?", part)
+        if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+            raise PikuError(f"PIKU_HEALTHCHECK_STATUS: expected statuses like 200, 200-399 or 200,204, got {value!r}")
+        ranges.append((int(m.group(1)), int(m.group(2) or m.group(1))))
+    return ranges
+
+
+def parse_health_path(value, key="PIKU_HEALTHCHECK_PATH"):
+    if not re.fullmatch(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,500}", value or ""):
+        raise PikuError(f"{key}: expected a URL path starting with /, got {value!r}")
+    return value
+
+
+def encode_uwsgi_request(variables):
+    """A uwsgi-protocol request packet (modifier1 0: a WSGI request) carrying `variables`."""
+    body = b""
+    for k, v in variables.items():
+        kb, vb = k.encode("latin-1"), v.encode("latin-1", "replace")
+        body += len(kb).to_bytes(2, "little") + kb + len(vb).to_bytes(2, "little") + vb
+    return b"\0" + len(body).to_bytes(2, "little") + b"\0" + body
+
+
+def parse_http_response(data):
+    """(status, body) of a raw HTTP response (what uWSGI sends back over its uwsgi socket too)."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    m = re.match(rb"HTTP/\d(?:\.\d)? (\d{3})", head)
+    if not m:
+        raise ValueError("not an HTTP response")
+    return int(m.group(1)), body.decode("utf-8", "replace")
+
+
+def uwsgi_get(sock_path, path, host, timeout=3.0):
+    import socket
+    path_info, _, query = path.partition("?")
+    packet = encode_uwsgi_request({
+        "REQUEST_METHOD": "GET", "REQUEST_URI": path, "PATH_INFO": path_info, "QUERY_STRING": query,
+        "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": host.split(":")[0], "SERVER_PORT": "80",
+        "HTTP_HOST": host, "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "0", "REQUEST_SCHEME": "http",
+        "HTTP_USER_AGENT": "piku-healthcheck"})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(sock_path)
+        s.sendall(packet)
+        data = b""
+        while len(data) < 65536:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return parse_http_response(data)
+
+
+def http_get(host, port, path, host_header, timeout=3.0):
+    import http.client
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": host_header, "User-Agent": "piku-healthcheck"})
+        resp = conn.getresponse()
+        return resp.status, resp.read(65536).decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def probe(t, c, fresh):
+    """(passed?, why not) for one check, once."""
+    import socket
+    import time
+    target = c.target
+    if c.in_place and "[uwsgi-daemons] spawning" not in fresh:
+        return False, "the restarted process has not started yet"
+    if target[0] == "alive":
+        return time.monotonic() - target[1] >= ALIVE_SECONDS, "still starting"
+    mode = setting(t.settings, "PIKU_HEALTHCHECK")
+    path = setting(t.settings, "PIKU_HEALTHCHECK_PATH")
+    host = t.names[0] if t.names else host_port(setting(t.settings, "BIND_ADDRESS"), t.env.get("PORT", ""))
+    try:
+        if mode == "connect":
+            if target[0] == "uwsgi":
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(1)
+                    s.connect(target[1])
+                return True, ""
+            return port_open(target[1], target[2]), "nothing listens yet"
+        status, body = uwsgi_get(target[1], path, host) if target[0] == "uwsgi" else \
+            http_get(target[1], target[2], path, host)
+    except (OSError, ValueError) as e:
+        return False, f"no answer yet ({getattr(e, 'strerror', None) or e})"
+    if any(lo <= status <= hi for lo, hi in parse_status_spec(setting(t.settings, "PIKU_HEALTHCHECK_STATUS"))):
+        return True, ""
+    first = " | ".join(l.strip() for l in body.strip().splitlines()[:3])[:300]
+    return False, f"GET {path} answered {status}" + (f": {first}" if first else "")
+
+
+def health_check(t, checks):
+    """None once every new worker answers (PIKU_HEALTHCHECK_*), else why not: a wsgi worker that
+    cannot load the app, a web command that keeps exiting, or the last answer at the timeout."""
+    import time
+    if not checks:
+        return None
+    timeout = setting_int(t.settings, "PIKU_HEALTH_TIMEOUT")
+    deadline, t0 = time.monotonic() + timeout, time.monotonic()
+    pending, why = list(checks), {}
     while True:
-        for name, (log, offset, marker) in list(pending.items()):
-            fresh = read_tail(log, offset)
-            if marker in fresh:
-                del pending[name]
-            elif "no app loaded" in fresh or "unable to load app" in fresh:
-                return generic
-        # a web command that keeps dying (not found, crashes at import) fails now, not at the timeout
-        for log, offset in webs.values():
-            fresh = read_tail(log, offset)
-            if crash_looping(fresh):
-                restarts, throttled = daemon_restarts(fresh)
-                return "its web command kept exiting" + (
-                    f" (uWSGI restarted it {restarts} times{' and then held it back' if throttled else ''})"
-                    if restarts else " (uWSGI held it back for dying too fast)")
-        if not pending and port_open(host, port):
+        for c in list(pending):
+            fresh = read_tail(c.log, c.offset)
+            fatal = fatal_in_log(c.kind, fresh)
+            if fatal:
+                return f"{c.name}: {fatal}"
+            ok, why[c.name] = probe(t, c, fresh)
+            if ok:
+                pending.remove(c)
+        if not pending:
+            detail(f"health check passed in {time.monotonic() - t0:.2f}s: GET "
+                   f"{setting(t.settings, 'PIKU_HEALTHCHECK_PATH')} on {', '.join(c.name for c in checks)}")
             return None
         if time.monotonic() > deadline:
-            return generic
+            c = pending[0]
+            return f"{c.name}: {why[c.name]}, after {timeout}s (PIKU_HEALTH_TIMEOUT)"
+        time.sleep(0.02)
+
+
+def fatal_in_log(kind, fresh):
+    """What a worker's new log lines say that no waiting will fix, or None."""
+    if kind == "wsgi" and ("no app loaded" in fresh or "unable to load app" in fresh):
+        hint = " (an ASGI app in `wsgi:`? serve it with `web: uvicorn ...`)" if "ASGI" in fresh else ""
+        return "the workers could not load the app" + hint
+    if kind != "wsgi" and crash_looping(fresh):
+        restarts, throttled = daemon_restarts(fresh)
+        return "its command kept exiting" + (
+            f" (uWSGI restarted it {restarts} times{' and then held it back' if throttled else ''})"
+            if restarts else " (uWSGI held it back for dying too fast)")
+    return None
+
+
+def failure_message(t, reason):
+    """The one line a failed switch ends with, after the new workers' log lines."""
+    for line in worker_log_tail(t.paths, t.app):
+        warn(line)
+    hint = ""
+    if "answered 500" in reason and "takes 3 positional arguments" in " ".join(worker_log_tail(t.paths, t.app)):
+        hint = " (an ASGI app in `wsgi:`? serve it with `web: uvicorn ...`)"
+    if t.op.name == "deploy" and not t.live.get("release") and not live_release(t.paths, t.app):
+        tail = f"; the app had no earlier release, so nothing serves it until a push succeeds (see `logs {t.app}`)"
+    else:
+        tail = f": {t.op.on_failure} (see `logs {t.app}`)"
+    return f"the new workers failed their health check ({reason}){hint}{tail}"
+
+
+def canary(t, kind):
+    """A serving kind restarted in place (a web app without nginx) is first started on a private
+    port and must answer there: a broken release never stops the live one."""
+    import subprocess
+    import time
+    port = pick_free_port(setting(t.settings, "BIND_ADDRESS"), ports_of_other_apps(t.paths, t.app),
+                          {t.ports["port"]})
+    env = process_env(t.env | {"PORT": str(port)}, kind)
+    log_path = os.path.join(t.paths.logs, t.app, f"{kind}.1.log")
+    with open(log_path, "ab") as log:
+        start = log.tell()
+        proc = subprocess.Popen(["/bin/sh", "-c", t.workers[kind]], cwd=t.release.dir, env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+    c = Check(f"{kind} (trial on port {port})", kind, log_path, start,
+              ("http", connect_host(setting(t.settings, "BIND_ADDRESS")), port), False)
+    deadline = time.monotonic() + setting_int(t.settings, "PIKU_HEALTH_TIMEOUT")
+    try:
+        while True:
+            ok, why = probe(t, c, "")
+            if ok:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = (f"exited with status {proc.returncode} before it answered" if proc.returncode is not None
+                       else f"{why} within {setting(t.settings, 'PIKU_HEALTH_TIMEOUT')}s (it must listen on "
+                       "$BIND_ADDRESS:$PORT, not a fixed port)")
+                raise PikuError(failure_message(t, f"{kind} tried on port {port}: {why}"))
+            time.sleep(0.05)
+    finally:
+        stop_process_group(proc)
+    detail(f"the new {kind} process answered on trial port {port}: restarting {kind} in place")
+
+
+def stop_process_group(proc, grace=10):
+    """Stop a process piku started and everything it started (its own process group)."""
+    import signal
+    import time
+    if proc is None:
+        return
+    deadline = time.monotonic() + grace
+    sig = signal.SIGTERM  # graceful: requests in flight finish
+    while True:
+        proc.poll()  # reaps the group leader, so an empty group really is empty
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        if sig == signal.SIGKILL and time.monotonic() > deadline + 5:
+            return  # unkillable (D state): nothing more to do
+        sig = signal.SIGKILL if time.monotonic() > deadline else 0
         time.sleep(0.05)
 
 
@@ -2778,165 +3743,81 @@ def worker_log_tail(paths, app, lines=15):
     return out
 
 
-def deploy_release(paths, app, release_dir, environ, label, t0=None):
-    """Build, release phase, switch, health check; any failure leaves the old release live."""
+# -- after a switch -----------------------------------------------------------------------------
+
+def finish(t, t0, waited, deployed=True):
+    """Record the release history, prune, log the deploy, say so, and ask for a certificate."""
     import time
-    t0 = t0 or time.monotonic()
-    plan = prepare(paths, app, release_dir, environ)
-    if "release" in plan["workers"]:
-        run_phase(plan, "release")
-    step("Releasing")
-    tail = (": rolled back, the previous release keeps serving (see `logs APP`)" if live_release(paths, app) else
-            ": its workers were stopped; the app had no earlier release, so nothing serves it until a push "
-            f"succeeds (see `logs {app}`)")
-    _, waited = go_live(plan, "the new release failed its health check ({reason})" + tail)
-    prune_releases(paths, app, setting_int(plan["settings"], "PIKU_RELEASES_KEPT"))
-    ensure_dirs(os.path.join(paths.state, app))
-    with open(os.path.join(paths.state, app, "deploys.log"), "a") as f:
-        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {label} -> {os.path.basename(release_dir)}\n")
-    url = app_url(plan)
+    p, app = t.paths, t.app
+    previous = t.live.get("release")
+    records = load_manifest(p, app)
+    for r in records:
+        if r["id"] == t.release.id:
+            r["status"] = "live"
+            if t.op.name == "rollback":
+                r["rollback_of"] = previous
+        elif r["id"] == previous and previous != t.release.id:
+            r["status"] = "previous"
+        elif r.get("status") in ("live", "previous"):
+            r["status"] = "old"
+    save_manifest(p, app, records)
+    prune_releases(p, app, setting_int(t.settings, "PIKU_RELEASES_KEPT"), keep_venv=live_venv_of(t))
+    url = app_url(t)
+    if not deployed:
+        return t
+    with open(os.path.join(p.state, app, "deploys.log"), "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {t.op.name} {t.release.ref or ''}@{(t.release.rev or '')[:10]}"
+                f" -> {t.release.id}\n")
     total = time.monotonic() - t0
-    step(f"Deployed {app} ({label}) in {total:.2f}s (piku {total - waited:.2f}s, workers starting "
+    what = "Rolled back" if t.op.name == "rollback" else "Deployed"
+    step(f"{what} {app} to {t.release.id} in {total:.2f}s (piku {total - waited:.2f}s, workers starting "
          f"{waited:.2f}s)" + (f": {url}" if url else ""))
-    acme_certificate(plan)
-    return plan
+    if t.names:
+        acme_certificate({"paths": p, "app": app, "settings": t.settings})
+    return t
 
 
-def go_live(plan, failure, switch=True, undo_on_failure=True, restart="auto"):
-    """Activate the plan and wait for its workers; a web worker behind nginx is prebooted on
-    the standby port first, so requests never find nothing listening. On failure: rolled back
-    (unless undo_on_failure is False) and PikuError(failure), where `{reason}` says why the
-    health check failed. Returns (undo, seconds spent waiting for workers to start)."""
-    import time
-    p, app = plan["paths"], plan["app"]
-    t0 = time.monotonic()
-    preboot = start_preboot(plan)
-    waited = time.monotonic() - t0
-    try:
-        undo = activate(plan, switch=switch, restart=restart)
-        t1 = time.monotonic()
-        unhealthy = health_check(plan, undo)
-        waited += time.monotonic() - t1
-        if unhealthy:
-            if undo_on_failure:
-                restore_venv(p, app)  # before the old workers start again
-                rollback(p, app, undo)
-            for line in worker_log_tail(p, app):
-                warn(line)
-            raise PikuError(failure.replace("{reason}", unhealthy))
-        t1 = time.monotonic()
-        wait_for_nginx(plan, undo)
-        waited += time.monotonic() - t1
-    finally:
-        t2 = time.monotonic()
-        stop_preboot(preboot)
-        waited += time.monotonic() - t2
-    return undo, waited
+def live_venv_of(t):
+    return t.release.venv
 
 
-def wait_for_nginx(plan, undo, timeout=10.0):
-    """An app that has just got its nginx config, or a new name in it: wait until nginx routes
-    the (first new) name (nginx reloads a moment after nginx/ changes), so it answers when the
-    push or config:set returns; warn if it never does. Other changes are served by the old
-    config meanwhile: no wait."""
-    p, app, s = plan["paths"], plan["app"], plan["settings"]
-    conf = os.path.join(p.nginx, f"{app}.conf")
-    before = server_name_owners({app: undo["files"].get(conf) or ""})
-    names = [n for n in split_names(s.get("NGINX_SERVER_NAME", "")) if n.lower() not in before]
-    if not names or not os.path.exists(conf) or not nginx_binary():
-        return
-    if not challenge_served(plan, probe_host(names[0]), timeout):
-        warn(f"nginx has not loaded {app}'s config after {timeout:.0f}s: is nginx running, and is it "
-             f"reloaded when {p.nginx} changes (piku-nginx.path, or `piku.py nginx-watch`)? "
-             "See docs/TROUBLESHOOTING.md")
-
-
-def _die_with_parent():
-    """preexec_fn: the prebooted process gets SIGTERM if piku dies before stopping it."""
-    import ctypes
-    import signal
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def start_preboot(plan):
-    """Start the new release's web command on the standby port and wait until it listens (nginx
-    falls back to it while the web worker restarts). Returns a handle for stop_preboot, or None."""
-    import subprocess
-    import time
-    p, app, s, port = plan["paths"], plan["app"], plan["settings"], plan.get("standby")
-    if plan.get("preboot") != "web" or not port or \
-            not os.path.exists(os.path.join(p.uwsgi_enabled, f"{app}_web.1.ini")):
-        return None  # (nothing is serving yet: nothing to cover for)
-    env = process_env(plan, "web")
-    env["PORT"] = str(port)
-    ensure_dirs(os.path.join(p.logs, app))
-    log_path = os.path.join(p.logs, app, "web.1.log")
-    with open(log_path, "ab") as log:
-        start = log.tell()
-        proc = subprocess.Popen(["/bin/sh", "-c", plan["workers"]["web"]], cwd=plan["release_dir"], env=env,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with_parent)
-    host = connect_host(setting(s, "BIND_ADDRESS"))
-    deadline = time.monotonic() + setting_int(s, "PIKU_HEALTH_TIMEOUT")
-    while not port_open(host, port, timeout=0.2):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            why = (f"exited with status {proc.returncode} before it listened" if proc.returncode is not None
-                   else f"did not listen on $PORT within {setting(s, 'PIKU_HEALTH_TIMEOUT')}s (it must "
-                   "bind $BIND_ADDRESS:$PORT, not a fixed port)")
-            stop_preboot(proc)
-            for line in read_tail(log_path, start).splitlines()[-15:]:
-                warn(f"web: {line}")
-            raise PikuError(f"the new release's web process {why}, tried on standby port {port}: nothing "
-                            f"was changed, the previous release keeps serving (see `logs {app} web`)")
-        time.sleep(0.05)
-    detail(f"new web process answering on standby port {port} while the worker restarts")
-    return proc
-
-
-def stop_preboot(proc, grace=10):
-    """Stop a prebooted web process and everything it started (its own process group)."""
-    import signal
-    import time
-    if proc is None:
-        return
-    deadline = time.monotonic() + grace
-    sig = signal.SIGTERM  # graceful: requests in flight finish
-    while True:
-        proc.poll()  # reaps the group leader, so an empty group really is empty
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        if sig == signal.SIGKILL and time.monotonic() > deadline + 5:
-            return  # unkillable (D state): nothing more to do
-        sig = signal.SIGKILL if time.monotonic() > deadline else 0
-        time.sleep(0.05)
-
-
-def app_url(plan):
-    s = plan["settings"]
-    names = split_names(s.get("NGINX_SERVER_NAME", ""))
+def app_url(t):
+    names = t.names
     if names:
-        https = setting_bool(s, "NGINX_HTTPS_ONLY") and os.path.exists(cert_paths(plan["paths"], plan["app"])[0])
+        https = setting_bool(t.settings, "NGINX_HTTPS_ONLY") and os.path.exists(cert_paths(t.paths, t.app)[0])
         return f"{'https' if https else 'http'}://{names[0]}/"
-    if plan["scaling"].get("wsgi") or plan["scaling"].get("web"):
-        return f"http://{host_port(setting(s, 'BIND_ADDRESS'), plan['port'])}/"
+    if t.scaling.get("wsgi") or t.scaling.get("web"):
+        return f"http://{host_port(setting(t.settings, 'BIND_ADDRESS'), t.env['PORT'])}/"
     return None
 
 
-def prune_releases(paths, app, keep):
-    """Remove all but the `keep` newest releases; never the live one, nor one that a running
-    process still works in (its current directory is inside it)."""
+def prune_releases(paths, app, keep, keep_venv=None):
+    """Keep the `keep` newest releases that went live (and the live one); older release
+    directories go, never one a running process works in. Virtualenvs no kept release uses go
+    too (PIKU_RELEASES_KEPT counts both)."""
     base = os.path.join(paths.releases, app)
     live = live_release(paths, app)
-    olds = sorted((os.path.join(base, n) for n in os.listdir(base)), key=os.path.getmtime, reverse=True)
-    doomed = [p for p in olds[keep:] if os.path.realpath(p) != live]
+    records = load_manifest(paths, app)
+    went_live = [r for r in records if r.get("status") in ("live", "previous", "old")]
+    known = {os.path.realpath(r.get("dir") or "") for r in records}
+    doomed = [r.get("dir") for r in went_live[keep:] if r.get("dir") and os.path.realpath(r["dir"]) != live]
+    # directories of older piku.py versions (no record): the oldest go first, as before
+    unrecorded = sorted((os.path.join(base, n) for n in os.listdir(base) if os.path.realpath(os.path.join(base, n))
+                         not in known), key=os.path.getmtime, reverse=True) if os.path.isdir(base) else []
+    doomed += [d for d in unrecorded[max(0, keep - len(went_live[:keep])):] if os.path.realpath(d) != live]
     busy = releases_in_use(doomed) if doomed else set()
-    for path in doomed:
-        if path not in busy:
+    for d in doomed:
+        if d not in busy and os.path.isdir(d):
+            remove_path(d)
+    for r in records:
+        if r.get("dir") in doomed and r.get("dir") not in busy:
+            r["status"] = "pruned"
+    save_manifest(paths, app, records)
+    used = {r.get("venv") for r in records if r.get("venv") and os.path.isdir(r.get("dir") or "")}
+    vbase = os.path.join(paths.venvs, app)
+    for name in os.listdir(vbase) if os.path.isdir(vbase) else []:
+        path = os.path.join(vbase, name)
+        if path not in used and path != keep_venv and os.path.exists(os.path.join(path, VENV_MARK)):
             remove_path(path)
 
 
@@ -2959,66 +3840,40 @@ def releases_in_use(candidates):
             if cwd == real or cwd.startswith(real + "/")}
 
 
-def deploy_rev(paths, app, rev, label, environ):
-    """Check out rev into a new release and deploy it; the release dir is removed on failure."""
-    import time
-    t0 = time.monotonic()
-    release_dir = new_release(paths, app, rev, environ)
-    try:
-        plan = deploy_release(paths, app, release_dir, environ, label, t0)
-    except BaseException:
-        if live_release(paths, app) != os.path.realpath(release_dir):
-            remove_path(release_dir)
-            if restore_venv(paths, app):
-                detail("the virtualenv is back as the live release had it")
-        raise
-    discard_venv_snapshot(paths, app)
-    return plan
-
-
-def reconfigure(paths, app, environ):
-    """Apply changed settings: same release and venv, new environment, workers restarted."""
-    release_dir = live_release(paths, app)
-    if not release_dir:
-        detail("not deployed yet: the settings apply on the first push")
-        return
-    plan = prepare(paths, app, release_dir, environ, build=False)
-    go_live(plan, f"{app} did not come back on port {plan['port']} with the new settings: "
-                  "restored the previous ones (see `logs APP`)", switch=False)
-    if setting_bool(plan["settings"], "PIKU_AUTO_RESTART"):
-        step(f"Restarted {app} with the new settings")
-    else:
-        step(f"Saved; PIKU_AUTO_RESTART is false, so {app} runs with the old settings until `restart`")
-    acme_certificate(plan)
+def prune_worker_files(paths, app):
+    """Environment and loader files (content-named) that no vassal or inner ini refers to."""
+    refs = ""
+    for folder in (paths.uwsgi_enabled, os.path.join(paths.state, app, "slot-a"), os.path.join(paths.state, app, "slot-b")):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.endswith(".ini"):
+                refs += read_text(os.path.join(folder, name), "")
+    for sub in ("env", "boot"):
+        d = os.path.join(paths.state, app, sub)
+        for name in os.listdir(d) if os.path.isdir(d) else []:
+            if name not in refs:
+                remove_path(os.path.join(d, name))
 
 
 def stop_app(paths, app):
+    """Stop every worker of the app (gracefully where uWSGI serves requests); returns the
+    vassal names and the masters still on their way out."""
     names = vassals_of(paths, app)
-    for name in names:
-        remove_path(os.path.join(paths.uwsgi_enabled, name))
-    return names
-
-
-def restart_app(paths, app, environ):
-    """Start (or restart) every worker of the live release with its current settings."""
-    release_dir = live_release(paths, app)
-    if not release_dir:
-        raise PikuError(f"{app} has never been deployed: push to it first")
-    plan = prepare(paths, app, release_dir, environ, build=False)
-    go_live(plan, f"{app} was restarted but its workers did not load the app or listen on port "
-                  f"{plan['port']} (see `logs APP`)", switch=False, undo_on_failure=False, restart="always")
-    return plan
+    return names, stop_gracefully(paths, names)
 
 
 def destroy_app(paths, app):
-    """Remove an app's code, repo, env, logs, releases, state, vassals and nginx files."""
-    stop_app(paths, app)
+    """Remove an app's code, repo, env, logs, releases, state, vassals and nginx files; returns
+    once its workers have stopped."""
+    names, fifos = stop_app(paths, app)
+    wait_masters_gone(fifos)
+    wait_workers_gone(app, names)
     for name in vassals_of(paths, app, paths.uwsgi_available):
         remove_path(os.path.join(paths.uwsgi_available, name))
     removed = []
     for path in (os.path.join(paths.apps, app), os.path.join(paths.repos, app),
                  os.path.join(paths.envs, app), os.path.join(paths.logs, app),
                  os.path.join(paths.releases, app), os.path.join(paths.state, app),
+                 os.path.join(paths.venvs, app),
                  os.path.join(paths.acme, app), os.path.join(paths.locks, f"{app}.lock"),
                  os.path.join(paths.state, "_acme", "dehydrated", "certs", app),
                  os.path.join(paths.state, "_acme", "dehydrated", f"{app}.conf")) + tuple(
@@ -3027,10 +3882,19 @@ def destroy_app(paths, app):
             remove_path(path)
             removed.append(path)
     for name in os.listdir(paths.nginx) if os.path.isdir(paths.nginx) else []:
-        if re.fullmatch(re.escape(app) + r"\.\d+\.sock", name):
+        if re.fullmatch(re.escape(app) + r"\.\d+(\.[ab])?\.sock", name):
             remove_path(os.path.join(paths.nginx, name))
             removed.append(os.path.join(paths.nginx, name))
     return removed
+
+
+def write_vassal(path, text):
+    """Write a vassal ini so the emperor sees it change: it compares whole-second mtimes."""
+    old = int(os.stat(path).st_mtime) if os.path.exists(path) else None
+    write_atomic(path, text)
+    if old is not None and int(os.stat(path).st_mtime) <= old:
+        os.utime(path, (old + 1, old + 1))
+
 
 
 # === 12. Git and SSH plumbing ===
@@ -3114,7 +3978,7 @@ def git_hook(paths, app, lines, environ):
         if live != expected and not ref_settles(paths, app, ref, live, expected, environ):
             raise PikuError(f"{ref} was updated by another push while this one waited: "
                             "`git pull` (or fetch and rebase) and push again")
-        deploy_rev(paths, app, rev, f"{ref.replace('refs/heads/', '')}@{rev[:10]}", environ)
+        deploy(paths, app, rev, ref.replace("refs/heads/", ""), environ)
         record_deploy_branch(paths, app, ref, rev)
 
 
@@ -3217,12 +4081,16 @@ def print_logs(paths, app, process, lines, follow):
 
 
 def running_workers():
-    """{'app:kind.n': pids of its uWSGI master's children} for every vassal master running
-    (found by process title). A master with no child runs nothing (its daemon is down)."""
+    """{'app:kind.n': pids of its uWSGI master's children} for every vassal master of this user
+    running (found by process title: another user's piku may have apps of the same names). A
+    master with no child runs nothing (its daemon is down)."""
     out = {}
+    me = os.getuid()
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
+                if os.stat(f"/proc/{pid}").st_uid != me:
+                    continue
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     title = f.read().split(b"\0")[0].decode("utf-8", "replace")
             except OSError:
@@ -3352,10 +4220,13 @@ def apply_config(paths, app, change, keys):
         try:
             if any(BUILD_KEYS_RE.match(k) for k in keys) and live_release(paths, app):
                 step("A build setting changed: redeploying")
-                rev, ref = head_rev(paths, app)
-                deploy_rev(paths, app, rev, f"{ref.replace('refs/heads/', '')}@{rev[:10]}", os.environ)
-            else:
-                reconfigure(paths, app, os.environ)
+                rev, ref = redeploy_rev(paths, app)
+                deploy(paths, app, rev, ref, os.environ)
+            elif reconfigure(paths, app, os.environ):
+                if setting_bool(live_settings(paths, app), "PIKU_AUTO_RESTART"):
+                    step(f"Restarted {app} with the new settings")
+                else:
+                    step(f"Saved; PIKU_AUTO_RESTART is false, so {app} runs with the old settings until `restart`")
         except PikuError:
             if old_text is None:  # (no config file before: none after)
                 remove_path(config_file)
@@ -3379,12 +4250,63 @@ def cmd_config_live(app):
 @cli.command("deploy")
 @click.argument("app")
 def cmd_deploy(app):
-    """Rebuild and redeploy the app's last pushed revision."""
+    """Rebuild and redeploy the app's live revision (the last pushed one if none is live)."""
     paths = P()
     app = app_must_exist(paths, app)
     with AppLock(paths, app):
-        rev, ref = head_rev(paths, app)
-        deploy_rev(paths, app, rev, f"{ref.replace('refs/heads/', '')}@{rev[:10]}", os.environ)
+        rev, ref = redeploy_rev(paths, app)
+        deploy(paths, app, rev, ref, os.environ)
+
+
+def redeploy_rev(paths, app):
+    """(revision, branch) of the live release (after a rollback: the one rolled back to), else
+    the deployed branch's head."""
+    live = live_record(paths, app)
+    if live and live.rev:
+        return live.rev, live.ref or ""
+    rev, ref = head_rev(paths, app)
+    return rev, ref.replace("refs/heads/", "")
+
+
+@cli.command("releases")
+@click.argument("app")
+def cmd_releases(app):
+    """List the app's releases, newest first: which is live, which a rollback can go to."""
+    import time
+    paths = P()
+    app = app_must_exist(paths, app)
+    records = load_manifest(paths, app)
+    if not records:
+        click.echo(f"{app} has no release history yet (it starts with the next push)")
+        return
+    for r in records:
+        click.echo(render_release_line(r, time.localtime(r.get("created") or 0)))
+
+
+def render_release_line(r, tm):
+    """One line of `releases` (pure)."""
+    import time
+    status = r.get("status") or "?"
+    if status == "failed":
+        status = f"failed: {r.get('reason') or 'unknown'}"
+    if r.get("rollback_of") and r.get("status") == "live":
+        status += f" (rollback from {r['rollback_of']})"
+    disk = f"{(r.get('code_kb') or 0) / 1024:.1f}M code" + (
+        f" + {(r.get('venv_kb') or 0) / 1024:.1f}M venv" if r.get("venv_kb") else (" (venv shared)" if r.get("venv") else ""))
+    return "  ".join([r["id"], f"{r.get('ref') or '?'}@{str(r.get('rev') or '?')[:10]}",
+                      time.strftime("%Y-%m-%d %H:%M", tm), f"py {r.get('python') or '-'}",
+                      (r.get("fingerprint") or "-")[:10], disk, status])
+
+
+@cli.command("rollback")
+@click.argument("app")
+@click.argument("release", required=False)
+def cmd_rollback(app, release):
+    """Switch back to an earlier release (default: the one before the live one)."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    with AppLock(paths, app):
+        rollback(paths, app, release, os.environ)
 
 
 @cli.command("destroy")
@@ -3422,13 +4344,13 @@ def cmd_ps(app):
     app = app_must_exist(paths, app)
     scaling = load_scaling(paths, app)
     running = running_workers()
-    enabled = vassals_of(paths, app)
+    enabled = {parsed[:2] for parsed in map(lambda n: parse_vassal_name(app, n), vassals_of(paths, app)) if parsed}
     for kind, count in scaling.items():
-        crashing = [n for n in range(1, count + 1) if f"{app}_{kind}.{n}.ini" in enabled
+        crashing = [n for n in range(1, count + 1) if (kind, n) in enabled
                     and worker_crashing(paths, app, f"{kind}.{n}")]
         up = sum(1 for n in range(1, count + 1)
                  if worker_up(running, f"{app}:{kind}.{n}", kind) and n not in crashing)
-        on = sum(1 for n in range(1, count + 1) if f"{app}_{kind}.{n}.ini" in enabled)
+        on = sum(1 for n in range(1, count + 1) if (kind, n) in enabled)
         state = "stopped" if on == 0 else ("running" if up == count else "starting")
         if crashing:
             state = f"crashing: it keeps exiting and is restarted, see `logs {app} {kind}`"
@@ -3495,20 +4417,19 @@ def cmd_certs_renew(app, force):
 @click.argument("app")
 @click.argument("settings", nargs=-1, required=True)
 def cmd_ps_scale(app, settings):
-    """Set worker counts: KIND=N ...; starts or stops exactly the difference."""
+    """Set worker counts: KIND=N ...; the changed kinds start, are checked, then take over."""
     paths = P()
     app = app_must_exist(paths, app)
-    release_dir = live_release(paths, app)
-    if not release_dir:
-        raise PikuError(f"{app} has not been deployed yet")
-    workers, _ = read_procfile(release_dir)
-    kinds = {k for k in workers if k not in SPECIAL_KINDS and k != "static"}
-    changes = parse_scale_args(settings, kinds)
     with AppLock(paths, app):
-        scaling = {**plan_scaling(workers, load_scaling(paths, app)), **changes}
-        write_atomic(os.path.join(paths.envs, app, "SCALING"), render_scaling(scaling), mode=0o600)
-        plan = prepare(paths, app, release_dir, os.environ, build=False)
-        activate(plan, switch=False, restart="never")
+        release = live_record(paths, app)
+        if not release:
+            raise PikuError(f"{app} has not been deployed yet")
+        workers, _ = read_procfile(release.dir)
+        behind_nginx = bool(split_names(live_settings(paths, app).get("NGINX_SERVER_NAME", "")))
+        kinds = {k for k in workers if kind_of(k).vassal}
+        changes = parse_scale_args(settings, kinds, behind_nginx)
+        scaling = {**plan_scaling(workers, load_scaling(paths, app), behind_nginx), **changes}
+        reconfigure(paths, app, os.environ, "scale", scaling)
     for kind, n in changes.items():
         detail(f"{kind}: {n}")
 
@@ -3544,7 +4465,7 @@ def cmd_restart(app):
     paths = P()
     app = app_must_exist(paths, app)
     with AppLock(paths, app):
-        restart_app(paths, app, os.environ)
+        reconfigure(paths, app, os.environ, "restart")
     step(f"Restarted {app}")
 
 
@@ -3555,7 +4476,8 @@ def cmd_stop(app):
     paths = P()
     app = app_must_exist(paths, app)
     with AppLock(paths, app):
-        names = stop_app(paths, app)
+        names, fifos = stop_app(paths, app)
+        wait_masters_gone(fifos)
         left = wait_workers_gone(app, names)
     if left:
         warn(f"still stopping after 30s: {', '.join(left)} (the emperor stops them; see `ps {app}`)")
@@ -3567,7 +4489,7 @@ def wait_workers_gone(app, vassal_names, timeout=30.0):
     vassal within a second, then stops it gracefully), so `stop` returns when the app is down.
     Returns the workers still running at the timeout."""
     import time
-    keys = {f"{app}:{n[len(app) + 1:-4]}" for n in vassal_names}
+    keys = {f"{app}:{kind}.{n}" for kind, n, _ in filter(None, (parse_vassal_name(app, v) for v in vassal_names))}
     deadline = time.monotonic() + timeout
     while True:
         left = sorted(keys & set(running_workers()))
@@ -3728,33 +4650,57 @@ def claim_cron_minute(paths, app, worker, now):
 
 @cli.command("exec-worker", hidden=True)
 @click.option("--if-due", is_flag=True)
+@click.option("--dir", "release_dir", help="the release directory the worker runs in")
+@click.option("--env", "env_file", help="the environment file the worker gets")
+@click.option("--port", type=int, help="PORT of this instance (web instances behind nginx)")
+@click.option("--uwsgi", "inner", help="the inner ini of a pyuwsgi worker")
 @click.argument("app")
 @click.argument("kind")
 @click.argument("index", type=int)
-def cmd_exec_worker(app, kind, index, if_due):
+def cmd_exec_worker(app, kind, index, if_due, release_dir, env_file, port, inner):
     import time
     paths = P()
-    app_dir = os.path.join(paths.apps, parse_app_name(app))
-    workers, _ = read_procfile(app_dir)
+    app = parse_app_name(app)
+    release_dir, env_file, inner = worker_paths(paths, app, kind, index, release_dir, env_file, inner)
+    workers, _ = read_procfile(release_dir)
     if kind not in workers:
         raise PikuError(f"{app} has no {kind} process in its Procfile")
-    cmd = workers[kind]
+    env = parse_env(read_text(env_file, ""), source=os.path.basename(env_file))
+    die_with_parent(15)  # a vassal killed with its emperor takes its processes with it
+    os.chdir(release_dir)
     if kind == "wsgi":  # only run this way in pyuwsgi mode: the venv's own uWSGI serves it
-        inner = os.path.join(paths.state, app, f"wsgi.{index}.ini")
+        if os.path.exists(os.path.join(os.path.dirname(inner), "stopping")):
+            time.sleep(1)  # its vassal is being stopped: do not start the old release again
+            raise PikuError(f"{app} {kind}.{index}: this slot is stopping, not started again")
         # Drop the emperor's UWSGI_* variables, or the inner uWSGI believes it is a vassal too.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_")}
-        uwsgi = os.path.join(paths.envs, app, "bin", "uwsgi")
-        os.execve(uwsgi, [uwsgi, "--ini", inner], env)
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_")}
+        uwsgi = os.path.join(env.get("VIRTUAL_ENV") or os.path.join(paths.envs, app), "bin", "uwsgi")
+        os.execve(uwsgi, [uwsgi, "--ini", inner], clean)
+    cmd = workers[kind]
     if kind.startswith("cron"):
         sets, cmd = parse_cron(cmd)
         now = time.localtime()
         if if_due and (not cron_matches(sets, now) or not claim_cron_minute(paths, app, f"{kind}.{index}", now)):
             return
-    env = {k: v for k, v in os.environ.items() if k in ("LANG", "LC_ALL", "TZ")}
-    env.update(load_live_env(paths, app))
-    env.update({"PROC_TYPE": kind, "PROC_INDEX": str(index)})
-    os.chdir(app_dir)
+    env = process_env(env, kind, index) | ({"PORT": str(port)} if port else {})
     os.execve("/bin/sh", ["/bin/sh", "-c", cmd], env)
+
+
+def worker_paths(paths, app, kind, index, release_dir, env_file, inner):
+    """The directory, environment file and pyuwsgi ini of a worker: what its vassal names (each
+    must be the app's own), else the live ones (vassals written by older piku.py versions)."""
+    def inside(path, *bases):
+        real = os.path.realpath(path)
+        return any(real.startswith(os.path.realpath(b) + os.sep) for b in bases)
+    release_dir = release_dir or os.path.join(paths.apps, app)
+    env_file = env_file or os.path.join(paths.envs, app, "LIVE_ENV")
+    inner = inner or os.path.join(paths.state, app, f"wsgi.{index}.ini")
+    if not (os.path.realpath(release_dir) == os.path.realpath(os.path.join(paths.apps, app))
+            or inside(release_dir, os.path.join(paths.releases, app))) \
+            or not inside(env_file, os.path.join(paths.state, app), os.path.join(paths.envs, app)) \
+            or not inside(inner, os.path.join(paths.state, app)):
+        raise PikuError(f"refused: exec-worker paths outside {app}'s own directories")
+    return release_dir, env_file, inner
 
 
 @cli.command("nginx-watch", hidden=True, context_settings={"ignore_unknown_options": True})
@@ -3783,7 +4729,7 @@ def cmd_nginx_watch(interval, reload_cmd):
 # === 15. main() ===
 
 SSH_ALLOWED = {"apps", "certs", "certs:renew", "config", "config:get", "config:set", "config:unset", "config:live", "deploy",
-               "destroy", "logs", "ps", "ps:scale", "run", "restart", "stop", "setup", "setup:ssh",
+               "destroy", "logs", "ps", "ps:scale", "releases", "rollback", "run", "restart", "stop", "setup", "setup:ssh",
                "update", "help", "git-receive-pack", "git-upload-pack", "--version", "--help", "-h"}
 
 

@@ -363,6 +363,21 @@ class Server:
                                      + self.logs())
             time.sleep(0.05)
 
+    def vassal(self, app, kind, n=1):
+        """Path of the enabled vassal of app's kind.n, whichever slot it runs in (None if none)."""
+        import re
+        d = self.path("uwsgi-enabled")
+        for name in sorted(os.listdir(d)):
+            if re.fullmatch(re.escape(f"{app}_{kind}.{n}") + r"(\.[ab])?\.ini", name):
+                return os.path.join(d, name)
+        return None
+
+    def vassal_text(self, app, kind, n=1):
+        path = self.vassal(app, kind, n)
+        assert path, f"no vassal for {app} {kind}.{n}: {os.listdir(self.path('uwsgi-enabled'))}"
+        with open(path) as f:
+            return f.read()
+
     def app_port(self, app):
         live = self.read(os.path.join("envs", app, "LIVE_ENV")) or ""
         for line in live.splitlines():

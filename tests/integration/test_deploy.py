@@ -16,7 +16,7 @@ def test_uv_wsgi_app_served(server, uvapp):
     status, body = server.wait_http(server.app_port("uvapp"), contains="uv-wsgi v1")
     assert "markupsafe=" in body and "app=uvapp" in body  # a package only in the venv imports
     assert os.path.islink(server.path("apps", "uvapp"))
-    assert os.path.exists(server.path("uwsgi-enabled", "uvapp_wsgi.1.ini"))
+    assert server.vassal("uvapp", "wsgi")
     assert stat.S_IMODE(os.stat(server.path("envs", "uvapp", "LIVE_ENV")).st_mode) == 0o600
 
 
@@ -25,7 +25,7 @@ def test_push_output_is_heroku_style(server, uvapp, tmp_path):
     r = server.push(uvapp, "uvapp")
     assert r.returncode == 0, r.stdout
     assert "-----> Python (uv) app detected" in r.stdout
-    assert "-----> Dependencies unchanged, skipping sync" in r.stdout
+    assert "-----> Dependencies unchanged: using the live virtualenv" in r.stdout
     assert "-----> Deployed uvapp" in r.stdout
     server.wait_http(server.app_port("uvapp"), contains="uv-wsgi v1")
 
@@ -94,26 +94,41 @@ def test_failing_release_rejects_push(server, uvapp):
     server.git(uvapp, "reset", "-q", "--hard", old)
 
 
-def test_failed_push_leaves_the_virtualenv_as_it_was(server, uvapp):
-    """The build changed the packages, then the release step failed: the live release gets its
-    own virtualenv back, exactly, and the next deploy knows nothing changed."""
+def test_failed_push_never_touches_the_live_virtualenv(server, uvapp):
+    """The build changed the packages (in a virtualenv of its own), then the release step
+    failed: the live virtualenv was never written to, and the next deploy reuses it."""
     def version():
         r = server.ssh("run", "uvapp", "python", "-c", "'import markupsafe; print(markupsafe.__version__)'")
         return r.stdout.strip()
-    old, before = server.rev(uvapp), version()
+    old, before, live_venv = server.rev(uvapp), version(), os.path.realpath(server.path("envs", "uvapp", "bin"))
+    files_before = venv_files(live_venv)
     assert before and before != "2.1.5"
     pyproject = open(os.path.join(uvapp, "pyproject.toml")).read()
     procfile = open(os.path.join(uvapp, "Procfile")).read() + "release: exit 1\n"
     server.commit(uvapp, "downgrade, add six, fail", {
         "pyproject.toml": pyproject.replace('"markupsafe"', '"markupsafe==2.1.5", "six"'), "Procfile": procfile})
     r = assert_rejected_and_old_served(server, uvapp, "uvapp", old, "uv-wsgi v2", "release command failed")
-    assert "+ six==" in r.stdout and "virtualenv is back" in r.stdout
-    assert version() == before
+    assert "+ six==" in r.stdout and "the live one is not touched" in r.stdout
+    assert version() == before and venv_files(live_venv) == files_before
     assert server.ssh("run", "uvapp", "python", "-c", "'import six'").returncode != 0
+    assert os.path.realpath(server.path("envs", "uvapp", "bin")) == live_venv
     server.git(uvapp, "reset", "-q", "--hard", old)
     server.commit(uvapp, "redeploy the live code")
     r = server.push(uvapp, "uvapp")
-    assert r.returncode == 0 and "Dependencies unchanged, skipping sync" in r.stdout, r.stdout
+    assert r.returncode == 0 and "Dependencies unchanged: using the live virtualenv" in r.stdout, r.stdout
+
+
+def venv_files(bindir):
+    """{path: sha256} of every file of the virtualenv whose bin/ is bindir."""
+    import hashlib
+    out = {}
+    for d, dirs, files in os.walk(os.path.dirname(bindir)):
+        for n in files:
+            p = os.path.join(d, n)
+            if not os.path.islink(p):
+                with open(p, "rb") as f:
+                    out[p] = hashlib.sha256(f.read()).hexdigest()
+    return out
 
 
 def test_push_without_procfile_rejected(server, uvapp, tmp_path):
@@ -205,7 +220,10 @@ def test_uwsgi_syntax_in_values_is_inert(server, tmp_path):
     status, body = server.wait_http(server.app_port("evil"))
     assert body == value
     assert not os.path.exists(marker)
-    for secret in ("apps/evil/ENV", "envs/evil/LIVE_ENV", "state/evil/wsgi_boot.py"):
+    boots = [f"state/evil/boot/{n}" for n in os.listdir(server.path("state", "evil", "boot"))]
+    envs = [f"state/evil/env/{n}" for n in os.listdir(server.path("state", "evil", "env"))]
+    assert boots and envs
+    for secret in ["apps/evil/ENV", "envs/evil/LIVE_ENV"] + boots + envs:
         assert stat.S_IMODE(os.stat(server.path(secret)).st_mode) == 0o600, secret
 
 
@@ -279,7 +297,8 @@ def test_first_release_whose_web_keeps_dying_fails_fast_and_says_so(server, tmp_
     files = {"Procfile": "web: no-such-server-xyz --port $PORT\n", "ENV": "PIKU_HEALTH_TIMEOUT=300\n"}
     r = server.push(server.make_app(None, tmp_path / "diesfast", files), "diesfast")
     assert r.returncode != 0, r.stdout
-    assert "the new release failed its health check (its web command kept exiting (uWSGI" in r.stdout, r.stdout
+    assert "failed their health check (web tried on port" in r.stdout, r.stdout
+    assert "exited with status 127 before it answered" in r.stdout, r.stdout
     assert "no-such-server-xyz: not found" in r.stdout, r.stdout
     assert "the app had no earlier release, so nothing serves it" in r.stdout, r.stdout
     assert "previous release keeps serving" not in r.stdout

@@ -54,8 +54,7 @@ def test_pyuwsgi_app_survives_more_deploys_than_releases_kept(server, tmp_path):
         env = env_lines(PATH=f"{bindir}:/usr/local/bin:/usr/bin:/bin", PYTHON_VERSION=minor,
                         PIKU_RELEASES_KEPT=KEPT)
         repo = server.deployed("uv-wsgi", "prunepy", tmp_path, {"ENV": env})
-        assert "pyuwsgi" in server.read("uwsgi-enabled/prunepy_wsgi.1.ini") or \
-            os.path.exists(server.path("envs", "prunepy", "bin", "uwsgi"))
+        assert "--uwsgi" in server.vassal_text("prunepy", "wsgi")  # the pyuwsgi mode
         port = server.app_port("prunepy")
         server.wait_http(port, contains="uv-wsgi v1")
         push_many(server, repo, "prunepy", port=port)
@@ -65,7 +64,7 @@ def test_pyuwsgi_app_survives_more_deploys_than_releases_kept(server, tmp_path):
 
 def test_native_wsgi_app_survives_more_deploys_than_releases_kept(server, tmp_path):
     repo = server.deployed("uv-wsgi", "prunenat", tmp_path, {"ENV": env_lines(PIKU_RELEASES_KEPT=KEPT)})
-    assert "plugin = python3" in server.read("uwsgi-enabled/prunenat_wsgi.1.ini")
+    assert "plugin = python3" in server.vassal_text("prunenat", "wsgi")
     port = server.app_port("prunenat")
     server.wait_http(port, contains="uv-wsgi v1")
     push_many(server, repo, "prunenat", port=port)

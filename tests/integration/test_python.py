@@ -25,9 +25,9 @@ def env_file(bindir, **settings):
 
 
 def venv_state(server, app):
-    """mtimes of the venv's files, piku's own files (ENV, LIVE_ENV, SCALING) left out."""
+    """mtimes of the live venv's files (envs/<app> links to it), piku's own files left out."""
     out = {}
-    for d, dirs, files in os.walk(server.path("envs", app)):
+    for d, dirs, files in os.walk(os.path.realpath(server.path("envs", app, ".live"))):
         for n in files:
             if n not in ("ENV", "LIVE_ENV", "SCALING"):
                 p = os.path.join(d, n)
@@ -47,7 +47,7 @@ def test_no_version_asked_prints_none_and_serves_native(server, tmp_path):
     assert "Using Python" not in out and "pyuwsgi" not in out
     _, body = server.wait_http(server.app_port("pynone"), contains="uv-wsgi v1")
     assert f"python={system_uwsgi_python()}" in body
-    assert "plugin = python3" in server.read("uwsgi-enabled/pynone_wsgi.1.ini")
+    assert "plugin = python3" in server.vassal_text("pynone", "wsgi")
 
 
 def test_version_from_env_other_python_served_by_pyuwsgi(server, other, tmp_path):
@@ -72,9 +72,9 @@ def test_python_version_file_and_env_priority(server, other, tmp_path):
     server.commit(repo, "env wins", {"ENV": env_file(bindir, PYTHON_VERSION=system)})
     out = push_ok(server, repo, "pyfile")
     assert f"-----> Using Python {system} (from ENV)" in out
-    assert "recreating the virtualenv" in out
+    assert f"Building a virtualenv with Python {system}" in out
     server.wait_http(server.app_port("pyfile"), contains=f"python={system}")
-    assert "plugin = python3" in server.read("uwsgi-enabled/pyfile_wsgi.1.ini")
+    assert "plugin = python3" in server.vassal_text("pyfile", "wsgi")
 
 
 def test_version_change_by_config_set_keeps_config(server, other, tmp_path):
@@ -88,11 +88,11 @@ def test_version_change_by_config_set_keeps_config(server, other, tmp_path):
     import shutil
     shutil.copytree(repo, tmp_path / "pinned")
     make_lock(tmp_path / "pinned", "markupsafe==2.1.5")
-    with open(server.path("state", "pyswitch", "uv.lock"), "w") as f:
+    with open(server.path("apps", "pyswitch", "uv.lock"), "w") as f:  # the lock the live release has
         f.write(open(tmp_path / "pinned" / "uv.lock").read())
     r = server.ssh("config:set", "pyswitch", f"PYTHON_VERSION={minor}", "KEEP=me")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "recreating the virtualenv" in r.stdout and "+ markupsafe==2.1.5" in r.stdout, r.stdout
+    assert f"Building a virtualenv with Python {minor}" in r.stdout and "+ markupsafe==2.1.5" in r.stdout, r.stdout
     server.wait_http(server.app_port("pyswitch"), contains=f"python={minor}")
     assert "KEEP=me" in server.read("envs/pyswitch/ENV")
 
@@ -104,7 +104,7 @@ def test_uwsgi_trap_refused_when_pyuwsgi_disabled(server, other, tmp_path):
     r = server.push(repo, "pynever")
     assert r.returncode != 0
     assert f"PYTHON_VERSION={system_uwsgi_python()}" in r.stdout and "gunicorn" in r.stdout
-    assert not os.path.exists(server.path("uwsgi-enabled", "pynever_wsgi.1.ini"))
+    assert not server.vassal("pynever", "wsgi")
 
 
 @pytest.mark.parametrize("value", ["banana", "3.x", "2.7"])
@@ -178,11 +178,11 @@ def test_no_lock_keeps_server_lock_and_skips_unchanged_sync(server, tmp_path):
     repo = server.make_app("uv-wsgi", tmp_path / "nolock")
     out = push_ok(server, repo, "nolock")
     assert "commit one" in out
-    assert "markupsafe" in server.read("state/nolock/uv.lock")
+    assert "markupsafe" in server.read("apps/nolock/uv.lock")
     before = venv_state(server, "nolock")
     server.commit(repo, "touch code", {"app.py": open(repo / "app.py").read().replace("v1", "v2")})
     out = push_ok(server, repo, "nolock")
-    assert "-----> Dependencies unchanged, skipping sync" in out and "Syncing" not in out
+    assert "-----> Dependencies unchanged: using the live virtualenv" in out and "Syncing" not in out
     assert venv_state(server, "nolock") == before
     server.wait_http(server.app_port("nolock"), contains="uv-wsgi v2")
 
@@ -207,7 +207,7 @@ def test_broken_venv_is_repaired(server, tmp_path):
     os.unlink(server.path("envs", "broken", "bin", "python"))
     server.commit(repo, "redeploy")
     out = push_ok(server, repo, "broken")
-    assert "broken: recreating" in out and "+ markupsafe" in out
+    assert "the live virtualenv is broken" in out and "Building a virtualenv" in out
     server.wait_http(server.app_port("broken"), contains="uv-wsgi v1")
 
 
@@ -219,7 +219,7 @@ def test_requirements_app_with_uv_and_with_virtualenv(server, tmp_path, use_uv):
     assert ("with uv" in out) == (use_uv == "true") and ("with pip" in out) == (use_uv == "false")
     server.wait_http(server.app_port(app), contains="req-web v1")
     server.commit(repo, "again")
-    assert "Dependencies unchanged, skipping sync" in push_ok(server, repo, app)
+    assert "Dependencies unchanged: using the live virtualenv" in push_ok(server, repo, app)
 
 
 def test_hand_pinned_requirements_get_their_dependencies(server, tmp_path):
@@ -249,7 +249,8 @@ def test_switching_from_uv_to_pip_recreates_the_venv(server, tmp_path):
     assert "with uv" in push_ok(server, repo, "touv")
     server.commit(repo, "pip now", {"ENV": "PIKU_USE_UV=false\n"})
     out = push_ok(server, repo, "touv")
-    assert "Virtualenv has no pip" in out and "with pip" in out, out
+    assert "Building a virtualenv" in out and "with pip" in out, out
+    assert server.ssh("run", "touv", "python", "-m", "pip", "--version").returncode == 0
     server.wait_http(server.app_port("touv"), contains="req-web v1")
 
 
@@ -285,13 +286,13 @@ def test_local_path_dependencies_follow_the_repo(server, tmp_path, committed_loc
     server.wait_http(server.app_port(app), contains="mylib=1 edlib=1")
     server.commit(repo, "libs v2", {**local_lib("mylib", "2"), **local_lib("edlib", "2")})
     out = push_ok(server, repo, app)
-    assert "skipping sync" not in out, out
+    assert "Dependencies unchanged" not in out, out
     server.wait_http(server.app_port(app), contains="mylib=2 edlib=2")
     server.commit(repo, "nothing")
-    assert "skipping sync" in push_ok(server, repo, app)  # the release that built the libs is pruned now
+    assert "Dependencies unchanged" in push_ok(server, repo, app)  # the release that built the libs is pruned now
     assert server.ssh("restart", app).returncode == 0
     server.wait_http(server.app_port(app), contains="mylib=2 edlib=2")
-    links = subprocess.run(["grep", "-rl", "--include=*.pth", "releases/", server.path("envs", app)],
+    links = subprocess.run(["grep", "-rl", "--include=*.pth", "releases/", server.path("envs", app, ".live/")],
                            capture_output=True, text=True).stdout
     assert links == "", links
 
@@ -323,10 +324,10 @@ def test_project_scripts_can_be_named_in_the_procfile(server, tmp_path):
     os.unlink(server.path("envs", "scripted", "bin", "scr-web"))
     server.commit(repo, "again")
     out = push_ok(server, repo, "scripted")
-    assert "skipping sync" in out and "script scr-web" in out, out
+    assert "Dependencies unchanged" in out and "script scr-web" in out, out
     server.commit(repo, "and again")
     out = push_ok(server, repo, "scripted")
-    assert "skipping sync" in out and "script scr-web" not in out, out
+    assert "Dependencies unchanged" in out and "script scr-web" not in out, out
     server.wait_http(server.app_port("scripted"), contains="scripted")
 
 
@@ -348,8 +349,8 @@ def test_pyproject_app_without_uv_is_rejected_with_the_fix(server, tmp_path):
 
 
 def test_pyuwsgi_redeploy_loses_no_request(server, other, tmp_path):
-    """The venv's own uWSGI reloads its workers in place (chain reload through its master FIFO):
-    its socket stays open, so a redeploy loses no request, as with the system uWSGI."""
+    """The venv's own uWSGI of the new release starts beside the live one (same port, SO_REUSEPORT),
+    answers, and the old one shuts down gracefully: a redeploy loses no request."""
     from test_zero_downtime import Hammer
     bindir, minor = other
     repo = server.make_app("uv-wsgi", tmp_path / "pyzd", {"ENV": env_file(bindir, PYTHON_VERSION=minor)})
@@ -364,7 +365,7 @@ def test_pyuwsgi_redeploy_loses_no_request(server, other, tmp_path):
         assert not h.failures, f"{len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
         assert h.ok > 50
         server.wait_http(port, contains=f"uv-wsgi v{version[1]}#")
-    assert "chain reload" in server.read("logs/pyzd/wsgi.1.log")
+    assert "graceful shutdown triggered" in server.read("logs/pyzd/wsgi.1.log")
 
 
 def test_project_uv_settings_apply_beside_the_server_uv_toml(server, tmp_path):

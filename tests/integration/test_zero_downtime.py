@@ -61,20 +61,32 @@ def bump(server, repo, old, new):
     server.commit(repo, new, {"app.py": text})
 
 
+def slot_ports(server, app):
+    import json
+    return json.loads(server.read(f"state/{app}/ports.json"))["web"]
+
+
 def test_web_redeploy_through_nginx_loses_no_request(server, gunicorn_site):
-    port = server.app_port("gunisite")
-    standby = int(server.read("state/gunisite/standby_port"))
-    assert f"server 127.0.0.1:{standby} backup" in server.read("nginx/gunisite.conf")
+    """Blue/green: the new release's web process starts on its own port beside the live one,
+    answers, takes the traffic; the old one stops. Both slots are in nginx's upstream (the
+    other as a backup), so a request an old nginx worker still sends to the old slot goes on."""
+    before = server.app_port("gunisite")
+    conf = server.read("nginx/gunisite.conf")
+    assert f"server 127.0.0.1:{before} max_fails=0;" in conf and " backup max_fails=0;" in conf
     bump(server, gunicorn_site, "req-web v1", "req-web v2")
     with Hammer(server, "gunicorn.piku.test") as h:
         r = server.push(gunicorn_site, "gunisite")
     assert r.returncode == 0, r.stdout
-    assert f"standby port {standby}" in r.stdout
+    assert "Starting the new release beside the live one: web x1" in r.stdout, r.stdout
+    assert "health check passed" in r.stdout, r.stdout
     assert not h.failures, f"{len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
     assert h.ok > 50 and h.bodies.get("req-web v2"), h.bodies
-    assert server.app_port("gunisite") == port  # the app keeps its PORT
-    assert server.http_get(standby)[0] is None  # the prebooted process is gone
-    server.wait_http(port, contains="req-web v2")
+    after = server.app_port("gunisite")
+    assert after != before and after in sum(slot_ports(server, "gunisite").values(), [])
+    status, body = server.http_get(after)
+    assert status == 200 and f"req-web v2 port={after}" in body  # no polling: live when the push returns
+    assert f"server 127.0.0.1:{after} max_fails=0;" in server.read("nginx/gunisite.conf")
+    server.wait_http(server.nginx_port, host="gunicorn.piku.test", contains="req-web v2")
 
 
 def test_config_set_on_web_app_loses_no_request(server, gunicorn_site):
@@ -85,14 +97,15 @@ def test_config_set_on_web_app_loses_no_request(server, gunicorn_site):
 
 
 def test_broken_web_release_is_refused_before_the_old_one_stops(server, gunicorn_site):
-    old = server.rev(gunicorn_site)
+    old, port = server.rev(gunicorn_site), server.app_port("gunisite")
     procfile = "web: echo booting; exit 3\n"
     server.commit(gunicorn_site, "broken web", {"Procfile": procfile})
     with Hammer(server, "gunicorn.piku.test") as h:
         r = server.push(gunicorn_site, "gunisite")
     assert r.returncode != 0, r.stdout
-    assert "web process exited with status 3 before it listened, tried on standby port" in r.stdout, r.stdout
-    assert server.remote_rev("gunisite") == old
+    assert "failed their health check (web.1: its command kept exiting" in r.stdout, r.stdout
+    assert "the push is rejected; the live release serves on" in r.stdout, r.stdout
+    assert server.remote_rev("gunisite") == old and server.app_port("gunisite") == port
     assert not h.failures and h.bodies.get("req-web v2"), (h.failures[:5], h.bodies)
     server.git(gunicorn_site, "reset", "-q", "--hard", old)
 
@@ -103,19 +116,21 @@ def test_web_that_never_listens_on_port_is_refused_with_the_reason(server, gunic
     server.commit(gunicorn_site, "web on a fixed port", {"Procfile": "web: sleep 60\n", "ENV": env})
     r = server.push(gunicorn_site, "gunisite")
     assert r.returncode != 0, r.stdout
-    assert "web process did not listen on $PORT within 3s (it must bind $BIND_ADDRESS:$PORT" in r.stdout, r.stdout
+    assert "(web.1: no answer yet" in r.stdout and "after 3s (PIKU_HEALTH_TIMEOUT)" in r.stdout, r.stdout
     assert server.remote_rev("gunisite") == old
     server.git(gunicorn_site, "reset", "-q", "--hard", old)
     server.wait_http(server.nginx_port, host="gunicorn.piku.test", contains="req-web")
 
 
 def test_preboot_can_be_turned_off(server, gunicorn_site):
+    """PIKU_PREBOOT=false: the web process is restarted in place on PORT (after a trial run of the
+    new release on a private port), and nginx points at PORT alone."""
     r = server.ssh("config:set", "gunisite", "PIKU_PREBOOT=false")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "backup" not in server.read("nginx/gunisite.conf")
     bump(server, gunicorn_site, "req-web v2", "req-web v3")
     r = server.push(gunicorn_site, "gunisite")
-    assert r.returncode == 0 and "standby port" not in r.stdout, r.stdout
+    assert r.returncode == 0 and "answered on trial port" in r.stdout, r.stdout
     server.wait_http(server.nginx_port, host="gunicorn.piku.test", contains="req-web v3")
 
 

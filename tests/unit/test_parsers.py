@@ -257,6 +257,7 @@ def test_scale_limits(args, msg):
         piku.parse_scale_args(args, {"web", "cron1", "worker"})
     assert piku.parse_scale_args(["web=0", "cron1=1", "worker=5"], {"web", "cron1", "worker"}) == \
         {"web": 0, "cron1": 1, "worker": 5}
+    assert piku.parse_scale_args(["web=3"], {"web"}, behind_nginx=True) == {"web": 3}  # one port each
 
 
 def test_requirement_includes():

@@ -100,13 +100,13 @@ def test_emperor_ini():
     assert "emperor = /srv/piku/uwsgi-enabled" in ini and "daemonize" not in ini
 
 
-def nginx(settings=None, kinds=None, sockets=None, cert=False, backend=True, standby=None):
+def nginx(settings=None, kinds=None, sockets=None, cert=False, backend=True, standby=None, **extra):
     s = {"NGINX_SERVER_NAME": "example.test"}
     s.update(settings or {})
     return piku.render_nginx({"app": "demo", "settings": s, "paths": PATHS,
                               "kinds": kinds if kinds is not None else {"web": "x"},
                               "sockets": sockets or [], "port": 5000, "app_dir": "/srv/piku/apps/demo",
-                              "cert": cert, "has_backend": backend, "standby": standby})
+                              "cert": cert, "has_backend": backend, "standby": standby, **extra})
 
 
 def test_nginx_defaults_web():
@@ -124,21 +124,50 @@ def test_nginx_web_standby_port_is_a_backup():
     assert "5001" not in nginx(kinds={"wsgi": "a:b"}, sockets=["/s/demo.1.sock"], standby=5001)
 
 
-@pytest.mark.parametrize("settings,scaling,preboot", [
-    ({"NGINX_SERVER_NAME": "a.test"}, {"web": 1}, "web"),
-    ({}, {"web": 1}, None),
-    ({"NGINX_SERVER_NAME": "a.test"}, {"web": 0, "worker": 1}, None),
-    ({"NGINX_SERVER_NAME": "a.test"}, {"wsgi": 1}, None),
-    ({"NGINX_SERVER_NAME": "a.test", "PIKU_PREBOOT": "false"}, {"web": 1}, None),
-    ({"NGINX_SERVER_NAME": "a.test", "PIKU_AUTO_RESTART": "false"}, {"web": 1}, None),
+@pytest.mark.parametrize("kind,settings,pinned,blue_green", [
+    ("wsgi", {}, False, True),
+    ("wsgi", {"NGINX_SERVER_NAME": "a.test"}, True, True),
+    ("web", {"NGINX_SERVER_NAME": "a.test"}, False, True),
+    ("web", {}, False, False),
+    ("web", {"NGINX_SERVER_NAME": "a.test"}, True, False),
+    ("web", {"NGINX_SERVER_NAME": "a.test", "PIKU_PREBOOT": "false"}, False, False),
+    ("worker", {"NGINX_SERVER_NAME": "a.test"}, False, False),
+    ("cron1", {}, False, False),
 ])
-def test_plan_preboot(settings, scaling, preboot):
-    assert piku.plan_preboot(settings, scaling) == preboot
+def test_plan_blue_green(kind, settings, pinned, blue_green):
+    assert piku.plan_blue_green(kind, settings, pinned) is blue_green
+
+
+def test_kinds_table_rows():
+    assert piku.kind_name("cron7") == "cron" and piku.kind_name("queue") == "worker"
+    assert piku.max_scale("web", False) == 1 and piku.max_scale("web", True) == 64
+    assert piku.serving("wsgi") and piku.serving("web") and not piku.serving("worker")
+    assert piku.parse_vassal_name("a_b", "a_b_web.2.b.ini") == ("web", 2, "b")
+    assert piku.parse_vassal_name("a_b", "a_b_worker.1.ini") == ("worker", 1, None)
+    assert piku.parse_vassal_name("a", "a_b_web.1.ini") == ("b_web", 1, None)
+    assert piku.parse_vassal_name("a", "ab_web.1.ini") is None
+    assert set(piku.plan_vassals("x", {"web": 2, "worker": 1}, "a", {"web"})) == \
+        {"x_web.1.a.ini", "x_web.2.a.ini", "x_worker.1.ini"}
 
 
 def test_nginx_wsgi_uses_unix_sockets():
     conf = nginx(kinds={"wsgi": "app:app"}, sockets=["/srv/piku/nginx/demo.1.sock"])
-    assert "server unix:/srv/piku/nginx/demo.1.sock;" in conf and "uwsgi_pass piku-demo;" in conf
+    assert "server unix:/srv/piku/nginx/demo.1.sock max_fails=0;" in conf and "uwsgi_pass piku-demo;" in conf
+
+
+def test_nginx_upstream_lists_both_slots_the_other_as_backup():
+    conf = nginx(kinds={"wsgi": "app:app"}, sockets=["x"], upstream=[("unix:/n/demo.1.b.sock", False),
+                                                                    ("unix:/n/demo.1.a.sock", True)])
+    assert "  server unix:/n/demo.1.b.sock max_fails=0;\n  server unix:/n/demo.1.a.sock backup max_fails=0;\n}" in conf
+
+
+def test_switch_probe_answers_only_its_token():
+    conf = nginx(switch_token="abc123")
+    assert "location = /.well-known/piku-switch/abc123 { return 204; }" in conf
+    assert "location ^~ /.well-known/piku-switch/ { return 404; }" in conf
+    assert "piku-switch" not in nginx()
+    https_only = nginx({"NGINX_HTTPS_ONLY": "true"}, cert=True, switch_token="abc123")
+    assert https_only.count("piku-switch/abc123") == 2  # the HTTP redirect block answers it too
 
 
 @pytest.mark.parametrize("settings,added,removed", [
@@ -210,11 +239,9 @@ def test_plan_scaling_and_vassal_names():
     assert set(piku.plan_vassals("a_b", {"web": 2})) == {"a_b_web.1.ini", "a_b_web.2.ini"}
 
 
-def test_plan_sync_and_fingerprint():
+def test_fingerprint_separates_its_parts():
     fp = piku.fingerprint("a", b"b", 3)
     assert fp == piku.fingerprint("a", b"b", 3) and fp != piku.fingerprint("ab", b"", 3)
-    assert not piku.plan_sync(fp, fp, True)
-    assert piku.plan_sync(fp, fp, False) and piku.plan_sync("old", fp, True)
 
 
 def test_plan_wsgi_mode():
@@ -395,6 +422,7 @@ def test_catch_all_never_hides_the_app():
 def test_plan_scaling_runs_web_and_cron_once():
     workers = {"web": "x", "cron1": "* * * * * x", "worker": "y", "release": "z", "static": "s"}
     assert piku.plan_scaling(workers, {"web": 2, "cron1": 3, "worker": 4}) == {"web": 1, "cron1": 1, "worker": 4}
+    assert piku.plan_scaling(workers, {"web": 3}, behind_nginx=True)["web"] == 3
     assert piku.plan_scaling(workers, {"web": 0}) == {"web": 0, "cron1": 1, "worker": 1}
 
 
