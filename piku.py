@@ -30,13 +30,13 @@ import click
 
 # === 2. Constants and paths ===
 
-APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-KIND_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,30}$")
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-WSGI_SPEC_RE = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")
-HOSTNAME_RE = re.compile(r"^(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?$|^_$")
-IP_RE = re.compile(r"^[0-9A-Fa-f.:\[\]]{2,64}$")
-SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9_./@+-]{1,512}$")
+APP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+KIND_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,30}")
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+WSGI_SPEC_RE = re.compile(r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?")
+HOSTNAME_RE = re.compile(r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?|_")
+IP_RE = re.compile(r"[0-9A-Fa-f.:\[\]]{2,64}")
+SAFE_PATH_RE = re.compile(r"[A-Za-z0-9_./@+-]{1,512}")
 
 SPECIAL_KINDS = ("release", "preflight")
 DEFAULT_RELEASES_KEPT = 3
@@ -140,7 +140,7 @@ def parse_app_name(raw):
     name = name.lstrip("/") if name.count("/") == 1 and name.startswith("/") else name
     if name.endswith(".git"):
         name = name[:-4]
-    if not APP_NAME_RE.match(name):
+    if not APP_NAME_RE.fullmatch(name):
         shown = (raw[:40] + "...") if raw and len(raw) > 40 else raw
         raise PikuError(f"invalid app name {shown!r}: use 1-63 letters, digits, '.', '_' or '-',"
                         " starting with a letter or digit")
@@ -252,7 +252,7 @@ def parse_procfile(text):
             continue
         kind, sep, cmd = line.partition(":")
         kind, cmd = kind.strip(), cmd.strip()
-        if not sep or not KIND_RE.match(kind) or not cmd:
+        if not sep or not KIND_RE.fullmatch(kind) or not cmd:
             raise PikuError(f"Procfile line {lineno}: expected 'kind: command', got {raw.strip()[:80]!r}")
         if kind in workers:
             raise PikuError(f"Procfile line {lineno}: process kind {kind!r} is defined twice")
@@ -262,8 +262,8 @@ def parse_procfile(text):
             except PikuError as e:
                 raise PikuError(f"Procfile line {lineno}: {e}")
         if kind == "wsgi":
-            cmd = re.sub(r"\s+#.*$", "", cmd)  # `wsgi: app:app  # a comment`
-        if kind == "wsgi" and not WSGI_SPEC_RE.match(cmd):
+            cmd = re.sub(r"\s+#.*\Z", "", cmd)  # `wsgi: app:app  # a comment`
+        if kind == "wsgi" and not WSGI_SPEC_RE.fullmatch(cmd):
             raise PikuError(f"Procfile line {lineno}: wsgi needs 'module:callable', got {cmd!r}")
         workers[kind] = cmd
     if "wsgi" in workers and "web" in workers:
@@ -304,7 +304,7 @@ def parse_env(text, base=None, source="ENV"):
             line = line[7:].lstrip()
         key, sep, value = line.partition("=")
         key = key.strip()
-        if not sep or not ENV_KEY_RE.match(key):
+        if not sep or not ENV_KEY_RE.fullmatch(key):
             raise PikuError(f"{source} line {lineno}: expected KEY=value, got {line[:60]!r}")
         value, expand = _unquote_env_value(value.strip())
         value = expand_vars(value, scope) if expand else value
@@ -331,7 +331,7 @@ def parse_assignments(args):
     out, last = {}, None
     for arg in args:
         key, sep, value = arg.partition("=")
-        if sep and ENV_KEY_RE.match(key):
+        if sep and ENV_KEY_RE.fullmatch(key):
             out[key] = value
             last = key
         elif last is not None:
@@ -349,7 +349,7 @@ def parse_scaling(text):
         if not line or line.startswith("#"):
             continue
         kind, _, count = line.replace("=", ":").partition(":")
-        if KIND_RE.match(kind.strip()):
+        if KIND_RE.fullmatch(kind.strip()):
             try:
                 out[kind.strip()] = max(0, int(count.strip()))
             except ValueError:
@@ -415,11 +415,11 @@ def parse_ssh_command(original):
     return argv
 
 
-SSH_DEST_RE = re.compile(r"^(?:[A-Za-z0-9._+-]{1,64}@)?(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])$")
+SSH_DEST_RE = re.compile(r"(?:[A-Za-z0-9._+-]{1,64}@)?(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])")
 
 
 def parse_ssh_dest(dest, what):
-    if not SSH_DEST_RE.match(dest or ""):
+    if not SSH_DEST_RE.fullmatch(dest or ""):
         raise PikuError(f"{what}: {dest!r} is not [user@]host")
     return dest
 
@@ -446,8 +446,8 @@ def parse_server_address(value):
     return parse_ssh_dest(m.group(1), "PIKU_SERVER"), m.group(2)
 
 
-PYVER_RE = re.compile(r"^(?:(?:cpython|python)[-@]?)?(\d+(?:\.\d+){0,2})(t)?$", re.I)
-PYSPEC_RE = re.compile(r"^\s*(?:(?:==|!=|<=|>=|~=|<|>)\s*\d+(?:\.\d+){0,2}(?:\.\*)?\s*,?\s*)+$")
+PYVER_RE = re.compile(r"(?:(?:cpython|python)[-@]?)?(\d+(?:\.\d+){0,2})(t)?", re.I)
+PYSPEC_RE = re.compile(r"\s*(?:(?:==|!=|<=|>=|~=|<|>)\s*\d+(?:\.\d+){0,2}(?:\.\*)?\s*,?\s*)+")
 
 
 def parse_python_version(value):
@@ -455,12 +455,12 @@ def parse_python_version(value):
     v = (value or "").strip().splitlines()[0].strip() if (value or "").strip() else ""
     if not v:
         return None
-    m = PYVER_RE.match(v)
+    m = PYVER_RE.fullmatch(v)
     if m:
         if not m.group(1).startswith("3") or len(m.group(1)) > 10:
             raise PikuError(f"PYTHON_VERSION {value!r}: only Python 3 is supported")
         return m.group(1) + (m.group(2) or "")
-    if PYSPEC_RE.match(v):
+    if PYSPEC_RE.fullmatch(v):
         return v.replace(" ", "").rstrip(",")
     raise PikuError(f"invalid Python version {value!r}: use 3, 3.12, 3.12.1 or a range like >=3.11")
 
@@ -502,7 +502,7 @@ def is_fully_pinned(requirements_text):
     may be a complete lock, which `uv pip sync` installs exactly."""
     reqs = [l.split("#")[0].strip() for l in requirements_text.splitlines()]
     reqs = [r for r in reqs if r]
-    return bool(reqs) and all(re.match(r"^[A-Za-z0-9._\[\],-]+==[A-Za-z0-9.*+!_-]+(\s*;.*)?$", r) for r in reqs)
+    return bool(reqs) and all(re.fullmatch(r"[A-Za-z0-9._\[\],-]+==[A-Za-z0-9.*+!_-]+(\s*;.*)?", r) for r in reqs)
 
 
 def parse_missing_requirements(check_output):
@@ -524,7 +524,7 @@ def parse_requirement_local_paths(requirements_text):
     for line in requirements_text.splitlines():
         line = line.split(" #")[0].strip()
         line = re.sub(r"^(?:-e|--editable)(?:\s*=\s*|\s+)", "", line)
-        m = re.search(r"(?:^|@\s*)file://(/\S*)", line) or re.match(r"^(\.{1,2}(?:/\S*)?|/\S+)$", line)
+        m = re.search(r"(?:^|@\s*)file://(/\S*)", line) or re.fullmatch(r"(\.{1,2}(?:/\S*)?|/\S+)", line)
         if m:
             out.append(m.group(1).split("#")[0])
     return out
@@ -577,7 +577,7 @@ def v_ip(value, key):
 
 def v_hostnames(value, key):
     for name in split_names(value):
-        if not HOSTNAME_RE.match(name):
+        if not HOSTNAME_RE.fullmatch(name):
             raise PikuError(f"{key}: invalid host name {name!r}")
 
 
@@ -827,7 +827,7 @@ def render_wsgi_boot(venv, app_dir, spec, env, pyver):
 
 
 def safe_path(value, key):
-    if not SAFE_PATH_RE.match(value or "") or ".." in value.split("/"):
+    if not SAFE_PATH_RE.fullmatch(value or "") or ".." in value.split("/"):
         raise PikuError(f"{key}: {value!r} is not an acceptable path (letters, digits, ._/@+- only)")
     return value
 
@@ -928,7 +928,7 @@ def render_starter_env(app):
             "# UWSGI_PROCESSES=2\n")
 
 
-URL_PREFIX_RE = re.compile(r"^/[A-Za-z0-9_./~-]*$")
+URL_PREFIX_RE = re.compile(r"/[A-Za-z0-9_./~-]*")
 
 
 def parse_static_paths(value):
@@ -936,7 +936,7 @@ def parse_static_paths(value):
     out = []
     for item in [i for i in (value or "").split(",") if i.strip()]:
         url, sep, path = item.strip().partition(":")
-        if not sep or not URL_PREFIX_RE.match(url):
+        if not sep or not URL_PREFIX_RE.fullmatch(url):
             raise PikuError(f"NGINX_STATIC_PATHS: expected /url:path, got {item!r}")
         out.append((url, safe_path(path, "NGINX_STATIC_PATHS")))
     return out
@@ -951,8 +951,8 @@ ACME_CAS = {
     "buypass_test": "https://api.test4.buypass.no/acme/directory",
     "google": "https://dv.acme-v02.api.pki.goog/directory",
 }
-ACME_URL_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~/%-]*)?$")
-EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}$")
+ACME_URL_RE = re.compile(r"https://[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~/%-]*)?")
+EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}")
 
 
 def parse_email(value, key):
@@ -968,12 +968,12 @@ def parse_acme_ca(value):
     """ACME_ROOT_CA -> (directory URL, public?). Names: letsencrypt(.org), zerossl(.com), ...;
     an https:// URL is taken as the directory itself (a private CA such as pebble)."""
     v = (value or "").strip()
-    key = re.sub(r"\.(org|com|no|goog)$", "", v.lower())
+    key = re.sub(r"\.(org|com|no|goog)\Z", "", v.lower())
     if key in ACME_CAS:
         return ACME_CAS[key], True
     if v in ACME_CAS.values():
         return v, True
-    if ACME_URL_RE.match(v):
+    if ACME_URL_RE.fullmatch(v):
         return v, False
     raise PikuError(f"ACME_ROOT_CA: expected one of {', '.join(sorted(ACME_CAS))} or an https:// "
                     f"directory URL, got {value!r}")
@@ -1044,7 +1044,7 @@ def nginx_listen_lines(s, https):
     if not setting_bool(s, "DISABLE_IPV6"):
         addrs.append(setting(s, "NGINX_IPV6_ADDRESS"))
     for a in addrs:
-        if not IP_RE.match(a):
+        if not IP_RE.fullmatch(a):
             raise PikuError(f"nginx listen address {a!r} is not an IP address")
     return [f"  listen {a}:{port}{flag};" for port, flag in ports for a in addrs]
 
@@ -1141,7 +1141,7 @@ def render_nginx_backend(n, cache, static_root=False):
 
 def render_catch_all(value):
     target = value if value.startswith("/") else "/" + value
-    if not URL_PREFIX_RE.match(target):
+    if not URL_PREFIX_RE.fullmatch(target):
         raise PikuError(f"NGINX_CATCH_ALL: {value!r} is not a path")
     return target
 
@@ -1150,7 +1150,7 @@ def parse_url_prefixes(value, key):
     """'/a,/b' -> ['/a', '/b']; anything that is not a plain /path raises."""
     urls = [u for u in (value or "").split(",") if u]
     for u in urls:
-        if not URL_PREFIX_RE.match(u):
+        if not URL_PREFIX_RE.fullmatch(u):
             raise PikuError(f"{key}: {u!r} is not a /path")
     return urls
 
@@ -1415,7 +1415,7 @@ def vassals_of(paths, app, directory=None):
 
 def known_apps(paths):
     try:
-        return sorted(n for n in os.listdir(paths.repos) if APP_NAME_RE.match(n)
+        return sorted(n for n in os.listdir(paths.repos) if APP_NAME_RE.fullmatch(n)
                       and os.path.isdir(os.path.join(paths.repos, n)))
     except FileNotFoundError:
         return []
@@ -1607,8 +1607,8 @@ def python_request(settings, release_dir):
     return None, None
 
 
-ENTRY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-ENTRY_TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+ENTRY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+ENTRY_TARGET_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 def parse_project_scripts(pyproject_text):
@@ -1625,7 +1625,7 @@ def parse_project_scripts(pyproject_text):
         name, _, value = line.partition("=")
         name, value = name.strip().strip("\"'"), value.strip().strip("\"'")
         target = value.split("[")[0].strip()  # `mod:func [extra]`
-        if ENTRY_NAME_RE.match(name) and ENTRY_TARGET_RE.match(target):
+        if ENTRY_NAME_RE.fullmatch(name) and ENTRY_TARGET_RE.fullmatch(target):
             table[name] = target
         else:
             problems.append(f"[project.scripts] {name} = {value!r} is not `module:function`: skipped")
@@ -1718,7 +1718,7 @@ def python_satisfies(version, request):
         want = tuple(int(x) for x in request.rstrip("t").split("."))
         return have[:len(want)] == want
     for clause in request.split(","):
-        m = re.match(r"^(==|!=|<=|>=|~=|<|>)(\d+(?:\.\d+)*)(\.\*)?$", clause.strip())
+        m = re.fullmatch(r"(==|!=|<=|>=|~=|<|>)(\d+(?:\.\d+)*)(\.\*)?", clause.strip())
         if not m:
             return False
         op, ver, star = m.group(1), tuple(int(x) for x in m.group(2).split(".")), m.group(3)
@@ -3152,8 +3152,8 @@ def add_ssh_key(key_text, paths):
     if len(lines) != 1:
         raise PikuError("expected exactly one public key line")
     parts = lines[0].split()
-    if len(parts) < 2 or not re.match(r"^(ssh-|ecdsa-|sk-)[\w@.-]+$", parts[0]) or \
-            not re.match(r"^[A-Za-z0-9+/=]+$", parts[1]):
+    if len(parts) < 2 or not re.fullmatch(r"(ssh-|ecdsa-|sk-)[\w@.-]+", parts[0]) or \
+            not re.fullmatch(r"[A-Za-z0-9+/=]+", parts[1]):
         raise PikuError("not a public key: expected 'type base64 [comment]' (options are not allowed)")
     with tempfile.NamedTemporaryFile("w", suffix=".pub") as f:
         f.write(lines[0] + "\n")
@@ -3261,7 +3261,7 @@ def worker_up(running, name, kind):
 # === 14. CLI ===
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 120, "terminal_width": 120}
-BUILD_KEYS_RE = re.compile(r"^(PYTHON_VERSION|UV_\w+|PATH|PIKU_PYUWSGI|PIKU_USE_UV)$")
+BUILD_KEYS_RE = re.compile(r"(PYTHON_VERSION|UV_\w+|PATH|PIKU_PYUWSGI|PIKU_USE_UV)")
 
 
 def P():
@@ -3326,7 +3326,7 @@ def cmd_config_unset(app, keys):
     paths = P()
     app = app_must_exist(paths, app)
     for key in keys:
-        if not ENV_KEY_RE.match(key):
+        if not ENV_KEY_RE.fullmatch(key):
             raise PikuError(f"invalid key {key!r}")
     present = set(load_config(paths, app))
     for key in sorted(set(keys) - present):
@@ -3350,7 +3350,7 @@ def apply_config(paths, app, change, keys):
         for key in sorted(keys):
             detail(f"{key}: {'set' if key in new else 'unset'}")
         try:
-            if any(BUILD_KEYS_RE.match(k) for k in keys) and live_release(paths, app):
+            if any(BUILD_KEYS_RE.fullmatch(k) for k in keys) and live_release(paths, app):
                 step("A build setting changed: redeploying")
                 rev, ref = head_rev(paths, app)
                 deploy_rev(paths, app, rev, f"{ref.replace('refs/heads/', '')}@{rev[:10]}", os.environ)
@@ -3695,7 +3695,7 @@ def cmd_scp(args):
         path = home_rel if home_rel.startswith(data + os.sep) else os.path.realpath(os.path.join(data, target))
     rel = os.path.relpath(path, data)
     app = rel.split(os.sep)[0]
-    if rel.startswith("..") or rel == "." or not APP_NAME_RE.match(app) \
+    if rel.startswith("..") or rel == "." or not APP_NAME_RE.fullmatch(app) \
             or not os.path.isdir(os.path.join(data, app)):
         raise PikuError(f"refused: scp only reaches an app's data directory ({paths.data}/<app>/...)")
     os.execvp("scp", ["scp"] + flags + ["--", path])
@@ -3914,7 +3914,7 @@ def client_init(args):
             files[f"{n}/wsgi.py"] = ""
     app = os.path.basename(here)
     starters = {"Procfile": render_starter_procfile(files),
-                "ENV": render_starter_env(app if APP_NAME_RE.match(app) else "myapp")}
+                "ENV": render_starter_env(app if APP_NAME_RE.fullmatch(app) else "myapp")}
     for name, text in starters.items():
         path = os.path.join(here, name)
         if os.path.exists(path):

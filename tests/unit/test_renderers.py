@@ -411,7 +411,7 @@ def test_computed_env_src_layout():
                                        ("*.example.com", "piku-probe.example.com"), ("_", "_")])
 def test_probe_host_is_routed_to_the_server_name(name, host):
     assert piku.probe_host(name) == host
-    assert piku.HOSTNAME_RE.match(piku.probe_host(name))
+    assert piku.HOSTNAME_RE.fullmatch(piku.probe_host(name))
 
 
 def test_server_name_owners_from_rendered_confs():
