@@ -243,10 +243,23 @@ def cron_matches(sets, tm):
     return tm.tm_min in minute and tm.tm_hour in hour and tm.tm_mon in mon and day_ok
 
 
+# One definition of a line for the files piku writes and reads back (ENV, LIVE_ENV, SCALING,
+# Procfile, vassal inis): a line ends at \n, \r\n or \r, as Python reads text files. Other
+# readers break lines at more characters (str.splitlines() also at \v \f \x1c-\x1e \x85
+# \u2028 \u2029): the writers never put any of LINE_BREAKS inside a value (render_env quotes
+# it as JSON, render_ini refuses it), so every reader sees the same lines.
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def split_lines(text):
+    """text -> lines, split at \n, \r\n and \r only (see LINE_BREAKS)."""
+    return re.split(r"\r\n|\r|\n", text)
+
+
 def parse_procfile(text):
     """Procfile text -> (ordered {kind: command}, [warnings]). Raises on bad lines."""
     workers, warnings = {}, []
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    for lineno, raw in enumerate(split_lines(text), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -296,7 +309,7 @@ def expand_vars(value, env):
 def parse_env(text, base=None, source="ENV"):
     """ENV file text -> dict. `$VAR` expands from earlier keys (then base); bad keys raise."""
     env, scope = {}, dict(base or {})
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    for lineno, raw in enumerate(split_lines(text), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -313,8 +326,11 @@ def parse_env(text, base=None, source="ENV"):
 
 
 def _needs_quoting(value):
-    return (value != value.strip() or any(c in value for c in "\n\r$\"'\\#\0")
-            or value[:1] in "\"'")
+    """Values written as JSON strings: with quotes, `$`, `#`, backslashes, surrounding spaces,
+    or any character that is not printable (every line break of LINE_BREAKS, tabs, NUL, ...):
+    JSON escapes all of those, so the line holds printable ASCII only."""
+    return (value != value.strip() or any(c in value for c in "$\"'\\#") or value[:1] in "\"'"
+            or not all(c == " " or c.isprintable() for c in value))
 
 
 def render_env(env):
@@ -322,6 +338,8 @@ def render_env(env):
     import json
     lines = []
     for k, v in env.items():
+        if not ENV_KEY_RE.fullmatch(k):
+            raise PikuError(f"invalid key {k!r}: letters, digits and _ only")
         lines.append(f"{k}={json.dumps(v)}" if v and _needs_quoting(v) else f"{k}={v}")
     return "\n".join(lines) + ("\n" if lines else "")
 
@@ -344,7 +362,7 @@ def parse_assignments(args):
 def parse_scaling(text):
     """SCALING file text ('kind:count' or 'kind=count' lines) -> {kind: count}."""
     out = {}
-    for line in text.splitlines():
+    for line in split_lines(text):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -452,7 +470,7 @@ PYSPEC_RE = re.compile(r"\s*(?:(?:==|!=|<=|>=|~=|<|>)\s*\d+(?:\.\d+){0,2}(?:\.\*
 
 def parse_python_version(value):
     """PYTHON_VERSION / .python-version content -> uv request string. Garbage raises."""
-    v = (value or "").strip().splitlines()[0].strip() if (value or "").strip() else ""
+    v = split_lines((value or "").strip())[0].strip()
     if not v:
         return None
     m = PYVER_RE.fullmatch(v)
@@ -719,7 +737,7 @@ def computed_env(paths, app, settings, port, home, user, base_path, src_layout=F
 
 # === 7. Renderers (pure) ===
 
-UWSGI_MAGIC_RE = re.compile(r"[$@%]\(|%[a-zA-Z0-9]|[\n\r\0]")
+UWSGI_MAGIC_RE = re.compile(r"[$@%]\(|%[a-zA-Z0-9]|[\0" + LINE_BREAKS + "]")
 
 
 def render_ini(pairs):
@@ -1395,7 +1413,7 @@ class AppLock:
 def vassal_belongs(text, paths, app):
     """A vassal ini belongs to app iff its chdir is that app's directory (exact, no prefix)."""
     want = os.path.join(paths.apps, app)
-    for line in (text or "").splitlines():
+    for line in split_lines(text or ""):
         key, sep, value = line.partition("=")
         if sep and key.strip() == "chdir":
             return value.strip().rstrip("/") == want
@@ -1615,7 +1633,7 @@ def parse_project_scripts(pyproject_text):
     """[project.scripts] of a pyproject.toml -> ({name: 'module:attr'}, [problems])."""
     table, problems = {}, []
     section = None
-    for raw in (pyproject_text or "").splitlines():
+    for raw in split_lines(pyproject_text or ""):
         line = raw.split(" #")[0].strip()
         if line.startswith("["):
             section = line.strip("[] ").replace(" ", "")
@@ -3093,7 +3111,7 @@ def git_hook(paths, app, lines, environ):
     """pre-receive: build and deploy the pushed revision before git accepts it."""
     updates = []
     for line in lines:
-        parts = line.split()
+        parts = line.split(" ")  # `old new ref`: a ref name has no spaces, but may have other blanks
         if len(parts) == 3:
             updates.append(tuple(parts))
     with AppLock(paths, app):
@@ -3148,10 +3166,12 @@ def head_rev(paths, app):
 def add_ssh_key(key_text, paths):
     """Validate a public key with ssh-keygen and append it once to ~/.ssh/authorized_keys."""
     import tempfile
-    lines = [l.strip() for l in key_text.splitlines() if l.strip() and not l.startswith("#")]
+    lines = [l.strip() for l in split_lines(key_text) if l.strip() and not l.startswith("#")]
     if len(lines) != 1:
         raise PikuError("expected exactly one public key line")
-    parts = lines[0].split()
+    parts = lines[0].split()  # (any blank, \u2028 too, becomes one space in authorized_keys)
+    if not " ".join(parts).isprintable():
+        raise PikuError("the public key line has control characters")
     if len(parts) < 2 or not re.fullmatch(r"(ssh-|ecdsa-|sk-)[\w@.-]+", parts[0]) or \
             not re.fullmatch(r"[A-Za-z0-9+/=]+", parts[1]):
         raise PikuError("not a public key: expected 'type base64 [comment]' (options are not allowed)")
@@ -3167,7 +3187,7 @@ def add_ssh_key(key_text, paths):
     os.chmod(ssh_dir, 0o700)
     auth = os.path.join(ssh_dir, "authorized_keys")
     existing = read_text(auth, "")
-    if any(f" {parts[0]} {parts[1]}" in f" {l}" for l in existing.splitlines()):
+    if any(f" {parts[0]} {parts[1]}" in f" {l}" for l in split_lines(existing)):
         return fp, False
     line = render_authorized_key(sys.executable, os.path.abspath(__file__), paths.root,
                                  " ".join(parts))
@@ -3705,7 +3725,7 @@ def cmd_scp(args):
 @click.argument("app")
 def cmd_git_hook(app):
     paths = P()
-    git_hook(paths, parse_app_name(app), sys.stdin.read().splitlines(), dict(os.environ))
+    git_hook(paths, parse_app_name(app), split_lines(sys.stdin.read()), dict(os.environ))
 
 
 def claim_cron_minute(paths, app, worker, now):

@@ -63,3 +63,89 @@ def test_no_regex_in_piku_validates_with_a_dollar_anchor_or_a_prefix_match():
     text = open(PIKU_SOURCE).read()
     for name in constants:
         assert f"{name}.match(" not in text, name
+
+
+# --- item 1: one definition of a line for every writer and reader -----------------------------
+
+SPLITLINES_BREAKS = [c for c in map(chr, range(0x3000)) if len(f"a{c}b".splitlines()) == 2]
+
+
+def test_line_breaks_cover_every_character_splitlines_breaks_at():
+    assert sorted(SPLITLINES_BREAKS) == sorted(piku.LINE_BREAKS)
+
+
+@pytest.mark.parametrize("sep", SPLITLINES_BREAKS + ["\r\n"])
+def test_env_round_trip_keeps_every_line_break_inside_its_value(sep):
+    """A value can never become a second setting, whatever line break it holds and whoever
+    reads the file (piku, or anything that splits with str.splitlines)."""
+    env = {"G": f"hi{sep}UWSGI_INCLUDE_FILE=/tmp/x.ini", "H": f"{sep}", "I": f"a{sep}", "J": f"{sep}K=1{sep}"}
+    text = piku.render_env(env)
+    assert piku.parse_env(text) == env
+    assert len(text.splitlines()) == len(env) and text.isascii()
+    assert all(line.isprintable() for line in text.splitlines())
+
+
+@pytest.mark.parametrize("sep", SPLITLINES_BREAKS)
+def test_committed_env_json_escape_of_a_line_break_stays_one_setting(sep):
+    """A committed ENV value written as a JSON string (`"hi\\u000bX=1"`) is one setting, also once
+    piku writes it into LIVE_ENV and reads it back."""
+    escaped = "\\u%04x" % ord(sep)
+    env = piku.parse_env(f'G="hi{escaped}UWSGI_INCLUDE_FILE=/tmp/x.ini"\nB=2\n')
+    assert env == {"G": f"hi{sep}UWSGI_INCLUDE_FILE=/tmp/x.ini", "B": "2"}
+    assert piku.parse_env(piku.render_env(env), source="LIVE_ENV") == env
+
+
+@pytest.mark.parametrize("sep", [c for c in SPLITLINES_BREAKS if c not in "\n\r"])
+def test_a_raw_separator_in_a_committed_env_is_part_of_the_value(sep):
+    """Only \\n, \\r\\n and \\r end a line: other separators typed into a committed ENV stay in
+    the value (they are quoted when piku writes it back)."""
+    env = piku.parse_env(f"A=1{sep}UWSGI_INCLUDE_FILE=/tmp/x.ini\nB=2\n")
+    assert list(env) == ["A", "B"] and env["A"] == f"1{sep}UWSGI_INCLUDE_FILE=/tmp/x.ini"
+
+
+def test_committed_env_with_crlf_or_cr_line_ends():
+    assert piku.parse_env("A=1\r\nB=2\r\n") == {"A": "1", "B": "2"}
+    assert piku.parse_env("A=1\rB=2\r") == {"A": "1", "B": "2"}
+
+
+@pytest.mark.parametrize("sep", SPLITLINES_BREAKS)
+def test_config_set_value_with_a_line_break_is_one_setting(tmp_path, monkeypatch, sep):
+    paths = app_root(tmp_path, monkeypatch)
+    assert piku.main(["config:set", "app", f"G=hi{sep}UWSGI_INCLUDE_FILE=/tmp/x.ini"]) == 0
+    config = piku.load_config(paths, "app")
+    assert config == {"G": f"hi{sep}UWSGI_INCLUDE_FILE=/tmp/x.ini"}
+    with open(os.path.join(paths.envs, "app", "ENV"), newline="") as f:
+        assert len(f.read().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", ["tab\there", "nul\0byte", "esc\x1b[31m", "nbsp\xa0", "bell\x07",
+                                   "surrogate\udcff", "del\x7f", "\x1f", "\x1cx"])
+def test_unprintable_values_round_trip_as_printable_json(value):
+    text = piku.render_env({"K": value})
+    assert text.isascii() and text[:-1].isprintable() and piku.parse_env(text) == {"K": value}
+
+
+@pytest.mark.parametrize("sep", SPLITLINES_BREAKS + ["\0"])
+def test_uwsgi_ini_refuses_every_line_break(sep):
+    with pytest.raises(PikuError):
+        piku.render_ini([("env", f"A=1{sep}ini = /tmp/x.ini")])
+
+
+@pytest.mark.parametrize("sep", [c for c in SPLITLINES_BREAKS if c not in "\n\r"])
+def test_procfile_and_scaling_lines_end_only_at_newlines(sep):
+    workers, _ = piku.parse_procfile(f"web: python3 server.py{sep}worker: evil\n")
+    assert list(workers) == ["web"]
+    assert piku.parse_scaling(f"web:1{sep}worker:5\nother:2\n") == {"other": 2}
+    assert piku.parse_scaling(piku.render_scaling({"web": 1, "cron1": 0})) == {"web": 1, "cron1": 0}
+
+
+def test_render_env_refuses_a_key_the_reader_would_refuse():
+    for key in ("A\nB", "A=B", "", "1A", "A B", "A\u2028"):
+        with pytest.raises(PikuError):
+            piku.render_env({key: "x"})
+
+
+def test_git_hook_lines_and_ssh_keys_use_the_same_line_ends():
+    assert piku.split_lines("a\u2028b\nc\r\nd\re") == ["a\u2028b", "c", "d", "e"]
+    with pytest.raises(PikuError, match="control characters"):
+        piku.add_ssh_key("ssh-ed25519 AAAA comment\x1b[2J", None)
