@@ -780,10 +780,16 @@ def render_vassal(v):
     else:
         cmd = v["piku"] + ["exec-worker", app, kind, str(n)]
         pairs.append(("attach-daemon2", "cmd=" + shlex.join(cmd) + ",stopsignal=15"))
-    include = s.get("UWSGI_INCLUDE_FILE")
-    if include:
-        pairs.append(("ini", safe_path(include, "UWSGI_INCLUDE_FILE")))
+    if s.get("UWSGI_INCLUDE_FILE"):
+        pairs.append(("ini", uwsgi_include(v)))
     return f"# piku release {v['release']}\n" + render_ini(pairs)
+
+
+def uwsgi_include(v):
+    """UWSGI_INCLUDE_FILE as uWSGI must read it: a relative path is the app's file (uWSGI
+    would take it relative to the emperor's directory), as NGINX_INCLUDE_FILE is."""
+    include = safe_path(v["settings"]["UWSGI_INCLUDE_FILE"], "UWSGI_INCLUDE_FILE")
+    return os.path.join(v["paths"].apps, v["app"], include)
 
 
 def wsgi_pairs(v, inner=False):
@@ -823,7 +829,7 @@ def render_inner_ini(v):
     pairs = [("master", "true"), ("die-on-term", "true"), ("chdir", os.path.join(p.apps, app)),
              ("procname-prefix-spaced", f"{app}:{kind}.{n}"),
              ("master-fifo", os.path.join(p.state, app, f"{kind}.{n}.fifo"))] + wsgi_pairs(v) \
-        + ([("ini", safe_path(include, "UWSGI_INCLUDE_FILE"))] if include else [])
+        + ([("ini", uwsgi_include(v))] if include else [])
     return render_ini(pairs)
 
 
@@ -1524,6 +1530,98 @@ def discard_venv_snapshot(paths, app):
     remove_path(os.path.join(paths.state, app, "venv-previous"))
 
 
+# Repository files piku reads itself (requirements files included by these are added).
+REPO_FILES = ("Procfile", "ENV", "requirements.txt", "pyproject.toml", "uv.lock", ".python-version")
+
+
+def check_repo_path(release_dir, rel, kind="file"):
+    """Refuse rel (relative to the release) when it leads outside the release (a committed
+    symbolic link, or `..`) or exists as something other than a `kind` ('file' or 'directory').
+    The target is never named nor read: the error must not show what lies outside."""
+    path = os.path.join(release_dir, rel)
+    if not os.path.lexists(path):
+        return
+    top = os.path.realpath(release_dir)
+    if not (os.path.realpath(path) + os.sep).startswith(top + os.sep):
+        raise PikuError(f"{rel} leads outside the repository (a symbolic link or `..`): refused; "
+                        f"commit the {kind} itself")
+    if not (os.path.isdir(path) if kind == "directory" else os.path.isfile(path)):
+        raise PikuError(f"{rel} is not a {kind}")
+
+
+def check_repo_links(release_dir):
+    """Before piku reads the pushed files: each one it reads (REPO_FILES, and the files
+    requirements.txt includes, recursively) is a regular file inside the release."""
+    pending, requirements, done = list(REPO_FILES), {"requirements.txt"}, set()
+    while pending and len(done) < 100:
+        rel = pending.pop(0)
+        if rel in done:
+            continue
+        done.add(rel)
+        check_repo_path(release_dir, rel)
+        if rel in requirements and os.path.isfile(os.path.join(release_dir, rel)):
+            for inc in parse_requirement_includes(read_text(os.path.join(release_dir, rel), "")):
+                if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:|/", inc):  # (URLs, absolute paths)
+                    inc = os.path.normpath(os.path.join(os.path.dirname(rel), inc))
+                    requirements.add(inc)
+                    pending.append(inc)
+
+
+def owner_only_problem(path):
+    """None if nobody but root and the piku user can change the file at the absolute `path`:
+    it is a regular file of the piku user, writable by it alone, and no directory or
+    symbolic link on the way to it (followed or not) is another user's or open to others
+    (a sticky directory such as /tmp excepted). Else what is wrong, in a few words."""
+    import stat
+    me = os.getuid()
+    try:
+        for candidate in dict.fromkeys((os.path.normpath(path), os.path.realpath(path))):
+            parts = candidate.strip("/").split("/")
+            for i, name in enumerate(parts):
+                parent = "/" + "/".join(parts[:i])
+                pst, est = os.stat(parent), os.lstat(os.path.join(parent, name))
+                if pst.st_uid not in (0, me) or (pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX):
+                    return f"other users can change {parent}"
+                if stat.S_ISLNK(est.st_mode) and est.st_uid not in (0, me):
+                    return f"{os.path.join(parent, name)} is another user's symbolic link"
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "it does not exist"
+    except OSError as e:
+        return f"it cannot be checked ({e.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    if st.st_uid != me or st.st_mode & 0o022:
+        return "it is not a file only the piku user can write"
+    return None
+
+
+INCLUDE_SETTINGS = ("UWSGI_INCLUDE_FILE", "NGINX_INCLUDE_FILE")
+
+
+def check_app_paths(release_dir, workers, settings):
+    """Paths the settings and the Procfile make uWSGI and nginx read: include files relative
+    to the app stay inside the release (checked when there is one), absolute ones are files
+    only the piku user can change (never another user's: uWSGI would run its `exec-*`
+    options as the piku user); static directories in the release do not lead outside it."""
+    for key in INCLUDE_SETTINGS:
+        value = settings.get(key)
+        if not value:
+            continue
+        safe_path(value, key)
+        if value.startswith("/"):
+            problem = owner_only_problem(value)
+            if problem:
+                raise PikuError(f"{key}: {value} is refused: {problem}. Use a file in the app's "
+                                "repository (a path relative to it), or one the piku user owns")
+        elif release_dir:
+            check_repo_path(release_dir, value)
+    statics = [d for _, d in parse_static_paths(settings.get("NGINX_STATIC_PATHS", ""))]
+    for rel in statics + [(workers or {}).get("static", "/")]:
+        if release_dir and not rel.startswith("/"):
+            check_repo_path(release_dir, rel.rstrip("/") or ".", "directory")
+
+
 def free_port(bind):
     import socket
     fam = socket.AF_INET6 if ":" in bind else socket.AF_INET
@@ -2128,7 +2226,7 @@ def new_release(paths, app, rev, environ):
     finally:
         if os.path.exists(env["GIT_INDEX_FILE"]):
             os.unlink(env["GIT_INDEX_FILE"])
-    if os.path.isfile(os.path.join(target, "ENV")):
+    if os.path.isfile(os.path.join(target, "ENV")) and not os.path.islink(os.path.join(target, "ENV")):
         os.chmod(os.path.join(target, "ENV"), 0o600)  # settings may hold secrets; nginx never serves it
     return target
 
@@ -2226,12 +2324,14 @@ def prepare(paths, app, release_dir, environ, build=True):
     """Everything about a release short of making it live: parse, build, compute env and files."""
     if restore_venv(paths, app):  # (callers hold the app lock) an earlier deploy was cut off
         detail("restored the live release's virtualenv, left half-built by an interrupted deploy")
+    check_repo_links(release_dir)
     workers, warnings = read_procfile(release_dir)
     for w in warnings:
         warn(w)
     base = env_file_base(paths, app, environ)
     repo_env = read_repo_env(paths, app, release_dir, base)
     settings = validate_settings({**repo_env, **load_config(paths, app)})
+    check_app_paths(release_dir, workers, settings)
     b = Build(paths, app, release_dir, settings, workers, environ)
     ensure_dirs(os.path.join(paths.data, app), os.path.join(paths.logs, app))  # release may write there
     files = set(os.listdir(release_dir))
@@ -3366,6 +3466,7 @@ def apply_config(paths, app, change, keys):
         old_text = read_text(config_file)
         new = change(old)
         validate_settings(new)
+        check_app_paths(live_release(paths, app), None, new)
         write_config(paths, app, new)
         for key in sorted(keys):
             detail(f"{key}: {'set' if key in new else 'unset'}")

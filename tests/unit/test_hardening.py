@@ -149,3 +149,157 @@ def test_git_hook_lines_and_ssh_keys_use_the_same_line_ends():
     assert piku.split_lines("a\u2028b\nc\r\nd\re") == ["a\u2028b", "c", "d", "e"]
     with pytest.raises(PikuError, match="control characters"):
         piku.add_ssh_key("ssh-ed25519 AAAA comment\x1b[2J", None)
+
+
+# --- item 4: committed symbolic links; item 1: include files ----------------------------------
+
+def release(tmp_path, files=None, links=None):
+    """A release directory with files {rel: text} and symbolic links {rel: target}."""
+    d = tmp_path / "release"
+    d.mkdir()
+    for rel, text in (files or {}).items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text(text)
+    for rel, target in (links or {}).items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, d / rel)
+    return str(d)
+
+
+@pytest.fixture
+def secret(tmp_path):
+    path = tmp_path / "outside" / "secret.txt"
+    path.parent.mkdir()
+    path.write_text("root:x:0:0:SECRET-CONTENT\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("name", piku.REPO_FILES)
+def test_a_repo_file_linked_outside_the_release_is_refused_without_naming_the_target(tmp_path, secret, name):
+    rel = release(tmp_path, {"Procfile": "web: x\n"} if name != "Procfile" else {}, {name: secret})
+    with pytest.raises(PikuError, match=f"{re.escape(name)} leads outside the repository") as e:
+        piku.check_repo_links(rel)
+    assert "SECRET" not in str(e.value) and "outside/secret" not in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_links_inside_the_release_are_fine_and_directories_are_not_files(tmp_path, secret):
+    rel = release(tmp_path, {"conf/ENV.prod": "A=1\n", "conf/Procfile": "web: x\n", "lib/dir/x": ""},
+                  {"ENV": "conf/ENV.prod", "Procfile": os.path.join(str(tmp_path), "release", "conf", "Procfile"),
+                   "pyproject.toml": "lib/dir"})
+    with pytest.raises(PikuError, match="pyproject.toml is not a file"):
+        piku.check_repo_links(rel)
+    os.unlink(os.path.join(rel, "pyproject.toml"))
+    piku.check_repo_links(rel)
+    assert piku.read_procfile(rel)[0] == {"web": "x"}
+
+
+def test_requirements_includes_are_checked_before_they_are_read(tmp_path, secret):
+    files = {"requirements.txt": "-r reqs/base.txt\n-c https://example.com/c.txt\n-r /abs/x.txt\nflask\n",
+             "reqs/base.txt": "-r more.txt\n"}
+    rel = release(tmp_path, files, {"reqs/more.txt": secret})
+    with pytest.raises(PikuError, match="reqs/more.txt leads outside"):
+        piku.check_repo_links(rel)
+    os.unlink(os.path.join(rel, "reqs", "more.txt"))
+    piku.check_repo_links(rel)  # (missing includes are pip's to report)
+    with open(os.path.join(rel, "requirements.txt"), "a") as f:
+        f.write(f"-r {os.path.relpath(secret, rel)}\n")
+    with pytest.raises(PikuError, match="leads outside"):
+        piku.check_repo_links(rel)
+
+
+def test_a_committed_env_link_is_never_chmodded(tmp_path):
+    """new_release made ENV 0600 through the link: a push changed the mode of a piku file."""
+    import subprocess
+    target = tmp_path / "uwsgi.ini"
+    target.write_text("[uwsgi]\n")
+    target.chmod(0o644)
+    repo = tmp_path / "work"
+    repo.mkdir()
+    os.symlink(str(target), repo / "ENV")
+    (repo / "Procfile").write_text("web: x\n")
+    git = lambda *a, **kw: subprocess.run(["git", *a], check=True, capture_output=True, text=True, **kw)  # noqa
+    git("init", "-q", str(repo))
+    git("-C", str(repo), "add", "-A")
+    git("-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    rev = git("-C", str(repo), "rev-parse", "HEAD").stdout.strip()
+    paths = piku.paths_for(str(tmp_path / "root"))
+    os.makedirs(paths.repos)
+    git("clone", "-q", "--bare", str(repo), os.path.join(paths.repos, "app"))
+    target_dir = piku.new_release(paths, "app", rev, dict(os.environ))
+    assert os.path.islink(os.path.join(target_dir, "ENV"))
+    assert target.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(PikuError, match="ENV leads outside"):
+        piku.check_repo_links(target_dir)
+
+
+def other_users(path):
+    """Make path another user's (as root), or return None when the tests cannot."""
+    if os.getuid() != 0:
+        return None
+    os.lchown(path, 65534, 65534)
+    return path
+
+
+def test_absolute_include_files_must_be_the_piku_users_alone(tmp_path):
+    d = tmp_path / "conf"
+    d.mkdir()
+    ini = d / "extra.ini"
+    ini.write_text("[uwsgi]\n")
+    ini.chmod(0o644)
+    check = lambda key, value: piku.check_app_paths(None, None, {key: value})  # noqa
+    for key in piku.INCLUDE_SETTINGS:
+        check(key, str(ini))
+    ini.chmod(0o666)
+    with pytest.raises(PikuError, match="not a file only the piku user can write"):
+        check("UWSGI_INCLUDE_FILE", str(ini))
+    ini.chmod(0o644)
+    d.chmod(0o777)
+    with pytest.raises(PikuError, match="other users can change"):
+        check("NGINX_INCLUDE_FILE", str(ini))
+    d.chmod(0o1777)  # sticky (as /tmp): other users cannot replace the piku user's file
+    check("NGINX_INCLUDE_FILE", str(ini))
+    d.chmod(0o755)
+    with pytest.raises(PikuError, match="does not exist"):
+        check("UWSGI_INCLUDE_FILE", str(d / "missing.ini"))
+    with pytest.raises(PikuError, match="not a regular file"):
+        check("UWSGI_INCLUDE_FILE", str(d))
+    os.symlink(str(ini), d / "link.ini")
+    check("UWSGI_INCLUDE_FILE", str(d / "link.ini"))
+    if other_users(str(d / "link.ini")):
+        d.chmod(0o1777)
+        with pytest.raises(PikuError, match="another user's symbolic link"):
+            check("UWSGI_INCLUDE_FILE", str(d / "link.ini"))
+        d.chmod(0o755)
+    if other_users(str(ini)):
+        with pytest.raises(PikuError, match="UWSGI_INCLUDE_FILE: .* is refused: it is not a file only the piku"):
+            check("UWSGI_INCLUDE_FILE", str(ini))
+        with pytest.raises(PikuError, match="is refused"):
+            check("UWSGI_INCLUDE_FILE", str(d / "link.ini"))
+
+
+def test_relative_include_files_and_static_dirs_stay_in_the_release(tmp_path, secret):
+    rel = release(tmp_path, {"extra/uwsgi.ini": "[uwsgi]\n", "public/index.html": "x"},
+                  {"out.ini": secret, "in.ini": "extra/uwsgi.ini", "pub": os.path.dirname(secret),
+                   "assets": "public"})
+    for key in piku.INCLUDE_SETTINGS:
+        piku.check_app_paths(rel, {}, {key: "in.ini"})
+        piku.check_app_paths(rel, {}, {key: "not-yet-there.ini"})  # (a release command may write it)
+        with pytest.raises(PikuError, match="out.ini leads outside"):
+            piku.check_app_paths(rel, {}, {key: "out.ini"})
+    piku.check_app_paths(rel, {"static": "assets"}, {"NGINX_STATIC_PATHS": "/a:assets,/b:public/"})
+    with pytest.raises(PikuError, match="pub leads outside"):
+        piku.check_app_paths(rel, {}, {"NGINX_STATIC_PATHS": "/a:assets,/b:pub/"})
+    with pytest.raises(PikuError, match="pub leads outside"):
+        piku.check_app_paths(rel, {"static": "pub"}, {})
+    piku.check_app_paths(None, {}, {"UWSGI_INCLUDE_FILE": "out.ini"})  # (not deployed: checked at push)
+
+
+def test_config_set_of_another_users_include_file_changes_nothing(tmp_path, monkeypatch, capsys):
+    paths = app_root(tmp_path, monkeypatch)
+    ini = tmp_path / "open.ini"
+    ini.write_text("[uwsgi]\n")
+    ini.chmod(0o646)
+    assert piku.main(["config:set", "app", f"UWSGI_INCLUDE_FILE={ini}"]) != 0
+    assert "UWSGI_INCLUDE_FILE" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(paths.envs, "app", "ENV"))

@@ -34,7 +34,8 @@ def test_wsgi_vassal_defaults():
     ("UWSGI_LOG_X_FORWARDED_FOR", "true", "log-x-forwarded-for = true"),
     ("UWSGI_IDLE", "60", "idle = 60"), ("UWSGI_LOG_MAXSIZE", "99", "log-maxsize = 99"),
     ("BIND_ADDRESS", "0.0.0.0", "http-socket = 0.0.0.0:5000"),
-    ("UWSGI_INCLUDE_FILE", "extra/uwsgi.ini", "ini = extra/uwsgi.ini")])
+    ("UWSGI_INCLUDE_FILE", "extra/uwsgi.ini", "ini = /srv/piku/apps/demo/extra/uwsgi.ini"),
+    ("UWSGI_INCLUDE_FILE", "/etc/piku/u.ini", "ini = /etc/piku/u.ini")])
 def test_wsgi_vassal_settings(key, value, line):
     assert line in vassal(settings={key: value})
 

@@ -1,0 +1,178 @@
+"""Issue 10 (hardening): values, keys, committed links and local users that must not get
+through, against the real server (sshd, uWSGI emperor, nginx)."""
+import json
+import os
+import shlex
+import stat
+
+import pytest
+
+from harness import REPO
+
+SERVER_PY = open(os.path.join(REPO, "tests", "apps", "kinds", "server.py")).read()
+WEB = {"Procfile": "web: python3 server.py\n", "server.py": SERVER_PY}
+
+
+def web_env(server, app):
+    """The environment the app's web process runs with (the fixture server reports it)."""
+    return json.loads(server.wait_http(server.app_port(app))[1])
+
+
+def piku_file(server, name, text, mode=0o644):
+    """A file in the test server's base directory, owned by the piku user."""
+    path = os.path.join(server.base, name)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    server.chown(path)
+    return path
+
+
+def rejected(r, text):
+    assert r.returncode != 0, r.stdout
+    assert text in r.stdout, r.stdout
+    assert "Traceback" not in r.stdout, r.stdout
+    return r.stdout
+
+
+def error_lines(out):
+    return [l for l in out.splitlines() if l.startswith("remote:  !")]
+
+
+@pytest.fixture(scope="module")
+def webapp(server, tmp_path_factory):
+    return server.deployed(None, "hardweb", tmp_path_factory.mktemp("hardweb"), WEB)
+
+
+# --- item 1: no line separator splits a value ------------------------------------------------
+
+@pytest.mark.parametrize("sep", ["\x0b", "\u2028", "\x1c", "\x85"])
+def test_config_set_value_with_a_line_separator_stays_one_setting(server, webapp, sep):
+    """`G=hi<VT>UWSGI_INCLUDE_FILE=x.ini` stored two settings, and the worker loaded the ini
+    (an `exec-asap` in it ran as the piku user)."""
+    marker = os.path.join(server.base, f"loaded-{ord(sep)}")
+    ini = piku_file(server, f"sep-{ord(sep)}.ini", f"[uwsgi]\nexec-asap = touch {marker}\n")
+    value = f"hi{sep}UWSGI_INCLUDE_FILE={ini}"
+    r = server.ssh("config:set", "hardweb", shlex.quote(f"G={value}"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert server.ssh("config:get", "hardweb", "G").stdout == value + "\n"
+    config = server.ssh("config", "hardweb").stdout
+    assert "UWSGI_INCLUDE_FILE" not in server.ssh("config:get", "hardweb", "UWSGI_INCLUDE_FILE").stdout
+    assert [l.split("=")[0] for l in config.splitlines()] == ["G"], config
+    assert web_env(server, "hardweb")["G"] == value
+    assert "UWSGI_INCLUDE_FILE" not in web_env(server, "hardweb")
+    assert not any("ini =" in open(server.path("uwsgi-enabled", n)).read()
+                   for n in os.listdir(server.path("uwsgi-enabled")) if n.startswith("hardweb_"))
+    assert not os.path.exists(marker)
+    assert server.ssh("config:unset", "hardweb", "G").returncode == 0
+
+
+def test_committed_env_json_escape_of_a_line_separator_stays_one_setting(server, tmp_path):
+    marker = os.path.join(server.base, "loaded-json")
+    ini = piku_file(server, "json.ini", f"[uwsgi]\nexec-asap = touch {marker}\n")
+    env = f'G="hi\\u000bUWSGI_INCLUDE_FILE={ini}"\nH="x\\u2028PORT=1"\n'
+    server.deployed(None, "hardjson", tmp_path, {**WEB, "ENV": env})
+    got = web_env(server, "hardjson")
+    assert got["G"] == f"hi\x0bUWSGI_INCLUDE_FILE={ini}" and got["H"] == "x\u2028PORT=1"
+    assert got["PORT"] == str(server.app_port("hardjson"))
+    live = server.ssh("config:live", "hardjson").stdout
+    assert not any(l.startswith("UWSGI_INCLUDE_FILE=") for l in live.splitlines())
+    assert not os.path.exists(marker)
+
+
+# --- item 1: include files are the app's, or the piku user's alone ---------------------------
+
+def test_include_file_of_another_user_is_refused(server, webapp, tmp_path):
+    """Root's (or any other user's) uWSGI ini could make the worker run commands as piku."""
+    other = tmp_path / "others.ini"
+    other.write_text("[uwsgi]\nexec-asap = touch /tmp/never\n")
+    other.chmod(0o644)
+    os.chmod(tmp_path, 0o755)
+    before = server.read("envs/hardweb/ENV")
+    for key in ("UWSGI_INCLUDE_FILE", "NGINX_INCLUDE_FILE"):
+        r = server.ssh("config:set", "hardweb", f"{key}={other}")
+        assert r.returncode != 0 and f"{key}: {other} is refused" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    open_ini = piku_file(server, "open.ini", "[uwsgi]\n", mode=0o666)
+    r = server.ssh("config:set", "hardweb", f"UWSGI_INCLUDE_FILE={open_ini}")
+    assert r.returncode != 0 and "only the piku user can write" in r.stderr, r.stderr
+    assert server.read("envs/hardweb/ENV") == before
+
+
+def test_include_file_the_piku_user_owns_is_loaded(server, webapp):
+    marker = os.path.join(server.base, "loaded-own")
+    ini = piku_file(server, "own.ini", f"[uwsgi]\nexec-asap = touch {marker}\n")
+    r = server.ssh("config:set", "hardweb", f"UWSGI_INCLUDE_FILE={ini}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert os.path.exists(marker)
+    assert server.ssh("config:unset", "hardweb", "UWSGI_INCLUDE_FILE").returncode == 0
+
+
+def test_relative_include_file_is_the_apps_and_may_not_leave_the_release(server, tmp_path):
+    marker = os.path.join(server.base, "loaded-relative")
+    files = {**WEB, "deploy/uwsgi.ini": f"[uwsgi]\nexec-asap = touch {marker}\n",
+             "ENV": "UWSGI_INCLUDE_FILE=deploy/extra.ini\n"}
+    repo = server.make_app(None, tmp_path / "hardinc", files)
+    os.symlink("uwsgi.ini", repo / "deploy" / "extra.ini")  # a link inside the repository: fine
+    server.commit(repo, "link inside")
+    r = server.push(repo, "hardinc")
+    assert r.returncode == 0, r.stdout + server.logs()
+    assert os.path.exists(marker)
+    assert f"ini = {server.path('apps', 'hardinc', 'deploy', 'extra.ini')}" in \
+        server.read("uwsgi-enabled/hardinc_web.1.ini")
+    os.unlink(repo / "deploy" / "extra.ini")
+    os.symlink(server.path("uwsgi", "uwsgi.ini"), repo / "deploy" / "extra.ini")
+    server.commit(repo, "link outside")
+    out = rejected(server.push(repo, "hardinc"), "deploy/extra.ini leads outside the repository")
+    assert len(error_lines(out)) == 1, out
+
+
+# --- item 4: committed symbolic links --------------------------------------------------------
+
+def test_env_linked_to_a_piku_file_is_refused_and_never_chmodded(server, tmp_path):
+    target = server.path("uwsgi", "uwsgi.ini")
+    mode = stat.S_IMODE(os.stat(target).st_mode)
+    repo = server.make_app(None, tmp_path / "hardlink1", WEB)
+    os.symlink(target, repo / "ENV")
+    server.commit(repo, "ENV link")
+    out = rejected(server.push(repo, "hardlink1"), "ENV leads outside the repository")
+    assert len(error_lines(out)) == 1 and "emperor" not in out, out
+    assert stat.S_IMODE(os.stat(target).st_mode) == mode
+
+
+def test_env_linked_to_authorized_keys_never_becomes_settings(server, webapp, tmp_path):
+    keys = os.path.join(server.home, ".ssh", "authorized_keys")
+    repo = server.make_app(None, tmp_path / "hardweb-keys", WEB)
+    server.git(repo, "remote", "add", "piku", server.remote_url("hardweb"))
+    server.git(repo, "fetch", "-q", "piku")
+    server.git(repo, "reset", "-q", "--hard", "piku/main")
+    os.symlink(keys, repo / "ENV")
+    server.commit(repo, "ENV -> authorized_keys")
+    out = rejected(server.push(repo, "hardweb"), "ENV leads outside the repository")
+    assert "ssh-ed25519" not in out and "command=" not in out, out
+    live = server.ssh("config:live", "hardweb").stdout
+    assert "ssh-" not in live and "command" not in live
+    assert "ssh-" not in json.dumps(web_env(server, "hardweb"))
+
+
+@pytest.mark.parametrize("name", ["ENV", "Procfile", "requirements.txt", ".python-version"])
+def test_a_file_linked_to_etc_passwd_is_a_clear_error(server, tmp_path, name):
+    files = dict(WEB)
+    files.pop(name, None)
+    repo = server.make_app(None, tmp_path / "hardpw", files)
+    os.symlink("/etc/passwd", repo / name)
+    server.commit(repo, "link to /etc/passwd")
+    out = rejected(server.push(repo, "hardpw"), f"{name} leads outside the repository")
+    assert "root:" not in out and "/etc/passwd" not in out and len(error_lines(out)) == 1, out
+    assert not os.path.exists(server.path("apps", "hardpw"))
+
+
+def test_links_inside_the_release_still_work(server, tmp_path):
+    files = {"conf/Procfile": WEB["Procfile"], "server.py": SERVER_PY, "conf/env.prod": "FROM_LINK=yes\n"}
+    repo = server.make_app(None, tmp_path / "hardin", files)
+    os.symlink("conf/Procfile", repo / "Procfile")
+    os.symlink("conf/env.prod", repo / "ENV")
+    server.commit(repo, "links inside")
+    r = server.push(repo, "hardin")
+    assert r.returncode == 0, r.stdout + server.logs()
+    assert web_env(server, "hardin")["FROM_LINK"] == "yes"
