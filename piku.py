@@ -102,6 +102,8 @@ def run(argv, cwd=None, env=None, capture=False, input=None, check=True, timeout
                               text=True, errors="replace", timeout=timeout)
     except FileNotFoundError:
         raise PikuError(f"command not found: {argv[0]}", 127)
+    except (OSError, ValueError) as e:  # E2BIG, EACCES, ENOEXEC..., a NUL in an argument
+        raise PikuError(f"cannot start {os.path.basename(str(argv[0]))}: {getattr(e, 'strerror', None) or e}", 126)
     if check and proc.returncode != 0:
         out = (proc.stdout or "") + (proc.stderr or "") if capture else ""
         raise PikuError(f"{os.path.basename(str(argv[0]))} failed (exit {proc.returncode})"
@@ -355,7 +357,8 @@ def parse_assignments(args):
         elif last is not None:
             out[last] += " " + arg
         else:
-            raise PikuError(f"expected KEY=VALUE, got {arg!r} (keys: letters, digits and _)")
+            raise PikuError(f"expected KEY=VALUE, got {arg[:60]!r}{'...' if len(arg) > 60 else ''} "
+                            "(keys: letters, digits and _, at most 128 of them, not starting with a digit)")
     return out
 
 
@@ -665,9 +668,38 @@ SETTING = {s.name: s for s in SETTINGS}
 DEFAULTS = {s.name: s.default for s in SETTINGS if s.default is not None}
 
 
-def validate_settings(settings):
+# Every setting is in the environment of every process: Linux refuses to start a program when
+# one variable is over 128 KiB, or all of them with the arguments over a quarter of the stack
+# limit (2 MiB by default). Keys: at most 128 characters (ENV_KEY_RE).
+MAX_VALUE_BYTES = 64 * 1024
+MAX_SETTINGS_BYTES = 1024 * 1024
+
+
+def check_env_limits(env, source):
+    """Raise for what no process environment can hold: a value over MAX_VALUE_BYTES (UTF-8), a
+    NUL character, text without a UTF-8 form (a lone surrogate), or settings over
+    MAX_SETTINGS_BYTES together."""
+    total = 0
+    for key, value in env.items():
+        try:
+            size = len(value.encode("utf-8", "surrogateescape"))
+        except UnicodeEncodeError:
+            raise PikuError(f"{source}: {key} holds text that has no UTF-8 form (a lone surrogate, \\ud800-\\udfff)")
+        if "\0" in value:
+            raise PikuError(f"{source}: {key} holds a NUL character, which no process environment can")
+        if size > MAX_VALUE_BYTES:
+            raise PikuError(f"{source}: {key} is {size} bytes long; a value may have at most "
+                            f"{MAX_VALUE_BYTES // 1024} KiB (keep big data in a file, e.g. under $DATA_ROOT)")
+        total += len(key) + 1 + size
+    if total > MAX_SETTINGS_BYTES:
+        raise PikuError(f"{source}: the settings take {total} bytes together; at most "
+                        f"{MAX_SETTINGS_BYTES // 1024 // 1024} MiB are allowed (keep big data in files)")
+
+
+def validate_settings(settings, source="settings"):
     """Raise PikuError for the first setting piku cannot use; returns settings. An empty value
     means unset (the default applies), as it always has."""
+    check_env_limits(settings, source)
     for s in SETTINGS:
         value = settings.get(s.name, "")
         if s.check and value != "":
@@ -1680,11 +1712,24 @@ def find_uv(env, environ):
     return None
 
 
+# What build tools (uv, pip, virtualenv, the interpreter) get: from the server's environment,
+# the basics, locale, proxies and certificates; from the app's settings only what configures
+# them (never all settings: a big value would keep them from starting, and HOME, USER and the
+# other computed names are piku's, not the repo ENV's). PIKU_* settings are piku's own.
+PROXY_NAMES = tuple(n for p in ("http", "https", "no", "all") for n in (f"{p}_proxy", f"{p.upper()}_PROXY"))
+BUILD_SERVER_NAMES = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+                      "SSL_CERT_FILE", "SSL_CERT_DIR") + PROXY_NAMES
+BUILD_SETTING_NAMES = ("SSL_CERT_FILE", "SSL_CERT_DIR") + PROXY_NAMES
+BUILD_PREFIXES = ("UV_", "PIP_", "VIRTUALENV_")
+
+
 def build_env(paths, app, settings, environ):
-    """Environment for build tools: no git hook variables, the app's settings, uv's paths."""
-    env = clean_env(environ)
-    env.pop("VIRTUAL_ENV", None)
-    env.update(settings)
+    """Environment for build tools: the server's basics (no git hook variables), the app's
+    build settings, uv's paths (see BUILD_SERVER_NAMES)."""
+    env = {k: v for k, v in clean_env(environ).items()
+           if k in BUILD_SERVER_NAMES or k.startswith(BUILD_PREFIXES + ("LC_", "XDG_"))}
+    env.update({k: v for k, v in settings.items() if k in BUILD_SETTING_NAMES or k.startswith(BUILD_PREFIXES)
+                or (k.startswith("PIKU_") and k in SETTING)})
     env["PATH"] = settings.get("PATH") or env.get("PATH") or os.defpath
     env.setdefault("UV_PYTHON_PREFERENCE", DEFAULTS["UV_PYTHON_PREFERENCE"])
     env.setdefault("UV_CACHE_DIR", paths.uv_cache)
@@ -2316,8 +2361,10 @@ def env_file_base(paths, app, environ):
 
 
 def read_repo_env(paths, app, release_dir, base):
-    return parse_env(read_text(os.path.join(release_dir, "ENV"), "") if release_dir else "", base,
-                     source="ENV (in the repo)")
+    env = parse_env(read_text(os.path.join(release_dir, "ENV"), "") if release_dir else "", base,
+                    source="ENV (in the repo)")
+    check_env_limits(env, "ENV (in the repo)")
+    return env
 
 
 def prepare(paths, app, release_dir, environ, build=True):
@@ -3465,7 +3512,7 @@ def apply_config(paths, app, change, keys):
         config_file = os.path.join(paths.envs, app, "ENV")
         old_text = read_text(config_file)
         new = change(old)
-        validate_settings(new)
+        validate_settings(new, "config:set")
         check_app_paths(live_release(paths, app), None, new)
         write_config(paths, app, new)
         for key in sorted(keys):

@@ -176,3 +176,45 @@ def test_links_inside_the_release_still_work(server, tmp_path):
     r = server.push(repo, "hardin")
     assert r.returncode == 0, r.stdout + server.logs()
     assert web_env(server, "hardin")["FROM_LINK"] == "yes"
+
+
+# --- item 5: big values ----------------------------------------------------------------------
+
+def test_a_megabyte_value_in_the_repo_env_is_refused_without_a_traceback(server, tmp_path):
+    files = {**WEB, "requirements.txt": "", "ENV": "BIG=" + "x" * 1024 * 1024 + "\n"}
+    repo = server.make_app(None, tmp_path / "hardbig", files)
+    out = rejected(server.push(repo, "hardbig"), "ENV (in the repo): BIG is 1048576 bytes long")
+    assert len(error_lines(out)) == 1 and max(len(l) for l in out.splitlines()) < 400, out
+    assert not os.path.exists(server.path("apps", "hardbig"))
+    # just under the limit: built (uv and the Python tools never see it) and served
+    server.commit(repo, "60 KiB", {"ENV": "BIG=" + "y" * 60000 + "\n"})
+    r = server.push(repo, "hardbig")
+    assert r.returncode == 0, r.stdout + server.logs()
+    assert web_env(server, "hardbig")["BIG"] == "y" * 60000
+
+
+def test_config_set_of_a_value_over_64_kib_is_refused(server, webapp):
+    before = server.read("envs/hardweb/ENV")
+    r = server.ssh("config:set", "hardweb", "BIG=" + "z" * 70000)
+    assert r.returncode != 0 and "config:set: BIG is 70000 bytes long" in r.stderr, r.stderr[:500]
+    assert len(r.stderr) < 400 and "Traceback" not in r.stderr
+    assert server.read("envs/hardweb/ENV") == before
+
+
+def test_repo_env_home_never_reaches_the_build(server, tmp_path):
+    """Docs say HOME is computed: a repo ENV HOME was the build tools' home, so pip read the
+    pip.conf found there (here: one that makes it write a report file)."""
+    fake_home = os.path.join(server.base, "fake-home")
+    report = os.path.join(server.base, "report-from-fake-home.json")
+    os.makedirs(os.path.join(fake_home, ".config", "pip"))
+    piku_file(server, "fake-home/.config/pip/pip.conf", f"[install]\nreport = {report}\n")
+    for d in ("fake-home", "fake-home/.config", "fake-home/.config/pip"):
+        server.chown(os.path.join(server.base, d))
+    files = {**WEB, "requirements.txt": "", "ENV": f"HOME={fake_home}\nUSER=intruder\nPIKU_USE_UV=false\n"}
+    repo = server.make_app(None, tmp_path / "hardhome", files)
+    r = server.push(repo, "hardhome")
+    assert r.returncode == 0, r.stdout + server.logs()
+    assert "Installing requirements with pip" in r.stdout, r.stdout
+    assert not os.path.exists(report)
+    env = web_env(server, "hardhome")
+    assert env["HOME"] == server.home and env["USER"] != "intruder"

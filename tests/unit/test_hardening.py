@@ -303,3 +303,71 @@ def test_config_set_of_another_users_include_file_changes_nothing(tmp_path, monk
     assert piku.main(["config:set", "app", f"UWSGI_INCLUDE_FILE={ini}"]) != 0
     assert "UWSGI_INCLUDE_FILE" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(paths.envs, "app", "ENV"))
+
+
+# --- item 5: big values ----------------------------------------------------------------------
+
+def test_value_and_settings_size_limits():
+    piku.check_env_limits({"A": "x" * piku.MAX_VALUE_BYTES}, "config:set")
+    with pytest.raises(PikuError, match=r"config:set: A is 65537 bytes long; a value may have at most 64 KiB"):
+        piku.check_env_limits({"A": "x" * (piku.MAX_VALUE_BYTES + 1)}, "config:set")
+    with pytest.raises(PikuError, match="bytes long"):  # UTF-8 bytes, not characters
+        piku.check_env_limits({"A": "é" * (piku.MAX_VALUE_BYTES // 2 + 1)}, "x")
+    many = {f"K{i}": "x" * 60000 for i in range(18)}
+    with pytest.raises(PikuError, match="the settings take .* bytes together; at most 1 MiB"):
+        piku.check_env_limits(many, "ENV (in the repo)")
+    piku.check_env_limits(dict(list(many.items())[:17]), "x")
+    with pytest.raises(PikuError, match="NUL"):
+        piku.check_env_limits({"A": "a\0b"}, "x")
+    with pytest.raises(PikuError, match="no UTF-8 form"):
+        piku.check_env_limits({"A": "\ud800"}, "x")
+    piku.check_env_limits({"A": "\udcff"}, "x")  # (a byte that is not UTF-8, as read from a file)
+
+
+def test_a_megabyte_value_in_the_repo_env_is_refused_by_name(tmp_path):
+    rel = release(tmp_path, {"ENV": "SMALL=1\nBIG=" + "x" * 1024 * 1024 + "\n"})
+    with pytest.raises(PikuError, match=r"ENV \(in the repo\): BIG is 1048576 bytes long") as e:
+        piku.read_repo_env(None, "app", rel, {})
+    assert len(str(e.value)) < 300
+
+
+def test_config_set_of_a_big_value_changes_nothing(tmp_path, monkeypatch, capsys):
+    paths = app_root(tmp_path, monkeypatch)
+    assert piku.main(["config:set", "app", "BIG=" + "x" * 70000]) != 0
+    err = capsys.readouterr().err
+    assert "config:set: BIG is 70000 bytes long" in err and len(err) < 300
+    assert not os.path.exists(os.path.join(paths.envs, "app", "ENV"))
+    assert piku.main(["config:set", "app", "K" * 129 + "=1"]) != 0
+    err = capsys.readouterr().err
+    assert "at most 128" in err and len(err) < 300
+
+
+def test_build_tools_get_only_what_configures_them():
+    settings = {"BIG": "x" * 60000, "HOME": "/evil-home", "USER": "evil", "PYTHONPATH": "/evil",
+                "LD_PRELOAD": "/evil.so", "DATA_ROOT": "/evil", "UV_INDEX_URL": "https://idx.example/simple",
+                "PIP_INDEX_URL": "https://idx.example/simple", "HTTPS_PROXY": "http://proxy:3128",
+                "no_proxy": "localhost", "PATH": "/opt/py/bin:/usr/bin", "PIKU_UWSGI_PLUGIN_DIR": "/opt/uwsgi",
+                "PIKU_NOT_A_SETTING": "x", "SSL_CERT_FILE": "/etc/ssl/ca.pem", "VIRTUAL_ENV": "/evil"}
+    environ = {"HOME": "/home/piku", "USER": "piku", "PATH": "/usr/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+               "GIT_DIR": "/x", "SSH_CONNECTION": "1 2 3 4", "UV_SYSTEM_CERTS": "1", "VIRTUAL_ENV": "/v",
+               "PYTHONPATH": "/server"}
+    env = piku.build_env(piku.paths_for("/srv/piku"), "app", settings, environ)
+    assert env["HOME"] == "/home/piku" and env["USER"] == "piku"
+    for key in ("BIG", "PYTHONPATH", "LD_PRELOAD", "DATA_ROOT", "GIT_DIR", "SSH_CONNECTION", "VIRTUAL_ENV",
+                "PIKU_NOT_A_SETTING"):
+        assert key not in env, key
+    for key in ("UV_INDEX_URL", "PIP_INDEX_URL", "HTTPS_PROXY", "no_proxy", "SSL_CERT_FILE", "PIKU_UWSGI_PLUGIN_DIR"):
+        assert env[key] == settings[key], key
+    assert env["PATH"] == "/opt/py/bin:/usr/bin" and env["UV_SYSTEM_CERTS"] == "1" and env["LC_ALL"] == "C.UTF-8"
+    assert env["UV_PROJECT_ENVIRONMENT"] == "/srv/piku/envs/app"
+
+
+@pytest.mark.parametrize("argv,env,text", [
+    (["true"], {"X": "x" * 200000}, "Argument list too long"),
+    (["true", "a\0b"], None, "null"),
+    ([os.path.abspath(__file__)], None, "Permission denied"),
+])
+def test_a_tool_that_cannot_start_is_one_error_line(argv, env, text):
+    with pytest.raises(PikuError, match=text) as e:
+        piku.run(argv, env=env)
+    assert str(e.value).startswith("cannot start ") and len(str(e.value).splitlines()) == 1
