@@ -833,6 +833,9 @@ def wsgi_pairs(v, inner=False):
              ("listen", setting(s, "UWSGI_LISTEN")),
              ("http-socket", host_port(setting(s, "BIND_ADDRESS"), v["port"])),
              ("reuse-port", "true"), ("need-app", "true"), ("lazy-apps", "true"),
+             # no app but ours in a worker: a uwsgi packet's UWSGI_FILE / UWSGI_SCRIPT /
+             # UWSGI_MODULE (from anyone who reaches the socket) would load and run another one
+             ("max-apps", "1"),
              # each worker enters the app's stable path before loading it: a master kept across
              # chain reloads sits in the release it started in, which pruning removes later
              ("hook-pre-app", "chdir:" + os.path.join(p.apps, app)),

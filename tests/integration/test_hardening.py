@@ -218,3 +218,84 @@ def test_repo_env_home_never_reaches_the_build(server, tmp_path):
     assert not os.path.exists(report)
     env = web_env(server, "hardhome")
     assert env["HOME"] == server.home and env["USER"] != "intruder"
+
+
+# --- item 6: uwsgi packet variables ----------------------------------------------------------
+
+SEND_PACKETS = r'''
+import json, socket, struct, sys
+def packet(pairs):
+    body = b"".join(struct.pack("<H", len(k)) + k + struct.pack("<H", len(v)) + v
+                    for k, v in ((k.encode(), v.encode()) for k, v in pairs))
+    return struct.pack("<BHB", 0, len(body), 0) + body  # modifier1, size, modifier2
+base = [("REQUEST_METHOD", "GET"), ("PATH_INFO", "/"), ("QUERY_STRING", ""), ("SERVER_NAME", "x"),
+        ("SERVER_PORT", "80"), ("SERVER_PROTOCOL", "HTTP/1.1")]
+out = []
+for extra in json.loads(sys.argv[2]):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(20)
+    s.connect(sys.argv[1])
+    s.sendall(packet(base + [tuple(p) for p in extra]))
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        data += b"<timeout>"
+    out.append(data.decode("utf-8", "replace"))
+print(json.dumps(out))
+'''
+
+
+def dynamic_app_packets(tmp_path):
+    """uwsgi packet variables that make a uWSGI worker load another app, each pointing at code
+    another local user wrote (it would create a marker file as the piku user)."""
+    d = tmp_path / "evil"
+    d.mkdir()
+    marker = d / "ran"
+    (d / "evilapp.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                                  "def application(e, s):\n    s('200 OK', [])\n    return [b'evil']\n")
+    for p in (tmp_path, d):
+        os.chmod(p, 0o777)  # (the marker: writable by the piku user, as if it were an attacker's)
+    os.chmod(d / "evilapp.py", 0o644)
+    packets = [[["SCRIPT_NAME", "/x"], ["UWSGI_FILE", str(d / "evilapp.py")]],
+               [["UWSGI_APPID", "other"], ["UWSGI_SCRIPT", "evilapp"], ["UWSGI_CHDIR", str(d)]],
+               [["SCRIPT_NAME", "/y"], ["UWSGI_MODULE", "evilapp"], ["UWSGI_CALLABLE", "application"],
+                ["UWSGI_PYHOME", str(d)], ["UWSGI_CHDIR", str(d)]],
+               [["SCRIPT_NAME", "/z"], ["UWSGI_FILE", f"exec://touch {marker}"]],
+               []]
+    return packets, marker
+
+
+def send_as_piku(server, sock, packets):
+    from harness import SYSTEM_PY
+    r = server.as_user([SYSTEM_PY, "-c", SEND_PACKETS, sock, json.dumps(packets)], timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("mode", ["native", "pyuwsgi"])
+def test_a_uwsgi_packet_cannot_load_another_app(server, tmp_path, mode):
+    """Whoever reaches an app's uwsgi socket could send UWSGI_FILE / UWSGI_SCRIPT /
+    UWSGI_MODULE and make the worker import and run their code as the piku user (or hang it
+    with exec://). Workers load no app but the app's own; the app keeps answering."""
+    from harness import Reachable, find_other_python, system_uwsgi_python
+    app = f"hardpkt-{mode}"
+    env = server.nginx_env(f"{app}.piku.test")
+    if mode == "pyuwsgi":
+        bindir, minor = find_other_python(system_uwsgi_python())
+        env += f"PATH={bindir}:/usr/local/bin:/usr/bin:/bin\nPYTHON_VERSION={minor}\n"
+    packets, marker = dynamic_app_packets(tmp_path)
+    with Reachable(bindir) if mode == "pyuwsgi" else Reachable("/"):
+        server.deployed("uv-wsgi", app, tmp_path, {"ENV": env})
+        assert ("pyuwsgi" in server.read(f"uwsgi-enabled/{app}_wsgi.1.ini")) == (mode == "pyuwsgi")
+        answers = send_as_piku(server, server.path("nginx", f"{app}.1.sock"), packets)
+        assert all("uv-wsgi v1" in a for a in answers), answers
+        assert not any("evil" in a for a in answers)
+        assert not marker.exists()
+        assert "uv-wsgi v1" in server.wait_http(server.nginx_port, host=f"{app}.piku.test")[1]
+        assert "uv-wsgi v1" in server.wait_http(server.app_port(app))[1]
+        assert "cannot load more than 1 apps" in server.read(f"logs/{app}/wsgi.1.log")

@@ -371,3 +371,13 @@ def test_a_tool_that_cannot_start_is_one_error_line(argv, env, text):
     with pytest.raises(PikuError, match=text) as e:
         piku.run(argv, env=env)
     assert str(e.value).startswith("cannot start ") and len(str(e.value).splitlines()) == 1
+
+
+# --- item 6: no dynamic apps from uwsgi packets ----------------------------------------------
+
+def test_wsgi_workers_load_no_app_but_the_apps_own():
+    v = {"app": "demo", "kind": "wsgi", "index": 1, "paths": piku.paths_for("/srv/piku"), "settings": {},
+         "port": 5000, "piku": ["/usr/bin/python3", "/srv/piku.py"], "python_plugin": "python3",
+         "release": "r1", "socket": "/srv/piku/nginx/demo.1.sock"}
+    assert "\nmax-apps = 1\n" in piku.render_vassal({**v, "mode": "native"})
+    assert "\nmax-apps = 1\n" in piku.render_inner_ini({**v, "mode": "pyuwsgi"})
