@@ -39,6 +39,7 @@ IP_RE = re.compile(r"[0-9A-Fa-f.:\[\]]{2,64}")
 SAFE_PATH_RE = re.compile(r"[A-Za-z0-9_./@+-]{1,512}")
 
 SPECIAL_KINDS = ("release", "preflight")
+MAX_PROCESS_KINDS = 50  # Procfile lines with a kind (each may become several workers)
 DEFAULT_RELEASES_KEPT = 3
 PIKU_FILES_IN_ENV_DIR = ("ENV", "LIVE_ENV", "SCALING")
 
@@ -271,6 +272,9 @@ def parse_procfile(text):
             raise PikuError(f"Procfile line {lineno}: expected 'kind: command', got {raw.strip()[:80]!r}")
         if kind in workers:
             raise PikuError(f"Procfile line {lineno}: process kind {kind!r} is defined twice")
+        if len(workers) == MAX_PROCESS_KINDS:
+            raise PikuError(f"Procfile line {lineno}: more than {MAX_PROCESS_KINDS} process kinds; "
+                            "run more instances of one kind instead (ps:scale)")
         if kind.startswith("cron"):
             try:
                 parse_cron(cmd)
@@ -1413,6 +1417,17 @@ def ensure_dirs(*dirs):
         os.makedirs(d, exist_ok=True)
 
 
+def private_dirs(*dirs):
+    """Make dirs 0750 (the piku user's; its group may read; other users nothing), and take
+    group write and every right of other users away from existing ones (earlier versions made
+    them 0755: any local user could read an app's data and logs)."""
+    for d in dirs:
+        os.makedirs(d, mode=0o750, exist_ok=True)
+        mode = os.stat(d).st_mode & 0o7777
+        if mode & 0o027:
+            os.chmod(d, mode & ~0o027)
+
+
 def remove_path(path):
     import shutil
     if os.path.isdir(path) and not os.path.islink(path):
@@ -2383,7 +2398,7 @@ def prepare(paths, app, release_dir, environ, build=True):
     settings = validate_settings({**repo_env, **load_config(paths, app)})
     check_app_paths(release_dir, workers, settings)
     b = Build(paths, app, release_dir, settings, workers, environ)
-    ensure_dirs(os.path.join(paths.data, app), os.path.join(paths.logs, app))  # release may write there
+    private_dirs(os.path.join(paths.data, app), os.path.join(paths.logs, app))  # release may write there
     files = set(os.listdir(release_dir))
     runtime, label, builder = plan_runtime(files, workers, RUNTIMES)
     port = choose_port(paths, app, settings, listens=bool({"web", "wsgi"} & set(workers)))
@@ -3179,8 +3194,11 @@ def restart_app(paths, app, environ):
 
 
 def destroy_app(paths, app):
-    """Remove an app's code, repo, env, logs, releases, state, vassals and nginx files."""
-    stop_app(paths, app)
+    """Remove an app's code, repo, env, logs, releases, state, vassals and nginx files, once its
+    workers have stopped (they work in those directories until then)."""
+    left = wait_workers_gone(app, stop_app(paths, app))
+    if left:
+        warn(f"still stopping after 30s: {', '.join(left)} (the emperor stops them); removing the files anyway")
     for name in vassals_of(paths, app, paths.uwsgi_available):
         remove_path(os.path.join(paths.uwsgi_available, name))
     removed = []

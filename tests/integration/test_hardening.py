@@ -299,3 +299,59 @@ def test_a_uwsgi_packet_cannot_load_another_app(server, tmp_path, mode):
         assert "uv-wsgi v1" in server.wait_http(server.nginx_port, host=f"{app}.piku.test")[1]
         assert "uv-wsgi v1" in server.wait_http(server.app_port(app))[1]
         assert "cannot load more than 1 apps" in server.read(f"logs/{app}/wsgi.1.log")
+
+
+# --- item 10: smaller ------------------------------------------------------------------------
+
+def app_processes(server, app):
+    """pids of the piku user's processes that belong to app: by uWSGI title, or working in
+    one of its release directories (also once they are deleted)."""
+    releases = server.path("releases", app)
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            if not pid.isdigit() or os.stat(f"/proc/{pid}").st_uid != server.uid:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode("utf-8", "replace")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if title.startswith(f"{app}:") or cwd.startswith(releases + "/"):
+            out.append(pid)
+    return out
+
+
+def test_destroy_returns_once_the_apps_processes_have_stopped(server, tmp_path):
+    files = {**WEB, "Procfile": WEB["Procfile"] + "worker: python3 -c 'import time; time.sleep(600)'\n"}
+    server.deployed(None, "hardgone", tmp_path, files)
+    port = server.app_port("hardgone")
+    server.wait_http(port)
+    assert app_processes(server, "hardgone")
+    r = server.ssh("destroy", "hardgone")
+    assert r.returncode == 0, r.stderr
+    assert app_processes(server, "hardgone") == []
+    assert server.http_get(port)[0] is None
+
+
+def test_data_and_log_directories_are_not_readable_by_other_users(server, webapp):
+    for d in (server.path("data", "hardweb"), server.path("logs", "hardweb")):
+        os.chmod(d, 0o755)  # (as earlier versions made them)
+    server.commit(webapp, "redeploy")
+    r = server.push(webapp, "hardweb")
+    assert r.returncode == 0, r.stdout
+    for d in (server.path("data", "hardweb"), server.path("logs", "hardweb")):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o750, d
+    import subprocess
+    for d in ("data", "logs"):  # another local user (nobody)
+        r = subprocess.run(["ls", server.path(d, "hardweb")], user=65534, group=65534, extra_groups=[],
+                           cwd="/", capture_output=True, text=True)
+        assert r.returncode != 0 and "Permission denied" in r.stderr, (r.stdout, r.stderr)
+
+
+def test_a_procfile_with_too_many_kinds_is_refused(server, tmp_path):
+    procfile = "".join(f"w{i}: sleep 600\n" for i in range(500))
+    repo = server.make_app(None, tmp_path / "hardkinds", {"Procfile": procfile})
+    out = rejected(server.push(repo, "hardkinds"), "Procfile line 51: more than 50 process kinds")
+    assert len(error_lines(out)) == 1, out
+    assert not [n for n in os.listdir(server.path("uwsgi-enabled")) if n.startswith("hardkinds_")]

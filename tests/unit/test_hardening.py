@@ -381,3 +381,28 @@ def test_wsgi_workers_load_no_app_but_the_apps_own():
          "release": "r1", "socket": "/srv/piku/nginx/demo.1.sock"}
     assert "\nmax-apps = 1\n" in piku.render_vassal({**v, "mode": "native"})
     assert "\nmax-apps = 1\n" in piku.render_inner_ini({**v, "mode": "pyuwsgi"})
+
+
+# --- item 10: smaller ------------------------------------------------------------------------
+
+def test_a_procfile_has_at_most_50_process_kinds():
+    kinds = "".join(f"w{i}: sleep 1\n" for i in range(50))
+    assert len(piku.parse_procfile(kinds)[0]) == 50
+    with_special = "release: x\npreflight: y\n# c\n\n" + "".join(f"w{i}: sleep 1\n" for i in range(48))
+    assert len(piku.parse_procfile(with_special)[0]) == 50  # (release and preflight count)
+    with pytest.raises(PikuError, match="Procfile line 51: more than 50 process kinds"):
+        piku.parse_procfile(kinds + "one_more: sleep 1\n")
+    with pytest.raises(PikuError, match="more than 50"):
+        piku.parse_procfile("".join(f"w{i}: sleep 1\n" for i in range(500)))
+
+
+def test_data_and_log_directories_are_private(tmp_path):
+    new, old, tight, shared = (str(tmp_path / n) for n in ("new", "old", "tight", "shared"))
+    os.mkdir(old, 0o755)
+    os.chmod(old, 0o777)
+    os.mkdir(tight, 0o700)
+    os.mkdir(shared)
+    os.chmod(shared, 0o2770)  # (an admin's setgid group for nginx: kept, without group write)
+    piku.private_dirs(new, old, tight, shared)
+    modes = [os.stat(d).st_mode & 0o7777 for d in (new, old, tight, shared)]
+    assert modes == [0o750, 0o750, 0o700, 0o2750]
