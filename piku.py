@@ -268,6 +268,8 @@ def parse_procfile(text):
             continue
         kind, sep, cmd = line.partition(":")
         kind, cmd = kind.strip(), cmd.strip()
+        if "\0" in cmd:  # (no program can be started with it)
+            raise PikuError(f"Procfile line {lineno}: the command holds a NUL character")
         if not sep or not KIND_RE.fullmatch(kind) or not cmd:
             raise PikuError(f"Procfile line {lineno}: expected 'kind: command', got {raw.strip()[:80]!r}")
         if kind in workers:
@@ -1158,10 +1160,10 @@ def render_nginx(n):
         lines.append(f"  include {os.path.join(n['app_dir'], safe_path(include, 'NGINX_INCLUDE_FILE'))};")
     statics = parse_static_paths(s.get("NGINX_STATIC_PATHS", ""))
     if "static" in n["kinds"] and not any(url == "/" for url, _ in statics):
-        statics.append(("/", safe_path(n["kinds"]["static"], "static")))
+        statics.append(("/", static_dir(n["kinds"])))
     catch_all = render_catch_all(s["NGINX_CATCH_ALL"]) if s.get("NGINX_CATCH_ALL") else None
     for url, path in statics:
-        target = path if path.startswith("/") else os.path.join(n["app_dir"], path)
+        target = path if path.startswith("/") else os.path.normpath(os.path.join(n["app_dir"], path))
         slash = "/" if url.endswith("/") else ""
         # What a static location lacks: for "/" the app behind it, else the catch-all page (a
         # single-page app), else a 404 (a static prefix is nginx's alone).
@@ -1207,6 +1209,12 @@ def render_catch_all(value):
     if not URL_PREFIX_RE.fullmatch(target):
         raise PikuError(f"NGINX_CATCH_ALL: {value!r} is not a path")
     return target
+
+
+def static_dir(workers):
+    """The Procfile's `static:` directory, always inside the app (as in the original piku:
+    `static: /` is the app's top directory, never the server's root)."""
+    return safe_path(workers["static"].strip().strip("/") or ".", "static")
 
 
 def parse_url_prefixes(value, key):
@@ -1584,6 +1592,15 @@ def discard_venv_snapshot(paths, app):
 REPO_FILES = ("Procfile", "ENV", "requirements.txt", "pyproject.toml", "uv.lock", ".python-version")
 
 
+def protect_repo_env(release_dir):
+    """The committed ENV may hold secrets: mode 0600, so nginx never serves it. Committed as a
+    link, the file it leads to is protected if it is in the release; nothing outside the
+    release is ever touched (check_repo_links refuses that link later)."""
+    real, top = os.path.realpath(os.path.join(release_dir, "ENV")), os.path.realpath(release_dir)
+    if real.startswith(top + os.sep) and os.path.isfile(real):
+        os.chmod(real, 0o600)
+
+
 def check_repo_path(release_dir, rel, kind="file"):
     """Refuse rel (relative to the release) when it leads outside the release (a committed
     symbolic link, or `..`) or exists as something other than a `kind` ('file' or 'directory').
@@ -1667,7 +1684,7 @@ def check_app_paths(release_dir, workers, settings):
         elif release_dir:
             check_repo_path(release_dir, value)
     statics = [d for _, d in parse_static_paths(settings.get("NGINX_STATIC_PATHS", ""))]
-    for rel in statics + [(workers or {}).get("static", "/")]:
+    for rel in statics + ([static_dir(workers)] if "static" in (workers or {}) else []):
         if release_dir and not rel.startswith("/"):
             check_repo_path(release_dir, rel.rstrip("/") or ".", "directory")
 
@@ -2289,8 +2306,7 @@ def new_release(paths, app, rev, environ):
     finally:
         if os.path.exists(env["GIT_INDEX_FILE"]):
             os.unlink(env["GIT_INDEX_FILE"])
-    if os.path.isfile(os.path.join(target, "ENV")) and not os.path.islink(os.path.join(target, "ENV")):
-        os.chmod(os.path.join(target, "ENV"), 0o600)  # settings may hold secrets; nginx never serves it
+    protect_repo_env(target)
     return target
 
 

@@ -355,3 +355,18 @@ def test_a_procfile_with_too_many_kinds_is_refused(server, tmp_path):
     out = rejected(server.push(repo, "hardkinds"), "Procfile line 51: more than 50 process kinds")
     assert len(error_lines(out)) == 1, out
     assert not [n for n in os.listdir(server.path("uwsgi-enabled")) if n.startswith("hardkinds_")]
+
+
+# --- repository content beyond the list ------------------------------------------------------
+
+def test_static_root_is_the_apps_directory_never_the_servers(server, tmp_path):
+    files = {"Procfile": "static: /\n", "index.html": "<h1>mine</h1>\n",
+             "ENV": server.nginx_env("hardstatic.piku.test")}
+    repo = server.deployed(None, "hardstatic", tmp_path, files)
+    assert "mine" in server.wait_http(server.nginx_port, "/index.html", host="hardstatic.piku.test")[1]
+    status, body = server.http_get(server.nginx_port, "/etc/passwd", host="hardstatic.piku.test")
+    assert status == 404 and "root:" not in body, (status, body[:200])
+    os.symlink("/etc", repo / "public")
+    server.commit(repo, "static dir -> /etc", {"Procfile": "static: public\n"})
+    out = rejected(server.push(repo, "hardstatic"), "public leads outside the repository")
+    assert len(error_lines(out)) == 1, out

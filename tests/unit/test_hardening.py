@@ -231,6 +231,18 @@ def test_a_committed_env_link_is_never_chmodded(tmp_path):
     assert target.stat().st_mode & 0o777 == 0o644
     with pytest.raises(PikuError, match="ENV leads outside"):
         piku.check_repo_links(target_dir)
+    # a link to a file of the repository: that file holds the settings, so it is made 0600
+    os.unlink(repo / "ENV")
+    (repo / "conf").mkdir()
+    (repo / "conf" / "env").write_text("SECRET=1\n")
+    os.symlink("conf/env", repo / "ENV")
+    git("-C", str(repo), "add", "-A")
+    git("-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "y")
+    git("-C", str(repo), "push", "-q", os.path.join(paths.repos, "app"), "HEAD:refs/heads/master")
+    rev = git("-C", str(repo), "rev-parse", "HEAD").stdout.strip()
+    target_dir = piku.new_release(paths, "app", rev, dict(os.environ))
+    assert os.stat(os.path.join(target_dir, "conf", "env")).st_mode & 0o777 == 0o600
+    piku.check_repo_links(target_dir)
 
 
 def other_users(path):
@@ -406,3 +418,20 @@ def test_data_and_log_directories_are_private(tmp_path):
     piku.private_dirs(new, old, tight, shared)
     modes = [os.stat(d).st_mode & 0o7777 for d in (new, old, tight, shared)]
     assert modes == [0o750, 0o750, 0o700, 0o2750]
+
+
+def test_the_static_kind_is_always_a_directory_of_the_app():
+    """`static: /` served the server's root directory (the original piku: the app's own)."""
+    for path, alias in (("/", "/srv/piku/apps/demo/"), (".", "/srv/piku/apps/demo/"), ("/etc", "/srv/piku/apps/demo/etc/"),
+                        ("public/", "/srv/piku/apps/demo/public/")):
+        text = piku.render_nginx({"app": "demo", "settings": {"NGINX_SERVER_NAME": "a.test"},
+                                  "paths": piku.paths_for("/srv/piku"), "kinds": {"static": path}, "sockets": [],
+                                  "port": 5000, "app_dir": "/srv/piku/apps/demo", "cert": False,
+                                  "has_backend": False})
+        assert f"alias {alias};" in text, text
+        assert "alias /;" not in text and "alias /etc" not in text
+
+
+def test_a_nul_in_a_procfile_command_is_refused():
+    with pytest.raises(PikuError, match="Procfile line 2: the command holds a NUL character"):
+        piku.parse_procfile("web: ok\nworker: a\0b\n")
