@@ -709,7 +709,10 @@ def validate_settings(settings, source="settings"):
     for s in SETTINGS:
         value = settings.get(s.name, "")
         if s.check and value != "":
-            s.check(value, s.name)
+            try:
+                s.check(value, s.name)
+            except PikuError as e:  # (messages quote the value: keep a long one to one line)
+                raise PikuError(str(e) if len(str(e)) <= 300 else str(e)[:300] + "... (shortened)", e.code)
     return settings
 
 

@@ -435,3 +435,9 @@ def test_the_static_kind_is_always_a_directory_of_the_app():
 def test_a_nul_in_a_procfile_command_is_refused():
     with pytest.raises(PikuError, match="Procfile line 2: the command holds a NUL character"):
         piku.parse_procfile("web: ok\nworker: a\0b\n")
+
+
+def test_an_error_quoting_a_long_value_stays_short():
+    with pytest.raises(PikuError, match=r"PORT: expected a whole number, got 'xxx.*\(shortened\)$") as e:
+        piku.validate_settings({"PORT": "x" * 60000})
+    assert len(str(e.value)) < 330
