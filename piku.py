@@ -1606,22 +1606,24 @@ def protect_repo_env(release_dir):
 
 def check_repo_path(release_dir, rel, kind="file"):
     """Refuse rel (relative to the release) when it leads outside the release (a committed
-    symbolic link, or `..`) or exists as something other than a `kind` ('file' or 'directory').
-    The target is never named nor read: the error must not show what lies outside."""
+    symbolic link, or `..`) or exists as something other than a `kind` ('file', 'directory';
+    None: either). The target is never named nor read: the error must not show what lies
+    outside."""
     path = os.path.join(release_dir, rel)
     if not os.path.lexists(path):
         return
     top = os.path.realpath(release_dir)
     if not (os.path.realpath(path) + os.sep).startswith(top + os.sep):
         raise PikuError(f"{rel} leads outside the repository (a symbolic link or `..`): refused; "
-                        f"commit the {kind} itself")
-    if not (os.path.isdir(path) if kind == "directory" else os.path.isfile(path)):
+                        f"commit the {kind or 'package'} itself")
+    if kind and not (os.path.isdir(path) if kind == "directory" else os.path.isfile(path)):
         raise PikuError(f"{rel} is not a {kind}")
 
 
 def check_repo_links(release_dir):
-    """Before piku reads the pushed files: each one it reads (REPO_FILES, and the files
-    requirements.txt includes, recursively) is a regular file inside the release."""
+    """Before piku reads the pushed files: each one it reads (REPO_FILES, the files
+    requirements.txt includes, recursively) is a regular file inside the release, and the
+    local packages they install from (`./lib`, uv.lock's path sources) are in it too."""
     pending, requirements, done = list(REPO_FILES), {"requirements.txt"}, set()
     while pending and len(done) < 100:
         rel = pending.pop(0)
@@ -1629,12 +1631,18 @@ def check_repo_links(release_dir):
             continue
         done.add(rel)
         check_repo_path(release_dir, rel)
-        if rel in requirements and os.path.isfile(os.path.join(release_dir, rel)):
-            for inc in parse_requirement_includes(read_text(os.path.join(release_dir, rel), "")):
+        text = read_text(os.path.join(release_dir, rel), "") if os.path.isfile(os.path.join(release_dir, rel)) else ""
+        if rel in requirements:
+            for inc in parse_requirement_includes(text):
                 if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:|/", inc):  # (URLs, absolute paths)
                     inc = os.path.normpath(os.path.join(os.path.dirname(rel), inc))
                     requirements.add(inc)
                     pending.append(inc)
+        local = parse_requirement_local_paths(text) if rel in requirements else \
+            parse_lock_local_sources(text) if rel == "uv.lock" else []
+        for src in local:
+            if not src.startswith("/"):
+                check_repo_path(release_dir, os.path.normpath(os.path.join(os.path.dirname(rel), src)), None)
 
 
 def owner_only_problem(path):

@@ -441,3 +441,16 @@ def test_an_error_quoting_a_long_value_stays_short():
     with pytest.raises(PikuError, match=r"PORT: expected a whole number, got 'xxx.*\(shortened\)$") as e:
         piku.validate_settings({"PORT": "x" * 60000})
     assert len(str(e.value)) < 330
+
+
+def test_local_packages_may_not_lead_outside_the_release(tmp_path, secret):
+    rel = release(tmp_path, {"requirements.txt": "./lib\n-e ./editable\nflask\n/opt/wheels/x.whl\n",
+                             "lib/setup.py": "", "uv.lock": 'source = { path = "pkgs/secret.txt" }\n'},
+                  {"editable": os.path.dirname(secret)})
+    with pytest.raises(PikuError, match="editable leads outside the repository .* commit the package itself"):
+        piku.check_repo_links(rel)
+    os.unlink(os.path.join(rel, "editable"))
+    piku.check_repo_links(rel)
+    os.symlink(os.path.dirname(secret), os.path.join(rel, "pkgs"))
+    with pytest.raises(PikuError, match="pkgs/secret.txt leads outside"):
+        piku.check_repo_links(rel)
