@@ -422,8 +422,8 @@ def test_data_and_log_directories_are_private(tmp_path):
 
 def test_the_static_kind_is_always_a_directory_of_the_app():
     """`static: /` served the server's root directory (the original piku: the app's own)."""
-    for path, alias in (("/", "/srv/piku/apps/demo/"), (".", "/srv/piku/apps/demo/"), ("/etc", "/srv/piku/apps/demo/etc/"),
-                        ("public/", "/srv/piku/apps/demo/public/")):
+    for path, alias in (("/", "/srv/piku/apps/demo/"), (".", "/srv/piku/apps/demo/"),
+                        ("/etc", "/srv/piku/apps/demo/etc/"), ("public/", "/srv/piku/apps/demo/public/")):
         text = piku.render_nginx({"app": "demo", "settings": {"NGINX_SERVER_NAME": "a.test"},
                                   "paths": piku.paths_for("/srv/piku"), "kinds": {"static": path}, "sockets": [],
                                   "port": 5000, "app_dir": "/srv/piku/apps/demo", "cert": False,
