@@ -454,3 +454,24 @@ def test_local_packages_may_not_lead_outside_the_release(tmp_path, secret):
     os.symlink(os.path.dirname(secret), os.path.join(rel, "pkgs"))
     with pytest.raises(PikuError, match="pkgs/secret.txt leads outside"):
         piku.check_repo_links(rel)
+
+
+def test_workers_are_this_users_processes_only():
+    """Another local user could name a process `myapp:web.1 uWSGI master`: ps would call the
+    app running, and stop and destroy wait for it."""
+    import subprocess
+    import time
+    procs = [subprocess.Popen(["hardtest:web.1 uWSGI master", "30"], executable="/bin/sleep")]
+    if os.getuid() == 0:
+        procs.append(subprocess.Popen(["hardother:web.1 uWSGI master", "30"], executable="/bin/sleep",
+                                      user=65534, group=65534, extra_groups=[]))
+    try:
+        deadline = time.monotonic() + 5
+        while "hardtest:web.1" not in piku.running_workers() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        running = piku.running_workers()
+        assert "hardtest:web.1" in running and "hardother:web.1" not in running
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
