@@ -30,15 +30,16 @@ import click
 
 # === 2. Constants and paths ===
 
-APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-KIND_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,30}$")
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-WSGI_SPEC_RE = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")
-HOSTNAME_RE = re.compile(r"^(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?$|^_$")
-IP_RE = re.compile(r"^[0-9A-Fa-f.:\[\]]{2,64}$")
-SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9_./@+-]{1,512}$")
+APP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+KIND_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,30}")
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+WSGI_SPEC_RE = re.compile(r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?")
+HOSTNAME_RE = re.compile(r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?|_")
+IP_RE = re.compile(r"[0-9A-Fa-f.:\[\]]{2,64}")
+SAFE_PATH_RE = re.compile(r"[A-Za-z0-9_./@+-]{1,512}")
 
 SPECIAL_KINDS = ("release", "preflight")
+MAX_PROCESS_KINDS = 50  # Procfile lines with a kind (each may become several workers)
 DEFAULT_RELEASES_KEPT = 3
 PIKU_FILES_IN_ENV_DIR = ("ENV", "LIVE_ENV", "SCALING")
 
@@ -118,6 +119,8 @@ def run(argv, cwd=None, env=None, capture=False, input=None, check=True, timeout
                               text=True, errors="replace", timeout=timeout, preexec_fn=_die_with_parent)
     except FileNotFoundError:
         raise PikuError(f"command not found: {argv[0]}", 127)
+    except (OSError, ValueError) as e:  # E2BIG, EACCES, ENOEXEC..., a NUL in an argument
+        raise PikuError(f"cannot start {os.path.basename(str(argv[0]))}: {getattr(e, 'strerror', None) or e}", 126)
     if check and proc.returncode != 0:
         out = (proc.stdout or "") + (proc.stderr or "") if capture else ""
         raise PikuError(f"{os.path.basename(str(argv[0]))} failed (exit {proc.returncode})"
@@ -156,7 +159,7 @@ def parse_app_name(raw):
     name = name.lstrip("/") if name.count("/") == 1 and name.startswith("/") else name
     if name.endswith(".git"):
         name = name[:-4]
-    if not APP_NAME_RE.match(name):
+    if not APP_NAME_RE.fullmatch(name):
         shown = (raw[:40] + "...") if raw and len(raw) > 40 else raw
         raise PikuError(f"invalid app name {shown!r}: use 1-63 letters, digits, '.', '_' or '-',"
                         " starting with a letter or digit")
@@ -259,27 +262,45 @@ def cron_matches(sets, tm):
     return tm.tm_min in minute and tm.tm_hour in hour and tm.tm_mon in mon and day_ok
 
 
+# One definition of a line for the files piku writes and reads back (ENV, LIVE_ENV, SCALING,
+# Procfile, vassal inis): a line ends at \n, \r\n or \r, as Python reads text files. Other
+# readers break lines at more characters (str.splitlines() also at \v \f \x1c-\x1e \x85
+# \u2028 \u2029): the writers never put any of LINE_BREAKS inside a value (render_env quotes
+# it as JSON, render_ini refuses it), so every reader sees the same lines.
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def split_lines(text):
+    """text -> lines, split at \n, \r\n and \r only (see LINE_BREAKS)."""
+    return re.split(r"\r\n|\r|\n", text)
+
+
 def parse_procfile(text):
     """Procfile text -> (ordered {kind: command}, [warnings]). Raises on bad lines."""
     workers, warnings = {}, []
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    for lineno, raw in enumerate(split_lines(text), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         kind, sep, cmd = line.partition(":")
         kind, cmd = kind.strip(), cmd.strip()
-        if not sep or not KIND_RE.match(kind) or not cmd:
+        if "\0" in cmd:  # (no program can be started with it)
+            raise PikuError(f"Procfile line {lineno}: the command holds a NUL character")
+        if not sep or not KIND_RE.fullmatch(kind) or not cmd:
             raise PikuError(f"Procfile line {lineno}: expected 'kind: command', got {raw.strip()[:80]!r}")
         if kind in workers:
             raise PikuError(f"Procfile line {lineno}: process kind {kind!r} is defined twice")
+        if len(workers) == MAX_PROCESS_KINDS:
+            raise PikuError(f"Procfile line {lineno}: more than {MAX_PROCESS_KINDS} process kinds; "
+                            "run more instances of one kind instead (ps:scale)")
         if kind.startswith("cron"):
             try:
                 parse_cron(cmd)
             except PikuError as e:
                 raise PikuError(f"Procfile line {lineno}: {e}")
         if kind == "wsgi":
-            cmd = re.sub(r"\s+#.*$", "", cmd)  # `wsgi: app:app  # a comment`
-        if kind == "wsgi" and not WSGI_SPEC_RE.match(cmd):
+            cmd = re.sub(r"\s+#.*\Z", "", cmd)  # `wsgi: app:app  # a comment`
+        if kind == "wsgi" and not WSGI_SPEC_RE.fullmatch(cmd):
             raise PikuError(f"Procfile line {lineno}: wsgi needs 'module:callable', got {cmd!r}")
         workers[kind] = cmd
     if "wsgi" in workers and "web" in workers:
@@ -312,7 +333,7 @@ def expand_vars(value, env):
 def parse_env(text, base=None, source="ENV"):
     """ENV file text -> dict. `$VAR` expands from earlier keys (then base); bad keys raise."""
     env, scope = {}, dict(base or {})
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    for lineno, raw in enumerate(split_lines(text), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -320,7 +341,7 @@ def parse_env(text, base=None, source="ENV"):
             line = line[7:].lstrip()
         key, sep, value = line.partition("=")
         key = key.strip()
-        if not sep or not ENV_KEY_RE.match(key):
+        if not sep or not ENV_KEY_RE.fullmatch(key):
             raise PikuError(f"{source} line {lineno}: expected KEY=value, got {line[:60]!r}")
         value, expand = _unquote_env_value(value.strip())
         value = expand_vars(value, scope) if expand else value
@@ -329,8 +350,11 @@ def parse_env(text, base=None, source="ENV"):
 
 
 def _needs_quoting(value):
-    return (value != value.strip() or any(c in value for c in "\n\r$\"'\\#\0")
-            or value[:1] in "\"'")
+    """Values written as JSON strings: with quotes, `$`, `#`, backslashes, surrounding spaces,
+    or any character that is not printable (every line break of LINE_BREAKS, tabs, NUL, ...):
+    JSON escapes all of those, so the line holds printable ASCII only."""
+    return (value != value.strip() or any(c in value for c in "$\"'\\#") or value[:1] in "\"'"
+            or not all(c == " " or c.isprintable() for c in value))
 
 
 def render_env(env):
@@ -338,6 +362,8 @@ def render_env(env):
     import json
     lines = []
     for k, v in env.items():
+        if not ENV_KEY_RE.fullmatch(k):
+            raise PikuError(f"invalid key {k!r}: letters, digits and _ only")
         lines.append(f"{k}={json.dumps(v)}" if v and _needs_quoting(v) else f"{k}={v}")
     return "\n".join(lines) + ("\n" if lines else "")
 
@@ -347,25 +373,26 @@ def parse_assignments(args):
     out, last = {}, None
     for arg in args:
         key, sep, value = arg.partition("=")
-        if sep and ENV_KEY_RE.match(key):
+        if sep and ENV_KEY_RE.fullmatch(key):
             out[key] = value
             last = key
         elif last is not None:
             out[last] += " " + arg
         else:
-            raise PikuError(f"expected KEY=VALUE, got {arg!r} (keys: letters, digits and _)")
+            raise PikuError(f"expected KEY=VALUE, got {arg[:60]!r}{'...' if len(arg) > 60 else ''} "
+                            "(keys: letters, digits and _, at most 128 of them, not starting with a digit)")
     return out
 
 
 def parse_scaling(text):
     """SCALING file text ('kind:count' or 'kind=count' lines) -> {kind: count}."""
     out = {}
-    for line in text.splitlines():
+    for line in split_lines(text):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         kind, _, count = line.replace("=", ":").partition(":")
-        if KIND_RE.match(kind.strip()):
+        if KIND_RE.fullmatch(kind.strip()):
             try:
                 out[kind.strip()] = max(0, int(count.strip()))
             except ValueError:
@@ -436,11 +463,11 @@ def parse_ssh_command(original):
     return argv
 
 
-SSH_DEST_RE = re.compile(r"^(?:[A-Za-z0-9._+-]{1,64}@)?(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])$")
+SSH_DEST_RE = re.compile(r"(?:[A-Za-z0-9._+-]{1,64}@)?(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])")
 
 
 def parse_ssh_dest(dest, what):
-    if not SSH_DEST_RE.match(dest or ""):
+    if not SSH_DEST_RE.fullmatch(dest or ""):
         raise PikuError(f"{what}: {dest!r} is not [user@]host")
     return dest
 
@@ -467,21 +494,21 @@ def parse_server_address(value):
     return parse_ssh_dest(m.group(1), "PIKU_SERVER"), m.group(2)
 
 
-PYVER_RE = re.compile(r"^(?:(?:cpython|python)[-@]?)?(\d+(?:\.\d+){0,2})(t)?$", re.I)
-PYSPEC_RE = re.compile(r"^\s*(?:(?:==|!=|<=|>=|~=|<|>)\s*\d+(?:\.\d+){0,2}(?:\.\*)?\s*,?\s*)+$")
+PYVER_RE = re.compile(r"(?:(?:cpython|python)[-@]?)?(\d+(?:\.\d+){0,2})(t)?", re.I)
+PYSPEC_RE = re.compile(r"\s*(?:(?:==|!=|<=|>=|~=|<|>)\s*\d+(?:\.\d+){0,2}(?:\.\*)?\s*,?\s*)+")
 
 
 def parse_python_version(value):
     """PYTHON_VERSION / .python-version content -> uv request string. Garbage raises."""
-    v = (value or "").strip().splitlines()[0].strip() if (value or "").strip() else ""
+    v = split_lines((value or "").strip())[0].strip()
     if not v:
         return None
-    m = PYVER_RE.match(v)
+    m = PYVER_RE.fullmatch(v)
     if m:
         if not m.group(1).startswith("3") or len(m.group(1)) > 10:
             raise PikuError(f"PYTHON_VERSION {value!r}: only Python 3 is supported")
         return m.group(1) + (m.group(2) or "")
-    if PYSPEC_RE.match(v):
+    if PYSPEC_RE.fullmatch(v):
         return v.replace(" ", "").rstrip(",")
     raise PikuError(f"invalid Python version {value!r}: use 3, 3.12, 3.12.1 or a range like >=3.11")
 
@@ -523,7 +550,7 @@ def is_fully_pinned(requirements_text):
     may be a complete lock, which `uv pip sync` installs exactly."""
     reqs = [l.split("#")[0].strip() for l in requirements_text.splitlines()]
     reqs = [r for r in reqs if r]
-    return bool(reqs) and all(re.match(r"^[A-Za-z0-9._\[\],-]+==[A-Za-z0-9.*+!_-]+(\s*;.*)?$", r) for r in reqs)
+    return bool(reqs) and all(re.fullmatch(r"[A-Za-z0-9._\[\],-]+==[A-Za-z0-9.*+!_-]+(\s*;.*)?", r) for r in reqs)
 
 
 def parse_missing_requirements(check_output):
@@ -545,7 +572,7 @@ def parse_requirement_local_paths(requirements_text):
     for line in requirements_text.splitlines():
         line = line.split(" #")[0].strip()
         line = re.sub(r"^(?:-e|--editable)(?:\s*=\s*|\s+)", "", line)
-        m = re.search(r"(?:^|@\s*)file://(/\S*)", line) or re.match(r"^(\.{1,2}(?:/\S*)?|/\S+)$", line)
+        m = re.search(r"(?:^|@\s*)file://(/\S*)", line) or re.fullmatch(r"(\.{1,2}(?:/\S*)?|/\S+)", line)
         if m:
             out.append(m.group(1).split("#")[0])
     return out
@@ -598,7 +625,7 @@ def v_ip(value, key):
 
 def v_hostnames(value, key):
     for name in split_names(value):
-        if not HOSTNAME_RE.match(name):
+        if not HOSTNAME_RE.fullmatch(name):
             raise PikuError(f"{key}: invalid host name {name!r}")
 
 
@@ -671,13 +698,45 @@ SETTING = {s.name: s for s in SETTINGS}
 DEFAULTS = {s.name: s.default for s in SETTINGS if s.default is not None}
 
 
-def validate_settings(settings):
+# Every setting is in the environment of every process: Linux refuses to start a program when
+# one variable is over 128 KiB, or all of them with the arguments over a quarter of the stack
+# limit (2 MiB by default). Keys: at most 128 characters (ENV_KEY_RE).
+MAX_VALUE_BYTES = 64 * 1024
+MAX_SETTINGS_BYTES = 1024 * 1024
+
+
+def check_env_limits(env, source):
+    """Raise for what no process environment can hold: a value over MAX_VALUE_BYTES (UTF-8), a
+    NUL character, text without a UTF-8 form (a lone surrogate), or settings over
+    MAX_SETTINGS_BYTES together."""
+    total = 0
+    for key, value in env.items():
+        try:
+            size = len(value.encode("utf-8", "surrogateescape"))
+        except UnicodeEncodeError:
+            raise PikuError(f"{source}: {key} holds text that has no UTF-8 form (a lone surrogate, \\ud800-\\udfff)")
+        if "\0" in value:
+            raise PikuError(f"{source}: {key} holds a NUL character, which no process environment can")
+        if size > MAX_VALUE_BYTES:
+            raise PikuError(f"{source}: {key} is {size} bytes long; a value may have at most "
+                            f"{MAX_VALUE_BYTES // 1024} KiB (keep big data in a file, e.g. under $DATA_ROOT)")
+        total += len(key) + 1 + size
+    if total > MAX_SETTINGS_BYTES:
+        raise PikuError(f"{source}: the settings take {total} bytes together; at most "
+                        f"{MAX_SETTINGS_BYTES // 1024 // 1024} MiB are allowed (keep big data in files)")
+
+
+def validate_settings(settings, source="settings"):
     """Raise PikuError for the first setting piku cannot use; returns settings. An empty value
     means unset (the default applies), as it always has."""
+    check_env_limits(settings, source)
     for s in SETTINGS:
         value = settings.get(s.name, "")
         if s.check and value != "":
-            s.check(value, s.name)
+            try:
+                s.check(value, s.name)
+            except PikuError as e:  # (messages quote the value: keep a long one to one line)
+                raise PikuError(str(e) if len(str(e)) <= 300 else str(e)[:300] + "... (shortened)", e.code)
     return settings
 
 
@@ -745,7 +804,7 @@ def computed_env(paths, app, settings, port, home, user, base_path, src_layout=F
 
 # === 7. Renderers (pure) ===
 
-UWSGI_MAGIC_RE = re.compile(r"[$@%]\(|%[a-zA-Z0-9]|[\n\r\0]")
+UWSGI_MAGIC_RE = re.compile(r"[$@%]\(|%[a-zA-Z0-9]|[\0" + LINE_BREAKS + "]")
 
 
 def render_ini(pairs):
@@ -799,10 +858,16 @@ def render_vassal(v):
         pairs.append(("cron", "-1 -1 -1 -1 -1 " + shlex.join(exec_worker_argv(v, "--if-due"))))
     else:  # a daemon: web, worker, or the virtualenv's own uWSGI (pyuwsgi)
         pairs.append(("attach-daemon2", "cmd=" + shlex.join(exec_worker_argv(v)) + ",stopsignal=15"))
-    include = s.get("UWSGI_INCLUDE_FILE")
-    if include:
-        pairs.append(("ini", safe_path(include, "UWSGI_INCLUDE_FILE")))
+    if s.get("UWSGI_INCLUDE_FILE"):
+        pairs.append(("ini", uwsgi_include(v)))
     return f"# piku release {v['release']}\n" + render_ini(pairs)
+
+
+def uwsgi_include(v):
+    """UWSGI_INCLUDE_FILE as uWSGI must read it: a relative path is the file of the worker's
+    release (uWSGI would take it relative to the emperor's directory)."""
+    include = safe_path(v["settings"]["UWSGI_INCLUDE_FILE"], "UWSGI_INCLUDE_FILE")
+    return os.path.join(worker_dir(v), include)
 
 
 def wsgi_pairs(v, inner=False):
@@ -814,6 +879,9 @@ def wsgi_pairs(v, inner=False):
              ("listen", setting(s, "UWSGI_LISTEN")),
              ("http-socket", host_port(setting(s, "BIND_ADDRESS"), v["port"])),
              ("reuse-port", "true"), ("need-app", "true"), ("lazy-apps", "true"),
+             # no app but ours in a worker: a uwsgi packet's UWSGI_FILE / UWSGI_SCRIPT /
+             # UWSGI_MODULE (from anyone who reaches the socket) would load and run another one
+             ("max-apps", "1"),
              # each worker enters its release's directory before loading the app (a master kept
              # across chain reloads may sit elsewhere)
              ("hook-pre-app", "chdir:" + worker_dir(v)),
@@ -844,7 +912,7 @@ def render_inner_ini(v):
     pairs = [("master", "true"), ("die-on-term", "true"), ("chdir", worker_dir(v)),
              ("procname-prefix-spaced", f"{app}:{kind}.{n}"),
              ("master-fifo", v.get("fifo") or os.path.join(p.state, app, f"{kind}.{n}.fifo"))] + wsgi_pairs(v) \
-        + ([("ini", safe_path(include, "UWSGI_INCLUDE_FILE"))] if include else [])
+        + ([("ini", uwsgi_include(v))] if include else [])
     return render_ini(pairs)
 
 
@@ -866,7 +934,7 @@ def render_wsgi_boot(venv, app_dir, spec, env, pyver):
 
 
 def safe_path(value, key):
-    if not SAFE_PATH_RE.match(value or "") or ".." in value.split("/"):
+    if not SAFE_PATH_RE.fullmatch(value or "") or ".." in value.split("/"):
         raise PikuError(f"{key}: {value!r} is not an acceptable path (letters, digits, ._/@+- only)")
     return value
 
@@ -968,7 +1036,7 @@ def render_starter_env(app):
             "# UWSGI_PROCESSES=2\n")
 
 
-URL_PREFIX_RE = re.compile(r"^/[A-Za-z0-9_./~-]*$")
+URL_PREFIX_RE = re.compile(r"/[A-Za-z0-9_./~-]*")
 
 
 def parse_static_paths(value):
@@ -976,7 +1044,7 @@ def parse_static_paths(value):
     out = []
     for item in [i for i in (value or "").split(",") if i.strip()]:
         url, sep, path = item.strip().partition(":")
-        if not sep or not URL_PREFIX_RE.match(url):
+        if not sep or not URL_PREFIX_RE.fullmatch(url):
             raise PikuError(f"NGINX_STATIC_PATHS: expected /url:path, got {item!r}")
         out.append((url, safe_path(path, "NGINX_STATIC_PATHS")))
     return out
@@ -991,8 +1059,8 @@ ACME_CAS = {
     "buypass_test": "https://api.test4.buypass.no/acme/directory",
     "google": "https://dv.acme-v02.api.pki.goog/directory",
 }
-ACME_URL_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~/%-]*)?$")
-EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}$")
+ACME_URL_RE = re.compile(r"https://[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~/%-]*)?")
+EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}")
 
 
 def parse_email(value, key):
@@ -1008,12 +1076,12 @@ def parse_acme_ca(value):
     """ACME_ROOT_CA -> (directory URL, public?). Names: letsencrypt(.org), zerossl(.com), ...;
     an https:// URL is taken as the directory itself (a private CA such as pebble)."""
     v = (value or "").strip()
-    key = re.sub(r"\.(org|com|no|goog)$", "", v.lower())
+    key = re.sub(r"\.(org|com|no|goog)\Z", "", v.lower())
     if key in ACME_CAS:
         return ACME_CAS[key], True
     if v in ACME_CAS.values():
         return v, True
-    if ACME_URL_RE.match(v):
+    if ACME_URL_RE.fullmatch(v):
         return v, False
     raise PikuError(f"ACME_ROOT_CA: expected one of {', '.join(sorted(ACME_CAS))} or an https:// "
                     f"directory URL, got {value!r}")
@@ -1084,7 +1152,7 @@ def nginx_listen_lines(s, https):
     if not setting_bool(s, "DISABLE_IPV6"):
         addrs.append(setting(s, "NGINX_IPV6_ADDRESS"))
     for a in addrs:
-        if not IP_RE.match(a):
+        if not IP_RE.fullmatch(a):
             raise PikuError(f"nginx listen address {a!r} is not an IP address")
     return [f"  listen {a}:{port}{flag};" for port, flag in ports for a in addrs]
 
@@ -1157,10 +1225,10 @@ def render_nginx(n):
         lines.append(f"  include {os.path.join(n['app_dir'], safe_path(include, 'NGINX_INCLUDE_FILE'))};")
     statics = parse_static_paths(s.get("NGINX_STATIC_PATHS", ""))
     if "static" in n["kinds"] and not any(url == "/" for url, _ in statics):
-        statics.append(("/", safe_path(n["kinds"]["static"], "static")))
+        statics.append(("/", static_dir(n["kinds"])))
     catch_all = render_catch_all(s["NGINX_CATCH_ALL"]) if s.get("NGINX_CATCH_ALL") else None
     for url, path in statics:
-        target = path if path.startswith("/") else os.path.join(n["app_dir"], path)
+        target = path if path.startswith("/") else os.path.normpath(os.path.join(n["app_dir"], path))
         slash = "/" if url.endswith("/") else ""
         # What a static location lacks: for "/" the app behind it, else the catch-all page (a
         # single-page app), else a 404 (a static prefix is nginx's alone).
@@ -1203,16 +1271,22 @@ def render_nginx_backend(n, cache, static_root=False):
 
 def render_catch_all(value):
     target = value if value.startswith("/") else "/" + value
-    if not URL_PREFIX_RE.match(target):
+    if not URL_PREFIX_RE.fullmatch(target):
         raise PikuError(f"NGINX_CATCH_ALL: {value!r} is not a path")
     return target
+
+
+def static_dir(workers):
+    """The Procfile's `static:` directory, always inside the app (as in the original piku:
+    `static: /` is the app's top directory, never the server's root)."""
+    return safe_path(workers["static"].strip().strip("/") or ".", "static")
 
 
 def parse_url_prefixes(value, key):
     """'/a,/b' -> ['/a', '/b']; anything that is not a plain /path raises."""
     urls = [u for u in (value or "").split(",") if u]
     for u in urls:
-        if not URL_PREFIX_RE.match(u):
+        if not URL_PREFIX_RE.fullmatch(u):
             raise PikuError(f"{key}: {u!r} is not a /path")
     return urls
 
@@ -1465,6 +1539,17 @@ def ensure_dirs(*dirs):
         os.makedirs(d, exist_ok=True)
 
 
+def private_dirs(*dirs):
+    """Make dirs 0750 (the piku user's; its group may read; other users nothing), and take
+    group write and every right of other users away from existing ones (earlier versions made
+    them 0755: any local user could read an app's data and logs)."""
+    for d in dirs:
+        os.makedirs(d, mode=0o750, exist_ok=True)
+        mode = os.stat(d).st_mode & 0o7777
+        if mode & 0o027:
+            os.chmod(d, mode & ~0o027)
+
+
 def remove_path(path):
     import shutil
     if os.path.isdir(path) and not os.path.islink(path):
@@ -1507,7 +1592,7 @@ def vassal_belongs(text, paths, app):
     """A vassal ini belongs to app iff its chdir is that app's directory or one of its releases
     (exact, no prefix: app `a` never owns `ab`'s files)."""
     want, releases = os.path.join(paths.apps, app), os.path.join(paths.releases, app)
-    for line in (text or "").splitlines():
+    for line in split_lines(text or ""):
         key, sep, value = line.partition("=")
         if sep and key.strip() == "chdir":
             value = value.strip().rstrip("/")
@@ -1528,7 +1613,7 @@ def vassals_of(paths, app, directory=None):
 
 def known_apps(paths):
     try:
-        return sorted(n for n in os.listdir(paths.repos) if APP_NAME_RE.match(n)
+        return sorted(n for n in os.listdir(paths.repos) if APP_NAME_RE.fullmatch(n)
                       and os.path.isdir(os.path.join(paths.repos, n)))
     except FileNotFoundError:
         return []
@@ -1557,6 +1642,115 @@ def load_live_env(paths, app):
 
 def load_scaling(paths, app):
     return parse_scaling(read_text(os.path.join(paths.envs, app, "SCALING"), ""))
+
+
+# Repository files piku reads itself (requirements files included by these are added).
+REPO_FILES = ("Procfile", "ENV", "requirements.txt", "pyproject.toml", "uv.lock", ".python-version")
+
+
+def protect_repo_env(release_dir):
+    """The committed ENV may hold secrets: mode 0600, so nginx never serves it. Committed as a
+    link, the file it leads to is protected if it is in the release; nothing outside the
+    release is ever touched (check_repo_links refuses that link later)."""
+    real, top = os.path.realpath(os.path.join(release_dir, "ENV")), os.path.realpath(release_dir)
+    if real.startswith(top + os.sep) and os.path.isfile(real):
+        os.chmod(real, 0o600)
+
+
+def check_repo_path(release_dir, rel, kind="file"):
+    """Refuse rel (relative to the release) when it leads outside the release (a committed
+    symbolic link, or `..`) or exists as something other than a `kind` ('file', 'directory';
+    None: either). The target is never named nor read: the error must not show what lies
+    outside."""
+    path = os.path.join(release_dir, rel)
+    if not os.path.lexists(path):
+        return
+    top = os.path.realpath(release_dir)
+    if not (os.path.realpath(path) + os.sep).startswith(top + os.sep):
+        raise PikuError(f"{rel} leads outside the repository (a symbolic link or `..`): refused; "
+                        f"commit the {kind or 'package'} itself")
+    if kind and not (os.path.isdir(path) if kind == "directory" else os.path.isfile(path)):
+        raise PikuError(f"{rel} is not a {kind}")
+
+
+def check_repo_links(release_dir):
+    """Before piku reads the pushed files: each one it reads (REPO_FILES, the files
+    requirements.txt includes, recursively) is a regular file inside the release, and the
+    local packages they install from (`./lib`, uv.lock's path sources) are in it too."""
+    pending, requirements, done = list(REPO_FILES), {"requirements.txt"}, set()
+    while pending and len(done) < 100:
+        rel = pending.pop(0)
+        if rel in done:
+            continue
+        done.add(rel)
+        check_repo_path(release_dir, rel)
+        text = read_text(os.path.join(release_dir, rel), "") if os.path.isfile(os.path.join(release_dir, rel)) else ""
+        if rel in requirements:
+            for inc in parse_requirement_includes(text):
+                if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:|/", inc):  # (URLs, absolute paths)
+                    inc = os.path.normpath(os.path.join(os.path.dirname(rel), inc))
+                    requirements.add(inc)
+                    pending.append(inc)
+        local = parse_requirement_local_paths(text) if rel in requirements else \
+            parse_lock_local_sources(text) if rel == "uv.lock" else []
+        for src in local:
+            if not src.startswith("/"):
+                check_repo_path(release_dir, os.path.normpath(os.path.join(os.path.dirname(rel), src)), None)
+
+
+def owner_only_problem(path):
+    """None if nobody but root and the piku user can change the file at the absolute `path`:
+    it is a regular file of the piku user, writable by it alone, and no directory or
+    symbolic link on the way to it (followed or not) is another user's or open to others
+    (a sticky directory such as /tmp excepted). Else what is wrong, in a few words."""
+    import stat
+    me = os.getuid()
+    try:
+        for candidate in dict.fromkeys((os.path.normpath(path), os.path.realpath(path))):
+            parts = candidate.strip("/").split("/")
+            for i, name in enumerate(parts):
+                parent = "/" + "/".join(parts[:i])
+                pst, est = os.stat(parent), os.lstat(os.path.join(parent, name))
+                if pst.st_uid not in (0, me) or (pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX):
+                    return f"other users can change {parent}"
+                if stat.S_ISLNK(est.st_mode) and est.st_uid not in (0, me):
+                    return f"{os.path.join(parent, name)} is another user's symbolic link"
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "it does not exist"
+    except OSError as e:
+        return f"it cannot be checked ({e.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    if st.st_uid != me or st.st_mode & 0o022:
+        return "it is not a file only the piku user can write"
+    return None
+
+
+INCLUDE_SETTINGS = ("UWSGI_INCLUDE_FILE", "NGINX_INCLUDE_FILE")
+
+
+def check_app_paths(release_dir, workers, settings):
+    """Paths the settings and the Procfile make uWSGI and nginx read: include files relative
+    to the app stay inside the release (checked when there is one), absolute ones are files
+    only the piku user can change (never another user's: uWSGI would run its `exec-*`
+    options as the piku user); static directories in the release do not lead outside it."""
+    for key in INCLUDE_SETTINGS:
+        value = settings.get(key)
+        if not value:
+            continue
+        safe_path(value, key)
+        if value.startswith("/"):
+            problem = owner_only_problem(value)
+            if problem:
+                raise PikuError(f"{key}: {value} is refused: {problem}. Use a file in the app's "
+                                "repository (a path relative to it), or one the piku user owns")
+        elif release_dir:
+            check_repo_path(release_dir, value)
+    statics = [d for _, d in parse_static_paths(settings.get("NGINX_STATIC_PATHS", ""))]
+    for rel in statics + ([static_dir(workers)] if "static" in (workers or {}) else []):
+        if release_dir and not rel.startswith("/"):
+            check_repo_path(release_dir, rel.rstrip("/") or ".", "directory")
 
 
 def free_port(bind):
@@ -1623,11 +1817,24 @@ def find_uv(env, environ):
     return None
 
 
+# What build tools (uv, pip, virtualenv, the interpreter) get: from the server's environment,
+# the basics, locale, proxies and certificates; from the app's settings only what configures
+# them (never all settings: a big value would keep them from starting, and HOME, USER and the
+# other computed names are piku's, not the repo ENV's). PIKU_* settings are piku's own.
+PROXY_NAMES = tuple(n for p in ("http", "https", "no", "all") for n in (f"{p}_proxy", f"{p.upper()}_PROXY"))
+BUILD_SERVER_NAMES = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+                      "SSL_CERT_FILE", "SSL_CERT_DIR") + PROXY_NAMES
+BUILD_SETTING_NAMES = ("SSL_CERT_FILE", "SSL_CERT_DIR") + PROXY_NAMES
+BUILD_PREFIXES = ("UV_", "PIP_", "VIRTUALENV_")
+
+
 def build_env(paths, app, settings, environ):
-    """Environment for build tools: no git hook variables, the app's settings, uv's paths."""
-    env = clean_env(environ)
-    env.pop("VIRTUAL_ENV", None)
-    env.update(settings)
+    """Environment for build tools: the server's basics (no git hook variables), the app's
+    build settings, uv's paths (see BUILD_SERVER_NAMES)."""
+    env = {k: v for k, v in clean_env(environ).items()
+           if k in BUILD_SERVER_NAMES or k.startswith(BUILD_PREFIXES + ("LC_", "XDG_"))}
+    env.update({k: v for k, v in settings.items() if k in BUILD_SETTING_NAMES or k.startswith(BUILD_PREFIXES)
+                or (k.startswith("PIKU_") and k in SETTING)})
     env["PATH"] = settings.get("PATH") or env.get("PATH") or os.defpath
     env.setdefault("UV_PYTHON_PREFERENCE", DEFAULTS["UV_PYTHON_PREFERENCE"])
     env.setdefault("UV_CACHE_DIR", paths.uv_cache)
@@ -1665,15 +1872,15 @@ def python_request(settings, release_dir):
     return None, None
 
 
-ENTRY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-ENTRY_TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+ENTRY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+ENTRY_TARGET_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 def parse_project_scripts(pyproject_text):
     """[project.scripts] of a pyproject.toml -> ({name: 'module:attr'}, [problems])."""
     table, problems = {}, []
     section = None
-    for raw in (pyproject_text or "").splitlines():
+    for raw in split_lines(pyproject_text or ""):
         line = raw.split(" #")[0].strip()
         if line.startswith("["):
             section = line.strip("[] ").replace(" ", "")
@@ -1683,7 +1890,7 @@ def parse_project_scripts(pyproject_text):
         name, _, value = line.partition("=")
         name, value = name.strip().strip("\"'"), value.strip().strip("\"'")
         target = value.split("[")[0].strip()  # `mod:func [extra]`
-        if ENTRY_NAME_RE.match(name) and ENTRY_TARGET_RE.match(target):
+        if ENTRY_NAME_RE.fullmatch(name) and ENTRY_TARGET_RE.fullmatch(target):
             table[name] = target
         else:
             problems.append(f"[project.scripts] {name} = {value!r} is not `module:function`: skipped")
@@ -1777,7 +1984,7 @@ def python_satisfies(version, request):
         want = tuple(int(x) for x in request.rstrip("t").split("."))
         return have[:len(want)] == want
     for clause in request.split(","):
-        m = re.match(r"^(==|!=|<=|>=|~=|<|>)(\d+(?:\.\d+)*)(\.\*)?$", clause.strip())
+        m = re.fullmatch(r"(==|!=|<=|>=|~=|<|>)(\d+(?:\.\d+)*)(\.\*)?", clause.strip())
         if not m:
             return False
         op, ver, star = m.group(1), tuple(int(x) for x in m.group(2).split(".")), m.group(3)
@@ -2340,9 +2547,7 @@ def new_release(paths, app, rev, ref, environ):
         raise
     finally:
         remove_path(env["GIT_INDEX_FILE"])
-    env_file = os.path.join(target, "ENV")
-    if os.path.isfile(env_file) and not os.path.islink(env_file):
-        os.chmod(env_file, 0o600)  # settings may hold secrets; nginx never serves it
+    protect_repo_env(target)
     return rid, target
 
 
@@ -2350,10 +2555,12 @@ def build_release(paths, app, rev, ref, environ):
     """A new release of rev: code checked out, dependencies built; recorded as `built`."""
     rid, release_dir = new_release(paths, app, rev, ref, environ)
     try:
+        check_repo_links(release_dir)
         workers, warnings = read_procfile(release_dir)
         for w in warnings:
             warn(w)
         settings = release_settings(paths, app, release_dir, environ)
+        check_app_paths(release_dir, workers, settings)
         live = live_record(paths, app)
         b = Build(paths, app, release_dir, settings, workers, environ, live._asdict() if live else None)
         ensure_data_dirs(paths, app)  # the release command may write there
@@ -2453,6 +2660,7 @@ def plan_target(paths, app, release, environ, op, scaling=None):
     import time
     workers, _ = read_procfile(release.dir)
     settings = release_settings(paths, app, release.dir, environ)
+    check_app_paths(release.dir, workers, settings)
     names = split_names(settings.get("NGINX_SERVER_NAME", ""))
     scaling = scaling or plan_scaling(workers, load_scaling(paths, app), bool(names))
     live = live_state(paths, app)
@@ -2629,12 +2837,14 @@ def env_file_base(paths, app, environ):
 
 
 def read_repo_env(paths, app, release_dir, base):
-    return parse_env(read_text(os.path.join(release_dir, "ENV"), "") if release_dir else "", base,
-                     source="ENV (in the repo)")
+    env = parse_env(read_text(os.path.join(release_dir, "ENV"), "") if release_dir else "", base,
+                    source="ENV (in the repo)")
+    check_env_limits(env, "ENV (in the repo)")
+    return env
 
 
 def ensure_data_dirs(paths, app):
-    ensure_dirs(os.path.join(paths.data, app), os.path.join(paths.logs, app))
+    private_dirs(os.path.join(paths.data, app), os.path.join(paths.logs, app))
 
 
 def process_env(env, kind, index=1, environ=None):
@@ -3862,11 +4072,13 @@ def stop_app(paths, app):
 
 
 def destroy_app(paths, app):
-    """Remove an app's code, repo, env, logs, releases, state, vassals and nginx files; returns
-    once its workers have stopped."""
+    """Remove an app's code, repo, env, logs, releases, state, vassals and nginx files, once its
+    workers have stopped (they work in those directories until then)."""
     names, fifos = stop_app(paths, app)
     wait_masters_gone(fifos)
-    wait_workers_gone(app, names)
+    left = wait_workers_gone(app, names)
+    if left:
+        warn(f"still stopping after 30s: {', '.join(left)} (the emperor stops them); removing the files anyway")
     for name in vassals_of(paths, app, paths.uwsgi_available):
         remove_path(os.path.join(paths.uwsgi_available, name))
     removed = []
@@ -3957,7 +4169,7 @@ def git_hook(paths, app, lines, environ):
     """pre-receive: build and deploy the pushed revision before git accepts it."""
     updates = []
     for line in lines:
-        parts = line.split()
+        parts = line.split(" ")  # `old new ref`: a ref name has no spaces, but may have other blanks
         if len(parts) == 3:
             updates.append(tuple(parts))
     with AppLock(paths, app):
@@ -4012,12 +4224,14 @@ def head_rev(paths, app):
 def add_ssh_key(key_text, paths):
     """Validate a public key with ssh-keygen and append it once to ~/.ssh/authorized_keys."""
     import tempfile
-    lines = [l.strip() for l in key_text.splitlines() if l.strip() and not l.startswith("#")]
+    lines = [l.strip() for l in split_lines(key_text) if l.strip() and not l.startswith("#")]
     if len(lines) != 1:
         raise PikuError("expected exactly one public key line")
-    parts = lines[0].split()
-    if len(parts) < 2 or not re.match(r"^(ssh-|ecdsa-|sk-)[\w@.-]+$", parts[0]) or \
-            not re.match(r"^[A-Za-z0-9+/=]+$", parts[1]):
+    parts = lines[0].split()  # (any blank, \u2028 too, becomes one space in authorized_keys)
+    if not " ".join(parts).isprintable():
+        raise PikuError("the public key line has control characters")
+    if len(parts) < 2 or not re.fullmatch(r"(ssh-|ecdsa-|sk-)[\w@.-]+", parts[0]) or \
+            not re.fullmatch(r"[A-Za-z0-9+/=]+", parts[1]):
         raise PikuError("not a public key: expected 'type base64 [comment]' (options are not allowed)")
     with tempfile.NamedTemporaryFile("w", suffix=".pub") as f:
         f.write(lines[0] + "\n")
@@ -4031,7 +4245,7 @@ def add_ssh_key(key_text, paths):
     os.chmod(ssh_dir, 0o700)
     auth = os.path.join(ssh_dir, "authorized_keys")
     existing = read_text(auth, "")
-    if any(f" {parts[0]} {parts[1]}" in f" {l}" for l in existing.splitlines()):
+    if any(f" {parts[0]} {parts[1]}" in f" {l}" for l in split_lines(existing)):
         return fp, False
     line = render_authorized_key(sys.executable, os.path.abspath(__file__), paths.root,
                                  " ".join(parts))
@@ -4081,11 +4295,10 @@ def print_logs(paths, app, process, lines, follow):
 
 
 def running_workers():
-    """{'app:kind.n': pids of its uWSGI master's children} for every vassal master of this user
-    running (found by process title: another user's piku may have apps of the same names). A
+    """{'app:kind.n': pids of its uWSGI master's children} for every vassal master running
+    (found by process title) as this user: another user's process may take any title. A
     master with no child runs nothing (its daemon is down)."""
-    out = {}
-    me = os.getuid()
+    out, me = {}, os.getuid()
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
@@ -4129,7 +4342,7 @@ def worker_up(running, name, kind):
 # === 14. CLI ===
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 120, "terminal_width": 120}
-BUILD_KEYS_RE = re.compile(r"^(PYTHON_VERSION|UV_\w+|PATH|PIKU_PYUWSGI|PIKU_USE_UV)$")
+BUILD_KEYS_RE = re.compile(r"(PYTHON_VERSION|UV_\w+|PATH|PIKU_PYUWSGI|PIKU_USE_UV)")
 
 
 def P():
@@ -4194,7 +4407,7 @@ def cmd_config_unset(app, keys):
     paths = P()
     app = app_must_exist(paths, app)
     for key in keys:
-        if not ENV_KEY_RE.match(key):
+        if not ENV_KEY_RE.fullmatch(key):
             raise PikuError(f"invalid key {key!r}")
     present = set(load_config(paths, app))
     for key in sorted(set(keys) - present):
@@ -4213,12 +4426,13 @@ def apply_config(paths, app, change, keys):
         config_file = os.path.join(paths.envs, app, "ENV")
         old_text = read_text(config_file)
         new = change(old)
-        validate_settings(new)
+        validate_settings(new, "config:set")
+        check_app_paths(live_release(paths, app), None, new)
         write_config(paths, app, new)
         for key in sorted(keys):
             detail(f"{key}: {'set' if key in new else 'unset'}")
         try:
-            if any(BUILD_KEYS_RE.match(k) for k in keys) and live_release(paths, app):
+            if any(BUILD_KEYS_RE.fullmatch(k) for k in keys) and live_release(paths, app):
                 step("A build setting changed: redeploying")
                 rev, ref = redeploy_rev(paths, app)
                 deploy(paths, app, rev, ref, os.environ)
@@ -4617,7 +4831,7 @@ def cmd_scp(args):
         path = home_rel if home_rel.startswith(data + os.sep) else os.path.realpath(os.path.join(data, target))
     rel = os.path.relpath(path, data)
     app = rel.split(os.sep)[0]
-    if rel.startswith("..") or rel == "." or not APP_NAME_RE.match(app) \
+    if rel.startswith("..") or rel == "." or not APP_NAME_RE.fullmatch(app) \
             or not os.path.isdir(os.path.join(data, app)):
         raise PikuError(f"refused: scp only reaches an app's data directory ({paths.data}/<app>/...)")
     os.execvp("scp", ["scp"] + flags + ["--", path])
@@ -4627,7 +4841,7 @@ def cmd_scp(args):
 @click.argument("app")
 def cmd_git_hook(app):
     paths = P()
-    git_hook(paths, parse_app_name(app), sys.stdin.read().splitlines(), dict(os.environ))
+    git_hook(paths, parse_app_name(app), split_lines(sys.stdin.read()), dict(os.environ))
 
 
 def claim_cron_minute(paths, app, worker, now):
@@ -4860,7 +5074,7 @@ def client_init(args):
             files[f"{n}/wsgi.py"] = ""
     app = os.path.basename(here)
     starters = {"Procfile": render_starter_procfile(files),
-                "ENV": render_starter_env(app if APP_NAME_RE.match(app) else "myapp")}
+                "ENV": render_starter_env(app if APP_NAME_RE.fullmatch(app) else "myapp")}
     for name, text in starters.items():
         path = os.path.join(here, name)
         if os.path.exists(path):

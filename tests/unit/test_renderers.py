@@ -34,7 +34,8 @@ def test_wsgi_vassal_defaults():
     ("UWSGI_LOG_X_FORWARDED_FOR", "true", "log-x-forwarded-for = true"),
     ("UWSGI_IDLE", "60", "idle = 60"), ("UWSGI_LOG_MAXSIZE", "99", "log-maxsize = 99"),
     ("BIND_ADDRESS", "0.0.0.0", "http-socket = 0.0.0.0:5000"),
-    ("UWSGI_INCLUDE_FILE", "extra/uwsgi.ini", "ini = extra/uwsgi.ini")])
+    ("UWSGI_INCLUDE_FILE", "extra/uwsgi.ini", "ini = /srv/piku/apps/demo/extra/uwsgi.ini"),
+    ("UWSGI_INCLUDE_FILE", "/etc/piku/u.ini", "ini = /etc/piku/u.ini")])
 def test_wsgi_vassal_settings(key, value, line):
     assert line in vassal(settings={key: value})
 
@@ -439,7 +440,7 @@ def test_computed_env_src_layout():
                                        ("*.example.com", "piku-probe.example.com"), ("_", "_")])
 def test_probe_host_is_routed_to_the_server_name(name, host):
     assert piku.probe_host(name) == host
-    assert piku.HOSTNAME_RE.match(piku.probe_host(name))
+    assert piku.HOSTNAME_RE.fullmatch(piku.probe_host(name))
 
 
 def test_server_name_owners_from_rendered_confs():
