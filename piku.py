@@ -666,7 +666,6 @@ def validate_settings(settings):
         value = settings.get(s.name, "")
         if s.check and value != "":
             s.check(value, s.name)
-    served_names(settings)  # (NGINX_REDIRECT names must be the app's own)
     return settings
 
 
@@ -2724,23 +2723,25 @@ def app_confs(paths):
 
 
 def default_server_text(paths, candidate=None):
-    """nginx/_default.conf for the addresses the apps' configs on disk listen on, and those of a
-    `candidate` {app: text} about to be written (until the next change, the old ones stay
-    covered too: a deploy that is rolled back never leaves an address without it)."""
-    confs = list(app_confs(paths).values()) + [t for t in (candidate or {}).values() if t]
+    """nginx/_default.conf for the addresses the apps' configs listen on: those on disk, with
+    a `candidate` {app: text, or None for none} about to be written in place of its own."""
+    confs = {**app_confs(paths), **(candidate or {})}
     features = nginx_features(paths)
-    listens = plan_default_listens(confs, foreign_default_listens(paths, features))
+    listens = plan_default_listens([t for t in confs.values() if t], foreign_default_listens(paths, features))
     cert = None
     if any("ssl" in f for f in listens.values()) and not nginx_has(features, NGINX_REJECT_HANDSHAKE):
         cert = ensure_default_certificate(paths)
     return render_default_server(listens, features, cert)
 
 
-def write_default_server(paths, candidate=None):
-    """(Re)write piku's http-level files in nginx/: _piku.conf and the default server."""
-    write_atomic(os.path.join(paths.nginx, "_piku.conf"), render_nginx_map(), only_if_changed=True)
-    return write_atomic(os.path.join(paths.nginx, "_default.conf"), default_server_text(paths, candidate),
-                        only_if_changed=True)
+def write_default_server(paths, candidate=None, undo=None):
+    """(Re)write piku's http-level files in nginx/: _piku.conf and the default server; their
+    previous contents go into a deploy's `undo` record (a rollback puts them back)."""
+    for name, text in (("_piku.conf", render_nginx_map()), ("_default.conf", default_server_text(paths, candidate))):
+        path = os.path.join(paths.nginx, name)
+        if undo is not None:
+            undo["files"].setdefault(path, read_text(path))
+        write_atomic(path, text, only_if_changed=True)
 
 
 def self_signed(names, days=3650):
@@ -2830,10 +2831,10 @@ def nginx_inputs(plan):
             "htpasswd": os.path.join(p.nginx, f"{app}.htpasswd") if htpasswd_text(plan) else None}
 
 
-def write_nginx_companions(plan, text):
+def write_nginx_companions(plan, text, undo=None):
     """Before the app's nginx config `text` (None: none) is written: the files it refers to
     (password file, log files, capped at NGINX_LOG_MAXSIZE) and the default server for the
-    addresses it listens on."""
+    addresses it listens on, whose previous text goes into a deploy's `undo`."""
     import stat
     p, app, s = plan["paths"], plan["app"], plan["settings"]
     pw = os.path.join(p.nginx, f"{app}.htpasswd")
@@ -2843,14 +2844,15 @@ def write_nginx_companions(plan, text):
         if not os.stat(p.nginx).st_mode & stat.S_ISGID:
             warn(f"NGINX_BASIC_AUTH: {p.nginx} does not have nginx's group, so nginx may not read {app}'s "
                  "password file (answering 500): see docs/INSTALL.md, section 5")
-    elif os.path.exists(pw) and pw not in read_text(os.path.join(p.nginx, f"{app}.conf"), ""):
-        os.unlink(pw)
+    elif os.path.exists(pw):  # the live config may still name it until nginx reloads: emptied first
+        live = pw in read_text(os.path.join(p.nginx, f"{app}.conf"), "")
+        write_atomic(pw, "", mode=0o640) if live else os.unlink(pw)
     if text is not None:
         cap_nginx_logs(p, app, setting_int(s, "NGINX_LOG_MAXSIZE"))
         if setting_count(s, "NGINX_HSTS") and (read_cert_record(p, app) or {}).get("source") == "self-signed":
             warn("NGINX_HSTS is set but the certificate is self-signed: browsers that saw the header "
                  "refuse the site until a CA-signed certificate is served")
-    write_default_server(p, {app: text})
+    write_default_server(p, {app: text}, undo)
 
 
 def cap_nginx_logs(paths, app, maxsize):
@@ -2916,7 +2918,7 @@ def wait_for_maintenance(plan, on, timeout=10.0):
     served = served_names(plan["settings"])[0]
     if not served or not nginx_binary():
         return
-    if not challenge_served(plan, probe_host(served[0]), timeout,
+    if not challenge_served(plan, probe_host(served[0]), timeout, settle=0.5,
                             want=lambda resp: (resp.getheader("X-Piku-Maintenance") == "on") == on):
         warn(f"nginx has not loaded {plan['app']}'s config after {timeout:.0f}s: is it reloaded when "
              f"{plan['paths'].nginx} changes? See docs/TROUBLESHOOTING.md")
@@ -2982,6 +2984,7 @@ class MaintenanceDuringRelease:
             remove_path(self.conf)
         else:
             write_atomic(self.conf, self.before)
+        write_default_server(self.plan["paths"])
         self.conf = None
         return False
 
@@ -3074,10 +3077,11 @@ def find_acme_client(settings):
     return None
 
 
-def challenge_served(plan, name, timeout=15.0, want=None):
+def challenge_served(plan, name, timeout=15.0, want=None, settle=0.0):
     """True once nginx serves acme/<app>/.well-known/acme-challenge/ for `name` (nginx reloads a
     moment after its config is written, and the CA must find the challenge there), with a
-    response `want(response)` accepts."""
+    response `want(response)` accepts, on every connection for `settle` seconds (right after a
+    reload, a worker with the old config may still take a connection or two)."""
     import http.client
     import secrets
     import time
@@ -3087,19 +3091,22 @@ def challenge_served(plan, name, timeout=15.0, want=None):
     token = "piku-probe-" + secrets.token_hex(8)
     write_atomic(os.path.join(d, token), token)
     addr = connect_host(setting(s, "NGINX_IPV4_ADDRESS"))
-    deadline = time.monotonic() + timeout
+    deadline, good_since = time.monotonic() + timeout, None
     try:
         while time.monotonic() < deadline:
+            ok = False
             try:
                 conn = http.client.HTTPConnection(addr, setting_int(s, "NGINX_HTTP_PORT"), timeout=2)
                 conn.request("GET", f"/.well-known/acme-challenge/{token}", headers={"Host": name})
                 resp = conn.getresponse()
-                if resp.status == 200 and resp.read().decode("ascii", "replace").strip() == token \
-                        and (want is None or want(resp)):
-                    return True
+                ok = resp.status == 200 and resp.read().decode("ascii", "replace").strip() == token \
+                    and (want is None or want(resp))
             except OSError:
                 pass
-            time.sleep(0.2)
+            good_since = (good_since or time.monotonic()) if ok else None
+            if ok and time.monotonic() - good_since >= settle:
+                return True
+            time.sleep(0.02 if ok else 0.2)
         return False
     finally:
         remove_path(os.path.join(d, token))
@@ -3324,7 +3331,7 @@ def activate(plan, switch=True, restart="auto"):
     for name in stale:
         remove_path(os.path.join(p.uwsgi_enabled, name))
         remove_path(os.path.join(p.uwsgi_available, name))
-    write_nginx_companions(plan, nginx_text)
+    write_nginx_companions(plan, nginx_text, undo)
     if nginx_text is not None:
         write_atomic(nginx_conf, nginx_text, only_if_changed=True)
     elif os.path.exists(nginx_conf):
@@ -4033,6 +4040,7 @@ def apply_config(paths, app, change, keys):
         old_text = read_text(config_file)
         new = change(old)
         validate_settings(new)
+        served_names({**live_settings(paths, app, check=False), **new})  # (with the repo's ENV too)
         write_config(paths, app, new)
         for key in sorted(keys):
             detail(f"{key}: {'set' if key in new else 'unset'}")
@@ -4135,11 +4143,12 @@ def cmd_ps(app):
                    + ": nginx answers 503 for the app's names")
 
 
-def live_settings(paths, app):
+def live_settings(paths, app, check=True):
     """The settings the live release runs with (repo ENV < config), without building."""
     release = live_release(paths, app)
     repo_env = read_repo_env(paths, app, release, env_file_base(paths, app, os.environ))
-    return validate_settings({**repo_env, **load_config(paths, app)})
+    settings = {**repo_env, **load_config(paths, app)}
+    return validate_settings(settings) if check else settings
 
 
 @cli.command("certs")

@@ -264,6 +264,7 @@ def test_redirect_server_keeps_scheme_path_and_query():
 def test_redirects_are_validated_with_the_names(settings, message):
     with pytest.raises(PikuError, match=message):
         piku.validate_settings(settings)
+        piku.served_names(settings)  # (config:set checks with the repo's ENV, a deploy when rendering)
 
 
 def test_maintenance_answers_503_and_keeps_acme():
@@ -301,6 +302,8 @@ def test_good_front_door_values_pass():
                             "NGINX_HSTS": "true", "NGINX_ALLOW": "127.0.0.1 10.0.0.0/8,[::1]",
                             "NGINX_BASIC_AUTH": f"ann:{APR1},bob:{BCRYPT},cy:{SHA512}",
                             "NGINX_SERVER_NAME": "a.test www.a.test", "NGINX_REDIRECT": "WWW.a.test:a.test"})
+    assert piku.served_names({"NGINX_SERVER_NAME": "a.test www.a.test", "NGINX_REDIRECT": "WWW.a.test:a.test"}) \
+        == (["a.test"], [("www.a.test", "a.test")])
     piku.validate_settings({"NGINX_BASIC_AUTH": "deploy/htpasswd"})
 
 
