@@ -1270,8 +1270,7 @@ def render_server_settings(n):
     if setting_bool(s, "NGINX_GZIP"):
         pairs += [("gzip", "on"), ("gzip_vary", "on"), ("gzip_proxied", "any"), ("gzip_comp_level", "5"),
                   ("gzip_min_length", "256"), ("gzip_types", GZIP_TYPES)]
-    if n["cert"] and setting_count(s, "NGINX_HSTS"):
-        pairs.append(("add_header", f'Strict-Transport-Security "max-age={setting_count(s, "NGINX_HSTS")}" always'))
+    pairs += hsts_header(n)
     if n.get("htpasswd"):
         pairs += [("auth_basic", f'"{app}"'), ("auth_basic_user_file", n["htpasswd"])]
     if websocket_timeout(n):
@@ -1281,6 +1280,13 @@ def render_server_settings(n):
     if allow and not setting_bool(s, "NGINX_CLOUDFLARE_ACL"):  # (that list ends in its own deny)
         pairs.append(("deny", "all"))
     return render_directives(pairs, n.get("include_directives") or set())
+
+
+def hsts_header(n):
+    """NGINX_HSTS as an add_header pair (none without HTTPS). Locations with add_header lines
+    of their own (cache, maintenance) repeat it: nginx does not add server-level ones there."""
+    age = setting_count(n["settings"], "NGINX_HSTS") if n["cert"] else 0
+    return [("add_header", f'Strict-Transport-Security "max-age={age}" always')] if age else []
 
 
 def render_acme_location(n):
@@ -1306,7 +1312,8 @@ def render_maintenance(n):
              f"<p>{n['app']} is being updated. Please try again in a few minutes.</p>';"])
     return ["  error_page 503 @piku-maintenance;", "  location / { return 503; }",
             "  location @piku-maintenance {", f"    add_header Retry-After {MAINTENANCE_RETRY_AFTER} always;",
-            "    add_header X-Piku-Maintenance on always;"] + body + ["  }"]
+            "    add_header X-Piku-Maintenance on always;"] + render_directives(hsts_header(n), (), "    ") \
+        + body + ["  }"]
 
 
 def redirect_target(s, scheme, host):
@@ -1353,6 +1360,8 @@ def render_backend_tuning(n, location):
                                                                    ("send", "NGINX_PROXY_SEND_TIMEOUT")) if s.get(k)]
         if not setting_bool(s, "NGINX_PROXY_BUFFERING"):
             pairs.append((f"{module}_buffering", "off"))
+    if s.get("NGINX_CACHE_PREFIXES"):  # (the cache's add_header lines hide the server's)
+        pairs += hsts_header(n)
     lines = render_directives(pairs, n.get("include_directives") or set(), "    ")
     if ws and location != "@piku-websocket":
         lines.append('    if ($http_upgrade ~* "^websocket$") { return 418; }')
@@ -2436,9 +2445,10 @@ def setup_nginx(paths):
     except PikuError as e:
         notes.append(f"the default server was not written: {e}")
     features = nginx_features(paths)
-    for key, path in sorted(foreign_default_listens(paths, features).items()):
-        notes.append(f"nginx: {path} is the default server of {key}, so names no app has get its answer "
-                     "there, not piku's 404 (disable that site to change it)")
+    foreign = foreign_default_listens(paths, features)
+    for path in sorted(set(foreign.values())):
+        notes.append(f"nginx: {path} is the default server of {', '.join(sorted(k for k in foreign if foreign[k] == path))}"
+                     ": names no app has get its answer there, not piku's 404 (disable that site to change it)")
     if features and not share_nginx_dir(paths):
         group = nginx_worker_group(paths, features) or "www-data"
         notes.append(f"nginx: as root, give nginx's workers (group {group}) the app sockets: `chgrp {group} "
@@ -2693,16 +2703,18 @@ def nginx_features(paths):
 
 def nginx_main_confs(paths, features):
     """{path: text} of nginx's own config files (nginx.conf and what it includes), piku's
-    folder excepted; unreadable ones are skipped."""
+    folder excepted; unreadable ones count as empty."""
     import glob
     start = (features or {}).get("conf_path")
-    own, out, todo = os.path.realpath(paths.nginx), {}, [start] if start else []
+    own, seen, out, todo = os.path.realpath(paths.nginx), set(), {}, [start] if start else []
     while todo and len(out) < 500:
-        real = os.path.realpath(todo.pop(0))
-        if real in out or os.path.dirname(real) == own:
+        path = todo.pop(0)
+        real = os.path.realpath(path)
+        if real in seen or os.path.dirname(real) == own:
             continue
-        out[real] = read_quietly(real) or ""
-        for pattern in parse_nginx_conf_refs(out[real])[0]:
+        seen.add(real)
+        out[path] = read_quietly(real) or ""
+        for pattern in parse_nginx_conf_refs(out[path])[0]:
             todo += sorted(glob.glob(os.path.join(os.path.dirname(start), pattern)))
     return out
 
@@ -2848,11 +2860,29 @@ def write_nginx_companions(plan, text, undo=None):
         live = pw in read_text(os.path.join(p.nginx, f"{app}.conf"), "")
         write_atomic(pw, "", mode=0o640) if live else os.unlink(pw)
     if text is not None:
+        close_app_sockets(p, app)
         cap_nginx_logs(p, app, setting_int(s, "NGINX_LOG_MAXSIZE"))
         if setting_count(s, "NGINX_HSTS") and (read_cert_record(p, app) or {}).get("source") == "self-signed":
             warn("NGINX_HSTS is set but the certificate is self-signed: browsers that saw the header "
                  "refuse the site until a CA-signed certificate is served")
     write_default_server(p, {app: text}, undo)
+
+
+def close_app_sockets(paths, app):
+    """Sockets made by earlier piku versions (0666) outlive deploys (uWSGI keeps them across
+    reloads): once nginx/ has nginx's group (setgid), give them that group and mode 0660."""
+    import stat
+    folder = os.stat(paths.nginx)
+    if not folder.st_mode & stat.S_ISGID:
+        return  # (nginx may reach them only through the world bits: setup tells the admin)
+    for name in os.listdir(paths.nginx):
+        path = os.path.join(paths.nginx, name)
+        if re.fullmatch(re.escape(app) + r"\.\d+\.sock", name) and os.lstat(path).st_mode & 0o007:
+            try:
+                os.chown(path, -1, folder.st_gid)
+                os.chmod(path, 0o660)
+            except OSError:
+                continue
 
 
 def cap_nginx_logs(paths, app, maxsize):

@@ -124,7 +124,7 @@ def test_foreign_default_listens_follows_includes(tmp_path):
     (tmp_path / "piku" / "_default.conf").write_text("server {\n listen 0.0.0.0:8443 ssl default_server;\n}\n")
     paths = piku.paths_for(str(tmp_path))._replace(nginx=str(tmp_path / "piku"))
     found = piku.foreign_default_listens(paths, {"conf_path": str(tmp_path / "nginx.conf")})
-    assert found == {"0.0.0.0:80": os.path.realpath(tmp_path / "sites" / "default")}  # piku's own excluded
+    assert found == {"0.0.0.0:80": str(tmp_path / "sites" / "default")}  # piku's own excluded
     assert piku.foreign_default_listens(paths, None) == {}
 
 
@@ -224,6 +224,11 @@ def test_hsts_only_over_https_and_opt_in():
     assert 'add_header Strict-Transport-Security "max-age=31536000" always;' in nginx({"NGINX_HSTS": "true"}, cert=True)
     assert '"max-age=600"' in nginx({"NGINX_HSTS": "600"}, cert=True)
     assert "Strict-Transport-Security" not in nginx({"NGINX_HSTS": "0"}, cert=True)
+    # locations with add_header lines of their own repeat it (nginx would not add the server's)
+    cached = nginx({"NGINX_HSTS": "600", "NGINX_CACHE_PREFIXES": "/api"}, cert=True)
+    assert cached.count('add_header Strict-Transport-Security "max-age=600" always;') == 3  # server, /, @piku
+    down = nginx({"NGINX_HSTS": "600"}, cert=True, maintenance={"page": None})
+    assert down.count("Strict-Transport-Security") == 2
 
 
 def test_basic_auth_and_allow_list_spare_acme_challenges():
@@ -381,3 +386,26 @@ def test_maintenance_record_round_trip(tmp_path):
     assert piku.read_maintenance(paths, "demo")["by"] == "maintenance:on"
     piku.write_maintenance(paths, "demo", None)
     assert piku.read_maintenance(paths, "demo") is None
+
+
+def test_sockets_of_earlier_versions_are_closed_once_nginx_has_its_group(tmp_path):
+    import socket
+    import stat
+    paths = piku.paths_for(str(tmp_path))
+    os.makedirs(paths.nginx)
+    socks = []
+    for name in ("demo.1.sock", "demo2.1.sock"):
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(os.path.join(paths.nginx, name))
+        os.chmod(os.path.join(paths.nginx, name), 0o666)
+        socks.append(s)
+    try:
+        piku.close_app_sockets(paths, "demo")  # nginx/ without its group: left alone
+        assert stat.S_IMODE(os.stat(os.path.join(paths.nginx, "demo.1.sock")).st_mode) == 0o666
+        os.chmod(paths.nginx, 0o2755)
+        piku.close_app_sockets(paths, "demo")
+        assert stat.S_IMODE(os.stat(os.path.join(paths.nginx, "demo.1.sock")).st_mode) == 0o660
+        assert stat.S_IMODE(os.stat(os.path.join(paths.nginx, "demo2.1.sock")).st_mode) == 0o666  # not demo's
+    finally:
+        for s in socks:
+            s.close()
