@@ -1328,6 +1328,7 @@ def render_redirect_servers(n, redirects, listen):
     schemes = [sc for sc, on in (("http", any(" ssl" not in l for l in listen)), ("https", n["cert"])) if on]
     tls = [l for l in render_server_settings(n) if l.split()[0] in ("http2", "ssl_certificate",
                                                                    "ssl_certificate_key", "ssl_protocols")]
+    listen = [l.replace(" default_server;", ";") for l in listen]  # (an app named `_` is, not these)
     for src, dst in redirects:
         go = {sc: f"return 301 {redirect_target(s, sc, dst)}$request_uri;" for sc in schemes}
         where = (f"if ($scheme = https) {{ {go['https']} }} {go['http']}" if len(go) == 2 else next(iter(go.values())))

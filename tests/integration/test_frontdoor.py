@@ -406,3 +406,33 @@ def test_hostile_front_door_values_are_refused(server, front):
         assert r.returncode != 0 and r.stderr.count("\n") == 1, (kv, r.stderr)
         assert kv.split("=")[0] in r.stderr, (kv, r.stderr)
     assert server.tree() == before
+
+
+def test_what_older_nginx_gets_passes_this_nginx(tmp_path):
+    """nginx before 1.19.4 has no ssl_reject_handshake: the default server gets a certificate of
+    its own; and configs the original piku wrote (several spaces after `listen`) are checked on
+    test ports like piku's. This nginx must accept both, through the same `nginx -t` check."""
+    import shutil
+    import piku
+    paths = piku.paths_for(str(tmp_path / "root"))
+    piku.setup_tree(paths)
+    crt, key = piku.ensure_default_certificate(paths)
+    assert oct(os.stat(key).st_mode & 0o777) == "0o600"
+    original = (f"server {{\n  listen              0.0.0.0:80;\n  listen              [::]:443 ssl http2;\n"
+                f"  server_name         old.piku.test;\n  ssl_certificate     {crt};\n  ssl_certificate_key {key};\n"
+                "  location / { return 200 'old'; }\n}\n")
+    old_nginx = {"version": [1, 18, 0], "http2": True}
+    default = piku.render_default_server(piku.plan_default_listens([original], {}), old_nginx, (crt, key))
+    assert "ssl_certificate " in default and "ssl_reject_handshake" not in default
+    scratch = tmp_path / "check"
+    scratch.mkdir()
+    ports, confs = {}, []
+    for name, text in (("old.conf", original), ("_default.conf", default), ("_piku.conf", piku.render_nginx_map())):
+        confs.append(str(scratch / name))
+        (scratch / name).write_text(piku.relisten_for_check(text, ports, str(scratch / "logs.log")))
+    assert set(ports) == {"0.0.0.0:80", "[::]:443"}
+    (scratch / "nginx.conf").write_text(piku.render_nginx_check_conf(str(scratch), confs))
+    r = subprocess.run([need("nginx"), "-t", "-q", "-p", str(scratch), "-c", str(scratch / "nginx.conf"),
+                        "-e", str(scratch / "error.log")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -132,6 +132,8 @@ def test_an_app_named_underscore_is_the_default():
     conf = nginx({"NGINX_SERVER_NAME": "_"}, cert=True)
     assert "listen 0.0.0.0:80 default_server;" in conf and "listen 0.0.0.0:443 ssl http2 default_server;" in conf
     assert "default_server" not in nginx()
+    both = nginx({"NGINX_SERVER_NAME": "_ www.a.test", "NGINX_REDIRECT": "www.a.test:a.test"})
+    assert both.count("default_server") == 2  # (IPv4 and IPv6 of the app's block, not the redirect's)
 
 
 def test_check_relistens_any_spacing_and_moves_logs():
@@ -191,7 +193,7 @@ def test_front_door_defaults():
     ({"NGINX_PROXY_BUFFERING": "false"}, "    proxy_buffering off;", None),
     ({"NGINX_WEBSOCKET_TIMEOUT": "3600"}, "location @piku-websocket {", None),
     ({"NGINX_ALLOW": "127.0.0.1, 2001:db8::/32"}, "  allow 127.0.0.1/32;\n  allow 2001:db8::/32;\n  deny all;", None),
-    ({"NGINX_BASIC_AUTH": f"ann:{APR1}"}, None, None),
+    ({"NGINX_HSTS": "true"}, None, None),  # (no certificate: no HSTS; see below)
 ])
 def test_front_door_settings(settings, added, removed):
     default, conf = nginx(), nginx(settings)
@@ -409,3 +411,17 @@ def test_sockets_of_earlier_versions_are_closed_once_nginx_has_its_group(tmp_pat
     finally:
         for s in socks:
             s.close()
+
+
+def test_client_puts_the_app_into_maintenance_commands():
+    assert piku.plan_client_call("maintenance:on", ["--page", "down.html"], "demo") == \
+        ["maintenance:on", "demo", "--page", "down.html"]
+    assert piku.plan_client_call("maintenance:off", [], "demo") == ["maintenance:off", "demo"]
+
+
+def test_maintenance_commands_are_allowed_over_ssh_and_need_an_app(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PIKU_ROOT", str(tmp_path))
+    assert {"maintenance:on", "maintenance:off"} <= piku.SSH_ALLOWED
+    assert piku.main(["maintenance:on", "nope"]) == 1
+    assert "no such app: nope" in capsys.readouterr().err
+    assert piku.main(["maintenance:on", "../x"]) == 1
