@@ -647,6 +647,7 @@ SETTINGS = (
     S("PIKU_USE_UV", "true", v_bool, "build requirements.txt apps with uv (else virtualenv + pip)"),
     S("PIKU_PYUWSGI", "auto", v_choice("auto", "never", "always"), "serve wsgi with the venv's own uWSGI"),
     S("PIKU_UWSGI_PLUGIN_DIR", None, v_path, "where to look first for uWSGI's python3 plugin"),
+    S("PIKU_MAINTENANCE_DURING_RELEASE", "false", v_bool, "maintenance mode while `release:` runs"),
     # Python and uv
     S("PYTHON_VERSION", None, lambda v, k: parse_python_version(v), "the app's Python version"),
     S("UV_PYTHON_PREFERENCE", "managed", None, "where uv takes Pythons from"),
@@ -675,6 +676,17 @@ SETTINGS = (
     S("NGINX_CACHE_REDIRECTS", "3600", v_count_or_bool, "seconds cached redirects are valid"),
     S("NGINX_CACHE_ANY", "0", v_count_or_bool, "seconds other cached statuses are valid"),
     S("NGINX_CACHE_PATH", None, v_path, "where the cache lives"),
+    S("NGINX_CLIENT_MAX_BODY_SIZE", "64m", lambda v, k: parse_body_size(v, k), "largest request body"),
+    S("NGINX_PROXY_READ_TIMEOUT", None, v_int(1, 604800), "seconds nginx waits for the app's response"),
+    S("NGINX_PROXY_SEND_TIMEOUT", None, v_int(1, 604800), "seconds nginx waits to send the app a request"),
+    S("NGINX_PROXY_BUFFERING", "true", v_bool, "false: pass responses on as they come (streaming, SSE)"),
+    S("NGINX_WEBSOCKET_TIMEOUT", None, v_int(1, 604800), "idle seconds before a web app's WebSocket closes"),
+    S("NGINX_GZIP", "true", v_bool, "compress text responses"),
+    S("NGINX_HSTS", "0", v_count_or_bool, "Strict-Transport-Security max-age over HTTPS (0: off)"),
+    S("NGINX_BASIC_AUTH", None, lambda v, k: parse_basic_auth_setting(v, k), "user:hash list, or a file"),
+    S("NGINX_ALLOW", None, lambda v, k: parse_allow_list(v, k), "only these addresses/networks may connect"),
+    S("NGINX_REDIRECT", None, lambda v, k: parse_redirects(v, k), "from:to name pairs answered with a 301"),
+    S("NGINX_LOG_MAXSIZE", "10485760", v_int(0, 10**12), "cap of the app's nginx logs in bytes"),
     # uWSGI
     S("UWSGI_MAX_REQUESTS", "1024", v_int(0, 10**9), "recycle a worker after this many requests"),
     S("UWSGI_LISTEN", "16", v_int(1, 65535), "socket backlog"),
@@ -768,6 +780,7 @@ def setting_int(settings, key):
 
 # number-or-boolean settings: what `true` stands for
 COUNT_OR_BOOL = {"UWSGI_GEVENT": lambda s: 100, "NGINX_CACHE_ANY": lambda s: setting_int(s, "NGINX_CACHE_TIME"),
+                 "NGINX_HSTS": lambda s: 31536000,
                  "NGINX_CACHE_REDIRECTS": lambda s: setting_int(s, "NGINX_CACHE_TIME")}
 
 
@@ -887,7 +900,7 @@ def wsgi_pairs(v, inner=False):
              ("hook-pre-app", "chdir:" + worker_dir(v)),
              ("env", f"PROC_INDEX={v['index']}")]
     if v.get("socket"):
-        pairs += [("socket", v["socket"]), ("chmod-socket", "666")]
+        pairs += [("socket", v["socket"]), ("chmod-socket", "660")]  # nginx/ gives the group
     if v.get("check_socket"):  # in a 0700 directory: only piku reaches it
         pairs.append(("socket", v["check_socket"]))
     if setting_count(s, "UWSGI_GEVENT"):
@@ -1144,6 +1157,340 @@ def parse_openssl_enddate(text):
     return calendar.timegm(time.strptime(re.sub(r"\s+", " ", m.group(1)), "%b %d %H:%M:%S %Y"))
 
 
+# --- The front door: what nginx supports, and the settings that tune an app's server block.
+
+NGINX_HTTP2_DIRECTIVE = (1, 25, 1)  # `http2 on;` from here on; before, a flag of the listen line
+NGINX_REJECT_HANDSHAKE = (1, 19, 4)  # ssl_reject_handshake
+BODY_SIZE_RE = re.compile(r"[0-9]{1,9}[kKmMgG]?")
+HTPASSWD_USER_RE = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
+HTPASSWD_HASH_RE = re.compile(r"(?:\$apr1\$[./0-9A-Za-z]{1,8}\$[./0-9A-Za-z]{22}"  # htpasswd -m
+                              r"|\$2[aby]\$[0-9]{2}\$[./0-9A-Za-z]{53}"  # bcrypt (htpasswd -B)
+                              r"|\$5\$(?:rounds=[0-9]{1,9}\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{43}"
+                              r"|\$6\$(?:rounds=[0-9]{1,9}\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86})")
+NGINX_TOKEN_RE = re.compile(r"""\s+|#[^\n]*|"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'|[{};]|[^\s{};"']+""")
+LISTEN_RE = re.compile(r"^[ \t]*listen[ \t]+([^\s;]+)([^;\n]*);", re.M)
+NGINX_LOG_FILES = ("nginx.access.log", "nginx.error.log")
+MAINTENANCE_RETRY_AFTER = 120
+GZIP_TYPES = ("text/plain text/css text/xml text/javascript application/javascript application/json "
+              "application/xml application/rss+xml application/atom+xml image/svg+xml")
+
+
+def parse_nginx_v(text):
+    """`nginx -V` output -> {version: [1, 22, 1] or None, http2, ssl, conf_path}."""
+    text = text or ""
+    m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", text)
+    conf = re.search(r"--conf-path=(\S+)", text)
+    return {"version": [int(x) for x in m.groups()] if m else None,
+            "http2": "--with-http_v2_module" in text, "ssl": "--with-http_ssl_module" in text,
+            "conf_path": conf.group(1) if conf else None}
+
+
+def nginx_has(features, since):
+    """Is the installed nginx (features from parse_nginx_v; None: unknown) at least `since`?"""
+    version = (features or {}).get("version")
+    return bool(version) and tuple(version) >= since
+
+
+def http2_syntax(features):
+    """How this nginx turns HTTP/2 on: 'directive' (`http2 on;`), 'flag' (`listen ... ssl
+    http2`) or None (no HTTP/2 module, or nginx unknown)."""
+    if not (features or {}).get("http2") or not (features or {}).get("version"):
+        return None
+    return "directive" if nginx_has(features, NGINX_HTTP2_DIRECTIVE) else "flag"
+
+
+def parse_nginx_directive_names(text):
+    """Names of the directives an nginx snippet sets at its top level (not inside a block)."""
+    names, depth, expect = set(), 0, True
+    for m in NGINX_TOKEN_RE.finditer(text or ""):
+        tok = m.group(0)
+        if tok[0].isspace() or tok[0] == "#":
+            continue
+        if tok in ("{", "}", ";"):
+            depth += {"{": 1, "}": -1, ";": 0}[tok]
+            expect = True
+        elif expect:
+            if depth == 0:
+                names.add(tok)
+            expect = False
+    return names
+
+
+def listen_key(addr):
+    """A listen address as nginx compares them: `80` and `*:80` are 0.0.0.0:80; no port is 80."""
+    if addr.isdigit():
+        return f"0.0.0.0:{addr}"
+    if addr.startswith("*:"):
+        return "0.0.0.0:" + addr[2:]
+    if not addr.startswith("unix:") and (addr.endswith("]") or ":" not in addr):
+        return addr + ":80"
+    return addr
+
+
+def parse_listens(text):
+    """{address:port: set of flags} of the listen lines of an nginx config."""
+    out = {}
+    for addr, flags in LISTEN_RE.findall(text or ""):
+        out.setdefault(listen_key(addr), set()).update(flags.split())
+    return out
+
+
+def parse_nginx_conf_refs(text):
+    """(include patterns, address:ports a server marks as the default) of an nginx config."""
+    includes = re.findall(r"^[ \t]*include[ \t]+([^\s;]+)[ \t]*;", text or "", re.M)
+    defaults = {k for k, flags in parse_listens(text).items() if flags & {"default_server", "default"}}
+    return includes, defaults
+
+
+def parse_nginx_user(text):
+    """The group nginx's workers run as, from the `user USER [GROUP];` directive, or None."""
+    m = re.search(r"^[ \t]*user[ \t]+([^\s;]+)(?:[ \t]+([^\s;]+))?[ \t]*;", text or "", re.M)
+    return (m.group(2) or m.group(1)) if m else None
+
+
+def plan_default_listens(confs, taken):
+    """{address:port: flags} piku's default server listens on: every one an app's config (texts
+    `confs`) listens on, except those another server already is the default of (`taken`: an
+    app named `_`, or the admin's own default site)."""
+    listens = {}
+    for text in confs:
+        for key, flags in parse_listens(text).items():
+            listens.setdefault(key, set()).update(flags)
+    return {k: f for k, f in listens.items()
+            if k not in taken and not f & {"default_server", "default"}}
+
+
+def render_default_server(listens, features, cert=None):
+    """nginx/_default.conf: the server nginx picks for a host name no app has, on every
+    address:port an app listens on. HTTP gets a plain 404; over HTTPS the TLS handshake is
+    refused (nginx >= 1.19.4), or, on older nginx, completed with `cert` (crt, key), a
+    certificate of its own that names no app; without one, HTTPS ports are left out."""
+    head = "# Written by piku.py (setup and every nginx change): the answer for names no app has.\n"
+    reject = nginx_has(features, NGINX_REJECT_HANDSHAKE)
+    ssl_ok = reject or bool(cert)
+    ports = [(k, "ssl" in f) for k, f in sorted(listens.items()) if ssl_ok or "ssl" not in f]
+    if not ports:
+        return head + "# (no app listens anywhere yet)\n"
+    flag = " http2" if http2_syntax(features) == "flag" else ""
+    lines = ["server {"] + [f"  listen {k}{' ssl' + flag if ssl else ''} default_server;" for k, ssl in ports]
+    if any(ssl for _, ssl in ports):
+        lines += ["  ssl_reject_handshake on;"] if reject else \
+            [f"  ssl_certificate {cert[0]};", f"  ssl_certificate_key {cert[1]};"]
+    return head + "\n".join(lines + ["  return 404;", "}"]) + "\n"
+
+
+def parse_body_size(value, key):
+    if not BODY_SIZE_RE.fullmatch(value or ""):
+        raise PikuError(f"{key}: expected a size like 64m, 512k, 1g or 0 (no limit), got {value!r}")
+    return value
+
+
+def parse_allow_list(value, key):
+    """NGINX_ALLOW 'a.b.c.d,net/len,...' -> the networks in nginx's own spelling."""
+    import ipaddress
+    out = []
+    for item in split_names(value):
+        try:
+            out.append(str(ipaddress.ip_network(item.strip("[]"), strict=False)))
+        except ValueError:
+            raise PikuError(f"{key}: {item!r} is not an IP address or network (like 203.0.113.0/24)")
+    return out
+
+
+def parse_htpasswd(text, key):
+    """`user:hash` lines (apr1, bcrypt, SHA-256/512 crypt; blank and # lines skipped) -> the
+    text of an htpasswd file; anything else (a plain password too) raises."""
+    lines = []
+    for raw in (text or "").replace(",", "\n").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not HTPASSWD_USER_RE.fullmatch(user) or not HTPASSWD_HASH_RE.fullmatch(hashed):
+            raise PikuError(f"{key}: expected user:hash with an apr1, bcrypt or SHA-crypt hash (make one "
+                            f"with `htpasswd -nB USER` or `openssl passwd -apr1`), got {line[:40]!r}")
+        lines.append(f"{user}:{hashed}")
+    if not lines:
+        raise PikuError(f"{key}: no user:hash line")
+    return "\n".join(lines) + "\n"
+
+
+def parse_basic_auth_setting(value, key):
+    """NGINX_BASIC_AUTH: 'user:hash,...' (-> htpasswd text) or a file of the app's repository
+    (-> ('file', relative path)); never a path outside the app."""
+    if ":" in value:
+        return parse_htpasswd(value, key)
+    path = safe_path(value, key)
+    if path.startswith("/"):
+        raise PikuError(f"{key}: {value!r}: a password file must be inside the app (a relative path)")
+    return ("file", path)
+
+
+def parse_redirects(value, key):
+    """NGINX_REDIRECT 'www.example.com:example.com,...' -> [(from, to)]."""
+    out = []
+    for item in split_names(value):
+        src, sep, dst = item.partition(":")
+        for name in (src, dst):
+            if not sep or not HOSTNAME_RE.fullmatch(name) or name.startswith("*") or name == "_":
+                raise PikuError(f"{key}: expected from.example.com:to.example.com, got {item!r}")
+        out.append((src.lower(), dst.lower()))
+    return out
+
+
+def served_names(settings):
+    """(names of the app's main server block, [(from, to)] redirects): a redirect's source must
+    be one of NGINX_SERVER_NAME (its certificate covers it) and at least one name must stay."""
+    names = split_names(settings.get("NGINX_SERVER_NAME", ""))
+    redirects = parse_redirects(settings.get("NGINX_REDIRECT", ""), "NGINX_REDIRECT")
+    sources = {src for src, _ in redirects}
+    for src in sources - {n.lower() for n in names}:
+        raise PikuError(f"NGINX_REDIRECT: {src} is not one of NGINX_SERVER_NAME: add it there too")
+    rest = [n for n in names if n.lower() not in sources]
+    if names and not rest:
+        raise PikuError("NGINX_REDIRECT: every name of NGINX_SERVER_NAME redirects: keep one to serve the app")
+    return rest, redirects
+
+
+# directives nginx takes more than once at one level: an include file's add to piku's
+NGINX_MULTI_DIRECTIVES = ("add_header", "allow", "deny", "error_page", "ssl_certificate", "ssl_certificate_key")
+
+
+def render_directives(pairs, skip, indent="  "):
+    """`name value;` lines, without those an include file sets itself (`skip`): its value wins
+    (nginx refuses most directives twice at one level)."""
+    return [f"{indent}{d} {v};" for d, v in pairs if d not in skip or d in NGINX_MULTI_DIRECTIVES]
+
+
+def render_server_settings(n):
+    """The app's server-level tuning: HTTP/2, body size, TLS, logs, gzip, HSTS, basic auth and
+    the allow list."""
+    s, p, app = n["settings"], n["paths"], n["app"]
+    pairs = []
+    if n["cert"] and http2_syntax(n.get("nginx")) == "directive":
+        pairs.append(("http2", "on"))
+    pairs.append(("client_max_body_size", setting(s, "NGINX_CLIENT_MAX_BODY_SIZE")))
+    if n["cert"]:
+        pairs += [("ssl_certificate", f"{p.nginx}/{app}.crt"), ("ssl_certificate_key", f"{p.nginx}/{app}.key"),
+                  ("ssl_protocols", "TLSv1.2 TLSv1.3")]
+    if n.get("logs"):
+        pairs += [("access_log", f"{n['logs']}/{NGINX_LOG_FILES[0]}"), ("error_log", f"{n['logs']}/{NGINX_LOG_FILES[1]}")]
+    if setting_bool(s, "NGINX_GZIP"):
+        pairs += [("gzip", "on"), ("gzip_vary", "on"), ("gzip_proxied", "any"), ("gzip_comp_level", "5"),
+                  ("gzip_min_length", "256"), ("gzip_types", GZIP_TYPES)]
+    pairs += hsts_header(n)
+    if n.get("htpasswd"):
+        pairs += [("auth_basic", f'"{app}"'), ("auth_basic_user_file", n["htpasswd"])]
+    if websocket_timeout(n):
+        pairs.append(("error_page", "418 = @piku-websocket"))
+    allow = parse_allow_list(s.get("NGINX_ALLOW", ""), "NGINX_ALLOW")
+    pairs += [("allow", net) for net in allow]
+    if allow and not setting_bool(s, "NGINX_CLOUDFLARE_ACL"):  # (that list ends in its own deny)
+        pairs.append(("deny", "all"))
+    return render_directives(pairs, n.get("include_directives") or set())
+
+
+def hsts_header(n):
+    """NGINX_HSTS as an add_header pair (none without HTTPS). Locations with add_header lines
+    of their own (cache, maintenance) repeat it: nginx does not add server-level ones there."""
+    age = setting_count(n["settings"], "NGINX_HSTS") if n["cert"] else 0
+    return [("add_header", f'Strict-Transport-Security "max-age={age}" always')] if age else []
+
+
+def render_acme_location(n):
+    """ACME challenges are answered whatever else the server block does: no allow list, no
+    basic auth, no maintenance page (whose marker header they carry, for piku's own probe)."""
+    s, extra = n["settings"], ""
+    if s.get("NGINX_ALLOW") or setting_bool(s, "NGINX_CLOUDFLARE_ACL"):
+        extra += "allow all; "
+    if n.get("htpasswd"):
+        extra += "auth_basic off; "
+    if n.get("maintenance"):
+        extra += "add_header X-Piku-Maintenance on always; "
+    return f"  location ^~ /.well-known/acme-challenge/ {{ {extra}root {n['paths'].acme}/{n['app']}; }}"
+
+
+def render_maintenance(n):
+    """Maintenance mode: every request but ACME challenges gets 503, Retry-After and the page
+    (a file of the live release, else a built-in one)."""
+    page = (n.get("maintenance") or {}).get("page")
+    body = ([f"    root {n['app_dir']};", f"    try_files /{safe_path(page, 'page')} =503;"] if page else
+            ["    default_type text/html;",
+             f"    return 503 '<!doctype html><title>Down for maintenance</title><h1>Down for maintenance</h1>"
+             f"<p>{n['app']} is being updated. Please try again in a few minutes.</p>';"])
+    return ["  error_page 503 @piku-maintenance;", "  location / { return 503; }",
+            "  location @piku-maintenance {", f"    add_header Retry-After {MAINTENANCE_RETRY_AFTER} always;",
+            "    add_header X-Piku-Maintenance on always;"] + render_directives(hsts_header(n), (), "    ") \
+        + body + ["  }"]
+
+
+def redirect_target(s, scheme, host):
+    port = setting(s, "NGINX_HTTPS_PORT" if scheme == "https" else "NGINX_HTTP_PORT")
+    return f"{scheme}://{host}" + ("" if port == {"https": "443", "http": "80"}[scheme] else f":{port}")
+
+
+def render_redirect_servers(n, redirects, listen):
+    """One server block per NGINX_REDIRECT source, on the app's own listen lines: 301 to the
+    target name, same scheme, path and query (ACME challenges are still answered)."""
+    s, out = n["settings"], []
+    schemes = [sc for sc, on in (("http", any(" ssl" not in l for l in listen)), ("https", n["cert"])) if on]
+    tls = [l for l in render_server_settings(n) if l.split()[0] in ("http2", "ssl_certificate",
+                                                                   "ssl_certificate_key", "ssl_protocols")]
+    listen = [l.replace(" default_server;", ";") for l in listen]  # (an app named `_` is, not these)
+    for src, dst in redirects:
+        go = {sc: f"return 301 {redirect_target(s, sc, dst)}$request_uri;" for sc in schemes}
+        where = (f"if ($scheme = https) {{ {go['https']} }} {go['http']}" if len(go) == 2 else next(iter(go.values())))
+        out += ["server {"] + listen + [f"  server_name {src};"] + tls + \
+            [render_acme_location(n), f"  location / {{ {where} }}", "}"]
+    return out
+
+
+def websocket_timeout(n):
+    """NGINX_WEBSOCKET_TIMEOUT for a `web` app (nginx passes WebSockets to HTTP backends only)."""
+    value = n["settings"].get("NGINX_WEBSOCKET_TIMEOUT")
+    return int(value) if value and n.get("has_backend") and not n.get("sockets") and not n.get("maintenance") \
+        else None
+
+
+def websocket_locations(n):
+    return ["@piku-websocket"] if websocket_timeout(n) else []
+
+
+def render_backend_tuning(n, location):
+    """Directives appended inside each location passing requests to the app: timeouts,
+    buffering, and the hand-over of WebSocket upgrades to @piku-websocket."""
+    s = n["settings"]
+    module = "uwsgi" if n["sockets"] else "proxy"
+    ws = websocket_timeout(n)
+    if location == "@piku-websocket":
+        pairs = [("proxy_read_timeout", f"{ws}s"), ("proxy_send_timeout", f"{ws}s")]
+    else:
+        pairs = [(f"{module}_{d}_timeout", f"{s[k]}s") for d, k in (("read", "NGINX_PROXY_READ_TIMEOUT"),
+                                                                   ("send", "NGINX_PROXY_SEND_TIMEOUT")) if s.get(k)]
+        if not setting_bool(s, "NGINX_PROXY_BUFFERING"):
+            pairs.append((f"{module}_buffering", "off"))
+    if s.get("NGINX_CACHE_PREFIXES"):  # (the cache's add_header lines hide the server's)
+        pairs += hsts_header(n)
+    lines = render_directives(pairs, n.get("include_directives") or set(), "    ")
+    if ws and location != "@piku-websocket":
+        lines.append('    if ($http_upgrade ~* "^websocket$") { return 418; }')
+    return lines
+
+
+def nginx_listen_flags(n, listen, ssl_only=False):
+    """The app's listen lines with what they need besides the address: only the HTTPS ones
+    (HTTPS-only), `http2` on old nginx, `default_server` for an app named `_`."""
+    names = split_names(n["settings"].get("NGINX_SERVER_NAME", ""))
+    flag = " http2" if n["cert"] and http2_syntax(n.get("nginx")) == "flag" else ""
+    default = " default_server" if "_" in names else ""
+    out = []
+    for line in listen:
+        if ssl_only and " ssl;" not in line:
+            continue
+        out.append(line.replace(" ssl;", f" ssl{flag};").replace(";", f"{default};"))
+    return out
+
+
 def nginx_listen_lines(s, https):
     ports = [(setting(s, "NGINX_HTTP_PORT"), "")]
     if https:
@@ -1200,21 +1547,18 @@ def render_nginx(n):
                      f"keys_zone={app}:20m inactive={cache['expiry']}s max_size={cache['size']}g "
                      "use_temp_path=off;")
     if https_only:
-        lines += ["server {"] + nginx_listen_lines(s, False)[:]
-        lines += [f"  server_name {' '.join(names)};",
-                  f"  location ^~ /.well-known/acme-challenge/ {{ root {p.acme}/{app}; }}"]
+        lines += ["server {"] + nginx_listen_flags(n, nginx_listen_lines(s, False))
+        lines += [f"  server_name {' '.join(names)};", render_acme_location(n)]
         lines += render_switch_probe(n.get("switch_token"))
         lines += ["  location / { return 301 https://$host$request_uri; }", "}"]
-    lines += ["server {"]
-    listen = nginx_listen_lines(s, n["cert"])
-    if https_only:
-        listen = [l for l in listen if " ssl;" in l]
-    lines += listen + [f"  server_name {' '.join(names)};", "  client_max_body_size 64m;"]
-    if n["cert"]:
-        lines += [f"  ssl_certificate {p.nginx}/{app}.crt;", f"  ssl_certificate_key {p.nginx}/{app}.key;",
-                  "  ssl_protocols TLSv1.2 TLSv1.3;"]
-    lines.append(f"  location ^~ /.well-known/acme-challenge/ {{ root {p.acme}/{app}; }}")
+    listen = nginx_listen_flags(n, nginx_listen_lines(s, n["cert"]), ssl_only=https_only)
+    served, redirects = served_names(s)
+    lines += render_redirect_servers(n, redirects, listen)
+    lines += ["server {"] + listen + [f"  server_name {' '.join(served)};"] + render_server_settings(n)
+    lines.append(render_acme_location(n))
     lines += render_switch_probe(n.get("switch_token"))
+    if n.get("maintenance"):  # nothing else is served: not the app, its files nor its include
+        return "\n".join(lines + render_maintenance(n) + ["}"]) + "\n"
     if not setting_bool(s, "NGINX_ALLOW_GIT_FOLDERS"):
         lines.append("  location ~ /\\.git { deny all; return 404; }")
     if setting_bool(s, "NGINX_CLOUDFLARE_ACL"):
@@ -1248,7 +1592,7 @@ def render_nginx_backend(n, cache, static_root=False):
     @piku, where a static `/` sends what it does not have."""
     app = n["app"]
     out = []
-    for name in ["@piku"] if static_root else ["/", "@piku"]:
+    for name in (["@piku"] if static_root else ["/", "@piku"]) + websocket_locations(n):
         out.append(f"  location {name} {{")
         if n["sockets"]:
             out += [f"    uwsgi_param {p};" for p in UWSGI_PARAMS]
@@ -1265,6 +1609,7 @@ def render_nginx_backend(n, cache, static_root=False):
                     "    proxy_set_header Connection $piku_connection_upgrade;"]
         if cache:
             out += render_cache_location(cache, "uwsgi" if n["sockets"] else "proxy")
+        out += render_backend_tuning(n, name)
         out.append("  }")
     return out
 
@@ -1477,7 +1822,7 @@ def plan_wsgi_mode(setting_value, venv_version, plugin_version):
 
 CLIENT_APP_COMMANDS = ("config", "config:get", "config:set", "config:unset", "config:live", "deploy",
                        "destroy", "logs", "ps", "ps:scale", "releases", "rollback", "run", "restart", "stop",
-                       "certs", "certs:renew")
+                       "certs", "certs:renew", "maintenance:on", "maintenance:off")
 
 
 def plan_client_call(command, args, app):
@@ -2394,7 +2739,29 @@ OPERATIONS = {
     "reconfigure": Operation("reconfigure", False, False, False, "auto", "the previous settings are restored"),
     "restart": Operation("restart", False, False, False, "always", "the running workers serve on"),
     "scale": Operation("scale", False, False, False, "changed", "SCALING and the workers are as before"),
+    "maintenance": Operation("maintenance", False, False, False, "changed", "nginx serves as before"),
 }
+
+
+def setup_nginx(paths):
+    """setup's part for nginx: the default server (checked first), and what nginx needs to
+    reach the app sockets. Returns notes for the admin."""
+    notes = []
+    try:
+        check_nginx(paths, None, None)
+        write_default_server(paths)
+    except PikuError as e:
+        notes.append(f"the default server was not written: {e}")
+    features = nginx_features(paths)
+    foreign = foreign_default_listens(paths, features)
+    for path in sorted(set(foreign.values())):
+        notes.append(f"nginx: {path} is the default server of {', '.join(sorted(k for k in foreign if foreign[k] == path))}"
+                     ": names no app has get its answer there, not piku's 404 (disable that site to change it)")
+    if features and not share_nginx_dir(paths):
+        group = nginx_worker_group(paths, features) or "www-data"
+        notes.append(f"nginx: as root, give nginx's workers (group {group}) the app sockets: `chgrp {group} "
+                     f"{paths.nginx} && chmod 2755 {paths.nginx}` (see docs/INSTALL.md)")
+    return notes
 
 
 def deploy(paths, app, rev, ref, environ):
@@ -2405,7 +2772,8 @@ def deploy(paths, app, rev, ref, environ):
     release = build_release(paths, app, rev, ref, environ)
     try:
         target = plan_target(paths, app, release, environ, OPERATIONS["deploy"])
-        run_phase(target, "release")
+        with MaintenanceDuringRelease(target):
+            run_phase(target, "release")
         step("Releasing")
         waited = switch(target)
     except BaseException as e:
@@ -2892,7 +3260,8 @@ def render_app_nginx(t, upstream, token=None, app_dir=None):
     return render_nginx({"app": app, "settings": s, "paths": p, "kinds": t.workers,
                          "sockets": [a for a, _ in upstream if a.startswith("unix:")], "upstream": upstream,
                          "port": t.env["PORT"], "app_dir": app_dir or os.path.join(p.apps, app),
-                         "cert": t.cert, "has_backend": has_backend, "switch_token": token})
+                         "cert": t.cert, "has_backend": has_backend, "switch_token": token,
+                         **nginx_inputs(plan_dict(t))})
 
 
 def piku_argv():
@@ -2907,6 +3276,7 @@ def setup_tree(paths):
         os.chmod(d, 0o755)  # nginx (www-data) must reach sockets, static files and certificates
     write_atomic(os.path.join(paths.uwsgi, "uwsgi.ini"), render_emperor_ini(paths), only_if_changed=True)
     write_atomic(os.path.join(paths.nginx, "_piku.conf"), render_nginx_map(), only_if_changed=True)
+    share_nginx_dir(paths)
     for name in os.listdir(paths.nginx):  # confs of piku.py 0.1 used a map name admins use too
         path = os.path.join(paths.nginx, name)
         text = read_text(path, "") if name.endswith(".conf") else ""
@@ -2918,6 +3288,364 @@ def live_release(paths, app):
     """Directory of the live release (apps/<app>), or None."""
     path = os.path.join(paths.apps, app)
     return os.path.realpath(path) if os.path.isdir(path) else None
+
+
+def read_quietly(path):
+    """A file's text, or None when it is missing or unreadable (files piku does not own)."""
+    try:
+        return read_text(path)
+    except OSError:
+        return None
+
+
+def nginx_features(paths):
+    """What the installed nginx supports (parse_nginx_v), or None without nginx. `nginx -V` runs
+    once per nginx binary: the answer is kept in state/_nginx.json until the binary changes."""
+    import json
+    binary = nginx_binary()
+    if not binary:
+        return None
+    st = os.stat(binary)
+    key = f"{binary}:{st.st_size}:{st.st_mtime_ns}"
+    cache = os.path.join(paths.state, "_nginx.json")
+    try:
+        saved = json.loads(read_text(cache) or "{}")
+    except ValueError:
+        saved = {}
+    if saved.get("key") == key:
+        return saved.get("features")
+    features = parse_nginx_v(run([binary, "-V"], capture="merged", check=False).stdout)
+    ensure_dirs(paths.state)
+    write_atomic(cache, json.dumps({"key": key, "features": features}, sort_keys=True) + "\n")
+    return features
+
+
+def nginx_main_confs(paths, features):
+    """{path: text} of nginx's own config files (nginx.conf and what it includes), piku's
+    folder excepted; unreadable ones count as empty."""
+    import glob
+    start = (features or {}).get("conf_path")
+    own, seen, out, todo = os.path.realpath(paths.nginx), set(), {}, [start] if start else []
+    while todo and len(out) < 500:
+        path = todo.pop(0)
+        real = os.path.realpath(path)
+        if real in seen or os.path.dirname(real) == own:
+            continue
+        seen.add(real)
+        out[path] = read_quietly(real) or ""
+        for pattern in parse_nginx_conf_refs(out[path])[0]:
+            todo += sorted(glob.glob(os.path.join(os.path.dirname(start), pattern)))
+    return out
+
+
+def foreign_default_listens(paths, features):
+    """address:ports a server of the admin's own config is the default of (Debian's default
+    site: 0.0.0.0:80 and [::]:80). nginx refuses two defaults for one address, so piku's default
+    server leaves those out: {address:port: file}."""
+    return {key: path for path, text in nginx_main_confs(paths, features).items()
+            for key in parse_nginx_conf_refs(text)[1]}
+
+
+def app_confs(paths):
+    """{app: text} of the apps' nginx configs on disk (piku's own files start with `_`)."""
+    names = os.listdir(paths.nginx) if os.path.isdir(paths.nginx) else []
+    return {n[:-5]: read_text(os.path.join(paths.nginx, n), "") for n in sorted(names)
+            if n.endswith(".conf") and not n.startswith("_")}
+
+
+def default_server_text(paths, candidate=None):
+    """nginx/_default.conf for the addresses the apps' configs listen on: those on disk, with
+    a `candidate` {app: text, or None for none} about to be written in place of its own."""
+    confs = {**app_confs(paths), **(candidate or {})}
+    features = nginx_features(paths)
+    listens = plan_default_listens([t for t in confs.values() if t], foreign_default_listens(paths, features))
+    cert = None
+    if any("ssl" in f for f in listens.values()) and not nginx_has(features, NGINX_REJECT_HANDSHAKE):
+        cert = ensure_default_certificate(paths)
+    return render_default_server(listens, features, cert)
+
+
+def write_default_server(paths, candidate=None, tx=None):
+    """(Re)write piku's http-level files in nginx/: _piku.conf and the default server (through
+    an operation's Transaction, when given: a failure puts the previous ones back)."""
+    for name, text in (("_piku.conf", render_nginx_map()), ("_default.conf", default_server_text(paths, candidate))):
+        path = os.path.join(paths.nginx, name)
+        if tx is not None:
+            tx.write(path, text)
+        else:
+            write_atomic(path, text, only_if_changed=True)
+
+
+def self_signed(names, days=3650):
+    """(certificate, key) PEM texts of a new self-signed RSA certificate for names, or None
+    without openssl."""
+    import tempfile
+    openssl = which("openssl")
+    if not openssl:
+        return None
+    tmp = tempfile.mkdtemp(prefix="piku-cert-")
+    try:
+        san = ",".join(f"DNS:{n}" for n in names)
+        run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", str(days), "-subj",
+             f"/CN={names[0]}", "-addext", f"subjectAltName={san}", "-keyout", f"{tmp}/k",
+             "-out", f"{tmp}/c"], capture=True)
+        return read_text(f"{tmp}/c"), read_text(f"{tmp}/k")
+    finally:
+        remove_path(tmp)
+
+
+def ensure_default_certificate(paths):
+    """For nginx older than 1.19.4 (no ssl_reject_handshake): the default server's own
+    certificate, for the name `invalid`, which no app has. (crt, key) paths or None."""
+    crt, key = os.path.join(paths.nginx, "_default.crt"), os.path.join(paths.nginx, "_default.key")
+    if not (os.path.exists(crt) and os.path.exists(key)):
+        pair = self_signed(["invalid"])
+        if not pair:
+            return None
+        write_atomic(key, pair[1], mode=0o600)
+        write_atomic(crt, pair[0])
+    return crt, key
+
+
+def nginx_worker_group(paths, features):
+    """The group nginx's workers run as (the `user` directive of nginx.conf), or None."""
+    conf = (features or {}).get("conf_path")
+    return parse_nginx_user(read_quietly(conf)) if conf else None
+
+
+def share_nginx_dir(paths):
+    """Give nginx/ the group of nginx's workers and the setgid bit, so that the app sockets
+    (0660) and password files (0640) made there are theirs to use and nobody else's. The piku
+    user can do it when it is in that group (the original piku's `adduser --ingroup
+    www-data`); else root does it once (docs/INSTALL.md). True when nginx/ is set up so."""
+    import grp
+    import stat
+    st = os.stat(paths.nginx)
+    if st.st_mode & stat.S_ISGID:
+        return True
+    try:
+        gid = grp.getgrnam(nginx_worker_group(paths, nginx_features(paths)) or "").gr_gid
+    except KeyError:
+        return False
+    if gid not in os.getgroups() and gid != os.getegid():
+        return False
+    os.chown(paths.nginx, -1, gid)
+    os.chmod(paths.nginx, 0o2755)
+    return bool(os.stat(paths.nginx).st_mode & stat.S_ISGID)
+
+
+def htpasswd_text(plan):
+    """The password file NGINX_BASIC_AUTH asks for (checked), or None. A file named there is
+    read from the release being deployed, and must stay inside it."""
+    value = plan["settings"].get("NGINX_BASIC_AUTH")
+    if not value:
+        return None
+    parsed = parse_basic_auth_setting(value, "NGINX_BASIC_AUTH")
+    if isinstance(parsed, str):
+        return parsed
+    base = os.path.realpath(plan["release_dir"])
+    real = os.path.realpath(os.path.join(base, parsed[1]))
+    if not real.startswith(base + os.sep) or not os.path.isfile(real):
+        raise PikuError(f"NGINX_BASIC_AUTH: {parsed[1]} is not a file of the app's repository")
+    return parse_htpasswd(read_quietly(real), f"NGINX_BASIC_AUTH ({parsed[1]})")
+
+
+def nginx_inputs(plan):
+    """What an app's server block depends on besides its settings: the installed nginx, the
+    directives its include file sets, maintenance mode, its password file and log folder.
+    Files come from the release being deployed, and are checked before anything is written."""
+    p, app, s = plan["paths"], plan["app"], plan["settings"]
+    include = s.get("NGINX_INCLUDE_FILE")
+    text = read_quietly(os.path.join(plan["release_dir"], safe_path(include, "NGINX_INCLUDE_FILE"))) \
+        if include else None
+    return {"nginx": nginx_features(p), "include_directives": parse_nginx_directive_names(text),
+            "maintenance": read_maintenance(p, app), "logs": os.path.join(p.logs, app),
+            "htpasswd": os.path.join(p.nginx, f"{app}.htpasswd") if htpasswd_text(plan) else None}
+
+
+def write_nginx_companions(plan, text, tx=None):
+    """Before the app's nginx config `text` (None: none) is written: the files it refers to
+    (password file, log files, capped at NGINX_LOG_MAXSIZE) and the default server for the
+    addresses it listens on (through the operation's Transaction, when given)."""
+    import stat
+    p, app, s = plan["paths"], plan["app"], plan["settings"]
+    pw = os.path.join(p.nginx, f"{app}.htpasswd")
+    content = htpasswd_text(plan) if text is not None else None
+    if content:
+        write_atomic(pw, content, mode=0o640, only_if_changed=True)
+        if not os.stat(p.nginx).st_mode & stat.S_ISGID:
+            warn(f"NGINX_BASIC_AUTH: {p.nginx} does not have nginx's group, so nginx may not read {app}'s "
+                 "password file (answering 500): see docs/INSTALL.md, section 5")
+    elif os.path.exists(pw):  # the live config may still name it until nginx reloads: emptied first
+        live = pw in read_text(os.path.join(p.nginx, f"{app}.conf"), "")
+        write_atomic(pw, "", mode=0o640) if live else os.unlink(pw)
+    if text is not None:
+        close_app_sockets(p, app)
+        cap_nginx_logs(p, app, setting_int(s, "NGINX_LOG_MAXSIZE"))
+        if setting_count(s, "NGINX_HSTS") and (read_cert_record(p, app) or {}).get("source") == "self-signed":
+            warn("NGINX_HSTS is set but the certificate is self-signed: browsers that saw the header "
+                 "refuse the site until a CA-signed certificate is served")
+    write_default_server(p, {app: text}, tx)
+
+
+def close_app_sockets(paths, app):
+    """Sockets made by earlier piku versions (0666) outlive deploys (uWSGI keeps them across
+    reloads): once nginx/ has nginx's group (setgid), give them that group and mode 0660."""
+    import stat
+    folder = os.stat(paths.nginx)
+    if not folder.st_mode & stat.S_ISGID:
+        return  # (nginx may reach them only through the world bits: setup tells the admin)
+    for name in os.listdir(paths.nginx):
+        path = os.path.join(paths.nginx, name)
+        if re.fullmatch(re.escape(app) + r"\.\d+\.sock", name) and os.lstat(path).st_mode & 0o007:
+            try:
+                os.chown(path, -1, folder.st_gid)
+                os.chmod(path, 0o660)
+            except OSError:
+                continue
+
+
+def cap_nginx_logs(paths, app, maxsize):
+    """Make sure logs/<app>/nginx.*.log exist, owned by piku (nginx appends to them), and keep
+    each under maxsize bytes (0: no cap): a bigger one is copied to .old and emptied (one that
+    nginx's own log rotation gave to its workers' user is moved to .old instead: nginx opens a
+    new one at its next reload or log reopen)."""
+    import shutil
+    d = os.path.join(paths.logs, app)
+    ensure_dirs(d)
+    for name in NGINX_LOG_FILES:
+        path = os.path.join(d, name)
+        st = os.stat(path) if os.path.exists(path) else None
+        if st and maxsize and st.st_size > maxsize:
+            if st.st_uid == os.geteuid():
+                shutil.copyfile(path, path + ".old")
+                os.truncate(path, 0)
+            else:
+                os.replace(path, path + ".old")
+        if not os.path.exists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
+
+
+def maintenance_file(paths, app):
+    return os.path.join(paths.state, app, "maintenance.json")
+
+
+def read_maintenance(paths, app):
+    """The app's maintenance record ({page, since, by}), or None when it is not in maintenance."""
+    import json
+    try:
+        record = json.loads(read_text(maintenance_file(paths, app)) or "null")
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def write_maintenance(paths, app, record):
+    import json
+    path = maintenance_file(paths, app)
+    if record is None:
+        remove_path(path)
+    else:
+        ensure_dirs(os.path.dirname(path))
+        write_atomic(path, json.dumps(record, sort_keys=True) + "\n")
+
+
+def plan_dict(t):
+    """The parts of a Target that the nginx helpers read, as the dict they take."""
+    return {"paths": t.paths, "app": t.app, "settings": t.settings, "release_dir": t.release.dir,
+            "workers": t.workers, "scaling": t.scaling}
+
+
+def refresh_app_nginx(t):
+    """Render, check and write the app's nginx config alone (no worker is restarted)."""
+    p, app = t.paths, t.app
+    upstream = upstream_of(t, t.slot)
+    text = render_app_nginx(t, upstream)
+    if text is None:
+        raise PikuError(f"{app} has no NGINX_SERVER_NAME: maintenance mode is nginx's answer for the "
+                        f"app's names (config:set {app} NGINX_SERVER_NAME=...)")
+    text = render_app_nginx(t, upstream, content_name(text))
+    check_nginx(p, app, render_app_nginx(t, upstream, "check", t.release.dir))
+    write_nginx_companions(plan_dict(t), text)
+    write_atomic(os.path.join(p.nginx, f"{app}.conf"), text, only_if_changed=True)
+
+
+def wait_for_maintenance(plan, on, timeout=10.0):
+    """Wait until nginx serves the app's config with maintenance mode on (or off), so the
+    command returns when it is in effect; warn if nginx never reloads."""
+    served = served_names(plan["settings"])[0]
+    if not served or not nginx_binary():
+        return
+    if not challenge_served(plan, probe_host(served[0]), timeout, settle=0.5,
+                            want=lambda resp: (resp.getheader("X-Piku-Maintenance") == "on") == on):
+        warn(f"nginx has not loaded {plan['app']}'s config after {timeout:.0f}s: is it reloaded when "
+             f"{plan['paths'].nginx} changes? See docs/TROUBLESHOOTING.md")
+
+
+def switch_maintenance(paths, app, record, environ):
+    """Turn the app's maintenance mode on (`record`) or off (None) without a deploy: its nginx
+    config is rewritten (checked first); on any failure the previous state stays."""
+    release = live_release(paths, app)
+    if not release:
+        raise PikuError(f"{app} has not been deployed yet: push it first")
+    page = (record or {}).get("page")
+    if page:
+        real = os.path.realpath(os.path.join(release, safe_path(page, "--page")))
+        if page.startswith("/") or not real.startswith(os.path.realpath(release) + os.sep) \
+                or not os.path.isfile(real):
+            raise PikuError(f"--page: {page} is not a file of {app}'s repository (a path like "
+                            "maintenance.html, relative to its top)")
+    old = read_maintenance(paths, app)
+    write_maintenance(paths, app, record)
+    try:
+        t = plan_target(paths, app, live_record(paths, app), environ, OPERATIONS["maintenance"])
+        refresh_app_nginx(t)
+    except BaseException:
+        write_maintenance(paths, app, old)
+        raise
+    wait_for_maintenance(plan_dict(t), record is not None)
+
+
+class MaintenanceDuringRelease:
+    """Wrapped around a deploy's `release:` command: with PIKU_MAINTENANCE_DURING_RELEASE=true,
+    the app's names get the maintenance page while it runs (unless maintenance mode is on
+    already) and the config from before is back afterwards, whatever the outcome; the deploy
+    then writes the new release's."""
+
+    def __init__(self, t):
+        self.t, self.conf, self.before = t, None, None
+
+    def __enter__(self):
+        t = self.t
+        p, app, s = t.paths, t.app, t.settings
+        record = read_maintenance(p, app)
+        if "release" not in t.workers or not setting_bool(s, "PIKU_MAINTENANCE_DURING_RELEASE") or not t.names \
+                or (record and record.get("by") != "release"):  # (one left by a deploy cut off is taken over)
+            return self
+        import time
+        self.conf = os.path.join(p.nginx, f"{app}.conf")
+        self.before = read_text(self.conf)
+        write_maintenance(p, app, {"by": "release", "since": int(time.time()), "page": None})
+        try:
+            refresh_app_nginx(t)
+        except BaseException:
+            self.__exit__()
+            raise
+        detail("maintenance mode on while the release command runs")
+        wait_for_maintenance(plan_dict(t), True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.conf is None:
+            return False
+        write_maintenance(self.t.paths, self.t.app, None)
+        if self.before is None:
+            remove_path(self.conf)
+        else:
+            write_atomic(self.conf, self.before)
+        write_default_server(self.t.paths)
+        self.conf = None
+        return False
 
 
 def cert_paths(paths, app):
@@ -2953,7 +3681,6 @@ def ensure_certificate(plan):
     """True when nginx/<app>.crt and .key exist for the app's names; makes a self-signed pair
     when there is none (or piku's own one covers other names). A certificate piku did not make
     (no record) is the admin's: it is kept as it is."""
-    import tempfile
     p, app, s = plan["paths"], plan["app"], plan["settings"]
     crt, key, _ = cert_paths(p, app)
     names = split_names(s.get("NGINX_SERVER_NAME", ""))
@@ -2963,19 +3690,10 @@ def ensure_certificate(plan):
     if record is None and (os.path.exists(crt) or os.path.exists(key)):
         warn(f"{crt} or {key} is missing: the admin's certificate is incomplete, serving HTTP only")
         return False
-    openssl = which("openssl")
-    if not openssl or not names:
+    pair = self_signed(names) if names else None
+    if not pair:
         return False
-    tmp = tempfile.mkdtemp(prefix="piku-cert-")
-    try:
-        san = ",".join(f"DNS:{n}" for n in names)
-        run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj",
-             f"/CN={names[0]}", "-addext", f"subjectAltName={san}", "-keyout", f"{tmp}/k",
-             "-out", f"{tmp}/c"], capture=True)
-        install_certificate(p, app, read_text(f"{tmp}/c"), read_text(f"{tmp}/k"),
-                            {"names": names, "source": "self-signed"})
-    finally:
-        remove_path(tmp)
+    install_certificate(p, app, pair[0], pair[1], {"names": names, "source": "self-signed"})
     detail(f"self-signed certificate made for {', '.join(names)}")
     plan["cert_made"] = True
     return True
@@ -3002,9 +3720,11 @@ def find_acme_client(settings):
     return None
 
 
-def challenge_served(plan, name, timeout=15.0):
+def challenge_served(plan, name, timeout=15.0, want=None, settle=0.0):
     """True once nginx serves acme/<app>/.well-known/acme-challenge/ for `name` (nginx reloads a
-    moment after its config is written, and the CA must find the challenge there)."""
+    moment after its config is written, and the CA must find the challenge there), with a
+    response `want(response)` accepts, on every connection for `settle` seconds (right after a
+    reload, a worker with the old config may still take a connection or two)."""
     import http.client
     import secrets
     import time
@@ -3014,18 +3734,22 @@ def challenge_served(plan, name, timeout=15.0):
     token = "piku-probe-" + secrets.token_hex(8)
     write_atomic(os.path.join(d, token), token)
     addr = connect_host(setting(s, "NGINX_IPV4_ADDRESS"))
-    deadline = time.monotonic() + timeout
+    deadline, good_since = time.monotonic() + timeout, None
     try:
         while time.monotonic() < deadline:
+            ok = False
             try:
                 conn = http.client.HTTPConnection(addr, setting_int(s, "NGINX_HTTP_PORT"), timeout=2)
                 conn.request("GET", f"/.well-known/acme-challenge/{token}", headers={"Host": name})
                 resp = conn.getresponse()
-                if resp.status == 200 and resp.read().decode("ascii", "replace").strip() == token:
-                    return True
+                ok = resp.status == 200 and resp.read().decode("ascii", "replace").strip() == token \
+                    and (want is None or want(resp))
             except OSError:
                 pass
-            time.sleep(0.2)
+            good_since = (good_since or time.monotonic()) if ok else None
+            if ok and time.monotonic() - good_since >= settle:
+                return True
+            time.sleep(0.02 if ok else 0.2)
         return False
     finally:
         remove_path(os.path.join(d, token))
@@ -3143,13 +3867,19 @@ def acme_certificate(plan, force=False):
     return record
 
 
-def relisten_for_check(text, ports):
-    """Map every `listen ADDR:PORT` to a free loopback port (same address -> same port)."""
-    def sub(m):
-        if m.group(1) not in ports:
-            ports[m.group(1)] = free_port("127.0.0.1")
-        return f"listen 127.0.0.1:{ports[m.group(1)]}"
-    return re.sub(r"listen (\S+:\d+)", sub, text)
+def relisten_for_check(text, ports, scratch):
+    """An nginx config as `nginx -t` can check it as the piku user: every listen address on a
+    free loopback port (the same address on the same port; any spacing, a bare port too) and
+    log files in the scratch folder (nginx opens them, and after nginx's own log rotation an
+    app's logs belong to its workers' user)."""
+    def listen(m):
+        key = listen_key(m.group(2))
+        if key not in ports:
+            ports[key] = free_port("127.0.0.1")
+        return f"{m.group(1)}127.0.0.1:{ports[key]}"
+    text = re.sub(r"^([ \t]*listen[ \t]+)([^\s;]+)", listen, text, flags=re.M)
+    return re.sub(r"^([ \t]*(?:access_log|error_log)[ \t]+)/[^\s;]+", lambda m: m.group(1) + scratch, text,
+                  flags=re.M)
 
 
 def nginx_binary():
@@ -3158,14 +3888,15 @@ def nginx_binary():
 
 
 def check_nginx(paths, app, text):
-    """`nginx -t` on the full piku config with this app's candidate in place of its current one."""
+    """`nginx -t` on the full piku config with this app's candidate `text` in place of its
+    current one (app None: the configs as they are), piku's own files as it will write them."""
     import shutil
     import tempfile
     others = {n: read_text(os.path.join(paths.nginx, n), "") for n in sorted(os.listdir(paths.nginx))
-              if n.endswith(".conf") and n != f"{app}.conf"}
+              if n.endswith(".conf") and n not in (f"{app}.conf", "_piku.conf", "_default.conf")}
     # nginx only warns about a name two server blocks claim, and gives it to the first one
-    owners = server_name_owners({n[:-5]: t for n, t in others.items() if n != "_piku.conf"})
-    for name in server_name_owners({app: text}):
+    owners = server_name_owners({n[:-5]: t for n, t in others.items() if not n.startswith("_")})
+    for name in server_name_owners({app: text or ""}):
         if name in owners:
             raise PikuError(f"NGINX_SERVER_NAME: {name} is already served by app {owners[name]}: "
                             f"remove it there first (config:set {owners[name]} NGINX_SERVER_NAME=...)")
@@ -3173,13 +3904,14 @@ def check_nginx(paths, app, text):
     if not nginx:
         warn("nginx is not installed: its config was written but not checked")
         return
+    others.update({"_piku.conf": render_nginx_map(), "_default.conf": default_server_text(paths, {app: text})})
     tmp = tempfile.mkdtemp(prefix="piku-nginx-")
     try:
         # nginx -t binds the listen addresses: test on free loopback ports, one per address.
         ports = {}
-        confs = list(others.items()) + [("candidate.conf", text)]
+        confs = list(others.items()) + ([("candidate.conf", text)] if text is not None else [])
         for name, body in confs:
-            write_atomic(os.path.join(tmp, "check-" + name), relisten_for_check(body, ports))
+            write_atomic(os.path.join(tmp, "check-" + name), relisten_for_check(body, ports, f"{tmp}/logs.log"))
         candidate = os.path.join(tmp, "check-candidate.conf")
         conf = os.path.join(tmp, "nginx.conf")
         write_atomic(conf, render_nginx_check_conf(tmp, [os.path.join(tmp, "check-" + n) for n, _ in confs]))
@@ -3188,7 +3920,7 @@ def check_nginx(paths, app, text):
         if proc.returncode != 0:
             msg = [l for l in proc.stdout.splitlines() if "emerg" in l or "error" in l] or [proc.stdout]
             raise PikuError("nginx rejected the new config, the old one stays live: "
-                            + msg[0].replace(candidate, f"{app}.conf").strip())
+                            + msg[0].replace(candidate, f"{app}.conf").replace(f"{tmp}/check-", "").strip())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -3663,6 +4395,7 @@ def wait_for_nginx(t, tx, text, timeout=10.0):
     import time
     conf = os.path.join(t.paths.nginx, f"{t.app}.conf")
     old = read_text(conf)
+    write_nginx_companions(plan_dict(t), text, tx)
     if text is None:
         tx.remove(conf)
         return
@@ -4089,7 +4822,7 @@ def destroy_app(paths, app):
                  os.path.join(paths.acme, app), os.path.join(paths.locks, f"{app}.lock"),
                  os.path.join(paths.state, "_acme", "dehydrated", "certs", app),
                  os.path.join(paths.state, "_acme", "dehydrated", f"{app}.conf")) + tuple(
-            os.path.join(paths.nginx, f"{app}{ext}") for ext in (".conf", ".crt", ".key")):
+            os.path.join(paths.nginx, f"{app}{ext}") for ext in (".conf", ".crt", ".key", ".htpasswd")):
         if os.path.lexists(path):
             remove_path(path)
             removed.append(path)
@@ -4097,6 +4830,7 @@ def destroy_app(paths, app):
         if re.fullmatch(re.escape(app) + r"\.\d+(\.[ab])?\.sock", name):
             remove_path(os.path.join(paths.nginx, name))
             removed.append(os.path.join(paths.nginx, name))
+    write_default_server(paths)  # (the addresses only this app listened on)
     return removed
 
 
@@ -4261,6 +4995,8 @@ def log_files(paths, app, process=None):
     names = sorted(n for n in os.listdir(d) if n.endswith(".log")) if os.path.isdir(d) else []
     if process:
         names = [n for n in names if n[:-4] == process or n.split(".")[0] == process]
+    else:  # the processes' logs; nginx's are shown by `logs APP nginx`
+        names = [n for n in names if n not in NGINX_LOG_FILES]
     return [os.path.join(d, n) for n in names]
 
 
@@ -4360,10 +5096,11 @@ def cli(ctx):
 
 @cli.command("apps")
 def cmd_apps():
-    """List apps; running ones are marked with *."""
+    """List apps; running ones are marked with *, those in maintenance mode say so."""
     paths = P()
     for app in known_apps(paths):
-        click.echo(("* " if vassals_of(paths, app) else "  ") + app)
+        click.echo(("* " if vassals_of(paths, app) else "  ") + app
+                   + (" (maintenance)" if read_maintenance(paths, app) else ""))
 
 
 @cli.command("config")
@@ -4428,6 +5165,7 @@ def apply_config(paths, app, change, keys):
         new = change(old)
         validate_settings(new, "config:set")
         check_app_paths(live_release(paths, app), None, new)
+        served_names({**live_settings(paths, app, check=False), **new})  # (with the repo's ENV too)
         write_config(paths, app, new)
         for key in sorted(keys):
             detail(f"{key}: {'set' if key in new else 'unset'}")
@@ -4545,7 +5283,7 @@ def cmd_destroy(app):
 @click.option("-n", "lines", default=50, show_default=True, help="lines per worker to show")
 @click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
 def cmd_logs(app, process, lines, follow):
-    """Show the app's worker logs (all workers, or one kind / kind.N)."""
+    """Show the app's worker logs (all workers, or one kind / kind.N; `nginx`: its nginx logs)."""
     paths = P()
     print_logs(paths, app_must_exist(paths, app), process, max(0, lines), follow)
 
@@ -4554,6 +5292,7 @@ def cmd_logs(app, process, lines, follow):
 @click.argument("app")
 def cmd_ps(app):
     """Show each worker kind's configured count and how many are running."""
+    import time
     paths = P()
     app = app_must_exist(paths, app)
     scaling = load_scaling(paths, app)
@@ -4575,13 +5314,20 @@ def cmd_ps(app):
         click.echo(f"static: {static}/ served by nginx (no process)")
     elif not scaling:
         click.echo("no processes" + ("" if release else f": {app} has not been deployed yet"))
+    maintenance = read_maintenance(paths, app)
+    if maintenance:
+        click.echo(f"maintenance: on since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(maintenance.get('since') or 0))}"
+                   + {"release": " (while the release command runs)"}.get(maintenance.get("by"), "")
+                   + (f", page {maintenance['page']}" if maintenance.get("page") else "")
+                   + ": nginx answers 503 for the app's names")
 
 
-def live_settings(paths, app):
+def live_settings(paths, app, check=True):
     """The settings the live release runs with (repo ENV < config), without building."""
     release = live_release(paths, app)
     repo_env = read_repo_env(paths, app, release, env_file_base(paths, app, os.environ))
-    return validate_settings({**repo_env, **load_config(paths, app)})
+    settings = {**repo_env, **load_config(paths, app)}
+    return validate_settings(settings) if check else settings
 
 
 @cli.command("certs")
@@ -4614,6 +5360,7 @@ def cmd_certs_renew(app, force):
         settings = live_settings(paths, name)
         if not split_names(settings.get("NGINX_SERVER_NAME", "")):
             continue
+        cap_nginx_logs(paths, name, setting_int(settings, "NGINX_LOG_MAXSIZE"))  # (the daily job)
         if read_cert_record(paths, name) is None and os.path.exists(cert_paths(paths, name)[0]):
             detail(f"{name}: certificate provided by the admin, left as it is")
             continue
@@ -4683,6 +5430,34 @@ def cmd_restart(app):
     step(f"Restarted {app}")
 
 
+@cli.command("maintenance:on")
+@click.argument("app")
+@click.option("--page", metavar="FILE", help="an HTML file of the app's repository to show (default: a built-in page)")
+def cmd_maintenance_on(app, page):
+    """nginx answers 503 for the app's names (ACME excepted) until maintenance:off."""
+    import time
+    paths = P()
+    app = app_must_exist(paths, app)
+    with AppLock(paths, app):
+        switch_maintenance(paths, app, {"page": page, "since": int(time.time()), "by": "maintenance:on"},
+                           os.environ)
+    step(f"{app} is in maintenance mode: 503" + (f" with {page}" if page else "") + " until maintenance:off")
+
+
+@cli.command("maintenance:off")
+@click.argument("app")
+def cmd_maintenance_off(app):
+    """Serve the app again after maintenance:on."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    with AppLock(paths, app):
+        if not read_maintenance(paths, app):
+            step(f"{app} is not in maintenance mode: nothing to change")
+            return
+        switch_maintenance(paths, app, None, os.environ)
+    step(f"{app} is served again")
+
+
 @cli.command("stop")
 @click.argument("app")
 def cmd_stop(app):
@@ -4723,6 +5498,8 @@ def cmd_setup(write_units):
     me = os.path.abspath(__file__)
     step(f"piku {__version__} is set up in {paths.root}")
     detail(f"nginx: add `include {paths.nginx}/*.conf;` to the http block of nginx.conf")
+    for note in setup_nginx(paths):
+        detail(note)
     units = render_systemd_units(sys.executable, me, paths, getpass.getuser())
     if write_units:
         ensure_dirs(write_units)
@@ -4943,7 +5720,8 @@ def cmd_nginx_watch(interval, reload_cmd):
 # === 15. main() ===
 
 SSH_ALLOWED = {"apps", "certs", "certs:renew", "config", "config:get", "config:set", "config:unset", "config:live", "deploy",
-               "destroy", "logs", "ps", "ps:scale", "releases", "rollback", "run", "restart", "stop", "setup", "setup:ssh",
+               "destroy", "logs", "maintenance:on", "maintenance:off", "ps", "ps:scale", "releases", "rollback", "run",
+               "restart", "stop", "setup", "setup:ssh",
                "update", "help", "git-receive-pack", "git-upload-pack", "--version", "--help", "-h"}
 
 

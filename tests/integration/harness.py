@@ -101,6 +101,9 @@ class Server:
     def start(self):
         r = self.as_user([SYSTEM_PY, self.piku_py, "setup"])
         assert r.returncode == 0, r.stdout + r.stderr
+        # the install step of docs/INSTALL.md: nginx/ belongs to the group nginx's workers run as
+        # (here nginx runs as the piku user: its own group), setgid so sockets inherit it
+        os.chmod(os.path.join(self.root, "nginx"), 0o2755)
         # Outbound TLS here goes through a local CA: the piku user's own uv.toml (uv's user-level
         # config, merged under each project's settings) is how an admin says so server-wide.
         r = self.as_user(["sh", "-c", 'mkdir -p "$HOME/.config/uv" && echo "system-certs = true" '
