@@ -1323,8 +1323,13 @@ def parse_php_docroot(value):
     return rel
 
 
-def php_as_web(workers, warnings):
-    """A Procfile with `php: DOCROOT` serves it as its `web` process (PHP_WEB_COMMAND)."""
+def map_legacy_kinds(workers, warnings):
+    """The original piku's uWSGI-plugin kinds: `php: DOCROOT` becomes the `web` process
+    (PHP_WEB_COMMAND); `jwsgi:` and `rwsgi:` (JVM and rack plugins) run as plain workers here,
+    with a warning."""
+    warnings = warnings + [f"Procfile: {k}: (uWSGI's {'JVM' if k == 'jwsgi' else 'rack'} plugin in the "
+                           "original piku) runs as a background worker here: serve HTTP with web: on $PORT"
+                           for k in ("jwsgi", "rwsgi") if k in workers]
     if "php" not in workers:
         return workers, warnings
     parse_php_docroot(workers["php"])
@@ -1393,7 +1398,9 @@ JAVA = ("java", "default-jdk-headless")
 # argv and the tools they need (binary, Debian package) of the runtimes built by one command
 TOOL_BUILDS = {
     "maven": (["mvn", "-B", "package"], (JAVA, ("mvn", "maven"))),
-    "clojure-cli": (["clojure", "-T:build", "release"], (JAVA, ("clojure", "clojure"))),
+    "clojure-cli": (["clojure", "-T:build", "release"],
+                    (JAVA, ("clojure", "install the Clojure CLI (clojure.org's linux-install script; "
+                                       "Debian's clojure package has no -T)"))),
     "leiningen": (["lein", "uberjar"], (JAVA, ("lein", "leiningen"))),
     "rust": (["cargo", "build"], (("cargo", "cargo"), ("rustc", "rustc"))),
 }
@@ -2167,12 +2174,14 @@ CACHE_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def need_tools(b, tools):
-    """Paths of (binary, Debian package) pairs on the build PATH; a missing one rejects the push."""
+    """Paths of (binary, Debian package) pairs on the build PATH; a missing one rejects the push.
+    (A `package` with spaces is the whole hint: the tool has no usable Debian package.)"""
     found = []
     for binary, package in tools:
         path = which(binary, b.env)
         if not path:
-            raise PikuError(f"{binary} is not installed: as root, apt-get install {package}")
+            raise PikuError(f"{binary} is not installed: " + (package if " " in package else
+                                                                f"as root, apt-get install {package}"))
         found.append(path)
     return found
 
@@ -2651,7 +2660,7 @@ def read_procfile(release_dir):
     if text is None:
         raise PikuError("no Procfile in the pushed revision: add one, e.g. `wsgi: app:application` "
                         "or `web: gunicorn -b $BIND_ADDRESS:$PORT app:app`, commit and push again")
-    return php_as_web(*parse_procfile(text))
+    return map_legacy_kinds(*parse_procfile(text))
 
 
 def env_file_base(paths, app, environ):

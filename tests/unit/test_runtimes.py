@@ -47,7 +47,7 @@ def test_static_only_and_nothing_to_run():
 
 
 def test_php_line_detected_and_built_beside_other_runtimes():
-    workers, _ = piku.php_as_web({"php": "public", "worker": "x"}, [])
+    workers, _ = piku.map_legacy_kinds({"php": "public", "worker": "x"}, [])
     assert runtime([], workers) == "php"
     assert runtime(["package.json"], workers) == "node+php"
     assert runtime(["requirements.txt", "package.json"], workers) == "python-requirements+node+php"
@@ -71,7 +71,7 @@ def test_a_node_app_does_not_build_python_or_go_beside_it():
 # -- PHP ------------------------------------------------------------------------
 
 def test_php_becomes_the_web_process_with_a_constant_command():
-    workers, warnings = piku.php_as_web({"php": "public/", "worker": "python w.py"}, [])
+    workers, warnings = piku.map_legacy_kinds({"php": "public/", "worker": "python w.py"}, [])
     assert workers == {"web": piku.PHP_WEB_COMMAND, "worker": "python w.py"} and warnings == []
     assert "public" not in piku.PHP_WEB_COMMAND  # the docroot comes from the environment
     for option in ('--http-socket "$BIND_ADDRESS:$PORT"', "--plugin 0:php", '--php-docroot "$PIKU_PHP_DOCROOT"',
@@ -88,18 +88,26 @@ def test_php_docroot_is_a_directory_of_the_app(value, rel):
 @pytest.mark.parametrize("value", ["../etc", "a/../../b", "pub lic", "x;rm -rf ~", "$HOME", "a\\b"])
 def test_php_docroot_refuses_paths_outside_or_odd(value):
     with pytest.raises(PikuError, match="php: wants a directory"):
-        piku.php_as_web({"php": value}, [])
+        piku.map_legacy_kinds({"php": value}, [])
 
 
 @pytest.mark.parametrize("other", ["web", "wsgi"])
 def test_php_and_another_server_refused(other):
     with pytest.raises(PikuError, match=f"php and {other} both serve"):
-        piku.php_as_web({"php": ".", other: "app:app" if other == "wsgi" else "x"}, [])
+        piku.map_legacy_kinds({"php": ".", other: "app:app" if other == "wsgi" else "x"}, [])
 
 
 def test_procfile_without_php_is_untouched():
     workers = {"web": "node index.js"}
-    assert piku.php_as_web(workers, ["w"]) == (workers, ["w"])
+    assert piku.map_legacy_kinds(workers, ["w"]) == (workers, ["w"])
+
+
+@pytest.mark.parametrize("kind, plugin", [("jwsgi", "JVM"), ("rwsgi", "rack")])
+def test_jvm_and_rack_kinds_run_as_workers_with_a_warning(kind, plugin):
+    workers, warnings = piku.map_legacy_kinds({kind: "java -jar app.jar"}, [])
+    assert workers == {kind: "java -jar app.jar"}
+    assert warnings == [f"Procfile: {kind}: (uWSGI's {plugin} plugin in the original piku) runs as a background "
+                        "worker here: serve HTTP with web: on $PORT"]
 
 
 # -- Node -----------------------------------------------------------------------
@@ -197,6 +205,8 @@ def fake_build(tmp_path, path="/nonexistent", **settings):
     ((("npm", "npm"),), "npm is not installed: as root, apt-get install npm"),
     ((("go", "golang-go"),), "go is not installed: as root, apt-get install golang-go"),
     ((("bundle", "ruby-bundler"),), "bundle is not installed: as root, apt-get install ruby-bundler"),
+    (piku.TOOL_BUILDS["clojure-cli"][1][1:], "clojure is not installed: install the Clojure CLI (clojure.org's "
+                                             "linux-install script; Debian's clojure package has no -T)"),
 ])
 def test_missing_toolchain_names_the_debian_package(tmp_path, tools, message):
     with pytest.raises(PikuError) as e:
