@@ -2269,9 +2269,10 @@ def setup_node(b):
         _, secs = fill_cache(d, lambda: tool_run(b, [nodeenv, "--prebuilt", f"--node={parse_node_version(want)}",
                                                      "--clean-src", "--force", d], "nodeenv"))
         detail(f"Installed in {secs:.1f}s")
-    if want and nodeenv_dir(b.state, b.settings):
-        b.env["PATH"] = os.path.join(nodeenv_dir(b.state, b.settings), "bin") + ":" + b.env["PATH"]
-        system = os.path.join(nodeenv_dir(b.state, b.settings), "bin", "node")
+    installed = nodeenv_dir(b.state, b.settings)
+    if installed:
+        b.env["PATH"] = os.path.join(installed, "bin") + ":" + b.env["PATH"]
+        system = os.path.join(installed, "bin", "node")
         have = capture([system, "--version"], env=b.env)
     if not system:
         raise PikuError("node is not installed: as root, apt-get install nodejs npm")
@@ -2347,15 +2348,16 @@ def build_ruby(b):
     committed = os.path.exists(lock)
     key = fingerprint("ruby", read_text(os.path.join(b.release_dir, "Gemfile"), ""), read_text(lock, ""),
                       version, keyed_settings(b.settings, prefixes=("BUNDLE_",)))
-    entry, ready = cache_entry(b, "ruby", key)
     detail(f"Ruby {version}")
-    tool_run(b, [bundle, "config", "set", "--local", "path", entry], "bundle config")
+    tool_run(b, [bundle, "config", "set", "--local", "path", os.path.join(b.state, "ruby", key)], "bundle config")
+    entry, ready = cache_entry(b, "ruby", key)
     if ready:
         step(f"Gems unchanged ({'Gemfile.lock' if committed else 'Gemfile'}): reusing an earlier install")
         if not committed and os.path.exists(os.path.join(entry, "Gemfile.lock")):
             shutil.copy(os.path.join(entry, "Gemfile.lock"), lock)
     else:
         step("Installing gems: bundle install" + ("" if committed else " (no Gemfile.lock)"))
+
         def install():
             out = tool_run(b, [bundle, "install"], "bundle install")
             if not committed and os.path.exists(lock):

@@ -3,7 +3,6 @@ toolchains (Debian's packages; npm installs from the npm registry); a failing bu
 missing toolchain rejects the push and changes nothing."""
 import glob
 import os
-import shutil
 
 import pytest
 
@@ -112,6 +111,28 @@ def test_missing_toolchain_is_a_clear_error(server, tmp_path):
     assert glob.glob(server.path("uwsgi-enabled", "nonode_*")) == []
 
 
+def test_node_version_settings(server, npm_ready, tmp_path):
+    major = server.as_user(["node", "--version"]).stdout.strip().lstrip("v").split(".")[0]
+    repo = server.make_app("node-web", tmp_path / "nodever", {"ENV": f"NODE_VERSION={major}\n"})
+    out = push_ok(server, repo, "nodever")
+    assert f"(NODE_VERSION={major})" in out, out
+    port = server.app_port("nodever")
+    server.wait_http(port, contains=f"node=v{major}.")
+    # a version the server lacks, without nodeenv: refused, nothing changed
+    before = server.tree()
+    r = server.ssh("config:set", "nodever", "NODE_VERSION=12.22.12")
+    assert r.returncode != 0, r.stdout
+    assert "NODE_VERSION=12.22.12, but the server's Node.js is v" in r.stdout + r.stderr
+    assert "apt-get install nodeenv" in r.stdout + r.stderr
+    assert server.tree() == before
+    # NODE_ENV is part of what decides node_modules: setting it reinstalls
+    r = server.ssh("config:set", "nodever", "NODE_ENV=production")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "A build setting changed: redeploying" in r.stdout and "npm ci (package-lock.json)" in r.stdout, r.stdout
+    server.wait_http(port, contains="node-web v1")
+    assert len(node_entries(server, "nodever")) == 2  # both releases still use theirs
+
+
 def test_python_app_with_package_json_builds_python_then_node(server, npm_ready, tmp_path):
     files = {name: open(os.path.join(APPS, "node-web", name)).read() for name in ("package.json", "package-lock.json")}
     repo = server.make_app("req-web", tmp_path / "pynode", files)
@@ -194,4 +215,4 @@ def test_php_line_with_a_bad_docroot_is_refused(server, tmp_path):
     repo = server.make_app("php-web", tmp_path / "phpbad", {"Procfile": "php: ../../etc\n"})
     r = server.push(repo, "phpbad")
     assert r.returncode != 0 and "php: wants a directory of the app" in r.stdout, r.stdout
-    shutil.rmtree(tmp_path / "phpbad")
+    assert not os.path.lexists(server.path("apps", "phpbad"))
