@@ -146,6 +146,17 @@ def test_python_app_with_package_json_builds_python_then_node(server, npm_ready,
     live = server.read("envs/pynode/LIVE_ENV")
     assert f"NODE_PATH={live_release(server, 'pynode')}/node_modules" in live
     assert os.path.isdir(os.path.join(live_release(server, "pynode"), "node_modules", "ms"))
+    # Python changes, then Node.js fails: rejected, and the live release keeps its virtualenv
+    pkg = files["package.json"].replace('"ms": "2.1.3"', '"ms": "2.1.3", "left-pad": "1.3.0"')
+    server.commit(repo, "v2", {"package.json": pkg, "requirements.txt": "gunicorn\nsix\n",
+                               "app.py": open(repo / "app.py").read().replace("req-web v1", "req-web v2")})
+    r = server.push(repo, "pynode")
+    assert r.returncode != 0 and "+ six==" in r.stdout and "npm ci failed" in r.stdout, r.stdout
+    assert "six" not in " ".join(os.listdir(glob.glob(server.path("envs", "pynode", "lib", "python3*"))[0]
+                                           + "/site-packages"))
+    r = server.ssh("restart", "pynode")
+    assert r.returncode == 0, r.stdout + r.stderr
+    server.wait_http(server.app_port("pynode"), contains="req-web v1")
 
 
 def test_go_app_built_into_bin_and_served(server, tmp_path):
