@@ -652,6 +652,9 @@ SETTINGS = (
     S("PYTHON_VERSION", None, lambda v, k: parse_python_version(v), "the app's Python version"),
     S("UV_PYTHON_PREFERENCE", "managed", None, "where uv takes Pythons from"),
     S("PATH", None, None, "the PATH after the virtualenv's bin/"),
+    # other runtimes
+    S("NODE_VERSION", None, lambda v, k: parse_node_version(v), "the app's Node.js version (nodeenv installs others)"),
+    S("NODE_PACKAGE_MANAGER", None, lambda v, k: parse_package_manager(v), "npm, yarn or pnpm, with options"),
     # network
     S("BIND_ADDRESS", "127.0.0.1", v_ip, "where wsgi and web processes listen"),
     S("PORT", None, v_int(1, 65535), "the port of wsgi/web"),
@@ -1719,12 +1722,169 @@ def detect_static(files, workers):
     return "static" in workers
 
 
+def detect_ruby(files, workers):
+    return "Gemfile" in files
+
+
+def detect_node(files, workers):
+    return "package.json" in files
+
+
+def detect_maven(files, workers):
+    return "pom.xml" in files
+
+
+def detect_gradle(files, workers):
+    return "build.gradle" in files or "build.gradle.kts" in files
+
+
+def detect_go(files, workers):
+    return "go.mod" in files or "Godeps" in files or any(f.endswith(".go") for f in files)
+
+
+def detect_clojure_cli(files, workers):
+    return "deps.edn" in files
+
+
+def detect_leiningen(files, workers):
+    return "project.clj" in files
+
+
+def detect_php(files, workers):
+    return workers.get("web") == PHP_WEB_COMMAND
+
+
+def detect_rust(files, workers):
+    return "Cargo.toml" in files
+
+
+# What is built beside the first runtime that matches: a Python app's package.json (its JS
+# assets), and any app's `php:` line (uWSGI's php plugin serves it, whatever else the app is).
+COMPANIONS = {"python-requirements": ("node", "php"), "python-uv": ("node", "php")}
+
+
 def plan_runtime(files, workers, runtimes):
-    """First runtime whose detector accepts the release; (name, label, build) or raises."""
-    for name, label, detect, build in runtimes:
-        if detect(files, workers):
-            return name, label, build
-    raise PikuError("nothing to run: the Procfile has no wsgi, web, worker or static entry")
+    """The first runtime whose detector accepts the release, and the companions built after it
+    (COMPANIONS): (name, label, build); names of several join with `+` (`python-uv+node`)."""
+    rows = [row for row in runtimes if row[2](files, workers)]
+    if not rows:
+        raise PikuError("nothing to run: the Procfile has no wsgi, web, php, worker or static entry")
+    name, label, _, build = rows[0]
+    extra = [row for row in rows[1:] if row[0] in COMPANIONS.get(name, ("php",))]
+    if not extra:
+        return name, label, build
+    shorts = [row[1].replace(" app detected", "") for row in extra]
+
+    def build_all(b):
+        build(b)
+        for short, row in zip(shorts, extra):
+            step(f"Then {short}")
+            row[3](b)
+    return "+".join([name] + [row[0] for row in extra]), f"{label}; then {', then '.join(shorts)}", build_all
+
+
+PHP_DOCROOT_RE = re.compile(r"[A-Za-z0-9_.@+-][A-Za-z0-9_./@+-]{0,200}")
+# The `web` command a Procfile's `php: DOCROOT` line becomes: uWSGI with its php plugin on
+# $BIND_ADDRESS:$PORT. A constant (the document root comes from the environment), so the web
+# machinery (port, nginx, preboot, health check) serves PHP unchanged. The UWSGI_* settings in
+# the environment are options to this uWSGI (UWSGI_PROCESSES = processes ...); the ones that
+# only mean something to a Python worker are removed.
+PHP_WEB_COMMAND = ('exec env -u UWSGI_GEVENT -u UWSGI_ASYNCIO -u UWSGI_THREADS -u UWSGI_INCLUDE_FILE '
+                   '-u UWSGI_IDLE uwsgi --master --die-on-term --plugin 0:php '
+                   '--http-socket "$BIND_ADDRESS:$PORT" --php-docroot "$PIKU_PHP_DOCROOT" '
+                   '--php-index index.php --php-allowed-ext .php --check-static "$PIKU_PHP_DOCROOT" '
+                   '--static-skip-ext .php --static-skip-ext .inc --static-index index.html')
+
+
+def parse_php_docroot(value):
+    """The document root of a `php:` Procfile line, relative to the app ('.' for the app itself)."""
+    rel = value.strip().strip("/") or "."
+    if not PHP_DOCROOT_RE.fullmatch(rel) or ".." in rel.split("/"):
+        raise PikuError(f"Procfile: php: wants a directory of the app (e.g. `php: public`), got {value!r}")
+    return rel
+
+
+def map_legacy_kinds(workers, warnings):
+    """The original piku's uWSGI-plugin kinds: `php: DOCROOT` becomes the `web` process
+    (PHP_WEB_COMMAND); `jwsgi:` and `rwsgi:` (JVM and rack plugins) run as plain workers here,
+    with a warning."""
+    warnings = warnings + [f"Procfile: {k}: (uWSGI's {'JVM' if k == 'jwsgi' else 'rack'} plugin in the "
+                           "original piku) runs as a background worker here: serve HTTP with web: on $PORT"
+                           for k in ("jwsgi", "rwsgi") if k in workers]
+    if "php" not in workers:
+        return workers, warnings
+    parse_php_docroot(workers["php"])
+    clash = [k for k in ("web", "wsgi") if k in workers]
+    if clash:
+        raise PikuError(f"Procfile: php and {clash[0]} both serve the app on $PORT: keep one of them")
+    return {("web" if k == "php" else k): (PHP_WEB_COMMAND if k == "php" else v)
+            for k, v in workers.items()}, warnings
+
+
+NODE_MANAGERS = {"npm": ("package-lock.json", "npm-shrinkwrap.json"), "yarn": ("yarn.lock",),
+                 "pnpm": ("pnpm-lock.yaml",)}
+NODE_OPTION_RE = re.compile(r"--?[A-Za-z0-9][A-Za-z0-9=._:/@+-]*")
+NODE_VERSION_RE = re.compile(r"v?(\d+(?:\.\d+){0,2})")
+
+
+def parse_package_manager(value):
+    """NODE_PACKAGE_MANAGER (`npm`, `yarn`, `pnpm`, each with options) -> [words]."""
+    words = (value or "npm").split()
+    if words[0] not in NODE_MANAGERS or not all(NODE_OPTION_RE.fullmatch(w) for w in words[1:]):
+        raise PikuError(f"NODE_PACKAGE_MANAGER: expected {', '.join(NODE_MANAGERS)} and options "
+                        f"(`npm --legacy-peer-deps`), got {value!r}")
+    return words
+
+
+def parse_node_version(value):
+    m = NODE_VERSION_RE.fullmatch((value or "").strip())
+    if not m:
+        raise PikuError(f"NODE_VERSION: expected a version like 20, 20.11 or 20.11.1, got {value!r}")
+    return m.group(1)
+
+
+def node_version_matches(installed, wanted):
+    """Does `node --version` output (v20.11.1) satisfy NODE_VERSION (20, 20.11, v20.11.1)?"""
+    have = installed.strip().lstrip("v").split(".")
+    want = parse_node_version(wanted).split(".")
+    return have[:len(want)] == want
+
+
+def plan_node_install(manager_words, files):
+    """(argv, lockfile or None) installing a package.json's dependencies: a lockfile of the
+    manager makes the install exact (`npm ci`, `--frozen-lockfile`)."""
+    tool, options = manager_words[0], manager_words[1:]
+    lock = next((f for f in NODE_MANAGERS[tool] if f in files), None)
+    if tool == "npm":
+        return [tool, "ci" if lock else "install", "--no-audit", "--no-fund"] + options, lock
+    return [tool, "install"] + (["--frozen-lockfile"] if lock else []) + options, lock
+
+
+def plan_go_build(files):
+    """argv building a Go app into bin/: its module's packages, or (no go.mod) the .go files at
+    the top of the repository."""
+    if "go.mod" in files:
+        return ["go", "build", "-o", "bin/", "./..."]
+    sources = sorted(f for f in files if f.endswith(".go") and not f.endswith("_test.go"))
+    return ["go", "build", "-o", "bin/"] + sources if sources else None
+
+
+def plan_gradle_build(files):
+    """The project's own Gradle wrapper when it has one, else the system gradle; no daemon
+    left running after the push."""
+    return (["/bin/sh", "./gradlew"] if "gradlew" in files else ["gradle"]) + ["--no-daemon", "build"]
+
+
+JAVA = ("java", "default-jdk-headless")
+# argv and the tools they need (binary, Debian package) of the runtimes built by one command
+TOOL_BUILDS = {
+    "maven": (["mvn", "-B", "package"], (JAVA, ("mvn", "maven"))),
+    "clojure-cli": (["clojure", "-T:build", "release"],
+                    (JAVA, ("clojure", "install the Clojure CLI (clojure.org's linux-install script; "
+                                       "Debian's clojure package has no -T)"))),
+    "leiningen": (["lein", "uberjar"], (JAVA, ("lein", "leiningen"))),
+    "rust": (["cargo", "build"], (("cargo", "cargo"), ("rustc", "rustc"))),
+}
 
 
 # What each Procfile kind is: the one place that knows (every other function asks here).
@@ -2657,17 +2817,332 @@ def requirements_with_includes(release_dir, name="requirements.txt", seen=None):
     return "".join(parts)
 
 
+# --- Other runtimes. A build writes into the new release and into content-keyed cache entries
+# (state/<app>/<kind>/<key>/, complete once they hold CACHE_DONE, never changed after): nothing
+# the live release uses is touched, so a failed push leaves it as it was.
+
+CACHE_DONE = ".piku-complete"
+CACHE_KEY_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def need_tools(b, tools):
+    """Paths of (binary, Debian package) pairs on the build PATH; a missing one rejects the push.
+    (A `package` with spaces is the whole hint: the tool has no usable Debian package.)"""
+    found = []
+    for binary, package in tools:
+        path = which(binary, b.env)
+        if not path:
+            raise PikuError(f"{binary} is not installed: " + (package if " " in package else
+                                                                f"as root, apt-get install {package}"))
+        found.append(path)
+    return found
+
+
+def cache_entry(b, kind, key):
+    """(directory, complete) of the cache entry state/<app>/<kind>/<key>; an entry a build left
+    incomplete (the push was cut off) is emptied for a fresh start."""
+    d = os.path.join(b.state, kind, key)
+    if os.path.exists(os.path.join(d, CACHE_DONE)):
+        return d, True
+    remove_path(d)
+    ensure_dirs(d)
+    return d, False
+
+
+def fill_cache(entry, fill):
+    """Run fill() to make a cache entry complete; a failure removes the half-made entry (so a
+    rejected push leaves no trace). Returns fill()'s result."""
+    try:
+        result = fill()
+    except BaseException:
+        remove_path(entry)
+        raise
+    write_atomic(os.path.join(entry, CACHE_DONE), "")
+    return result
+
+
+def cache_used(b, kind, key):
+    """Record that this release uses entry `key`, and remove the entries of `kind` that no
+    release directory uses any more (their releases were pruned)."""
+    base, releases = os.path.join(b.state, kind), os.path.join(b.paths.releases, b.app)
+    users = os.path.join(base, "used-by")
+    ensure_dirs(users)
+    write_atomic(os.path.join(users, os.path.basename(b.release_dir)), key + "\n")
+    keep, existing = {key}, set(os.listdir(releases)) if os.path.isdir(releases) else set()
+    for rid in os.listdir(users):
+        if rid in existing:
+            keep.add((read_text(os.path.join(users, rid)) or "").strip())
+        else:
+            remove_path(os.path.join(users, rid))
+    for name in os.listdir(base):
+        if CACHE_KEY_RE.fullmatch(name) and name not in keep:
+            remove_path(os.path.join(base, name))
+
+
+def link_tree(src, dst):
+    """Copy a directory tree as hard links (symbolic links stay links): instant, no extra disk.
+    Across file systems the files are copied."""
+    import shutil
+
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+    shutil.copytree(src, dst, symlinks=True, copy_function=link)
+
+
+def keyed_settings(settings, names=(), prefixes=()):
+    """The settings that change what a tool installs, for a cache key."""
+    return sorted((k, v) for k, v in settings.items() if k in names or k.upper().startswith(prefixes))
+
+
+def nodeenv_dir(state, settings):
+    """Where nodeenv put NODE_VERSION for this app, if it did (else None)."""
+    want = settings.get("NODE_VERSION", "").strip()
+    d = os.path.join(state, "nodeenv", parse_node_version(want)) if want else None
+    return d if d and os.path.exists(os.path.join(d, CACHE_DONE)) else None
+
+
+def setup_node(b):
+    """The Node.js the build (and the app) uses: NODE_VERSION's nodeenv install when there is
+    one, else the server's node if it matches, else nodeenv installs it. Returns `vX.Y.Z`."""
+    want = b.settings.get("NODE_VERSION", "").strip()
+    system = which("node", b.env) or which("nodejs", b.env)
+    have = capture([system, "--version"], env=b.env) if system else ""
+    if want and not nodeenv_dir(b.state, b.settings) and not node_version_matches(have, want):
+        nodeenv = which("nodeenv", b.env)
+        if not nodeenv:
+            raise PikuError(f"NODE_VERSION={want}, but the server's Node.js is {have or 'not installed'} and "
+                            "nodeenv is not there to install another: as root, apt-get install nodeenv "
+                            "(or unset NODE_VERSION to use the server's)")
+        d, _ = cache_entry(b, "nodeenv", parse_node_version(want))
+        step(f"Installing Node.js {want} with nodeenv")
+        _, secs = fill_cache(d, lambda: tool_run(b, [nodeenv, "--prebuilt", f"--node={parse_node_version(want)}",
+                                                     "--clean-src", "--force", d], "nodeenv"))
+        detail(f"Installed in {secs:.1f}s")
+    installed = nodeenv_dir(b.state, b.settings)
+    if installed:
+        b.env["PATH"] = os.path.join(installed, "bin") + ":" + b.env["PATH"]
+        system = os.path.join(installed, "bin", "node")
+        have = capture([system, "--version"], env=b.env)
+    if not system:
+        raise PikuError("node is not installed: as root, apt-get install nodejs npm")
+    detail(f"Node.js {have}" + (f" (NODE_VERSION={want})" if want else ""))
+    return have
+
+
+def package_manager_path(b, tool):
+    """npm, yarn or pnpm on the build PATH; yarn and pnpm are installed with npm into
+    state/<app>/node-tools/ when the server has none (as the original piku did)."""
+    found = which(tool, b.env) or (which("yarnpkg", b.env) if tool == "yarn" else None)
+    if found:
+        return found
+    (npm,) = need_tools(b, (("npm", "npm"),))
+    d, ready = cache_entry(b, "node-tools", tool)
+    if not ready:
+        step(f"Installing {tool} with npm (NODE_PACKAGE_MANAGER)")
+        fill_cache(d, lambda: tool_run(b, [npm, "install", "--no-audit", "--no-fund", "--prefix", d, tool],
+                                       f"installing {tool}"))
+    return os.path.join(d, "node_modules", ".bin", tool)
+
+
+def count_node_packages(node_modules):
+    n = 0
+    for name in os.listdir(node_modules) if os.path.isdir(node_modules) else []:
+        scope = os.path.join(node_modules, name)
+        n += len(os.listdir(scope)) if name.startswith("@") and os.path.isdir(scope) else not name.startswith(".")
+    return n
+
+
+def build_node(b):
+    """package.json: its packages are installed (`npm ci` with a lockfile) into a cache entry
+    keyed by their inputs, then hard-linked into the release's node_modules."""
+    import shutil
+    import time
+    files = set(os.listdir(b.release_dir))
+    manager = parse_package_manager(b.settings.get("NODE_PACKAGE_MANAGER"))
+    version = setup_node(b)
+    if "node_modules" in files:
+        detail("node_modules is committed in the repository: used as it is, nothing installed")
+        return
+    argv, lock = plan_node_install(manager, files)
+    argv[0] = package_manager_path(b, manager[0])
+    if not lock and manager[0] == "npm" and ({"yarn.lock", "pnpm-lock.yaml"} & files):
+        detail("a yarn or pnpm lockfile is here: set NODE_PACKAGE_MANAGER=yarn (or pnpm) to install with it")
+    inputs = [n for n in ("package.json", lock, ".npmrc") if n and n in files]
+    key = fingerprint("node", manager, *(n + "\0" + read_text(os.path.join(b.release_dir, n), "") for n in inputs),
+                      version, keyed_settings(b.settings, ("NODE_ENV",), ("NPM_CONFIG_", "YARN_")))
+    entry, ready = cache_entry(b, "node", key)
+    t0 = time.monotonic()
+    if ready:
+        step(f"Node.js packages unchanged ({lock or 'package.json, no lockfile'}): reusing an earlier install")
+    else:
+        step(f"Installing Node.js packages: {manager[0]} {argv[1]}" + (f" ({lock})" if lock else " (no lockfile)"))
+        for name in inputs:
+            shutil.copy(os.path.join(b.release_dir, name), os.path.join(entry, name))
+        fill_cache(entry, lambda: tool_run(b, argv, f"{manager[0]} {argv[1]}", cwd=entry))
+    if os.path.isdir(os.path.join(entry, "node_modules")):
+        link_tree(os.path.join(entry, "node_modules"), os.path.join(b.release_dir, "node_modules"))
+    cache_used(b, "node", key)
+    count = count_node_packages(os.path.join(b.release_dir, "node_modules"))
+    detail(f"{count} package{'s' * (count != 1)} in node_modules ({'reused' if ready else 'installed'} in "
+           f"{time.monotonic() - t0:.1f}s)")
+
+
+def build_ruby(b):
+    """Gemfile: `bundle install` into a cache entry keyed by Gemfile, Gemfile.lock and the Ruby;
+    the release's .bundle/config points there."""
+    import shutil
+    ruby, bundle = need_tools(b, (("ruby", "ruby"), ("bundle", "ruby-bundler")))
+    version = capture([ruby, "-e", "print RUBY_VERSION, ' ', RUBY_PLATFORM"], env=b.env)
+    lock = os.path.join(b.release_dir, "Gemfile.lock")
+    committed = os.path.exists(lock)
+    key = fingerprint("ruby", read_text(os.path.join(b.release_dir, "Gemfile"), ""), read_text(lock, ""),
+                      version, keyed_settings(b.settings, prefixes=("BUNDLE_",)))
+    detail(f"Ruby {version}")
+    tool_run(b, [bundle, "config", "set", "--local", "path", os.path.join(b.state, "ruby", key)], "bundle config")
+    entry, ready = cache_entry(b, "ruby", key)
+    if ready:
+        step(f"Gems unchanged ({'Gemfile.lock' if committed else 'Gemfile'}): reusing an earlier install")
+        if not committed and os.path.exists(os.path.join(entry, "Gemfile.lock")):
+            shutil.copy(os.path.join(entry, "Gemfile.lock"), lock)
+    else:
+        step("Installing gems: bundle install" + ("" if committed else " (no Gemfile.lock)"))
+
+        def install():
+            out = tool_run(b, [bundle, "install"], "bundle install")
+            if not committed and os.path.exists(lock):
+                shutil.copy(lock, os.path.join(entry, "Gemfile.lock"))
+            return out
+        _, secs = fill_cache(entry, install)
+        detail(f"Installed in {secs:.1f}s")
+    cache_used(b, "ruby", key)
+
+
+def go_env(state, settings):
+    """Go's module and build caches per app (both content-addressed by Go itself)."""
+    return {"GOPATH": settings.get("GOPATH") or os.path.join(state, "go"),
+            "GOCACHE": settings.get("GOCACHE") or os.path.join(state, "go-build"),
+            # modules readable and removable (destroy), not read-only as Go makes them
+            "GOFLAGS": " ".join(f for f in (settings.get("GOFLAGS", ""), "-modcacherw") if f)}
+
+
+def rust_env(state, settings):
+    return {"CARGO_HOME": settings.get("CARGO_HOME") or os.path.join(state, "cargo")}
+
+
+def build_go(b):
+    """go.mod (or .go files): `go build -o bin/` in the release: a compile error rejects the push."""
+    import time
+    (go,) = need_tools(b, (("go", "golang-go"),))
+    b.env.update(go_env(b.state, b.settings))
+    argv = plan_go_build(set(os.listdir(b.release_dir)))
+    if argv is None:
+        detail("no go.mod and no .go files at the top of the repository: nothing to build")
+        return
+    step(f"Building: {' '.join(argv[:5])}{' ...' if len(argv) > 5 else ''}")
+    t0 = time.time()
+    _, secs = tool_run(b, [go] + argv[1:], "go build")
+    bindir = os.path.join(b.release_dir, "bin")
+    built = sorted(n for n in (os.listdir(bindir) if os.path.isdir(bindir) else [])
+                   if os.path.getmtime(os.path.join(bindir, n)) >= t0 - 1)
+    detail(f"Built {', '.join('bin/' + n for n in built) or 'no program (no main package)'} in {secs:.1f}s")
+
+
+def build_with_tool(b, argv, tools, env=None):
+    """A runtime built by one command in the release (Maven, Gradle, Clojure, Rust)."""
+    need_tools(b, tools)
+    b.env.update(env or {})
+    step(f"Building: {' '.join(argv)}")
+    _, secs = tool_run(b, argv, " ".join(argv))
+    detail(f"Built in {secs:.1f}s")
+
+
+def build_maven(b):
+    build_with_tool(b, *TOOL_BUILDS["maven"])
+
+
+def build_gradle(b):
+    argv = plan_gradle_build(set(os.listdir(b.release_dir)))
+    build_with_tool(b, argv, (JAVA,) + ((("gradle", "gradle"),) if argv[0] == "gradle" else ()))
+
+
+def build_clojure_cli(b):
+    build_with_tool(b, *TOOL_BUILDS["clojure-cli"])
+
+
+def build_leiningen(b):
+    build_with_tool(b, *TOOL_BUILDS["leiningen"])
+
+
+def build_rust(b):
+    build_with_tool(b, *TOOL_BUILDS["rust"], env=rust_env(b.state, b.settings))
+
+
+def php_docroot(release_dir):
+    """The document root the release's Procfile gives its `php:` line ('.': the app itself)."""
+    workers, _ = parse_procfile(read_text(os.path.join(release_dir, "Procfile"), ""))
+    return parse_php_docroot(workers.get("php", "."))
+
+
+def build_php(b):
+    """A `php:` line: checks uWSGI's php plugin and the document root; nothing is installed."""
+    need_tools(b, (("uwsgi", "uwsgi-core"),))
+    if not any(os.path.exists(os.path.join(d, "php_plugin.so")) for d in uwsgi_plugin_dirs(b.env)):
+        raise PikuError("the Procfile's php: line needs uWSGI's php plugin: as root, apt-get install uwsgi-plugin-php")
+    docroot = php_docroot(b.release_dir)
+    if not os.path.isdir(os.path.join(b.release_dir, docroot)):
+        raise PikuError(f"php: {docroot} is not a directory of the app")
+    detail(f"uWSGI's php plugin serves {docroot if docroot != '.' else 'the app'}/ as the web process")
+    if os.path.exists(os.path.join(b.release_dir, "composer.json")):
+        detail("composer.json: composer is not run; commit vendor/, or run it in a release: command")
+
+
+def runtime_env(paths, app, release_dir, runtime, settings, env):
+    """What a runtime adds to the environment of the app's processes (and of its release and
+    preflight commands): the release's tool directories first on PATH, and tool caches.
+    Settings the app gives itself win, except PATH and GOFLAGS, which are extended."""
+    parts, state, out, bins = runtime.split("+"), os.path.join(paths.state, app), {}, []
+    if "node" in parts:
+        node_dir = nodeenv_dir(state, settings)
+        bins += [os.path.join(release_dir, "node_modules", ".bin")] + ([os.path.join(node_dir, "bin")] if node_dir else [])
+        out["NODE_PATH"] = os.path.join(release_dir, "node_modules")
+    if "go" in parts:
+        out.update(go_env(state, settings))
+        bins.append(os.path.join(release_dir, "bin"))
+    if "rust" in parts:
+        out.update(rust_env(state, settings))
+    if "php" in parts:
+        out["PIKU_PHP_DOCROOT"] = os.path.normpath(os.path.join(release_dir, php_docroot(release_dir)))
+    out = {k: v for k, v in out.items() if k.startswith("PIKU_") or k == "GOFLAGS" or k not in settings}
+    if bins:
+        out["PATH"] = ":".join(bins + [env["PATH"]])
+    return out
+
+
 def build_generic(b):
-    detail("no Python dependencies to install")
+    detail("nothing to build: the Procfile's commands run as they are")
 
 
 def build_static(b):
     detail("static files are served by nginx")
 
 
+# The order is the original piku's: the first runtime whose detector matches builds the app
+# (plus its COMPANIONS); a toolchain that is missing rejects the push.
 RUNTIMES = (
     ("python-requirements", "Python (requirements.txt) app detected", detect_requirements, build_requirements),
     ("python-uv", "Python (uv) app detected", detect_pyproject, build_uv),
+    ("ruby", "Ruby app detected", detect_ruby, build_ruby),
+    ("node", "Node.js app detected", detect_node, build_node),
+    ("maven", "Java (Maven) app detected", detect_maven, build_maven),
+    ("gradle", "Java (Gradle) app detected", detect_gradle, build_gradle),
+    ("go", "Go app detected", detect_go, build_go),
+    ("clojure-cli", "Clojure (deps.edn) app detected", detect_clojure_cli, build_clojure_cli),
+    ("leiningen", "Clojure (Leiningen) app detected", detect_leiningen, build_leiningen),
+    ("php", "PHP app detected", detect_php, build_php),
+    ("rust", "Rust app detected", detect_rust, build_rust),
     ("generic", "Generic app detected", detect_generic, build_generic),
     ("static", "Static app detected", detect_static, build_static),
 )
@@ -3047,6 +3522,7 @@ def plan_target(paths, app, release, environ, op, scaling=None):
         paths, app, settings, port, base["HOME"], base["USER"], base["PATH"], venv=release.venv,
         app_dir=release.dir, src_layout=bool(release.venv) and "src" in files
         and os.path.isdir(os.path.join(release.dir, "src")))
+    env.update(runtime_env(paths, app, release.dir, release.runtime or "", settings, env))
     wsgi_mode = plugin = extra = None
     if "wsgi" in scaling:
         wsgi_mode, plugin, extra = choose_wsgi_mode(release, settings, environ)
@@ -3192,7 +3668,7 @@ def read_procfile(release_dir):
     if text is None:
         raise PikuError("no Procfile in the pushed revision: add one, e.g. `wsgi: app:application` "
                         "or `web: gunicorn -b $BIND_ADDRESS:$PORT app:app`, commit and push again")
-    return parse_procfile(text)
+    return map_legacy_kinds(*parse_procfile(text))
 
 
 def env_file_base(paths, app, environ):
@@ -5078,7 +5554,7 @@ def worker_up(running, name, kind):
 # === 14. CLI ===
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 120, "terminal_width": 120}
-BUILD_KEYS_RE = re.compile(r"(PYTHON_VERSION|UV_\w+|PATH|PIKU_PYUWSGI|PIKU_USE_UV)")
+BUILD_KEYS_RE = re.compile(r"(PYTHON_VERSION|UV_\w+|PATH|PIKU_PYUWSGI|PIKU_USE_UV|NODE_VERSION|NODE_PACKAGE_MANAGER|NODE_ENV|NPM_CONFIG_\w+|npm_config_\w+|BUNDLE_\w+)")
 
 
 def P():
