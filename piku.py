@@ -3389,10 +3389,13 @@ def cmd_deploy(app):
 
 @cli.command("destroy")
 @click.argument("app")
-def cmd_destroy(app):
+@click.option("--confirm", metavar="APP", help="The app's name once more: confirms without a prompt.")
+@click.option("--force", is_flag=True, help="Do not ask for confirmation (scripts).")
+def cmd_destroy(app, confirm, force):
     """Remove an app (code, repo, env, logs, workers, nginx); keeps data/ and cache/."""
     paths = P()
     app = app_must_exist(paths, app)
+    confirm_destroy(app, confirm, force)
     with AppLock(paths, app):
         removed = destroy_app(paths, app)
     step(f"Destroyed {app}")
@@ -3401,6 +3404,22 @@ def cmd_destroy(app):
     for kept in (os.path.join(paths.data, app), os.path.join(paths.cache, app)):
         if os.path.exists(kept):
             detail(f"kept {kept} (delete it yourself if you no longer need it)")
+
+
+def confirm_destroy(app, confirm, force):
+    """destroy cannot be undone: it needs the app's name typed again (--confirm APP, or at a
+    prompt when stdin is a terminal) or --force. Without a terminal (a script, ssh without -t)
+    the error names the flags."""
+    if force:
+        return
+    if confirm is None and sys.stdin.isatty():
+        confirm = click.prompt(f"This removes {app} for good (data/{app} is kept). Type the app's name "
+                               "to confirm", default="", show_default=False, err=True)
+    if confirm is None:
+        raise PikuError(f"destroy removes {app} for good: confirm with `destroy {app} --confirm {app}` "
+                        "(or --force); nothing was removed", 2)
+    if confirm.strip() != app:
+        raise PikuError(f"{confirm.strip()[:60]!r} is not {app!r}: nothing was removed")
 
 
 @cli.command("logs")
@@ -3925,6 +3944,18 @@ def client_init(args):
     step("Next: commit, `git remote add piku piku@HOST:APP`, `git push piku main`")
 
 
+def client_confirm_destroy(remote_argv, app, where):
+    """`piku destroy`: the app's name is asked for here (the server, reached without a terminal,
+    would refuse) and sent as --confirm. A --force or --confirm of the user's goes as it is."""
+    if any(a in ("--force", "--confirm") or a.startswith("--confirm=") for a in remote_argv[2:]):
+        return remote_argv
+    sys.stderr.write(f"This removes {app} on {where} for good (its data directory is kept). "
+                     "Type the app's name to confirm: ")
+    sys.stderr.flush()
+    confirm_destroy(app, sys.stdin.readline(), False)
+    return remote_argv + ["--confirm", app]
+
+
 def client_main(argv=None):
     """Entry point of the `piku` command on a developer's machine."""
     import shlex
@@ -3954,6 +3985,8 @@ def client_main(argv=None):
             return 0
         dest, port, app = client_target(remote, os.environ)
         remote_argv = plan_client_call(command, args, app)
+        if command == "destroy":
+            remote_argv = client_confirm_destroy(remote_argv, app, dest)
         ssh = shlex.split(os.environ.get("PIKU_SSH_COMMAND") or os.environ.get("GIT_SSH_COMMAND") or "ssh")
         if command == "run" and sys.stdin.isatty() and sys.stdout.isatty():
             ssh.append("-t")  # an interactive shell or REPL needs a terminal on the server

@@ -263,7 +263,7 @@ def test_destroy_removes_the_wsgi_sockets_and_only_those(server, tmp_path):
     sock = server.path("nginx", "sockapp.1.sock")
     assert os.path.exists(sock)
     others = sorted(n for n in os.listdir(server.path("nginx")) if n.endswith(".sock") and not n.startswith("sockapp."))
-    r = server.ssh("destroy", "sockapp")
+    r = server.ssh("destroy", "sockapp", "--force")
     assert r.returncode == 0, r.stderr
     assert not os.path.lexists(sock) and not os.path.exists(server.path("nginx", "sockapp.conf"))
     assert sorted(n for n in os.listdir(server.path("nginx")) if n.endswith(".sock")) == others
