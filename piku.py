@@ -313,7 +313,9 @@ def parse_env(text, base=None, source="ENV"):
 
 
 def _needs_quoting(value):
-    return (value != value.strip() or any(c in value for c in "\n\r$\"'\\#\0")
+    # not isprintable(): control characters, and the line breaks str.splitlines() also splits
+    # on (\x0b, \x0c, \x1c-\x1e, \x85, \u2028), which would cut an unquoted value in two
+    return (value != value.strip() or any(c in value for c in "$\"'\\#") or not value.isprintable()
             or value[:1] in "\"'")
 
 
@@ -324,6 +326,37 @@ def render_env(env):
     for k, v in env.items():
         lines.append(f"{k}={json.dumps(v)}" if v and _needs_quoting(v) else f"{k}={v}")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def parse_config_import(text):
+    """config:import input -> {key: value}: a JSON object of strings (config:export --json) or
+    ENV lines (config:export; read as the stored config is, `$NAME` from earlier lines only)."""
+    import json
+    if len(text) > 1_000_000:
+        raise PikuError("config:import: the input is larger than 1 MB")
+    if text.lstrip().startswith("{"):
+        try:
+            out = json.loads(text)
+        except ValueError as e:
+            raise PikuError(f"config:import: the input is not valid JSON ({e})")
+        if not isinstance(out, dict):
+            raise PikuError("config:import: expected a JSON object of \"KEY\": \"value\" pairs")
+        for key, value in out.items():
+            if not ENV_KEY_RE.match(key):
+                raise PikuError(f"config:import: invalid key {key[:60]!r} (keys: letters, digits and _)")
+            if not isinstance(value, str):
+                raise PikuError(f"config:import: {key}: values must be JSON strings, got {json.dumps(value)[:40]}")
+    else:
+        out = parse_env(text, source="config:import input")
+    if not out:
+        raise PikuError("config:import: no KEY=value lines in the input, nothing to import "
+                        "(usage: config:import APP < settings.env)")
+    return out
+
+
+def plan_config_changes(old, new):
+    """Keys whose value differs between two configs (set, changed or removed), sorted."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def parse_assignments(args):
@@ -654,6 +687,9 @@ def validate_settings(settings):
         value = settings.get(s.name, "")
         if s.check and value != "":
             s.check(value, s.name)
+    for key, value in settings.items():  # a process environment cannot hold one
+        if "\0" in value:
+            raise PikuError(f"{key}: a value cannot contain a NUL character")
     return settings
 
 
@@ -1290,9 +1326,9 @@ def plan_wsgi_mode(setting_value, venv_version, plugin_version):
     return "pyuwsgi", f"{why}, app uses Python {mm}: serving wsgi with pyuwsgi from the virtualenv"
 
 
-CLIENT_APP_COMMANDS = ("config", "config:get", "config:set", "config:unset", "config:live", "deploy",
-                       "destroy", "logs", "ps", "ps:scale", "run", "restart", "stop", "certs",
-                       "certs:renew")
+CLIENT_APP_COMMANDS = ("config", "config:get", "config:set", "config:unset", "config:live", "config:export",
+                       "config:import", "deploy", "destroy", "logs", "ps", "ps:scale", "run", "restart", "stop",
+                       "certs", "certs:renew")
 
 
 def plan_client_call(command, args, app):
@@ -3364,6 +3400,35 @@ def apply_config(paths, app, change, keys):
             raise
 
 
+@cli.command("config:export")
+@click.argument("app")
+@click.option("--json", "as_json", is_flag=True, help="A JSON object instead of ENV lines.")
+def cmd_config_export(app, as_json):
+    """Print the config:set settings (ENV lines or JSON) for config:import; holds secrets."""
+    import json
+    paths = P()
+    config = load_config(paths, app_must_exist(paths, app))
+    click.echo(json.dumps(config, indent=2) + "\n" if as_json else render_env(config), nl=False)
+
+
+@cli.command("config:import")
+@click.argument("app")
+@click.option("--replace", is_flag=True, help="Also unset the settings the input does not have.")
+def cmd_config_import(app, replace):
+    """Set the settings read from stdin (ENV lines or JSON) together: one restart."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    if sys.stdin.isatty():
+        raise PikuError("config:import reads the settings from stdin: config:import APP < settings.env", 2)
+    incoming = parse_config_import(sys.stdin.read())
+    change = lambda config: {**({} if replace else config), **incoming}  # noqa: E731
+    keys = plan_config_changes(load_config(paths, app), change(load_config(paths, app)))
+    if not keys:
+        step(f"Nothing to change: {app} already has these settings")
+        return
+    apply_config(paths, app, change, set(keys))
+
+
 @cli.command("config:live")
 @click.argument("app")
 def cmd_config_live(app):
@@ -3801,8 +3866,8 @@ def cmd_nginx_watch(interval, reload_cmd):
 
 # === 15. main() ===
 
-SSH_ALLOWED = {"apps", "certs", "certs:renew", "config", "config:get", "config:set", "config:unset", "config:live", "deploy",
-               "destroy", "logs", "ps", "ps:scale", "run", "restart", "stop", "setup", "setup:ssh",
+SSH_ALLOWED = {"apps", "certs", "certs:renew", "config", "config:get", "config:set", "config:unset", "config:live",
+               "config:export", "config:import", "deploy", "destroy", "logs", "ps", "ps:scale", "run", "restart", "stop", "setup", "setup:ssh",
                "update", "help", "git-receive-pack", "git-upload-pack", "--version", "--help", "-h"}
 
 

@@ -78,3 +78,98 @@ def test_client_asks_for_the_name_before_destroy(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     with pytest.raises(PikuError, match="'' is not 'shop': nothing was removed"):
         piku.client_confirm_destroy(["destroy", "shop"], "shop", "h")
+
+
+# -- config:export / config:import ------------------------------------------
+
+HOSTILE = ['a b\n$HOME ; #x "q" \'s\' @(exec://id) %(k) =eq\\back', " lead", "trail ", "", "'q'", '"dq"',
+           "a\x0cb", "a\x0bb", "x\x1cy\x1dz\x1e", "next\x85line", "u\u2028v\u2029w", "tab\there", "\r", "é ü 中",
+           "zero\u200bwidth", "${HOME}", "=", "#", "\\", "\udc80 undecodable", "export X=1"]
+
+
+def test_env_rendering_round_trips_hostile_values():
+    config = {f"K{i}": v for i, v in enumerate(HOSTILE)}
+    assert piku.parse_env(piku.render_env(config)) == config
+    assert piku.parse_config_import(piku.render_env(config)) == config
+
+
+def test_config_import_reads_json_and_env_lines():
+    assert piku.parse_config_import('{"A": "1", "B": "x y"}') == {"A": "1", "B": "x y"}
+    assert piku.parse_config_import("# c\nexport A=1\nB=$A-2\nC='$A'\n") == {"A": "1", "B": "1-2", "C": "$A"}
+
+
+@pytest.mark.parametrize("text,error", [
+    ("A=1\nnot a setting\n", "config:import input line 2: expected KEY=value"),
+    ("1BAD=x\n", "line 1"),
+    ("", "nothing to import"),
+    ("# only a comment\n\n", "nothing to import"),
+    ('{"A": 1}', "A: values must be JSON strings, got 1"),
+    ('{"A": null}', "got null"),
+    ('{"bad key": "x"}', "invalid key 'bad key'"),
+    ('{"A": "1",}', "not valid JSON"),
+    ('["A=1"]', "line 1: expected KEY=value"),
+    ('{}', "nothing to import"),
+    ("A=" + "x" * 1_000_001, "larger than 1 MB"),
+])
+def test_config_import_bad_input(text, error):
+    with pytest.raises(PikuError, match=error.replace("(", r"\(").replace("[", r"\[")):
+        piku.parse_config_import(text)
+
+
+def test_a_nul_in_a_value_is_refused():
+    with pytest.raises(PikuError, match="A: a value cannot contain a NUL character"):
+        piku.validate_settings({"A": "x\0y"})
+
+
+def test_plan_config_changes():
+    assert piku.plan_config_changes({"A": "1", "B": "2", "C": "3"}, {"A": "1", "B": "x", "D": "4"}) == ["B", "C", "D"]
+
+
+def test_config_export_import_round_trip(root, capsys, monkeypatch):
+    make_app(root, "shop")
+    config = {f"K{i}": v for i, v in enumerate(HOSTILE)} | {"PORT": "8123"}
+    piku.write_config(root, "shop", config)
+    for flag in ([], ["--json"]):
+        code, exported, err = call(capsys, monkeypatch, ["config:export", "shop", *flag])
+        assert code == 0, err
+        make_app(root, "copy" + "".join(flag).strip("-"))
+        target = "copy" + "".join(flag).strip("-")
+        code, out, err = call(capsys, monkeypatch, ["config:import", target], exported)
+        assert code == 0, err
+        assert piku.load_config(root, target) == config
+        assert "not deployed yet" in out and "K1: set" in out
+        assert oct(os.stat(os.path.join(root.envs, target, "ENV")).st_mode & 0o777) == "0o600"
+
+
+def test_config_import_merges_or_replaces_and_skips_no_change(root, capsys, monkeypatch):
+    make_app(root, "shop")
+    piku.write_config(root, "shop", {"A": "1", "B": "2"})
+    code, out, err = call(capsys, monkeypatch, ["config:import", "shop"], "B=3\nC=4\n")
+    assert code == 0 and piku.load_config(root, "shop") == {"A": "1", "B": "3", "C": "4"}
+    assert "A: " not in out and "B: set" in out and "C: set" in out
+    code, out, err = call(capsys, monkeypatch, ["config:import", "shop"], "B=3\n")
+    assert code == 0 and "Nothing to change" in out
+    code, out, err = call(capsys, monkeypatch, ["config:import", "shop", "--replace"], "C=4\n")
+    assert code == 0 and piku.load_config(root, "shop") == {"C": "4"} and "A: unset" in out
+
+
+@pytest.mark.parametrize("stdin,error", [
+    ("PORT=notaport\n", "PORT: expected a whole number"),
+    ("A=1\nB\n", "line 2"),
+    ('{"A": "x\\u0000y"}', "NUL"),
+    (Tty(""), "config:import reads the settings from stdin"),
+])
+def test_config_import_refusals_change_nothing(root, capsys, monkeypatch, stdin, error):
+    make_app(root, "shop")
+    piku.write_config(root, "shop", {"A": "1"})
+    before = open(os.path.join(root.envs, "shop", "ENV")).read()
+    code, out, err = call(capsys, monkeypatch, ["config:import", "shop"], stdin)
+    assert code != 0 and error in err and len(err.strip().splitlines()) == 1, err
+    assert open(os.path.join(root.envs, "shop", "ENV")).read() == before
+
+
+def test_config_import_of_an_unknown_app(root, capsys, monkeypatch):
+    code, out, err = call(capsys, monkeypatch, ["config:import", "nope"], "A=1\n")
+    assert code == 1 and "no such app: nope" in err
+    code, out, err = call(capsys, monkeypatch, ["config:export", "nope"])
+    assert code == 1 and "no such app: nope" in err
