@@ -479,6 +479,61 @@ def parse_server_address(value):
     return parse_ssh_dest(m.group(1), "PIKU_SERVER"), m.group(2)
 
 
+KEY_TYPE_RE = re.compile(r"^(ssh-|ecdsa-|sk-)[\w@.-]+$")
+KEY_BLOB_RE = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
+AuthorizedKey = namedtuple("AuthorizedKey", "type fingerprint comment piku")
+
+
+def split_lines(text):
+    """Lines with their line feed, split as sshd reads authorized_keys (at \\n only)."""
+    return re.findall(r"[^\n]*\n|[^\n]+\Z", text)
+
+
+def key_fingerprint(blob):
+    """OpenSSH's SHA256 fingerprint of a base64 key blob ('SHA256:...'); None if not base64."""
+    import base64
+    import binascii
+    import hashlib
+    try:
+        raw = base64.b64decode(blob, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
+
+
+def split_key_options(text):
+    """'options type base64 ...' -> (options, rest): options end at the first blank outside quotes."""
+    quoted = escaped = False
+    for i, c in enumerate(text):
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif c in " \t" and not quoted:
+            return text[:i], text[i:].lstrip()
+    return text, ""
+
+
+def parse_key_line(line):
+    """One authorized_keys line -> AuthorizedKey, or None (blank, comment, not a key). `piku` is
+    true when its forced command runs piku (this piku.py's line, or the original piku's)."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    options = ""
+    if not KEY_TYPE_RE.match(text.split()[0]):
+        options, text = split_key_options(text)
+    parts = text.split(None, 2)
+    if len(parts) < 2 or not KEY_TYPE_RE.match(parts[0]) or not KEY_BLOB_RE.match(parts[1]):
+        return None
+    command = re.search(r'(?:^|,)command="((?:[^"\\]|\\.)*)"', options)
+    piku = bool(command and re.match(r"(PIKU_ROOT|FINGERPRINT)=", command.group(1)) and "piku" in command.group(1))
+    fp = key_fingerprint(parts[1])
+    return AuthorizedKey(parts[0], fp, parts[2].strip() if len(parts) > 2 else "", piku) if fp else None
+
+
 PYVER_RE = re.compile(r"^(?:(?:cpython|python)[-@]?)?(\d+(?:\.\d+){0,2})(t)?$", re.I)
 PYSPEC_RE = re.compile(r"^\s*(?:(?:==|!=|<=|>=|~=|<|>)\s*\d+(?:\.\d+){0,2}(?:\.\*)?\s*,?\s*)+$")
 
@@ -1343,6 +1398,31 @@ def plan_client_call(command, args, app):
     if command == "run" and args[:1] == ["--"]:
         args = args[1:]
     return [command, app] + args
+
+
+def plan_key_removal(keys, wanted, force=False):
+    """The authorized_keys lines `keys:remove WANTED` drops: keys is [(line index, AuthorizedKey)],
+    WANTED a fingerprint (`SHA256:` optional) or a comment. Returns ([line indices], key).
+    Refuses no match, a comment several keys share, a key piku did not add, and (unless force)
+    the last key piku has: nobody could log in to put one back."""
+    if not wanted or len(wanted) > 300 or not wanted.isprintable():
+        raise PikuError("keys:remove: expected a fingerprint (SHA256:...) or a key's comment (see `keys`)")
+    fp = wanted if wanted.startswith("SHA256:") else "SHA256:" + wanted
+    found = [(i, k) for i, k in keys if k.fingerprint == fp] or [(i, k) for i, k in keys if k.comment == wanted]
+    if not found:
+        raise PikuError(f"no key with the fingerprint or comment {wanted!r} (see `keys`)")
+    prints = sorted({k.fingerprint for _, k in found})
+    if len(prints) > 1:
+        raise PikuError(f"{len(prints)} keys have the comment {wanted!r} ({', '.join(prints)}): "
+                        "remove one by its fingerprint")
+    drop = [i for i, k in found if k.piku]
+    if not drop:
+        raise PikuError(f"key {prints[0]} was not added by piku (its line runs no piku command): "
+                        "edit ~/.ssh/authorized_keys by hand")
+    if not force and not any(k.piku and i not in drop for i, k in keys):
+        raise PikuError(f"key {prints[0]} is the last key piku has: without it nobody can push or run "
+                        "commands; add another key first, or pass --force")
+    return drop, found[0][1]
 
 
 def fingerprint(*parts):
@@ -3181,35 +3261,59 @@ def head_rev(paths, app):
     return proc.stdout.strip(), ref
 
 
-def add_ssh_key(key_text, paths):
-    """Validate a public key with ssh-keygen and append it once to ~/.ssh/authorized_keys."""
+def authorized_keys_path():
+    return os.path.join(os.path.expanduser("~"), ".ssh", "authorized_keys")
+
+
+def read_authorized_keys():
+    """(text, [(line index, AuthorizedKey)]) of ~/.ssh/authorized_keys ('' if there is none)."""
+    text = read_text(authorized_keys_path(), "")
+    return text, [(i, k) for i, k in enumerate(map(parse_key_line, split_lines(text))) if k]
+
+
+def ssh_keygen_fingerprint(key_line):
+    """ssh-keygen's opinion of one public key line: its `-l` line, or a PikuError."""
     import tempfile
-    lines = [l.strip() for l in key_text.splitlines() if l.strip() and not l.startswith("#")]
-    if len(lines) != 1:
-        raise PikuError("expected exactly one public key line")
-    parts = lines[0].split()
-    if len(parts) < 2 or not re.match(r"^(ssh-|ecdsa-|sk-)[\w@.-]+$", parts[0]) or \
-            not re.match(r"^[A-Za-z0-9+/=]+$", parts[1]):
-        raise PikuError("not a public key: expected 'type base64 [comment]' (options are not allowed)")
     with tempfile.NamedTemporaryFile("w", suffix=".pub") as f:
-        f.write(lines[0] + "\n")
+        f.write(key_line + "\n")
         f.flush()
         proc = run(["ssh-keygen", "-l", "-f", f.name], capture=True, check=False)
     if proc.returncode != 0:
         raise PikuError("ssh-keygen rejected the key: " + (proc.stderr or proc.stdout).strip())
-    fp = proc.stdout.strip()
-    ssh_dir = os.path.join(os.path.expanduser("~"), ".ssh")
-    ensure_dirs(ssh_dir)
-    os.chmod(ssh_dir, 0o700)
-    auth = os.path.join(ssh_dir, "authorized_keys")
-    existing = read_text(auth, "")
-    if any(f" {parts[0]} {parts[1]}" in f" {l}" for l in existing.splitlines()):
-        return fp, False
-    line = render_authorized_key(sys.executable, os.path.abspath(__file__), paths.root,
-                                 " ".join(parts))
-    write_atomic(auth, existing + ("" if existing.endswith("\n") or not existing else "\n") + line,
-                 mode=0o600)
+    return proc.stdout.strip()
+
+
+def add_ssh_key(key_text, paths):
+    """Validate a public key with ssh-keygen and append it once to ~/.ssh/authorized_keys."""
+    lines = [l.strip() for l in key_text.splitlines() if l.strip() and not l.startswith("#")]
+    if len(lines) != 1:
+        raise PikuError("expected exactly one public key line")
+    key = parse_key_line(lines[0]) if KEY_TYPE_RE.match(lines[0].split()[0]) else None
+    if key is None:
+        raise PikuError("not a public key: expected 'type base64 [comment]' (options are not allowed)")
+    fp = ssh_keygen_fingerprint(lines[0])
+    with AppLock(paths, "_keys"):  # (not an app name: those start with a letter or digit)
+        existing, keys = read_authorized_keys()
+        if any(k.fingerprint == key.fingerprint for _, k in keys):
+            return fp, False
+        ensure_dirs(os.path.dirname(authorized_keys_path()))
+        os.chmod(os.path.dirname(authorized_keys_path()), 0o700)
+        line = render_authorized_key(sys.executable, os.path.abspath(__file__), paths.root,
+                                     " ".join(lines[0].split()))
+        write_atomic(authorized_keys_path(), existing + ("" if existing.endswith("\n") or not existing else "\n")
+                     + line, mode=0o600)
     return fp, True
+
+
+def remove_ssh_key(paths, wanted, force=False):
+    """keys:remove: drop the lines of one key piku added; every other line stays byte for byte.
+    Returns (the key, how many lines held it)."""
+    with AppLock(paths, "_keys"):
+        text, keys = read_authorized_keys()
+        drop, key = plan_key_removal(keys, wanted, force)
+        kept = "".join(l for i, l in enumerate(split_lines(text)) if i not in drop)
+        write_atomic(authorized_keys_path(), kept, mode=0o600)
+    return key, len(drop)
 
 
 # === 13. Logs ===
@@ -3699,12 +3803,44 @@ SYSTEMD_START = ("piku-uwsgi.service", "piku-nginx.path", "piku-certs.timer")
 @click.argument("keyfile")
 def cmd_setup_ssh(keyfile):
     """Authorize a public key (file, or - for stdin) to push and run commands."""
-    paths = P()
+    authorize_key(keyfile)
+
+
+def authorize_key(keyfile):
+    """setup:ssh and keys:add: one public key from a file on the server, or - for stdin."""
     text = sys.stdin.read() if keyfile == "-" else read_text(keyfile)
     if text is None:
         raise PikuError(f"no such key file: {keyfile}")
-    fp, added = add_ssh_key(text, paths)
+    fp, added = add_ssh_key(text, P())
     step(("Added key " if added else "Key already present: ") + fp)
+
+
+@cli.command("keys")
+def cmd_keys():
+    """List the authorized ssh keys: type, fingerprint, comment."""
+    _, keys = read_authorized_keys()
+    for _, k in keys:
+        click.echo(f"{k.type} {k.fingerprint} {k.comment or '(no comment)'}"
+                   + ("" if k.piku else "  [not added by piku: left alone]"))
+    if not keys:
+        detail(f"no keys in {authorized_keys_path()}")
+
+
+@cli.command("keys:add")
+@click.argument("keyfile", default="-")
+def cmd_keys_add(keyfile):
+    """Authorize a public key read from stdin (or a file on the server), as setup:ssh does."""
+    authorize_key(keyfile)
+
+
+@cli.command("keys:remove")
+@click.argument("key")
+@click.option("--force", is_flag=True, help="Remove it even if it is the last key piku has.")
+def cmd_keys_remove(key, force):
+    """Remove a key by fingerprint (SHA256:...) or comment; never the last one unless --force."""
+    removed, lines = remove_ssh_key(P(), key, force)
+    step(f"Removed key {removed.fingerprint} {removed.comment}".rstrip()
+         + (f" ({lines} lines)" if lines > 1 else ""))
 
 
 @cli.command("update")
@@ -3867,8 +4003,8 @@ def cmd_nginx_watch(interval, reload_cmd):
 # === 15. main() ===
 
 SSH_ALLOWED = {"apps", "certs", "certs:renew", "config", "config:get", "config:set", "config:unset", "config:live",
-               "config:export", "config:import", "deploy", "destroy", "logs", "ps", "ps:scale", "run", "restart", "stop", "setup", "setup:ssh",
-               "update", "help", "git-receive-pack", "git-upload-pack", "--version", "--help", "-h"}
+               "config:export", "config:import", "deploy", "destroy", "logs", "ps", "ps:scale", "run", "restart",
+               "stop", "setup", "setup:ssh", "keys", "keys:add", "keys:remove", "update", "help", "git-receive-pack", "git-upload-pack", "--version", "--help", "-h"}
 
 
 def load_plugins(paths):

@@ -173,3 +173,99 @@ def test_config_import_of_an_unknown_app(root, capsys, monkeypatch):
     assert code == 1 and "no such app: nope" in err
     code, out, err = call(capsys, monkeypatch, ["config:export", "nope"])
     assert code == 1 and "no such app: nope" in err
+
+
+# -- ssh keys ---------------------------------------------------------------
+
+def new_key(tmp_path, comment):
+    import subprocess
+    path = tmp_path / f"key-{len(list(tmp_path.glob('key-*')))}"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)], check=True)
+    return (tmp_path / (path.name + ".pub")).read_text()
+
+
+def keygen_fingerprint(pub):
+    import subprocess
+    return subprocess.run(["ssh-keygen", "-l", "-f", "-"], input=pub, capture_output=True, text=True).stdout.split()[1]
+
+
+def test_key_lines_are_parsed_as_sshd_reads_them(tmp_path):
+    pub = new_key(tmp_path, "alice@laptop")
+    fp = keygen_fingerprint(pub)
+    plain = piku.parse_key_line(pub)
+    assert plain == piku.AuthorizedKey("ssh-ed25519", fp, "alice@laptop", False)
+    ours = piku.render_authorized_key("/usr/bin/python3", "/home/piku/piku.py", "/home/piku/.piku", pub)
+    assert piku.parse_key_line(ours) == plain._replace(piku=True)
+    original = ('command="FINGERPRINT=SHA256:x NAME=default /home/piku/piku.py $SSH_ORIGINAL_COMMAND",'
+                "no-agent-forwarding,no-user-rc,no-X11-forwarding,no-port-forwarding " + pub)
+    assert piku.parse_key_line(original).piku
+    quoted = 'from="10.0.0.1",command="echo \\"a b, c\\" piku",no-pty ' + pub
+    assert piku.parse_key_line(quoted) == plain  # another command that merely mentions piku
+    assert piku.parse_key_line(pub.split()[0] + " " + pub.split()[1]).comment == ""
+    for junk in ("", "# a comment", "   ", "ssh-ed25519", "ssh-ed25519 not!base64 c", "garbage line here",
+                 'command="unterminated ssh-ed25519 AAAA', "ssh-ed25519 AAAAC3Nz=a= x"):
+        assert piku.parse_key_line(junk) is None, junk
+
+
+def keyset(*specs):
+    """[(index, AuthorizedKey)] from (fingerprint, comment, piku) triples."""
+    return [(i, piku.AuthorizedKey("ssh-ed25519", fp, c, mine)) for i, (fp, c, mine) in enumerate(specs)]
+
+
+def test_plan_key_removal():
+    keys = keyset(("SHA256:aaa", "alice", True), ("SHA256:bbb", "bob", True), ("SHA256:aaa", "alice", True),
+                  ("SHA256:ccc", "admin", False), ("SHA256:ddd", "twin", True), ("SHA256:eee", "twin", True))
+    assert piku.plan_key_removal(keys, "SHA256:aaa")[0] == [0, 2]
+    assert piku.plan_key_removal(keys, "bbb")[0] == [1]
+    assert piku.plan_key_removal(keys, "bob") == ([1], keys[1][1])
+    for wanted, error in [("SHA256:zzz", "no key with the fingerprint or comment 'SHA256:zzz'"),
+                          ("twin", "2 keys have the comment 'twin' (SHA256:ddd, SHA256:eee)"),
+                          ("admin", "key SHA256:ccc was not added by piku"),
+                          ("", "expected a fingerprint"), ("a\nb", "expected a fingerprint")]:
+        with pytest.raises(PikuError, match=error.replace("(", r"\(").replace(")", r"\)")):
+            piku.plan_key_removal(keys, wanted)
+    last = keyset(("SHA256:aaa", "alice", True), ("SHA256:ccc", "admin", False))
+    with pytest.raises(PikuError, match="the last key piku has.*pass --force"):
+        piku.plan_key_removal(last, "alice")
+    assert piku.plan_key_removal(last, "alice", force=True)[0] == [0]
+
+
+def test_keys_add_list_remove_keep_other_lines(root, capsys, monkeypatch, tmp_path):
+    auth = os.path.join(os.environ["HOME"], ".ssh", "authorized_keys")
+    os.makedirs(os.path.dirname(auth))
+    alice, bob, admin = new_key(tmp_path, "alice"), new_key(tmp_path, "bob"), new_key(tmp_path, "admin")
+    foreign = f"# the admin's own lines\n\nfrom=\"10.0.0.1\" {admin}garbage that is no key\n"
+    with open(auth, "w") as f:
+        f.write(foreign)
+    assert call(capsys, monkeypatch, ["keys:add"], alice)[0] == 0
+    code, out, err = call(capsys, monkeypatch, ["keys:add", "-"], bob)
+    assert code == 0 and "Added key 256 " + keygen_fingerprint(bob) in out
+    code, out, err = call(capsys, monkeypatch, ["keys:add"], bob)
+    assert code == 0 and "Key already present" in out
+    code, out, err = call(capsys, monkeypatch, ["keys"])
+    assert out.splitlines() == [f"ssh-ed25519 {keygen_fingerprint(admin)} admin  [not added by piku: left alone]",
+                                f"ssh-ed25519 {keygen_fingerprint(alice)} alice",
+                                f"ssh-ed25519 {keygen_fingerprint(bob)} bob"]
+    code, out, err = call(capsys, monkeypatch, ["keys:remove", keygen_fingerprint(alice)])
+    assert code == 0 and f"Removed key {keygen_fingerprint(alice)} alice" in out
+    for wanted, error in [("alice", "no key with the fingerprint or comment 'alice'"),
+                          ("admin", "was not added by piku"), ("bob", "the last key piku has")]:
+        before = open(auth).read()
+        code, out, err = call(capsys, monkeypatch, ["keys:remove", wanted])
+        assert code == 1 and error in err and len(err.strip().splitlines()) == 1, err
+        assert open(auth).read() == before
+    code, out, err = call(capsys, monkeypatch, ["keys:remove", "bob", "--force"])
+    assert code == 0 and open(auth).read() == foreign
+    assert oct(os.stat(auth).st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("stdin,error", [("", "expected exactly one public key line"),
+                                         ("a\nb\n", "expected exactly one"),
+                                         ('command="sh" ssh-ed25519 AAAA x', "options are not allowed"),
+                                         ("ssh-ed25519 AAAAnotakeyx x", "ssh-keygen rejected the key")])
+def test_keys_add_refuses_what_setup_ssh_refuses(root, capsys, monkeypatch, stdin, error):
+    code, out, err = call(capsys, monkeypatch, ["keys:add"], stdin)
+    assert code == 1 and error in err
+    assert not os.path.exists(os.path.join(os.environ["HOME"], ".ssh", "authorized_keys"))
+    code, out, err = call(capsys, monkeypatch, ["keys:add", "/nonexistent.pub"])
+    assert code == 1 and "no such key file: /nonexistent.pub" in err
