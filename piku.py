@@ -196,12 +196,27 @@ def parse_int(value, key="value", minimum=None, maximum=None):
 
 CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
 CRON_NAMES = ("minute", "hour", "day of month", "month", "day of week")
+# names a field may use instead of numbers, counted from the field's lowest value
+CRON_WORDS = ((), (), (), ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
+              ("sun", "mon", "tue", "wed", "thu", "fri", "sat"))
+CRON_SHORTCUTS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                  "@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *",
+                  "@annually": "0 0 1 1 *"}
+CRON_REBOOT = "@reboot"
 
 
-def parse_cron_field(field, lo, hi, name):
-    """Set of values matched by one cron field (numbers, *, */n, a-b, a-b/n, lists)."""
+def parse_cron_field(field, lo, hi, name, words=()):
+    """Set of values matched by one cron field (numbers or the field's names, *, */n, a-b,
+    a-b/n, lists)."""
+    def number(m):
+        if m.group(0) not in words:
+            raise PikuError(f"bad cron {name} field {field!r}"
+                            + (f" (names: {', '.join(words)})" if words else " (no names here)"))
+        return str(lo + words.index(m.group(0)))
     values = set()
-    for part in field.split(","):
+    for part in field.lower().split(","):
+        rng, slash, stepv = part.partition("/")
+        part = re.sub(r"[a-z]+", number, rng) + slash + stepv
         m = re.fullmatch(r"(\*|\d+(?:-\d+)?)(?:/(\d+))?", part)
         if not m:
             raise PikuError(f"bad cron {name} field {field!r}")
@@ -221,18 +236,34 @@ def parse_cron_field(field, lo, hi, name):
 
 
 def parse_cron(spec):
-    """'M H DoM Mon DoW command' -> (list of 5 value sets, command)."""
+    """'M H DoM Mon DoW command' or '@daily command' (any of CRON_SHORTCUTS) -> (list of 5 value
+    sets, command); '@reboot command' -> (None, command): it runs when its worker starts."""
+    spec = spec.strip()
+    if spec.startswith("@"):
+        word, _, command = spec.partition(" ")
+        if word != CRON_REBOOT and word not in CRON_SHORTCUTS:
+            raise PikuError(f"unknown cron shortcut {word[:20]!r}: use {CRON_REBOOT}, "
+                            f"{', '.join(CRON_SHORTCUTS)} or five time fields")
+        if not command.strip():
+            raise PikuError(f"cron {word} needs a command after it")
+        if word == CRON_REBOOT:
+            return None, command.strip()
+        spec = f"{CRON_SHORTCUTS[word]} {command.strip()}"
     parts = spec.split(None, 5)
     if len(parts) < 6:
         raise PikuError(f"cron needs 5 time fields and a command, got {spec!r}")
-    sets = [parse_cron_field(f, lo, hi, n) for f, (lo, hi), n in zip(parts[:5], CRON_RANGES, CRON_NAMES)]
+    sets = [parse_cron_field(f, lo, hi, n, w)
+            for f, (lo, hi), n, w in zip(parts[:5], CRON_RANGES, CRON_NAMES, CRON_WORDS)]
     if 7 in sets[4]:
         sets[4] = (sets[4] - {7}) | {0}
     return sets, parts[5]
 
 
 def cron_matches(sets, tm):
-    """Does a time.struct_time match the parsed cron sets (standard DoM/DoW 'or' rule)?"""
+    """Does a time.struct_time match the parsed cron sets (standard DoM/DoW 'or' rule)? An
+    @reboot job (sets None) never does."""
+    if sets is None:
+        return False
     minute, hour, dom, mon, dow = sets
     wday = (tm.tm_wday + 1) % 7  # struct_time: Monday=0; cron: Sunday=0
     dom_all, dow_all = dom == set(range(1, 32)), dow == set(range(0, 7))
@@ -241,6 +272,12 @@ def cron_matches(sets, tm):
     else:
         day_ok = tm.tm_mday in dom or wday in dow
     return tm.tm_min in minute and tm.tm_hour in hour and tm.tm_mon in mon and day_ok
+
+
+def render_cron_record(tm, worker, text):
+    """A line piku adds to a cron job's log (the job's own output has no time stamps)."""
+    import time
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', tm)} [piku cron] {worker}: {text}\n"
 
 
 def parse_procfile(text):
@@ -682,6 +719,7 @@ SETTINGS = (
     S("PIKU_RELEASES_KEPT", str(DEFAULT_RELEASES_KEPT), v_int(1, 100), "releases kept per app"),
     S("PIKU_VERBOSE", "false", v_bool, "show build tools' output on success too"),
     S("PIKU_USE_UV", "true", v_bool, "build requirements.txt apps with uv (else virtualenv + pip)"),
+    S("PIKU_CRON_OVERLAP", "allow", v_choice("allow", "forbid"), "forbid: skip a cron run while its previous one runs"),
     S("PIKU_PYUWSGI", "auto", v_choice("auto", "never", "always"), "serve wsgi with the venv's own uWSGI"),
     S("PIKU_UWSGI_PLUGIN_DIR", None, v_path, "where to look first for uWSGI's python3 plugin"),
     # Python and uv
@@ -850,6 +888,10 @@ def render_vassal(v):
     elif kind.startswith("cron"):
         cmd = v["piku"] + ["exec-worker", "--if-due", app, kind, str(n)]
         pairs.append(("cron", "-1 -1 -1 -1 -1 " + shlex.join(cmd)))
+        # @reboot jobs start when this master does (a deploy, restart, boot); uWSGI gives the
+        # whole vassal up if a master-start hook fails, so this one never does
+        start = v["piku"] + ["exec-worker", "--at-start", app, kind, str(n)]
+        pairs.append(("hook-master-start", "exec:" + shlex.join(start) + " || true"))
     else:
         cmd = v["piku"] + ["exec-worker", app, kind, str(n)]
         pairs.append(("attach-daemon2", "cmd=" + shlex.join(cmd) + ",stopsignal=15"))
@@ -1383,7 +1425,7 @@ def plan_wsgi_mode(setting_value, venv_version, plugin_version):
 
 CLIENT_APP_COMMANDS = ("config", "config:get", "config:set", "config:unset", "config:live", "config:export",
                        "config:import", "deploy", "destroy", "logs", "ps", "ps:scale", "run", "restart", "stop",
-                       "certs", "certs:renew")
+                       "certs", "certs:renew", "cron:run")
 
 
 def plan_client_call(command, args, app):
@@ -3948,33 +3990,153 @@ def claim_cron_minute(paths, app, worker, now):
 
 @cli.command("exec-worker", hidden=True)
 @click.option("--if-due", is_flag=True)
+@click.option("--at-start", is_flag=True)
 @click.argument("app")
 @click.argument("kind")
 @click.argument("index", type=int)
-def cmd_exec_worker(app, kind, index, if_due):
-    import time
+def cmd_exec_worker(app, kind, index, if_due, at_start):
     paths = P()
-    app_dir = os.path.join(paths.apps, parse_app_name(app))
+    app = parse_app_name(app)
+    if kind.startswith("cron"):
+        sys.exit(cron_worker(paths, app, kind, index, if_due, at_start))
+    app_dir = os.path.join(paths.apps, app)
     workers, _ = read_procfile(app_dir)
     if kind not in workers:
         raise PikuError(f"{app} has no {kind} process in its Procfile")
-    cmd = workers[kind]
     if kind == "wsgi":  # only run this way in pyuwsgi mode: the venv's own uWSGI serves it
         inner = os.path.join(paths.state, app, f"wsgi.{index}.ini")
         # Drop the emperor's UWSGI_* variables, or the inner uWSGI believes it is a vassal too.
         env = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_")}
         uwsgi = os.path.join(paths.envs, app, "bin", "uwsgi")
         os.execve(uwsgi, [uwsgi, "--ini", inner], env)
-    if kind.startswith("cron"):
-        sets, cmd = parse_cron(cmd)
-        now = time.localtime()
-        if if_due and (not cron_matches(sets, now) or not claim_cron_minute(paths, app, f"{kind}.{index}", now)):
-            return
-    env = {k: v for k, v in os.environ.items() if k in ("LANG", "LC_ALL", "TZ")}
+    os.chdir(app_dir)
+    os.execve("/bin/sh", ["/bin/sh", "-c", workers[kind]], worker_env(paths, app, kind, index, os.environ))
+
+
+def worker_env(paths, app, kind, index, environ):
+    """What a worker or cron job runs with: the caller's LANG, LC_ALL and TZ, the live
+    environment, PROC_TYPE and PROC_INDEX."""
+    env = {k: v for k, v in environ.items() if k in ("LANG", "LC_ALL", "TZ")}
     env.update(load_live_env(paths, app))
     env.update({"PROC_TYPE": kind, "PROC_INDEX": str(index)})
-    os.chdir(app_dir)
-    os.execve("/bin/sh", ["/bin/sh", "-c", cmd], env)
+    return env
+
+
+def cron_job(paths, app, kind):
+    """(schedule sets, or None for @reboot; command) of the live release's cron job KIND."""
+    release = live_release(paths, app)
+    if not release:
+        raise PikuError(f"{app} has not been deployed yet")
+    workers, _ = read_procfile(release)
+    jobs = [k for k in workers if k.startswith("cron")]
+    if kind not in jobs:
+        raise PikuError(f"{app} has no cron job {kind[:40]!r}: " + (f"its cron jobs are {', '.join(jobs)}" if jobs
+                        else "its Procfile has none (their kinds start with `cron`)"))
+    return parse_cron(workers[kind])
+
+
+def cron_worker(paths, app, kind, index, if_due, at_start):
+    """What a cron vassal asks for: at its master's start, an @reboot job (in the background:
+    uWSGI waits for the hook); every minute (--if-due), a job whose schedule matches now, once
+    per minute; with neither flag, the job now. Returns the exit code for uWSGI."""
+    import time
+    sets, command = cron_job(paths, app, kind)
+    now = time.localtime()
+    if at_start:
+        if sets is None:
+            run_in_background(lambda: run_cron_job(paths, app, kind, index, command, "@reboot", os.environ))
+        return 0
+    if if_due and (not cron_matches(sets, now) or not claim_cron_minute(paths, app, f"{kind}.{index}", now)):
+        return 0
+    return run_cron_job(paths, app, kind, index, command, "scheduled", os.environ).code or 0
+
+
+def run_in_background(work):
+    """Run work() in a child process of its own session; the caller goes on at once."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() == 0:
+        try:
+            os.setsid()
+            work()
+        except Exception as e:  # nobody waits for this process: its log is all there is
+            warn(str(e))
+        finally:
+            os._exit(0)
+
+
+CronRun = namedtuple("CronRun", "code seconds busy")
+
+
+def run_cron_job(paths, app, kind, index, command, how, environ):
+    """Run a cron job once, as the schedule, its worker's start (@reboot) and cron:run all do: its
+    lock held for the run's life (PIKU_CRON_OVERLAP=forbid skips a run while another holds it),
+    start, end, exit code and duration recorded in its log. code None: skipped (busy: who runs)."""
+    import subprocess
+    import time
+    worker, env = f"{kind}.{index}", worker_env(paths, app, kind, index, environ)
+    fd, busy = take_cron_lock(paths, app, kind)
+    if fd is None and setting(env, "PIKU_CRON_OVERLAP") == "forbid":
+        cron_log(paths, app, worker, f"skipped ({how}): the previous run ({busy}) is still running "
+                                     "and PIKU_CRON_OVERLAP=forbid")
+        return CronRun(None, 0.0, busy)
+    try:
+        cron_log(paths, app, worker, f"started ({how}): {command}")
+        t0 = time.monotonic()
+        code = subprocess.run(["/bin/sh", "-c", command], cwd=os.path.join(paths.apps, app), env=env,
+                              stdin=subprocess.DEVNULL).returncode
+        code, seconds = (128 - code if code < 0 else code), time.monotonic() - t0
+        cron_log(paths, app, worker, f"finished: exit {code} after {seconds:.2f}s")
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return CronRun(code, seconds, None)
+
+
+def take_cron_lock(paths, app, kind):
+    """The lock of a cron job, without waiting: (fd, None), the run's pid and start written in
+    it; or (None, what the holder wrote) while another run holds it."""
+    import fcntl
+    import time
+    d = os.path.join(paths.state, app, "cron")
+    ensure_dirs(d)
+    fd = os.open(os.path.join(d, f"{kind}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "?"
+        os.close(fd)
+        return None, holder
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    return fd, None
+
+
+def cron_log(paths, app, worker, text):
+    """Append a record to the cron job's log, logs/<app>/<kind>.<n>.log."""
+    import time
+    ensure_dirs(os.path.join(paths.logs, app))
+    with open(os.path.join(paths.logs, app, f"{worker}.log"), "a", encoding="utf-8") as f:
+        f.write(render_cron_record(time.localtime(), worker, text))
+
+
+@cli.command("cron:run")
+@click.argument("app")
+@click.argument("kind")
+def cmd_cron_run(app, kind):
+    """Run a cron job now, as its schedule would; exits with the job's exit code."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    _, command = cron_job(paths, app, kind)
+    step(f"Running {kind} of {app} now: {command}")
+    run = run_cron_job(paths, app, kind, 1, command, "cron:run", os.environ)
+    if run.code is None:
+        raise PikuError(f"{kind} was not run: its previous run ({run.busy}) is still going and "
+                        "PIKU_CRON_OVERLAP=forbid")
+    if run.code:
+        raise PikuError(f"{kind} failed: exit {run.code} after {run.seconds:.2f}s (see `logs {app} {kind}`)",
+                        run.code)
+    step(f"{kind} finished: exit 0 after {run.seconds:.2f}s")
 
 
 @cli.command("nginx-watch", hidden=True, context_settings={"ignore_unknown_options": True})
@@ -4004,7 +4166,7 @@ def cmd_nginx_watch(interval, reload_cmd):
 
 SSH_ALLOWED = {"apps", "certs", "certs:renew", "config", "config:get", "config:set", "config:unset", "config:live",
                "config:export", "config:import", "deploy", "destroy", "logs", "ps", "ps:scale", "run", "restart",
-               "stop", "setup", "setup:ssh", "keys", "keys:add", "keys:remove", "update", "help", "git-receive-pack", "git-upload-pack", "--version", "--help", "-h"}
+               "stop", "cron:run", "setup", "setup:ssh", "keys", "keys:add", "keys:remove", "update", "help", "git-receive-pack", "git-upload-pack", "--version", "--help", "-h"}
 
 
 def load_plugins(paths):

@@ -15,6 +15,11 @@ HOSTILE = 'a b\n$HOME ; #x "q" \'s\' @(exec://id) %(k) =eq\\back'
 WEB = open(os.path.join(os.path.dirname(__file__), "..", "apps", "kinds", "server.py")).read()
 
 
+# The cron app is deployed before the first test of this module, so uWSGI's minute clock runs
+# while the other tests do: the overlap test waits for scheduled runs at minute boundaries.
+pytestmark = pytest.mark.usefixtures("daycron")
+
+
 def ok(r):
     assert r.returncode == 0, (r.stdout, r.stderr)
     return r.stdout
@@ -159,3 +164,98 @@ def test_config_export_import_of_unknown_apps(server):
     refused(server.ssh("config:export", "nosuchapp"), "no such app")
     refused(server.ssh("config:import", "nosuchapp", input="A=1\n"), "no such app")
     refused(server.ssh("config:import", "'../x'", input="A=1\n"), "invalid app name")
+
+
+# -- cron -------------------------------------------------------------------
+
+CRON_APP = {
+    "Procfile": "cronfail: 0 0 1 1 * echo out-$APP-$PROC_TYPE.$PROC_INDEX; echo err-line >&2; exit 3\n"
+                "cronwait: * * * * * echo waiting; while [ ! -e $DATA_ROOT/go ]; do sleep 0.2; done; echo waited\n"
+                "cronnames: 0 9 * jan-dec mon-fri echo weekday\n"
+                "cronweekly: @weekly echo weekly\n",
+    "ENV": "PIKU_CRON_OVERLAP=forbid\n",
+}
+BOOT_APP = {
+    "Procfile": "cronboot: @reboot echo boot $PROC_TYPE >> $DATA_ROOT/boot.log\n"
+                "cronhold: @reboot while [ ! -e $DATA_ROOT/release ]; do sleep 0.2; done; echo released\n",
+    "ENV": "PIKU_CRON_OVERLAP=forbid\n",
+}
+
+
+@pytest.fixture(scope="module")
+def daycron(server, tmp_path_factory):
+    server.deployed(None, "daycron", tmp_path_factory.mktemp("daycron"), CRON_APP)
+    return "daycron"
+
+
+def cron_log(server, app, kind):
+    return server.read(f"logs/{app}/{kind}.1.log") or ""
+
+
+def test_cron_run_returns_the_job_exit_code_and_output(server, daycron):
+    r = server.ssh("cron:run", daycron, "cronfail")
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "out-daycron-cronfail.1\n" in r.stdout and "Running cronfail of daycron now" in r.stdout
+    assert "err-line" in r.stderr and "cronfail failed: exit 3 after" in r.stderr.strip().splitlines()[-1]
+    log = cron_log(server, daycron, "cronfail")
+    assert "[piku cron] cronfail.1: started (cron:run): echo out-" in log
+    assert "[piku cron] cronfail.1: finished: exit 3 after " in log
+    r = server.ssh("cron:run", daycron, "cronnames")
+    assert r.returncode == 0 and "weekday\n" in r.stdout and "cronnames finished: exit 0" in r.stdout
+    assert "cronweekly: 1 configured" in ok(server.ssh("ps", daycron))
+
+
+@pytest.mark.parametrize("args,text", [
+    (["cron:run", "daycron", "nosuch"], "daycron has no cron job 'nosuch': its cron jobs are cronfail, cronwait"),
+    (["cron:run", "daycron", "'../x'"], "daycron has no cron job '../x'"),
+    (["cron:run", "nosuchapp", "cron1"], "no such app"),
+    (["cron:run", "daycron"], "Missing argument 'KIND'"),
+    (["exec-worker", "--at-start", "daycron", "cronfail", "1"], "internal"),
+])
+def test_cron_run_bad_input_changes_nothing(server, daycron, args, text):
+    before = server.tree()
+    refused(server.ssh(*args), text)
+    assert server.tree() == before
+
+
+def test_a_bad_schedule_rejects_the_push(server, tmp_path):
+    repo = server.make_app(None, tmp_path / "badcron", {"Procfile": "cron: @often echo x\n"})
+    r = server.push(repo, "badcron")
+    assert r.returncode != 0 and "Procfile line 1: unknown cron shortcut '@often'" in r.stdout, r.stdout
+
+
+def test_reboot_jobs_run_when_the_worker_starts_and_never_twice_at_once(server, tmp_path):
+    server.deployed(None, "dayboot", tmp_path, BOOT_APP)
+    boot = server.path("data", "dayboot", "boot.log")
+    wait_for("the @reboot job after the deploy", lambda: "finished: exit 0" in cron_log(server, "dayboot", "cronboot"))
+    assert open(boot).read() == "boot cronboot\n"
+    assert "started (@reboot): echo boot" in cron_log(server, "dayboot", "cronboot")
+    wait_for("the held @reboot job to start", lambda: "started (@reboot)" in cron_log(server, "dayboot", "cronhold"))
+    ok(server.ssh("restart", "dayboot"))  # the workers start again: the job runs again ...
+    wait_for("the @reboot job after restart", lambda: open(boot).read() == "boot cronboot\n" * 2)
+    # ... but the one still running from the deploy (a restart does not stop it) holds the lock
+    wait_for("the second start of the held job to be skipped",
+             lambda: "skipped (@reboot): the previous run (pid" in cron_log(server, "dayboot", "cronhold"))
+    open(server.path("data", "dayboot", "release"), "w").close()
+    wait_for("the held job to end", lambda: "finished: exit 0" in cron_log(server, "dayboot", "cronhold"))
+    assert cron_log(server, "dayboot", "cronhold").count("started (@reboot)") == 1
+    assert ok(server.ssh("cron:run", "dayboot", "cronboot")) and open(boot).read() == "boot cronboot\n" * 3
+
+
+def test_overlap_forbid_skips_runs_while_one_is_running(server, daycron):
+    """A scheduled run of cronwait blocks until data/daycron/go exists: while it runs, cron:run
+    and the next minute's scheduled run are skipped and say so in the job's log."""
+    wait_for("the first scheduled run", lambda: "started (scheduled)" in cron_log(server, daycron, "cronwait"), 75)
+    r = server.ssh("cron:run", daycron, "cronwait")
+    refused(r, "cronwait was not run: its previous run (pid ")
+    assert "PIKU_CRON_OVERLAP=forbid" in r.stderr and "waiting" not in r.stdout.splitlines()
+    assert "skipped (cron:run)" in cron_log(server, daycron, "cronwait")
+    wait_for("a scheduled run to be skipped",
+             lambda: "skipped (scheduled): the previous run" in cron_log(server, daycron, "cronwait"), 75)
+    open(server.path("data", daycron, "go"), "w").close()
+    wait_for("the run to end", lambda: "finished: exit 0" in cron_log(server, daycron, "cronwait"))
+    log = cron_log(server, daycron, "cronwait")
+    first = log[log.index("started (scheduled)"):]
+    assert first.index("waiting") < first.index("waited") < first.index("finished: exit 0"), log
+    r = server.ssh("cron:run", daycron, "cronwait")
+    assert r.returncode == 0 and r.stdout.count("waiting\nwaited\n") == 1, r.stdout + r.stderr

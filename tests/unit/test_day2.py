@@ -3,6 +3,7 @@ cron control and the client's groups of remotes. Commands run through piku.main(
 PIKU_ROOT in tmp_path, with stdin replaced."""
 import io
 import os
+import time
 
 import pytest
 
@@ -269,3 +270,137 @@ def test_keys_add_refuses_what_setup_ssh_refuses(root, capsys, monkeypatch, stdi
     assert not os.path.exists(os.path.join(os.environ["HOME"], ".ssh", "authorized_keys"))
     code, out, err = call(capsys, monkeypatch, ["keys:add", "/nonexistent.pub"])
     assert code == 1 and "no such key file: /nonexistent.pub" in err
+
+
+# -- cron -------------------------------------------------------------------
+
+def test_cron_names_and_shortcuts():
+    sets, cmd = piku.parse_cron("30 9 * jan,JUL-sep mon-fri ./report.sh --x")
+    assert cmd == "./report.sh --x" and sets[3] == {1, 7, 8, 9} and sets[4] == {1, 2, 3, 4, 5}
+    assert piku.parse_cron("0 0 * * sun-sat/2 x")[0][4] == {0, 2, 4, 6}
+    assert piku.parse_cron("@daily python job.py")[0] == piku.parse_cron("0 0 * * * x")[0]
+    assert piku.parse_cron("@hourly  x")[0][0] == {0} and piku.parse_cron("@hourly x")[0][1] == set(range(24))
+    assert piku.parse_cron("@weekly x")[0][4] == {0} and piku.parse_cron("@monthly x")[0][2] == {1}
+    assert piku.parse_cron("@yearly x")[0][3] == {1} and piku.parse_cron("@annually x") == piku.parse_cron("@yearly x")
+    assert piku.parse_cron("@reboot python warm.py --all") == (None, "python warm.py --all")
+    assert not piku.cron_matches(None, time.localtime())
+
+
+@pytest.mark.parametrize("spec,error", [
+    ("@often x", "unknown cron shortcut '@often': use @reboot, @hourly"),
+    ("@daily", "cron @daily needs a command"),
+    ("@reboot   ", "cron @reboot needs a command"),
+    ("0 0 * * monday x", "bad cron day of week field 'monday' (names: sun, mon"),
+    ("0 0 * mon * x", "bad cron month field 'mon' (names: jan"),
+    ("0 mon * * * x", "bad cron hour field 'mon' (no names here)"),
+    ("0 0 * * */mon x", "bad cron day of week field"),
+    ("0 0 * * fri-mon x", "out of range"),
+])
+def test_cron_errors(spec, error):
+    with pytest.raises(PikuError, match=error.replace("(", r"\(").replace(")", r"\)")):
+        piku.parse_cron(spec)
+
+
+def test_procfile_accepts_the_new_cron_forms():
+    workers, _ = piku.parse_procfile("cron-a: @reboot python warm.py\ncron-b: 0 9 * * mon-fri x\n")
+    assert workers == {"cron-a": "@reboot python warm.py", "cron-b": "0 9 * * mon-fri x"}
+    with pytest.raises(PikuError, match="Procfile line 1: unknown cron shortcut"):
+        piku.parse_procfile("cron: @sometimes x\n")
+
+
+def test_cron_record():
+    tm = time.struct_time((2026, 5, 1, 12, 0, 3, 4, 121, 0))
+    assert piku.render_cron_record(tm, "cron1.1", "finished: exit 0 after 1.00s") == \
+        "2026-05-01 12:00:03 [piku cron] cron1.1: finished: exit 0 after 1.00s\n"
+
+
+@pytest.fixture
+def cronapp(root):
+    """A deployed app `jobs` with cron kinds; its jobs write into data/jobs."""
+    release = os.path.join(root.releases, "jobs", "r1")
+    data = os.path.join(root.data, "jobs")
+    piku.ensure_dirs(release, data, os.path.join(root.repos, "jobs"), os.path.join(root.envs, "jobs"))
+    with open(os.path.join(release, "Procfile"), "w") as f:
+        f.write("web: python3 -m http.server\n"
+                "cron1: */5 * * * * echo ran $PROC_TYPE.$PROC_INDEX $GREETING; echo oops >&2; exit 3\n"
+                "cronboot: @reboot echo booted >> $DATA_ROOT/boot\n")
+    os.symlink(release, os.path.join(root.apps, "jobs"))
+    piku.write_atomic(os.path.join(root.envs, "jobs", "LIVE_ENV"),
+                      piku.render_env({"GREETING": "hi there", "DATA_ROOT": data, "PATH": "/usr/bin:/bin"}))
+    return root
+
+
+def job_log(root, worker):
+    return open(os.path.join(root.logs, "jobs", f"{worker}.log")).read()
+
+
+def test_cron_run_gives_the_exit_code_and_records_the_run(cronapp, capfd, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    code = piku.main(["cron:run", "jobs", "cron1"])
+    out, err = capfd.readouterr()
+    assert code == 3 and "ran cron1.1 hi there" in out and "oops" in err
+    assert "Running cron1 of jobs now: echo ran" in out
+    assert "cron1 failed: exit 3 after" in err.strip().splitlines()[-1]
+    log = job_log(cronapp, "cron1.1").splitlines()
+    assert "[piku cron] cron1.1: started (cron:run): echo ran" in log[0]
+    assert "[piku cron] cron1.1: finished: exit 3 after " in log[1]
+
+
+@pytest.mark.parametrize("argv,error", [
+    (["cron:run", "jobs", "nosuch"], "jobs has no cron job 'nosuch': its cron jobs are cron1, cronboot"),
+    (["cron:run", "jobs", "web"], "jobs has no cron job 'web'"),
+    (["cron:run", "nope", "cron1"], "no such app: nope"),
+    (["cron:run", "jobs"], "Missing argument 'KIND'"),
+])
+def test_cron_run_refusals(cronapp, capsys, monkeypatch, argv, error):
+    code, out, err = call(capsys, monkeypatch, argv)
+    assert code != 0 and error in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(os.path.join(cronapp.logs, "jobs"))
+
+
+def test_cron_run_of_an_app_not_deployed(root, capsys, monkeypatch):
+    make_app(root, "fresh")
+    code, out, err = call(capsys, monkeypatch, ["cron:run", "fresh", "cron1"])
+    assert code == 1 and "fresh has not been deployed yet" in err
+
+
+def test_overlap_forbid_skips_while_a_run_holds_the_lock(cronapp, capfd, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    fd, _ = piku.take_cron_lock(cronapp, "jobs", "cron1")  # a run in progress
+    try:
+        fd2, holder = piku.take_cron_lock(cronapp, "jobs", "cron1")
+        assert fd2 is None and holder.startswith(f"pid {os.getpid()}, started 20")
+        assert piku.main(["cron:run", "jobs", "cron1"]) == 3  # allow (the default): it runs anyway
+        live = os.path.join(cronapp.envs, "jobs", "LIVE_ENV")
+        piku.write_atomic(live, open(live).read() + "PIKU_CRON_OVERLAP=forbid\n")
+        capfd.readouterr()
+        assert piku.main(["cron:run", "jobs", "cron1"]) == 1
+        out, err = capfd.readouterr()
+        assert f"cron1 was not run: its previous run (pid {os.getpid()}, started" in err and "ran cron1" not in out
+        run = piku.run_cron_job(cronapp, "jobs", "cron1", 1, "true", "scheduled", {})
+        assert run.code is None and run.busy.startswith(f"pid {os.getpid()}")
+        assert "skipped (scheduled): the previous run (pid" in job_log(cronapp, "cron1.1").splitlines()[-1]
+    finally:
+        os.close(fd)
+    assert piku.run_cron_job(cronapp, "jobs", "cron1", 1, "true", "scheduled", {}).code == 0
+
+
+def test_scheduled_runs_and_at_start(cronapp):
+    import subprocess
+    import sys
+    env = {"PIKU_ROOT": cronapp.root, "PATH": "/usr/bin:/bin"}
+    worker = [sys.executable, piku.__file__, "exec-worker"]
+    r = subprocess.run(worker + ["--at-start", "jobs", "cron1", "1"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == r.stderr == ""  # not an @reboot job: nothing happens
+    r = subprocess.run(worker + ["--if-due", "jobs", "cronboot", "1"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and not os.path.exists(os.path.join(cronapp.data, "jobs", "boot"))  # never due
+    r = subprocess.run(worker + ["--at-start", "jobs", "cronboot", "1"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 30
+    while "finished" not in (piku.read_text(os.path.join(cronapp.logs, "jobs", "cronboot.1.log")) or ""):
+        assert time.monotonic() < deadline, "the @reboot job did not run"
+        time.sleep(0.05)
+    assert open(os.path.join(cronapp.data, "jobs", "boot")).read() == "booted\n"
+    assert "started (@reboot): echo booted" in job_log(cronapp, "cronboot.1")
+    r = subprocess.run(worker + ["jobs", "cron1", "1"], env=env, capture_output=True, text=True)
+    assert r.returncode == 3 and r.stdout == "ran cron1.1 hi there\n"
