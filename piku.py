@@ -571,6 +571,46 @@ def parse_key_line(line):
     return AuthorizedKey(parts[0], fp, parts[2].strip() if len(parts) > 2 else "", piku) if fp else None
 
 
+GROUP_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,62}$")  # what git config takes as a variable name
+REMOTE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]{0,99}$")
+
+
+def parse_client_options(argv):
+    """The piku client's own options (before the command) -> ({remotes, group, help, version},
+    rest of argv). -r/--remote may be repeated; -g/--group names a group of remotes."""
+    opts, argv = {"remotes": [], "group": None, "help": False, "version": False}, list(argv)
+    while argv and argv[0].startswith("-"):
+        arg = argv.pop(0)
+        opt, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if opt in ("-h", "--help", "--version"):
+            opts["version" if opt == "--version" else "help"] = True
+            return opts, argv
+        if opt not in ("-r", "--remote", "-g", "--group"):
+            raise PikuError(f"unknown option {opt!r} (see `piku --help`)", 2)
+        value = value if eq else (argv.pop(0) if argv else "")
+        if not value:
+            raise PikuError(f"{opt} needs a name (see `piku --help`)", 2)
+        if opt in ("-g", "--group"):
+            if opts["group"] or not GROUP_NAME_RE.match(value):
+                raise PikuError(f"-g takes one group name (letters, digits and -, as in git config "
+                                f"piku.group.NAME), got {value[:40]!r}", 2)
+            opts["group"] = value
+        else:
+            opts["remotes"].append(value)
+    if opts["group"] and opts["remotes"]:
+        raise PikuError("use either -g GROUP or -r REMOTE (a group lists its remotes)", 2)
+    return opts, argv
+
+
+def parse_group_remotes(group, value):
+    """The value of `git config piku.group.GROUP` ('prod1 prod2', commas work too) -> remote
+    names in order, each once."""
+    names = list(dict.fromkeys(n for n in re.split(r"[\s,]+", value or "") if n))
+    if not names:
+        raise PikuError(f"group {group} lists no remotes: git config piku.group.{group} \"REMOTE1 REMOTE2\"")
+    return names
+
+
 PYVER_RE = re.compile(r"^(?:(?:cpython|python)[-@]?)?(\d+(?:\.\d+){0,2})(t)?$", re.I)
 PYSPEC_RE = re.compile(r"^\s*(?:(?:==|!=|<=|>=|~=|<|>)\s*\d+(?:\.\d+){0,2}(?:\.\*)?\s*,?\s*)+$")
 
@@ -1465,6 +1505,19 @@ def plan_key_removal(keys, wanted, force=False):
         raise PikuError(f"key {prints[0]} is the last key piku has: without it nobody can push or run "
                         "commands; add another key first, or pass --force")
     return drop, found[0][1]
+
+
+def plan_group_report(command, done, failed, code, pending):
+    """The lines the client ends with when a command or push on a group of remotes stopped at
+    `failed` (the last one is the error)."""
+    if command == "push":
+        lines = [f"{', '.join(done)} already run{'s' if len(done) == 1 else ''} the new release; to go back "
+                 "there: " + ", ".join(f"`piku -r {n} rollback`" for n in done)] if done else []
+        return lines + [f"push to {failed} failed (exit {code}): {failed} keeps its previous release"
+                        + (f"; not pushed to {', '.join(pending)}" if pending else "")]
+    return ([f"{command} ran on {', '.join(done)}"] if done else []) + [
+        f"{command} failed on {failed} (exit {code}); stopped there" + (f": not run on {', '.join(pending)}"
+                                                                        if pending else "")]
 
 
 def fingerprint(*parts):
@@ -4234,7 +4287,7 @@ def main(argv=None):
 # `pip install .` makes `piku` run client_main: it finds the server and app from the git
 # remote and runs the command there over ssh. Nothing here touches a PIKU_ROOT.
 
-CLIENT_HELP = """Usage: piku [-r REMOTE] COMMAND [ARGS]...
+CLIENT_HELP = """Usage: piku [-r REMOTE]... [-g GROUP] COMMAND [ARGS]...
 
 Runs a piku command for this checkout's app on its server, over ssh. The server and app
 come from the git remote `piku` (piku@host:app or ssh://piku@host:port/app), or from
@@ -4243,12 +4296,17 @@ the commands that take one: `piku logs -n 20`, `piku config:set DEBUG=1`,
 `piku run -- python manage.py shell`. The exit code is the remote command's.
 
 Options:
-  -r, --remote NAME  use this git remote instead of `piku`
+  -r, --remote NAME  use this git remote instead of `piku`; give it again for more servers
+  -g, --group NAME   every remote of the group `git config piku.group.NAME "prod1 prod2"`
   --version          show the client's version
   -h, --help         show this message
 
-Local command:
+With several remotes the command runs on each in turn and stops at the first failure.
+
+Local commands:
   init               write a starter Procfile and ENV here (existing files are kept)
+  push [ARGS]        `git push REMOTE ARGS` to each remote in turn (default: `piku`); stops
+                     at the first failure and says which servers have the new release
 
 Server commands: `piku help` lists them. ssh options: PIKU_SSH_COMMAND or GIT_SSH_COMMAND.
 """
@@ -4265,6 +4323,8 @@ def git_remote_url(name):
 
 def client_target(remote, environ):
     """(ssh destination, port, app or None) from -r REMOTE, PIKU_SERVER/PIKU_APP or `piku`."""
+    if remote and not REMOTE_NAME_RE.match(remote):
+        raise PikuError(f"invalid git remote name {remote[:40]!r}")
     if remote:
         url = git_remote_url(remote)
         if not url:
@@ -4319,41 +4379,71 @@ def client_confirm_destroy(remote_argv, app, where):
     return remote_argv + ["--confirm", app]
 
 
+def client_remotes(opts):
+    """The remote names the command goes to: -r names, a group's members, or [] (the default
+    target: PIKU_SERVER, else the `piku` remote)."""
+    if not opts["group"]:
+        return opts["remotes"]
+    key = f"piku.group.{opts['group']}"
+    proc = run(["git", "config", "--get", key], capture=True, check=False)
+    if proc.returncode != 0:
+        raise PikuError(f"no group {opts['group']!r} here: define it with "
+                        f"git config {key} \"REMOTE1 REMOTE2\"")
+    return parse_group_remotes(opts["group"], proc.stdout)
+
+
+def client_ssh_argv(target, command, args, environ):
+    """The ssh command that runs `piku COMMAND ARGS` for one (destination, port, app)."""
+    import shlex
+    dest, port, app = target
+    remote_argv = plan_client_call(command, args, app)
+    if command == "destroy":
+        remote_argv = client_confirm_destroy(remote_argv, app, dest)
+    ssh = shlex.split(environ.get("PIKU_SSH_COMMAND") or environ.get("GIT_SSH_COMMAND") or "ssh")
+    if command == "run" and sys.stdin.isatty() and sys.stdout.isatty():
+        ssh.append("-t")  # an interactive shell or REPL needs a terminal on the server
+    return ssh + (["-p", port] if port else []) + ["--", dest, shlex.join(remote_argv)]
+
+
+def client_each(names, command, args, environ):
+    """Run COMMAND on each remote in turn (all are checked first); stop at the first failure.
+    command 'push' is `git push REMOTE ARGS`. Returns the exit code."""
+    targets = [(name, client_target(name, environ)) for name in names]
+    done = []
+    for i, (name, target) in enumerate(targets):
+        step(f"{name} ({target[0]}:{target[2] or ''}): {command}")
+        argv = ["git", "push", name] + list(args) if command == "push" else \
+            client_ssh_argv(target, command, args, environ)
+        code = run(argv, check=False).returncode
+        if code:
+            for line in plan_group_report(command, done, name, code, [n for n, _ in targets[i + 1:]]):
+                warn(line)
+            return code
+        done.append(name)
+    step(f"{'Pushed to' if command == 'push' else command + ' done on'} {', '.join(done)}")
+    return 0
+
+
 def client_main(argv=None):
     """Entry point of the `piku` command on a developer's machine."""
-    import shlex
     argv = list(sys.argv[1:] if argv is None else argv)
-    remote = None
     try:
-        while argv and argv[0].startswith("-"):
-            opt = argv.pop(0)
-            if opt in ("-r", "--remote") and argv:
-                remote = argv.pop(0)
-            elif opt.startswith("--remote="):
-                remote = opt.split("=", 1)[1]
-            elif opt in ("-h", "--help"):
-                click.echo(CLIENT_HELP, nl=False)
-                return 0
-            elif opt == "--version":
-                click.echo(f"piku client {__version__}")
-                return 0
-            else:
-                raise PikuError(f"unknown option {opt!r} (see `piku --help`)", 2)
-        if not argv:
+        opts, argv = parse_client_options(argv)
+        if opts["version"]:
+            click.echo(f"piku client {__version__}")
+            return 0
+        if opts["help"] or not argv:
             click.echo(CLIENT_HELP, nl=False)
             return 0
         command, args = argv[0], argv[1:]
         if command == "init":
             client_init(args)
             return 0
-        dest, port, app = client_target(remote, os.environ)
-        remote_argv = plan_client_call(command, args, app)
-        if command == "destroy":
-            remote_argv = client_confirm_destroy(remote_argv, app, dest)
-        ssh = shlex.split(os.environ.get("PIKU_SSH_COMMAND") or os.environ.get("GIT_SSH_COMMAND") or "ssh")
-        if command == "run" and sys.stdin.isatty() and sys.stdout.isatty():
-            ssh.append("-t")  # an interactive shell or REPL needs a terminal on the server
-        ssh += (["-p", port] if port else []) + ["--", dest, shlex.join(remote_argv)]
+        remotes = client_remotes(opts)
+        if command == "push" or len(remotes) > 1 or opts["group"]:
+            return client_each(remotes or ["piku"], command, args, os.environ)
+        ssh = client_ssh_argv(client_target(remotes[0] if remotes else None, os.environ), command, args,
+                              os.environ)
         try:
             os.execvp(ssh[0], ssh)
         except OSError as e:
@@ -4361,6 +4451,7 @@ def client_main(argv=None):
     except PikuError as e:
         warn(str(e).splitlines()[0] if str(e) else "error")
         return e.code or 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -404,3 +404,76 @@ def test_scheduled_runs_and_at_start(cronapp):
     assert "started (@reboot): echo booted" in job_log(cronapp, "cronboot.1")
     r = subprocess.run(worker + ["jobs", "cron1", "1"], env=env, capture_output=True, text=True)
     assert r.returncode == 3 and r.stdout == "ran cron1.1 hi there\n"
+
+
+# -- the client's groups of remotes -------------------------------------------
+
+@pytest.mark.parametrize("argv,remotes,group,rest", [
+    (["ps"], [], None, ["ps"]),
+    (["-r", "a", "--remote", "b", "--remote=c", "logs", "-n", "1"], ["a", "b", "c"], None, ["logs", "-n", "1"]),
+    (["-g", "prod", "push", "-f"], [], "prod", ["push", "-f"]),
+    (["--group=prod-eu", "ps"], [], "prod-eu", ["ps"]),
+])
+def test_client_options(argv, remotes, group, rest):
+    opts, left = piku.parse_client_options(argv)
+    assert (opts["remotes"], opts["group"], left) == (remotes, group, rest)
+
+
+@pytest.mark.parametrize("argv,error", [
+    (["-x", "ps"], "unknown option '-x'"),
+    (["-r"], "-r needs a name"),
+    (["--remote=", "ps"], "--remote needs a name"),
+    (["-g", "prod", "-g", "staging", "ps"], "-g takes one group name"),
+    (["-g", "prod_1", "ps"], "-g takes one group name (letters, digits and -"),
+    (["-g", "prod", "-r", "x", "ps"], "use either -g GROUP or -r REMOTE"),
+])
+def test_client_option_errors(argv, error):
+    with pytest.raises(PikuError, match=error.replace("(", r"\(")):
+        piku.parse_client_options(argv)
+
+
+def test_group_remotes():
+    assert piku.parse_group_remotes("prod", " prod1  prod2,prod3\nprod1 ") == ["prod1", "prod2", "prod3"]
+    with pytest.raises(PikuError, match="group prod lists no remotes"):
+        piku.parse_group_remotes("prod", " , ")
+
+
+def test_group_report():
+    assert piku.plan_group_report("push", ["p1", "p2"], "p3", 1, ["p4"]) == [
+        "p1, p2 already run the new release; to go back there: `piku -r p1 rollback`, `piku -r p2 rollback`",
+        "push to p3 failed (exit 1): p3 keeps its previous release; not pushed to p4"]
+    assert piku.plan_group_report("push", [], "p1", 128, []) == ["push to p1 failed (exit 128): p1 keeps its previous release"]
+    assert piku.plan_group_report("push", ["p1"], "p2", 1, [])[0].startswith("p1 already runs the new release")
+    assert piku.plan_group_report("config:set", ["p1"], "p2", 1, ["p3", "p4"]) == [
+        "config:set ran on p1", "config:set failed on p2 (exit 1); stopped there: not run on p3, p4"]
+
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch):
+    import subprocess
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    for k in [k for k in os.environ if k.startswith(("PIKU_", "GIT_"))]:
+        monkeypatch.delenv(k)
+    subprocess.run(["git", "init", "-q"], check=True)
+    for name, url in (("prod1", "piku@one.example:shop"), ("prod2", "ssh://piku@two.example:2222/shop")):
+        subprocess.run(["git", "remote", "add", name, url], check=True)
+    return repo
+
+
+@pytest.mark.parametrize("group,argv,error", [
+    (None, ["-g", "prod", "ps"], "no group 'prod' here: define it with git config piku.group.prod \"REMOTE1 REMOTE2\""),
+    ("prod1 nosuch prod2", ["-g", "prod", "push"], "no git remote named 'nosuch' here"),
+    ("prod1 -oProxyCommand=x", ["-g", "prod", "config:set", "A=1"], "invalid git remote name '-oProxyCommand=x'"),
+    ("", ["-g", "prod", "ps"], "group prod lists no remotes"),
+    (None, ["-r", "prod1", "-r", "nosuch", "ps"], "no git remote named 'nosuch' here"),
+])
+def test_client_group_errors_run_nothing(checkout, capsys, group, argv, error):
+    import subprocess
+    if group is not None:
+        subprocess.run(["git", "config", "piku.group.prod", group], check=True)
+    code = piku.client_main(argv)
+    out, err = capsys.readouterr()
+    assert code in (1, 2) and error in err and len(err.strip().splitlines()) == 1, err
+    assert out == ""  # no "-----> prod1 ..." header: nothing was started
