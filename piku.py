@@ -4182,14 +4182,14 @@ def cmd_cron_run(app, kind):
     app = app_must_exist(paths, app)
     _, command = cron_job(paths, app, kind)
     step(f"Running {kind} of {app} now: {command}")
-    run = run_cron_job(paths, app, kind, 1, command, "cron:run", os.environ)
-    if run.code is None:
-        raise PikuError(f"{kind} was not run: its previous run ({run.busy}) is still going and "
+    done = run_cron_job(paths, app, kind, 1, command, "cron:run", os.environ)
+    if done.code is None:
+        raise PikuError(f"{kind} was not run: its previous run ({done.busy}) is still going and "
                         "PIKU_CRON_OVERLAP=forbid")
-    if run.code:
-        raise PikuError(f"{kind} failed: exit {run.code} after {run.seconds:.2f}s (see `logs {app} {kind}`)",
-                        run.code)
-    step(f"{kind} finished: exit 0 after {run.seconds:.2f}s")
+    if done.code:
+        raise PikuError(f"{kind} failed: exit {done.code} after {done.seconds:.2f}s (see `logs {app} {kind}`)",
+                        done.code)
+    step(f"{kind} finished: exit 0 after {done.seconds:.2f}s")
 
 
 @cli.command("nginx-watch", hidden=True, context_settings={"ignore_unknown_options": True})
