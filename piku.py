@@ -3454,10 +3454,12 @@ def print_logs(paths, app, process, lines, follow):
 def running_workers():
     """{'app:kind.n': pids of its uWSGI master's children} for every vassal master running
     (found by process title). A master with no child runs nothing (its daemon is down)."""
-    out = {}
+    out, me = {}, os.getuid()
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
+                if os.stat(f"/proc/{pid}").st_uid != me:  # another user's piku may have the same app names
+                    continue
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     title = f.read().split(b"\0")[0].decode("utf-8", "replace")
             except OSError:
