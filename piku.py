@@ -3621,7 +3621,7 @@ def cmd_config_import(app, replace):
     app = app_must_exist(paths, app)
     if sys.stdin.isatty():
         raise PikuError("config:import reads the settings from stdin: config:import APP < settings.env", 2)
-    incoming = parse_config_import(sys.stdin.read())
+    incoming = parse_config_import(sys.stdin.read(1_000_001))  # (more is refused)
     change = lambda config: {**({} if replace else config), **incoming}  # noqa: E731
     keys = plan_config_changes(load_config(paths, app), change(load_config(paths, app)))
     if not keys:
