@@ -215,12 +215,27 @@ def parse_int(value, key="value", minimum=None, maximum=None):
 
 CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
 CRON_NAMES = ("minute", "hour", "day of month", "month", "day of week")
+# names a field may use instead of numbers, counted from the field's lowest value
+CRON_WORDS = ((), (), (), ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
+              ("sun", "mon", "tue", "wed", "thu", "fri", "sat"))
+CRON_SHORTCUTS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                  "@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *",
+                  "@annually": "0 0 1 1 *"}
+CRON_REBOOT = "@reboot"
 
 
-def parse_cron_field(field, lo, hi, name):
-    """Set of values matched by one cron field (numbers, *, */n, a-b, a-b/n, lists)."""
+def parse_cron_field(field, lo, hi, name, words=()):
+    """Set of values matched by one cron field (numbers or the field's names, *, */n, a-b,
+    a-b/n, lists)."""
+    def number(m):
+        if m.group(0) not in words:
+            raise PikuError(f"bad cron {name} field {field!r}"
+                            + (f" (names: {', '.join(words)})" if words else " (no names here)"))
+        return str(lo + words.index(m.group(0)))
     values = set()
-    for part in field.split(","):
+    for part in field.lower().split(","):
+        rng, slash, stepv = part.partition("/")
+        part = re.sub(r"[a-z]+", number, rng) + slash + stepv
         m = re.fullmatch(r"(\*|\d+(?:-\d+)?)(?:/(\d+))?", part)
         if not m:
             raise PikuError(f"bad cron {name} field {field!r}")
@@ -240,18 +255,34 @@ def parse_cron_field(field, lo, hi, name):
 
 
 def parse_cron(spec):
-    """'M H DoM Mon DoW command' -> (list of 5 value sets, command)."""
+    """'M H DoM Mon DoW command' or '@daily command' (any of CRON_SHORTCUTS) -> (list of 5 value
+    sets, command); '@reboot command' -> (None, command): it runs when its worker starts."""
+    spec = spec.strip()
+    if spec.startswith("@"):
+        word, _, command = spec.partition(" ")
+        if word != CRON_REBOOT and word not in CRON_SHORTCUTS:
+            raise PikuError(f"unknown cron shortcut {word[:20]!r}: use {CRON_REBOOT}, "
+                            f"{', '.join(CRON_SHORTCUTS)} or five time fields")
+        if not command.strip():
+            raise PikuError(f"cron {word} needs a command after it")
+        if word == CRON_REBOOT:
+            return None, command.strip()
+        spec = f"{CRON_SHORTCUTS[word]} {command.strip()}"
     parts = spec.split(None, 5)
     if len(parts) < 6:
         raise PikuError(f"cron needs 5 time fields and a command, got {spec!r}")
-    sets = [parse_cron_field(f, lo, hi, n) for f, (lo, hi), n in zip(parts[:5], CRON_RANGES, CRON_NAMES)]
+    sets = [parse_cron_field(f, lo, hi, n, w)
+            for f, (lo, hi), n, w in zip(parts[:5], CRON_RANGES, CRON_NAMES, CRON_WORDS)]
     if 7 in sets[4]:
         sets[4] = (sets[4] - {7}) | {0}
     return sets, parts[5]
 
 
 def cron_matches(sets, tm):
-    """Does a time.struct_time match the parsed cron sets (standard DoM/DoW 'or' rule)?"""
+    """Does a time.struct_time match the parsed cron sets (standard DoM/DoW 'or' rule)? An
+    @reboot job (sets None) never does."""
+    if sets is None:
+        return False
     minute, hour, dom, mon, dow = sets
     wday = (tm.tm_wday + 1) % 7  # struct_time: Monday=0; cron: Sunday=0
     dom_all, dow_all = dom == set(range(1, 32)), dow == set(range(0, 7))
@@ -273,6 +304,12 @@ LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 def split_lines(text):
     """text -> lines, split at \n, \r\n and \r only (see LINE_BREAKS)."""
     return re.split(r"\r\n|\r|\n", text)
+
+
+def render_cron_record(tm, worker, text):
+    """A line piku adds to a cron job's log (the job's own output has no time stamps)."""
+    import time
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', tm)} [piku cron] {worker}: {text}\n"
 
 
 def parse_procfile(text):
@@ -366,6 +403,37 @@ def render_env(env):
             raise PikuError(f"invalid key {k!r}: letters, digits and _ only")
         lines.append(f"{k}={json.dumps(v)}" if v and _needs_quoting(v) else f"{k}={v}")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def parse_config_import(text):
+    """config:import input -> {key: value}: a JSON object of strings (config:export --json) or
+    ENV lines (config:export; read as the stored config is, `$NAME` from earlier lines only)."""
+    import json
+    if len(text) > 1_000_000:
+        raise PikuError("config:import: the input is larger than 1 MB")
+    if text.lstrip().startswith("{"):
+        try:
+            out = json.loads(text)
+        except ValueError as e:
+            raise PikuError(f"config:import: the input is not valid JSON ({e})")
+        if not isinstance(out, dict):
+            raise PikuError("config:import: expected a JSON object of \"KEY\": \"value\" pairs")
+        for key, value in out.items():
+            if not ENV_KEY_RE.fullmatch(key):
+                raise PikuError(f"config:import: invalid key {key[:60]!r} (keys: letters, digits and _)")
+            if not isinstance(value, str):
+                raise PikuError(f"config:import: {key}: values must be JSON strings, got {json.dumps(value)[:40]}")
+    else:
+        out = parse_env(text, source="config:import input")
+    if not out:
+        raise PikuError("config:import: no KEY=value lines in the input, nothing to import "
+                        "(usage: config:import APP < settings.env)")
+    return out
+
+
+def plan_config_changes(old, new):
+    """Keys whose value differs between two configs (set, changed or removed), sorted."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def parse_assignments(args):
@@ -492,6 +560,101 @@ def parse_server_address(value):
     if not m:
         raise PikuError(f"PIKU_SERVER: {v!r} is not [user@]host[:port]")
     return parse_ssh_dest(m.group(1), "PIKU_SERVER"), m.group(2)
+
+
+KEY_TYPE_RE = re.compile(r"(ssh-|ecdsa-|sk-)[\w@.-]+")
+KEY_BLOB_RE = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+AuthorizedKey = namedtuple("AuthorizedKey", "type fingerprint comment piku")
+
+
+def split_key_lines(text):
+    """Lines with their line feed, split as sshd reads authorized_keys (at \\n only)."""
+    return re.findall(r"[^\n]*\n|[^\n]+\Z", text)
+
+
+def key_fingerprint(blob):
+    """OpenSSH's SHA256 fingerprint of a base64 key blob ('SHA256:...'); None if not base64."""
+    import base64
+    import binascii
+    import hashlib
+    try:
+        raw = base64.b64decode(blob, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
+
+
+def split_key_options(text):
+    """'options type base64 ...' -> (options, rest): options end at the first blank outside quotes."""
+    quoted = escaped = False
+    for i, c in enumerate(text):
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif c in " \t" and not quoted:
+            return text[:i], text[i:].lstrip()
+    return text, ""
+
+
+def parse_key_line(line):
+    """One authorized_keys line -> AuthorizedKey, or None (blank, comment, not a key). `piku` is
+    true when its forced command runs piku (this piku.py's line, or the original piku's)."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    options = ""
+    if not KEY_TYPE_RE.fullmatch(text.split()[0]):
+        options, text = split_key_options(text)
+    parts = text.split(None, 2)
+    if len(parts) < 2 or not KEY_TYPE_RE.fullmatch(parts[0]) or not KEY_BLOB_RE.fullmatch(parts[1]):
+        return None
+    command = re.search(r'(?:^|,)command="((?:[^"\\]|\\.)*)"', options)
+    piku = bool(command and re.match(r"(PIKU_ROOT|FINGERPRINT)=", command.group(1)) and "piku" in command.group(1))
+    fp = key_fingerprint(parts[1])
+    return AuthorizedKey(parts[0], fp, parts[2].strip() if len(parts) > 2 else "", piku) if fp else None
+
+
+GROUP_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,62}")  # what git config takes as a variable name
+REMOTE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,99}")
+
+
+def parse_client_options(argv):
+    """The piku client's own options (before the command) -> ({remotes, group, help, version},
+    rest of argv). -r/--remote may be repeated; -g/--group names a group of remotes."""
+    opts, argv = {"remotes": [], "group": None, "help": False, "version": False}, list(argv)
+    while argv and argv[0].startswith("-"):
+        arg = argv.pop(0)
+        opt, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if opt in ("-h", "--help", "--version"):
+            opts["version" if opt == "--version" else "help"] = True
+            return opts, argv
+        if opt not in ("-r", "--remote", "-g", "--group"):
+            raise PikuError(f"unknown option {opt!r} (see `piku --help`)", 2)
+        value = value if eq else (argv.pop(0) if argv else "")
+        if not value:
+            raise PikuError(f"{opt} needs a name (see `piku --help`)", 2)
+        if opt in ("-g", "--group"):
+            if opts["group"] or not GROUP_NAME_RE.fullmatch(value):
+                raise PikuError(f"-g takes one group name (letters, digits and -, as in git config "
+                                f"piku.group.NAME), got {value[:40]!r}", 2)
+            opts["group"] = value
+        else:
+            opts["remotes"].append(value)
+    if opts["group"] and opts["remotes"]:
+        raise PikuError("use either -g GROUP or -r REMOTE (a group lists its remotes)", 2)
+    return opts, argv
+
+
+def parse_group_remotes(group, value):
+    """The value of `git config piku.group.GROUP` ('prod1 prod2', commas work too) -> remote
+    names in order, each once."""
+    names = list(dict.fromkeys(n for n in re.split(r"[\s,]+", value or "") if n))
+    if not names:
+        raise PikuError(f"group {group} lists no remotes: git config piku.group.{group} \"REMOTE1 REMOTE2\"")
+    return names
 
 
 PYVER_RE = re.compile(r"(?:(?:cpython|python)[-@]?)?(\d+(?:\.\d+){0,2})(t)?", re.I)
@@ -645,6 +808,7 @@ SETTINGS = (
     S("PIKU_RELEASES_KEPT", str(DEFAULT_RELEASES_KEPT), v_int(1, 100), "releases kept per app"),
     S("PIKU_VERBOSE", "false", v_bool, "show build tools' output on success too"),
     S("PIKU_USE_UV", "true", v_bool, "build requirements.txt apps with uv (else virtualenv + pip)"),
+    S("PIKU_CRON_OVERLAP", "allow", v_choice("allow", "forbid"), "forbid: skip a cron run while its previous one runs"),
     S("PIKU_PYUWSGI", "auto", v_choice("auto", "never", "always"), "serve wsgi with the venv's own uWSGI"),
     S("PIKU_UWSGI_PLUGIN_DIR", None, v_path, "where to look first for uWSGI's python3 plugin"),
     S("PIKU_MAINTENANCE_DURING_RELEASE", "false", v_bool, "maintenance mode while `release:` runs"),
@@ -872,6 +1036,9 @@ def render_vassal(v):
         pairs = [("plugin", ",".join(plugins))] + pairs + wsgi_pairs(v)
     elif kind.startswith("cron"):
         pairs.append(("cron", "-1 -1 -1 -1 -1 " + shlex.join(exec_worker_argv(v, "--if-due"))))
+        # @reboot jobs start when this master does (a deploy, restart, boot); uWSGI gives the
+        # whole vassal up if a master-start hook fails, so this one never does
+        pairs.append(("hook-master-start", "exec:" + shlex.join(exec_worker_argv(v, "--at-start")) + " || true"))
     else:  # a daemon: web, worker, or the virtualenv's own uWSGI (pyuwsgi)
         pairs.append(("attach-daemon2", "cmd=" + shlex.join(exec_worker_argv(v)) + ",stopsignal=15"))
     if s.get("UWSGI_INCLUDE_FILE"):
@@ -1980,9 +2147,10 @@ def plan_wsgi_mode(setting_value, venv_version, plugin_version):
     return "pyuwsgi", f"{why}, app uses Python {mm}: serving wsgi with pyuwsgi from the virtualenv"
 
 
-CLIENT_APP_COMMANDS = ("config", "config:get", "config:set", "config:unset", "config:live", "deploy",
-                       "destroy", "logs", "ps", "ps:scale", "releases", "rollback", "run", "restart", "stop",
-                       "certs", "certs:renew", "maintenance:on", "maintenance:off")
+CLIENT_APP_COMMANDS = ("config", "config:get", "config:set", "config:unset", "config:live", "config:export",
+                       "config:import", "deploy", "destroy", "logs", "ps", "ps:scale", "releases", "rollback",
+                       "run", "restart", "stop", "certs", "certs:renew", "cron:run", "maintenance:on",
+                       "maintenance:off")
 
 
 def plan_client_call(command, args, app):
@@ -1997,6 +2165,44 @@ def plan_client_call(command, args, app):
     if command == "run" and args[:1] == ["--"]:
         args = args[1:]
     return [command, app] + args
+
+
+def plan_key_removal(keys, wanted, force=False):
+    """The authorized_keys lines `keys:remove WANTED` drops: keys is [(line index, AuthorizedKey)],
+    WANTED a fingerprint (`SHA256:` optional) or a comment. Returns ([line indices], key).
+    Refuses no match, a comment several keys share, a key piku did not add, and (unless force)
+    the last key piku has: nobody could log in to put one back."""
+    if not wanted or len(wanted) > 300 or not wanted.isprintable():
+        raise PikuError("keys:remove: expected a fingerprint (SHA256:...) or a key's comment (see `keys`)")
+    fp = wanted if wanted.startswith("SHA256:") else "SHA256:" + wanted
+    found = [(i, k) for i, k in keys if k.fingerprint == fp] or [(i, k) for i, k in keys if k.comment == wanted]
+    if not found:
+        raise PikuError(f"no key with the fingerprint or comment {wanted!r} (see `keys`)")
+    prints = sorted({k.fingerprint for _, k in found})
+    if len(prints) > 1:
+        raise PikuError(f"{len(prints)} keys have the comment {wanted!r} ({', '.join(prints)}): "
+                        "remove one by its fingerprint")
+    drop = [i for i, k in found if k.piku]
+    if not drop:
+        raise PikuError(f"key {prints[0]} was not added by piku (its line runs no piku command): "
+                        "edit ~/.ssh/authorized_keys by hand")
+    if not force and not any(k.piku and i not in drop for i, k in keys):
+        raise PikuError(f"key {prints[0]} is the last key piku has: without it nobody can push or run "
+                        "commands; add another key first, or pass --force")
+    return drop, found[0][1]
+
+
+def plan_group_report(command, done, failed, code, pending):
+    """The lines the client ends with when a command or push on a group of remotes stopped at
+    `failed` (the last one is the error)."""
+    if command == "push":
+        lines = [f"{', '.join(done)} already run{'s' if len(done) == 1 else ''} the new release; to go back "
+                 "there: " + ", ".join(f"`piku -r {n} rollback`" for n in done)] if done else []
+        return lines + [f"push to {failed} failed (exit {code}): {failed} keeps its previous release"
+                        + (f"; not pushed to {', '.join(pending)}" if pending else "")]
+    return ([f"{command} ran on {', '.join(done)}"] if done else []) + [
+        f"{command} failed on {failed} (exit {code}); stopped there" + (f": not run on {', '.join(pending)}"
+                                                                        if pending else "")]
 
 
 def fingerprint(*parts):
@@ -5431,37 +5637,61 @@ def head_rev(paths, app):
     return proc.stdout.strip(), ref
 
 
-def add_ssh_key(key_text, paths):
-    """Validate a public key with ssh-keygen and append it once to ~/.ssh/authorized_keys."""
+def authorized_keys_path():
+    return os.path.join(os.path.expanduser("~"), ".ssh", "authorized_keys")
+
+
+def read_authorized_keys():
+    """(text, [(line index, AuthorizedKey)]) of ~/.ssh/authorized_keys ('' if there is none)."""
+    text = read_text(authorized_keys_path(), "")
+    return text, [(i, k) for i, k in enumerate(map(parse_key_line, split_key_lines(text))) if k]
+
+
+def ssh_keygen_fingerprint(key_line):
+    """ssh-keygen's opinion of one public key line: its `-l` line, or a PikuError."""
     import tempfile
-    lines = [l.strip() for l in split_lines(key_text) if l.strip() and not l.startswith("#")]
-    if len(lines) != 1:
-        raise PikuError("expected exactly one public key line")
-    parts = lines[0].split()  # (any blank, \u2028 too, becomes one space in authorized_keys)
-    if not " ".join(parts).isprintable():
-        raise PikuError("the public key line has control characters")
-    if len(parts) < 2 or not re.fullmatch(r"(ssh-|ecdsa-|sk-)[\w@.-]+", parts[0]) or \
-            not re.fullmatch(r"[A-Za-z0-9+/=]+", parts[1]):
-        raise PikuError("not a public key: expected 'type base64 [comment]' (options are not allowed)")
     with tempfile.NamedTemporaryFile("w", suffix=".pub") as f:
-        f.write(lines[0] + "\n")
+        f.write(key_line + "\n")
         f.flush()
         proc = run(["ssh-keygen", "-l", "-f", f.name], capture=True, check=False)
     if proc.returncode != 0:
         raise PikuError("ssh-keygen rejected the key: " + (proc.stderr or proc.stdout).strip())
-    fp = proc.stdout.strip()
-    ssh_dir = os.path.join(os.path.expanduser("~"), ".ssh")
-    ensure_dirs(ssh_dir)
-    os.chmod(ssh_dir, 0o700)
-    auth = os.path.join(ssh_dir, "authorized_keys")
-    existing = read_text(auth, "")
-    if any(f" {parts[0]} {parts[1]}" in f" {l}" for l in split_lines(existing)):
-        return fp, False
-    line = render_authorized_key(sys.executable, os.path.abspath(__file__), paths.root,
-                                 " ".join(parts))
-    write_atomic(auth, existing + ("" if existing.endswith("\n") or not existing else "\n") + line,
-                 mode=0o600)
+    return proc.stdout.strip()
+
+
+def add_ssh_key(key_text, paths):
+    """Validate a public key with ssh-keygen and append it once to ~/.ssh/authorized_keys."""
+    lines = [l.strip() for l in split_lines(key_text) if l.strip() and not l.startswith("#")]
+    if len(lines) != 1:
+        raise PikuError("expected exactly one public key line")
+    if not " ".join(lines[0].split()).isprintable():  # (any blank, \u2028 too, becomes one space)
+        raise PikuError("the public key line has control characters")
+    key = parse_key_line(lines[0]) if KEY_TYPE_RE.fullmatch(lines[0].split()[0]) else None
+    if key is None:
+        raise PikuError("not a public key: expected 'type base64 [comment]' (options are not allowed)")
+    fp = ssh_keygen_fingerprint(lines[0])
+    with AppLock(paths, "_keys"):  # (not an app name: those start with a letter or digit)
+        existing, keys = read_authorized_keys()
+        if any(k.fingerprint == key.fingerprint for _, k in keys):
+            return fp, False
+        ensure_dirs(os.path.dirname(authorized_keys_path()))
+        os.chmod(os.path.dirname(authorized_keys_path()), 0o700)
+        line = render_authorized_key(sys.executable, os.path.abspath(__file__), paths.root,
+                                     " ".join(lines[0].split()))
+        write_atomic(authorized_keys_path(), existing + ("" if existing.endswith("\n") or not existing else "\n")
+                     + line, mode=0o600)
     return fp, True
+
+
+def remove_ssh_key(paths, wanted, force=False):
+    """keys:remove: drop the lines of one key piku added; every other line stays byte for byte.
+    Returns (the key, how many lines held it)."""
+    with AppLock(paths, "_keys"):
+        text, keys = read_authorized_keys()
+        drop, key = plan_key_removal(keys, wanted, force)
+        kept = "".join(l for i, l in enumerate(split_key_lines(text)) if i not in drop)
+        write_atomic(authorized_keys_path(), kept, mode=0o600)
+    return key, len(drop)
 
 
 # === 13. Logs ===
@@ -5663,6 +5893,35 @@ def apply_config(paths, app, change, keys):
             raise
 
 
+@cli.command("config:export")
+@click.argument("app")
+@click.option("--json", "as_json", is_flag=True, help="A JSON object instead of ENV lines.")
+def cmd_config_export(app, as_json):
+    """Print the config:set settings (ENV lines or JSON) for config:import; holds secrets."""
+    import json
+    paths = P()
+    config = load_config(paths, app_must_exist(paths, app))
+    click.echo(json.dumps(config, indent=2) + "\n" if as_json else render_env(config), nl=False)
+
+
+@cli.command("config:import")
+@click.argument("app")
+@click.option("--replace", is_flag=True, help="Also unset the settings the input does not have.")
+def cmd_config_import(app, replace):
+    """Set the settings read from stdin (ENV lines or JSON) together: one restart."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    if sys.stdin.isatty():
+        raise PikuError("config:import reads the settings from stdin: config:import APP < settings.env", 2)
+    incoming = parse_config_import(sys.stdin.read(1_000_001))  # (more is refused)
+    change = lambda config: {**({} if replace else config), **incoming}  # noqa: E731
+    keys = plan_config_changes(load_config(paths, app), change(load_config(paths, app)))
+    if not keys:
+        step(f"Nothing to change: {app} already has these settings")
+        return
+    apply_config(paths, app, change, set(keys))
+
+
 @cli.command("config:live")
 @click.argument("app")
 def cmd_config_live(app):
@@ -5739,10 +5998,13 @@ def cmd_rollback(app, release):
 
 @cli.command("destroy")
 @click.argument("app")
-def cmd_destroy(app):
+@click.option("--confirm", metavar="APP", help="The app's name once more: confirms without a prompt.")
+@click.option("--force", is_flag=True, help="Do not ask for confirmation (scripts).")
+def cmd_destroy(app, confirm, force):
     """Remove an app (code, repo, env, logs, workers, nginx); keeps data/ and cache/."""
     paths = P()
     app = app_must_exist(paths, app)
+    confirm_destroy(app, confirm, force)
     with AppLock(paths, app):
         removed = destroy_app(paths, app)
     step(f"Destroyed {app}")
@@ -5751,6 +6013,22 @@ def cmd_destroy(app):
     for kept in (os.path.join(paths.data, app), os.path.join(paths.cache, app)):
         if os.path.exists(kept):
             detail(f"kept {kept} (delete it yourself if you no longer need it)")
+
+
+def confirm_destroy(app, confirm, force):
+    """destroy cannot be undone: it needs the app's name typed again (--confirm APP, or at a
+    prompt when stdin is a terminal) or --force. Without a terminal (a script, ssh without -t)
+    the error names the flags."""
+    if force:
+        return
+    if confirm is None and sys.stdin.isatty():
+        confirm = click.prompt(f"This removes {app} for good (data/{app} is kept). Type the app's name "
+                               "to confirm", default="", show_default=False, err=True)
+    if confirm is None:
+        raise PikuError(f"destroy removes {app} for good: confirm with `destroy {app} --confirm {app}` "
+                        "(or --force); nothing was removed", 2)
+    if confirm.strip() != app:
+        raise PikuError(f"{confirm.strip()[:60]!r} is not {app!r}: nothing was removed")
 
 
 @cli.command("logs")
@@ -6004,12 +6282,44 @@ SYSTEMD_START = ("piku-uwsgi.service", "piku-nginx.path", "piku-certs.timer")
 @click.argument("keyfile")
 def cmd_setup_ssh(keyfile):
     """Authorize a public key (file, or - for stdin) to push and run commands."""
-    paths = P()
+    authorize_key(keyfile)
+
+
+def authorize_key(keyfile):
+    """setup:ssh and keys:add: one public key from a file on the server, or - for stdin."""
     text = sys.stdin.read() if keyfile == "-" else read_text(keyfile)
     if text is None:
         raise PikuError(f"no such key file: {keyfile}")
-    fp, added = add_ssh_key(text, paths)
+    fp, added = add_ssh_key(text, P())
     step(("Added key " if added else "Key already present: ") + fp)
+
+
+@cli.command("keys")
+def cmd_keys():
+    """List the authorized ssh keys: type, fingerprint, comment."""
+    _, keys = read_authorized_keys()
+    for _, k in keys:
+        click.echo(f"{k.type} {k.fingerprint} {k.comment or '(no comment)'}"
+                   + ("" if k.piku else "  [not added by piku: left alone]"))
+    if not keys:
+        detail(f"no keys in {authorized_keys_path()}")
+
+
+@cli.command("keys:add")
+@click.argument("keyfile", default="-")
+def cmd_keys_add(keyfile):
+    """Authorize a public key read from stdin (or a file on the server), as setup:ssh does."""
+    authorize_key(keyfile)
+
+
+@cli.command("keys:remove")
+@click.argument("key")
+@click.option("--force", is_flag=True, help="Remove it even if it is the last key piku has.")
+def cmd_keys_remove(key, force):
+    """Remove a key by fingerprint (SHA256:...) or comment; never the last one unless --force."""
+    removed, lines = remove_ssh_key(P(), key, force)
+    step(f"Removed key {removed.fingerprint} {removed.comment}".rstrip()
+         + (f" ({lines} lines)" if lines > 1 else ""))
 
 
 @cli.command("update")
@@ -6117,6 +6427,7 @@ def claim_cron_minute(paths, app, worker, now):
 
 @cli.command("exec-worker", hidden=True)
 @click.option("--if-due", is_flag=True)
+@click.option("--at-start", is_flag=True)
 @click.option("--dir", "release_dir", help="the release directory the worker runs in")
 @click.option("--env", "env_file", help="the environment file the worker gets")
 @click.option("--port", type=int, help="PORT of this instance (web instances behind nginx)")
@@ -6124,11 +6435,13 @@ def claim_cron_minute(paths, app, worker, now):
 @click.argument("app")
 @click.argument("kind")
 @click.argument("index", type=int)
-def cmd_exec_worker(app, kind, index, if_due, release_dir, env_file, port, inner):
+def cmd_exec_worker(app, kind, index, if_due, at_start, release_dir, env_file, port, inner):
     import time
     paths = P()
     app = parse_app_name(app)
     release_dir, env_file, inner = worker_paths(paths, app, kind, index, release_dir, env_file, inner)
+    if kind.startswith("cron"):
+        sys.exit(cron_worker(paths, app, kind, index, if_due, at_start, release_dir, env_file))
     workers, _ = read_procfile(release_dir)
     if kind not in workers:
         raise PikuError(f"{app} has no {kind} process in its Procfile")
@@ -6143,14 +6456,136 @@ def cmd_exec_worker(app, kind, index, if_due, release_dir, env_file, port, inner
         clean = {k: v for k, v in os.environ.items() if not k.startswith("UWSGI_")}
         uwsgi = os.path.join(env.get("VIRTUAL_ENV") or os.path.join(paths.envs, app), "bin", "uwsgi")
         os.execve(uwsgi, [uwsgi, "--ini", inner], clean)
-    cmd = workers[kind]
-    if kind.startswith("cron"):
-        sets, cmd = parse_cron(cmd)
-        now = time.localtime()
-        if if_due and (not cron_matches(sets, now) or not claim_cron_minute(paths, app, f"{kind}.{index}", now)):
-            return
     env = process_env(env, kind, index) | ({"PORT": str(port)} if port else {})
-    os.execve("/bin/sh", ["/bin/sh", "-c", cmd], env)
+    os.execve("/bin/sh", ["/bin/sh", "-c", workers[kind]], env)
+
+
+def worker_env(paths, app, kind, index, environ, env_file=None):
+    """What a worker or cron job runs with: the caller's LANG, LC_ALL and TZ, the environment its
+    vassal names (else the live one), PROC_TYPE and PROC_INDEX."""
+    env = parse_env(read_text(env_file, ""), source=os.path.basename(env_file)) if env_file \
+        else load_live_env(paths, app)
+    return process_env(env, kind, index, {k: v for k, v in environ.items() if k in ("LANG", "LC_ALL", "TZ")})
+
+
+def cron_job(paths, app, kind, release=None):
+    """(schedule sets, or None for @reboot; command) of cron job KIND of a release (the live one
+    when not given)."""
+    release = release or live_release(paths, app)
+    if not release:
+        raise PikuError(f"{app} has not been deployed yet")
+    workers, _ = read_procfile(release)
+    jobs = [k for k in workers if k.startswith("cron")]
+    if kind not in jobs:
+        raise PikuError(f"{app} has no cron job {kind[:40]!r}: " + (f"its cron jobs are {', '.join(jobs)}" if jobs
+                        else "its Procfile has none (their kinds start with `cron`)"))
+    return parse_cron(workers[kind])
+
+
+def cron_worker(paths, app, kind, index, if_due, at_start, release_dir=None, env_file=None):
+    """What a cron vassal asks for: at its master's start, an @reboot job (in the background:
+    uWSGI waits for the hook); every minute (--if-due), a job whose schedule matches now, once
+    per minute; with neither flag, the job now. Returns the exit code for uWSGI."""
+    import time
+    sets, command = cron_job(paths, app, kind, release_dir)
+    now = time.localtime()
+    where = {"release_dir": release_dir, "env_file": env_file}
+    if at_start:
+        if sets is None:
+            run_in_background(lambda: run_cron_job(paths, app, kind, index, command, "@reboot", os.environ, **where))
+        return 0
+    if if_due and (not cron_matches(sets, now) or not claim_cron_minute(paths, app, f"{kind}.{index}", now)):
+        return 0
+    return run_cron_job(paths, app, kind, index, command, "scheduled", os.environ, **where).code or 0
+
+
+def run_in_background(work):
+    """Run work() in a child process of its own session; the caller goes on at once."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() == 0:
+        try:
+            os.setsid()
+            work()
+        except Exception as e:  # nobody waits for this process: its log is all there is
+            warn(str(e))
+        finally:
+            os._exit(0)
+
+
+CronRun = namedtuple("CronRun", "code seconds busy")
+
+
+def run_cron_job(paths, app, kind, index, command, how, environ, release_dir=None, env_file=None):
+    """Run a cron job once, as the schedule, its worker's start (@reboot) and cron:run all do: its
+    lock held for the run's life (PIKU_CRON_OVERLAP=forbid skips a run while another holds it),
+    start, end, exit code and duration recorded in its log. code None: skipped (busy: who runs).
+    It runs in the release (and with the environment) its vassal names, else the live one."""
+    import subprocess
+    import time
+    worker, env = f"{kind}.{index}", worker_env(paths, app, kind, index, environ, env_file)
+    fd, busy = take_cron_lock(paths, app, kind)
+    if fd is None and setting(env, "PIKU_CRON_OVERLAP") == "forbid":
+        cron_log(paths, app, worker, f"skipped ({how}): the previous run ({busy}) is still running "
+                                     "and PIKU_CRON_OVERLAP=forbid")
+        return CronRun(None, 0.0, busy)
+    try:
+        cron_log(paths, app, worker, f"started ({how}): {command}")
+        t0 = time.monotonic()
+        code = subprocess.run(["/bin/sh", "-c", command], cwd=release_dir or os.path.join(paths.apps, app),
+                              env=env, stdin=subprocess.DEVNULL).returncode
+        code, seconds = (128 - code if code < 0 else code), time.monotonic() - t0
+        cron_log(paths, app, worker, f"finished: exit {code} after {seconds:.2f}s")
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return CronRun(code, seconds, None)
+
+
+def take_cron_lock(paths, app, kind):
+    """The lock of a cron job, without waiting: (fd, None), the run's pid and start written in
+    it; or (None, what the holder wrote) while another run holds it."""
+    import fcntl
+    import time
+    d = os.path.join(paths.state, app, "cron")
+    ensure_dirs(d)
+    fd = os.open(os.path.join(d, f"{kind}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "?"
+        os.close(fd)
+        return None, holder
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    return fd, None
+
+
+def cron_log(paths, app, worker, text):
+    """Append a record to the cron job's log, logs/<app>/<kind>.<n>.log."""
+    import time
+    ensure_dirs(os.path.join(paths.logs, app))
+    with open(os.path.join(paths.logs, app, f"{worker}.log"), "a", encoding="utf-8") as f:
+        f.write(render_cron_record(time.localtime(), worker, text))
+
+
+@cli.command("cron:run")
+@click.argument("app")
+@click.argument("kind")
+def cmd_cron_run(app, kind):
+    """Run a cron job now, as its schedule would; exits with the job's exit code."""
+    paths = P()
+    app = app_must_exist(paths, app)
+    _, command = cron_job(paths, app, kind)
+    step(f"Running {kind} of {app} now: {command}")
+    done = run_cron_job(paths, app, kind, 1, command, "cron:run", os.environ)
+    if done.code is None:
+        raise PikuError(f"{kind} was not run: its previous run ({done.busy}) is still going and "
+                        "PIKU_CRON_OVERLAP=forbid")
+    if done.code:
+        raise PikuError(f"{kind} failed: exit {done.code} after {done.seconds:.2f}s (see `logs {app} {kind}`)",
+                        done.code)
+    step(f"{kind} finished: exit 0 after {done.seconds:.2f}s")
 
 
 def worker_paths(paths, app, kind, index, release_dir, env_file, inner):
@@ -6195,10 +6630,11 @@ def cmd_nginx_watch(interval, reload_cmd):
 
 # === 15. main() ===
 
-SSH_ALLOWED = {"apps", "certs", "certs:renew", "config", "config:get", "config:set", "config:unset", "config:live", "deploy",
-               "destroy", "logs", "maintenance:on", "maintenance:off", "ps", "ps:scale", "releases", "rollback", "run",
-               "restart", "stop", "setup", "setup:ssh",
-               "update", "help", "git-receive-pack", "git-upload-pack", "--version", "--help", "-h"}
+SSH_ALLOWED = {"apps", "certs", "certs:renew", "config", "config:get", "config:set", "config:unset", "config:live",
+               "config:export", "config:import", "cron:run", "deploy", "destroy", "keys", "keys:add", "keys:remove",
+               "logs", "maintenance:on", "maintenance:off", "ps", "ps:scale", "releases", "rollback", "run",
+               "restart", "stop", "setup", "setup:ssh", "update", "help", "git-receive-pack", "git-upload-pack",
+               "--version", "--help", "-h"}
 
 
 def load_plugins(paths):
@@ -6266,7 +6702,7 @@ def main(argv=None):
 # `pip install .` makes `piku` run client_main: it finds the server and app from the git
 # remote and runs the command there over ssh. Nothing here touches a PIKU_ROOT.
 
-CLIENT_HELP = """Usage: piku [-r REMOTE] COMMAND [ARGS]...
+CLIENT_HELP = """Usage: piku [-r REMOTE]... [-g GROUP] COMMAND [ARGS]...
 
 Runs a piku command for this checkout's app on its server, over ssh. The server and app
 come from the git remote `piku` (piku@host:app or ssh://piku@host:port/app), or from
@@ -6275,12 +6711,17 @@ the commands that take one: `piku logs -n 20`, `piku config:set DEBUG=1`,
 `piku run -- python manage.py shell`. The exit code is the remote command's.
 
 Options:
-  -r, --remote NAME  use this git remote instead of `piku`
+  -r, --remote NAME  use this git remote instead of `piku`; give it again for more servers
+  -g, --group NAME   every remote of the group `git config piku.group.NAME "prod1 prod2"`
   --version          show the client's version
   -h, --help         show this message
 
-Local command:
+With several remotes the command runs on each in turn and stops at the first failure.
+
+Local commands:
   init               write a starter Procfile and ENV here (existing files are kept)
+  push [ARGS]        `git push REMOTE ARGS` to each remote in turn (default: `piku`); stops
+                     at the first failure and says which servers have the new release
 
 Server commands: `piku help` lists them. ssh options: PIKU_SSH_COMMAND or GIT_SSH_COMMAND.
 """
@@ -6297,6 +6738,8 @@ def git_remote_url(name):
 
 def client_target(remote, environ):
     """(ssh destination, port, app or None) from -r REMOTE, PIKU_SERVER/PIKU_APP or `piku`."""
+    if remote and not REMOTE_NAME_RE.fullmatch(remote):
+        raise PikuError(f"invalid git remote name {remote[:40]!r}")
     if remote:
         url = git_remote_url(remote)
         if not url:
@@ -6339,39 +6782,83 @@ def client_init(args):
     step("Next: commit, `git remote add piku piku@HOST:APP`, `git push piku main`")
 
 
+def client_confirm_destroy(remote_argv, app, where):
+    """`piku destroy`: the app's name is asked for here (the server, reached without a terminal,
+    would refuse) and sent as --confirm. A --force or --confirm of the user's goes as it is."""
+    if any(a in ("--force", "--confirm") or a.startswith("--confirm=") for a in remote_argv[2:]):
+        return remote_argv
+    sys.stderr.write(f"This removes {app} on {where} for good (its data directory is kept). "
+                     "Type the app's name to confirm: ")
+    sys.stderr.flush()
+    confirm_destroy(app, sys.stdin.readline(), False)
+    return remote_argv + ["--confirm", app]
+
+
+def client_remotes(opts):
+    """The remote names the command goes to: -r names, a group's members, or [] (the default
+    target: PIKU_SERVER, else the `piku` remote)."""
+    if not opts["group"]:
+        return opts["remotes"]
+    key = f"piku.group.{opts['group']}"
+    proc = run(["git", "config", "--get", key], capture=True, check=False)
+    if proc.returncode != 0:
+        raise PikuError(f"no group {opts['group']!r} here: define it with "
+                        f"git config {key} \"REMOTE1 REMOTE2\"")
+    return parse_group_remotes(opts["group"], proc.stdout)
+
+
+def client_ssh_argv(target, command, args, environ):
+    """The ssh command that runs `piku COMMAND ARGS` for one (destination, port, app)."""
+    import shlex
+    dest, port, app = target
+    remote_argv = plan_client_call(command, args, app)
+    if command == "destroy":
+        remote_argv = client_confirm_destroy(remote_argv, app, dest)
+    ssh = shlex.split(environ.get("PIKU_SSH_COMMAND") or environ.get("GIT_SSH_COMMAND") or "ssh")
+    if command == "run" and sys.stdin.isatty() and sys.stdout.isatty():
+        ssh.append("-t")  # an interactive shell or REPL needs a terminal on the server
+    return ssh + (["-p", port] if port else []) + ["--", dest, shlex.join(remote_argv)]
+
+
+def client_each(names, command, args, environ):
+    """Run COMMAND on each remote in turn (all are checked first); stop at the first failure.
+    command 'push' is `git push REMOTE ARGS`. Returns the exit code."""
+    targets = [(name, client_target(name, environ)) for name in names]
+    done = []
+    for i, (name, target) in enumerate(targets):
+        step(f"{name} ({target[0]}:{target[2] or ''}): {command}")
+        argv = ["git", "push", name] + list(args) if command == "push" else \
+            client_ssh_argv(target, command, args, environ)
+        code = run(argv, check=False).returncode
+        if code:
+            for line in plan_group_report(command, done, name, code, [n for n, _ in targets[i + 1:]]):
+                warn(line)
+            return code
+        done.append(name)
+    step(f"{'Pushed to' if command == 'push' else command + ' done on'} {', '.join(done)}")
+    return 0
+
+
 def client_main(argv=None):
     """Entry point of the `piku` command on a developer's machine."""
-    import shlex
     argv = list(sys.argv[1:] if argv is None else argv)
-    remote = None
     try:
-        while argv and argv[0].startswith("-"):
-            opt = argv.pop(0)
-            if opt in ("-r", "--remote") and argv:
-                remote = argv.pop(0)
-            elif opt.startswith("--remote="):
-                remote = opt.split("=", 1)[1]
-            elif opt in ("-h", "--help"):
-                click.echo(CLIENT_HELP, nl=False)
-                return 0
-            elif opt == "--version":
-                click.echo(f"piku client {__version__}")
-                return 0
-            else:
-                raise PikuError(f"unknown option {opt!r} (see `piku --help`)", 2)
-        if not argv:
+        opts, argv = parse_client_options(argv)
+        if opts["version"]:
+            click.echo(f"piku client {__version__}")
+            return 0
+        if opts["help"] or not argv:
             click.echo(CLIENT_HELP, nl=False)
             return 0
         command, args = argv[0], argv[1:]
         if command == "init":
             client_init(args)
             return 0
-        dest, port, app = client_target(remote, os.environ)
-        remote_argv = plan_client_call(command, args, app)
-        ssh = shlex.split(os.environ.get("PIKU_SSH_COMMAND") or os.environ.get("GIT_SSH_COMMAND") or "ssh")
-        if command == "run" and sys.stdin.isatty() and sys.stdout.isatty():
-            ssh.append("-t")  # an interactive shell or REPL needs a terminal on the server
-        ssh += (["-p", port] if port else []) + ["--", dest, shlex.join(remote_argv)]
+        remotes = client_remotes(opts)
+        if command == "push" or len(remotes) > 1 or opts["group"]:
+            return client_each(remotes or ["piku"], command, args, os.environ)
+        ssh = client_ssh_argv(client_target(remotes[0] if remotes else None, os.environ), command, args,
+                              os.environ)
         try:
             os.execvp(ssh[0], ssh)
         except OSError as e:
@@ -6379,6 +6866,7 @@ def client_main(argv=None):
     except PikuError as e:
         warn(str(e).splitlines()[0] if str(e) else "error")
         return e.code or 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

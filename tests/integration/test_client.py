@@ -124,3 +124,75 @@ def test_init_writes_starters_that_deploy(server, piku_cmd, tmp_path):
     r = server.push(app, "fresh")
     assert r.returncode == 0, r.stdout
     server.wait_http(server.app_port("fresh"), contains="fresh from init")
+
+
+# Groups of remotes (issue 14). The test suite has one server: the "servers" of a group are
+# three apps on it (grp1, grp2, grp3), each behind its own git remote; the client treats them
+# exactly as it would three hosts.
+
+GROUP_APP = {"Procfile": "web: python3 server.py\nrelease: test \"$FAIL_RELEASE\" != 1\n",
+             "server.py": open(os.path.join(REPO, "tests", "apps", "kinds", "server.py")).read()}
+
+
+@pytest.fixture(scope="module")
+def group_checkout(server, tmp_path_factory):
+    repo = server.make_app(None, tmp_path_factory.mktemp("group") / "grp", GROUP_APP)
+    server.git(repo, "remote", "add", "prod1", f"{USER}@127.0.0.1:grp1")
+    server.git(repo, "remote", "add", "prod2", f"ssh://{USER}@127.0.0.1:{server.ssh_port}/grp2")
+    server.git(repo, "remote", "add", "bad", f"{USER}@127.0.0.1:grp3")
+    server.git(repo, "config", "piku.group.prod", "prod1 prod2")
+    server.git(repo, "config", "piku.group.order", "prod1,bad prod2")
+    return repo
+
+
+def test_group_push_and_commands_run_on_each_remote(server, piku_cmd, group_checkout):
+    r = client(piku_cmd, server, group_checkout, "-g", "prod", "push", "main")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "prod1 (" in r.stdout and "prod2 (" in r.stdout and "Pushed to prod1, prod2" in r.stdout
+    assert "Deployed grp1" in r.stderr and "Deployed grp2" in r.stderr  # git's remote: lines
+    rev = server.rev(group_checkout)
+    assert server.remote_rev("grp1") == rev == server.remote_rev("grp2")
+    r = client(piku_cmd, server, group_checkout, "-g", "prod", "config:set", "GREETING=hello group")
+    assert r.returncode == 0 and "config:set done on prod1, prod2" in r.stdout, r.stdout + r.stderr
+    for app in ("grp1", "grp2"):
+        assert server.ssh("config:get", app, "GREETING").stdout == "hello group\n"
+        server.wait_http(server.app_port(app), contains="hello group")
+    r = client(piku_cmd, server, group_checkout, "-r", "prod2", "-r", "prod1", "config:get", "GREETING")
+    assert r.returncode == 0 and r.stdout.count("hello group\n") == 2, r.stdout + r.stderr
+    assert r.stdout.index("prod2 (") < r.stdout.index("prod1 (")
+
+
+def test_group_push_stops_at_the_first_failure_and_says_where_the_release_runs(server, piku_cmd, group_checkout):
+    r = client(piku_cmd, server, group_checkout, "-r", "bad", "push", "main")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert server.ssh("config:set", "grp3", "FAIL_RELEASE=1").returncode == 0  # its next release fails
+    old = server.rev(group_checkout)
+    server.commit(group_checkout, "v2", {"version.txt": "2\n"})
+    new = server.rev(group_checkout)
+    r = client(piku_cmd, server, group_checkout, "-g", "order", "push", "main")
+    assert r.returncode == 1, r.stdout + r.stderr
+    errors = [l for l in r.stderr.splitlines() if l.startswith(" !     ") and "remote:" not in l]
+    assert errors[-2:] == [" !     prod1 already runs the new release; to go back there: `piku -r prod1 rollback`",
+                           " !     push to bad failed (exit 1): bad keeps its previous release; not pushed to prod2"], r.stderr
+    assert "release command failed" in r.stderr and "prod2 (" not in r.stdout
+    assert (server.remote_rev("grp1"), server.remote_rev("grp3"), server.remote_rev("grp2")) == (new, old, old)
+    r = client(piku_cmd, server, group_checkout, "-g", "order", "config:unset", "NOPE")
+    assert r.returncode == 0 and "config:unset done on prod1, bad, prod2" in r.stdout
+
+
+def test_group_errors_run_nothing(server, piku_cmd, group_checkout):
+    r = client(piku_cmd, server, group_checkout, "-g", "nosuch", "ps")
+    assert r.returncode == 1 and "no group 'nosuch' here: define it with git config piku.group.nosuch" in r.stderr
+    server.git(group_checkout, "config", "piku.group.typo", "prod1 prdo2")
+    r = client(piku_cmd, server, group_checkout, "-g", "typo", "config:set", "TYPO=1")
+    assert r.returncode == 1 and "no git remote named 'prdo2' here" in r.stderr and r.stdout == ""
+    assert server.ssh("config:get", "grp1", "TYPO").returncode != 0
+
+
+def test_client_destroy_asks_for_the_app_name(server, piku_cmd, group_checkout):
+    r = client(piku_cmd, server, group_checkout, "-r", "bad", "destroy", input="grp1\n")
+    assert r.returncode == 1 and "'grp1' is not 'grp3': nothing was removed" in r.stderr
+    assert "Type the app's name to confirm" in r.stderr and os.path.exists(server.path("repos", "grp3"))
+    r = client(piku_cmd, server, group_checkout, "-r", "bad", "destroy", input="grp3\n")
+    assert r.returncode == 0 and "Destroyed grp3" in r.stdout, r.stdout + r.stderr
+    assert not os.path.exists(server.path("repos", "grp3"))

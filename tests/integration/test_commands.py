@@ -105,6 +105,10 @@ def test_config_unset_and_live(server, kinds):
     (["restart", "nosuchapp"], "no such app"),
     (["stop", "nosuchapp"], "no such app"),
     (["destroy", "nosuchapp"], "no such app"),
+    (["destroy", "nosuchapp", "--force"], "no such app"),
+    (["destroy", "kinds"], "confirm with `destroy kinds --confirm kinds` (or --force)"),
+    (["destroy", "kinds", "--confirm", "kinds2"], "'kinds2' is not 'kinds': nothing was removed"),
+    (["destroy", "kinds", "--confirm"], "requires an argument"),
     (["deploy", "nosuchapp"], "no such app"),
     (["run", "nosuchapp", "true"], "no such app"),
     (["run", "kinds"], None),
@@ -303,7 +307,7 @@ def test_destroy_removes_exactly_the_app_and_keeps_data(server, tmp_path):
     os.makedirs(server.path("data", "doomed"), exist_ok=True)
     with open(server.path("data", "doomed", "keep.txt"), "w") as f:
         f.write("x")
-    out = ok(server.ssh("destroy", "doomed"))
+    out = ok(server.ssh("destroy", "doomed", "--confirm", "doomed"))
     assert "kept" in out and "data/doomed" in out
     for rel in ("apps/doomed", "repos/doomed", "envs/doomed", "logs/doomed", "releases/doomed",
                 "uwsgi-enabled/doomed_web.1.ini", "uwsgi-available/doomed_web.1.ini"):

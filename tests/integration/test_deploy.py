@@ -192,7 +192,7 @@ def test_hostile_ssh_commands_refused(server):
 @pytest.mark.parametrize("name", ["..", "a/b", "''", "x" * 300, ".hidden", "-rf"])
 def test_invalid_app_names_refused(server, name):
     before = server.tree()
-    for cmd in (["config:set", name, "A=1"], ["destroy", name], ["logs", name]):
+    for cmd in (["config:set", name, "A=1"], ["destroy", name, "--force"], ["logs", name]):
         r = server.ssh(*cmd)
         assert r.returncode != 0 and r.stderr.strip(), (cmd, r.stdout, r.stderr)
     assert server.tree() == before
@@ -237,7 +237,7 @@ def test_prefix_apps_are_independent(server, tmp_path):
     assert not os.path.exists(server.path("uwsgi-enabled", "pfx_web.1.ini"))
     assert os.path.exists(server.path("uwsgi-enabled", "pfx2_web.1.ini"))
     server.wait_http(server.app_port("pfx2"))
-    assert server.ssh("destroy", "pfx").returncode == 0
+    assert server.ssh("destroy", "pfx", "--force").returncode == 0
     assert os.path.exists(server.path("repos", "pfx2")) and not os.path.exists(server.path("repos", "pfx"))
     server.wait_http(server.app_port("pfx2"))
 

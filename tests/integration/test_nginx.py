@@ -263,7 +263,7 @@ def test_destroy_removes_the_wsgi_sockets_and_only_those(server, tmp_path):
     server.wait_http(server.nginx_port, host="sock.piku.test", contains="uv-wsgi")
     [sock] = [server.path("nginx", n) for n in os.listdir(server.path("nginx")) if re.fullmatch(r"sockapp\.1\.[ab]\.sock", n)]
     others = sorted(n for n in os.listdir(server.path("nginx")) if n.endswith(".sock") and not n.startswith("sockapp."))
-    r = server.ssh("destroy", "sockapp")
+    r = server.ssh("destroy", "sockapp", "--force")
     assert r.returncode == 0, r.stderr
     assert not os.path.lexists(sock) and not os.path.exists(server.path("nginx", "sockapp.conf"))
     assert sorted(n for n in os.listdir(server.path("nginx")) if n.endswith(".sock")) == others

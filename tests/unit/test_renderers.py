@@ -58,6 +58,10 @@ def test_daemon_vassal_runs_exec_worker_not_the_command():
 def test_cron_vassal_checks_schedule_every_minute():
     ini = vassal(kind="cron1", mode="daemon")
     assert "cron = -1 -1 -1 -1 -1 /usr/bin/python3 /srv/piku.py exec-worker --if-due demo cron1 1" in ini
+    # @reboot jobs: a hook at every start of the master, which must never fail
+    assert ("hook-master-start = exec:/usr/bin/python3 /srv/piku.py exec-worker --at-start demo cron1 1 || true"
+            in ini)
+    assert "hook-master-start" not in vassal(kind="web", mode="daemon")
 
 
 def test_pyuwsgi_vassal_runs_the_venv_uwsgi():
