@@ -1022,13 +1022,14 @@ def render_vassal(v):
     (a private socket the health check uses), worker_port (a web instance's own port)."""
     import shlex
     s, p, app, kind, n = v["settings"], v["paths"], v["app"], v["kind"], v["index"]
-    pairs = [("master", "true"), ("die-on-term", "true"), ("vacuum", "true"),
+    # (no vacuum: a master still shutting down must not unlink a socket the next one bound)
+    pairs = [("master", "true"), ("die-on-term", "true"),
              ("chdir", worker_dir(v)),
              ("procname-prefix-spaced", f"{app}:{kind}.{n}"),
              ("env", f"PIKU_ROOT={p.root}"),
-             ("logto", os.path.join(p.logs, app, f"{kind}.{n}.log")),
+             ("logto", v.get("log") or os.path.join(p.logs, app, f"{kind}.{n}.log")),
              ("log-maxsize", setting(s, "UWSGI_LOG_MAXSIZE")),
-             ("log-backupname", os.path.join(p.logs, app, f"{kind}.{n}.log.old"))]
+             ("log-backupname", (v.get("log") or os.path.join(p.logs, app, f"{kind}.{n}.log")) + ".old")]
     if v.get("master_fifo"):  # piku wakes the master through it (it acts once a second otherwise)
         pairs.append(("master-fifo", v["master_fifo"]))
     if v["mode"] == "native":
@@ -1060,8 +1061,10 @@ def wsgi_pairs(v, inner=False):
              ("processes", setting(s, "UWSGI_PROCESSES")),
              ("max-requests", setting(s, "UWSGI_MAX_REQUESTS")),
              ("listen", setting(s, "UWSGI_LISTEN")),
-             ("http-socket", host_port(setting(s, "BIND_ADDRESS"), v["port"])),
-             ("reuse-port", "true"), ("need-app", "true"), ("lazy-apps", "true"),
+             ("need-app", "true"), ("lazy-apps", "true"),
+             # a worker recycled by max-requests exits at once: Python's teardown waits for the
+             # worker's other threads, which can hang it until the master kills it (a stall)
+             ("skip-atexit-teardown", "true"),
              # no app but ours in a worker: a uwsgi packet's UWSGI_FILE / UWSGI_SCRIPT /
              # UWSGI_MODULE (from anyone who reaches the socket) would load and run another one
              ("max-apps", "1"),
@@ -1069,6 +1072,8 @@ def wsgi_pairs(v, inner=False):
              # across chain reloads may sit elsewhere)
              ("hook-pre-app", "chdir:" + worker_dir(v)),
              ("env", f"PROC_INDEX={v['index']}")]
+    if v.get("port"):  # (behind nginx a wsgi worker has its unix socket alone)
+        pairs += [("http-socket", host_port(setting(s, "BIND_ADDRESS"), v["port"])), ("reuse-port", "true")]
     if v.get("socket"):
         pairs += [("socket", v["socket"]), ("chmod-socket", "660")]  # nginx/ gives the group
     if v.get("check_socket"):  # in a 0700 directory: only piku reaches it
@@ -2133,7 +2138,7 @@ def plan_wsgi_mode(setting_value, venv_version, plugin_version):
     """('native'|'pyuwsgi', notice or None) for a wsgi worker; raises on a refused mismatch."""
     mm = ".".join((venv_version or "").split(".")[:2])
     if setting_value == "always":
-        return "pyuwsgi", f"serving wsgi with the virtualenv's own uWSGI (PIKU_PYUWSGI=always)"
+        return "pyuwsgi", "serving wsgi with the virtualenv's own uWSGI (PIKU_PYUWSGI=always)"
     if plugin_version and mm == plugin_version:
         return "native", None
     if setting_value == "never":
@@ -2855,7 +2860,7 @@ def build_python(b, tool):
         step(f"Dependencies unchanged: using the live virtualenv (Python {b.python})")
         install_entry_points(b)  # (only a script that went missing is written again)
         return
-    if b.live.get("venv") and not venv_complete(b.live["venv"]):
+    if b.live.get("venv") and not venv_python_version(b.live["venv"]):
         warn("the live virtualenv is broken (no working bin/python): a new one is built")
     asked = request
     request, source = keep_live_python(b, request, source)
@@ -4719,15 +4724,16 @@ def recover(paths, app):
     if orphans:
         nudge_emperor(paths)
         detail(f"stopped workers an interrupted operation had started: {', '.join(orphans)}")
-    for r in load_manifest(paths, app):
-        if r.get("status") == "building":  # nothing builds now: we hold the lock
-            remove_path(r.get("dir") or "")
+    live = live_state(paths, app).get("release")
+    for r in load_manifest(paths, app):  # nothing builds or switches now: we hold the lock
+        if r.get("status") in ("building", "built") and r["id"] != live:
+            if live_release(paths, app) != r.get("dir"):
+                remove_path(r.get("dir") or "")
             update_release(paths, app, r["id"], status="failed", reason="interrupted")
     base = os.path.join(paths.venvs, app)
     for name in os.listdir(base) if os.path.isdir(base) else []:
         if not os.path.exists(os.path.join(base, name, VENV_MARK)) and name != "legacy":
             remove_path(os.path.join(base, name))
-    prune_worker_files(paths, app)
 
 
 def nudge_emperor(paths):
@@ -4802,30 +4808,48 @@ def render_release_files(t):
     return files
 
 
-def worker_files(t, kind, n, env_file, boot):
-    """The vassal (and, for pyuwsgi, the inner ini) of one worker instance."""
+def worker_spec(t, kind, n, env_file, boot):
+    """The render_vassal dict of one worker instance."""
     bg = t.slot if serving(kind) and t.slot else None
     nginx_on = bool(t.names)
     v = {"app": t.app, "kind": kind, "index": n, "paths": t.paths, "settings": t.settings,
-         "port": t.ports["port"], "piku": piku_argv(), "python_plugin": t.python_plugin,
-         "extra_plugins": t.extra_plugins, "release": t.stamp, "dir": t.release.dir, "env_file": env_file,
-         "mode": t.wsgi_mode if kind == "wsgi" else "daemon"}
+         "port": None if nginx_on and kind == "wsgi" else t.ports["port"], "piku": piku_argv(),
+         "python_plugin": t.python_plugin, "extra_plugins": t.extra_plugins, "release": t.stamp,
+         "dir": t.release.dir, "env_file": env_file, "mode": t.wsgi_mode if kind == "wsgi" else "daemon",
+         "master_fifo": os.path.join(fifo_dir(t, bg), f"{kind}.{n}.master.fifo")}
     if kind == "wsgi":
         v.update(boot=boot, socket=nginx_socket(t, n, bg) if nginx_on else None,
                  check_socket=None if nginx_on else os.path.join(slot_dir(t, bg), f"wsgi.{n}.sock"))
     if kind == "web" and bg:
         v["worker_port"] = t.ports["web"][bg][n - 1]
-    out = {}
-    v["master_fifo"] = os.path.join(fifo_dir(t, bg), f"{kind}.{n}.master.fifo")
     if v["mode"] == "pyuwsgi":
         v.update(inner=os.path.join(slot_dir(t, bg), f"wsgi.{n}.ini"),
                  fifo=os.path.join(slot_dir(t, bg), f"wsgi.{n}.fifo"))
-        out[v["inner"]] = (render_inner_ini(v), 0o600)
-    name = vassal_name(t.app, kind, n, bg)
+    return v
+
+
+def worker_files(t, kind, n, env_file, boot):
+    """The vassal (and, for pyuwsgi, the inner ini) of one worker instance."""
+    v = worker_spec(t, kind, n, env_file, boot)
+    out = {v["inner"]: (render_inner_ini(v), 0o600)} if v["mode"] == "pyuwsgi" else {}
+    name = vassal_name(t.app, kind, n, t.slot if serving(kind) and t.slot else None)
     text = render_vassal(v)
     out[os.path.join(t.paths.uwsgi_enabled, name)] = (text, 0o644)
     out[os.path.join(t.paths.uwsgi_available, name)] = (text, 0o644)
     return out
+
+
+def render_trial_ini(t, env_file, boot):
+    """The ini of a trial run of the new release's wsgi worker, for an app without nginx: all
+    its options but PORT (the live workers' port, which a broken release must never take), with
+    a private socket the health check uses. Returns (ini text, uWSGI binary, socket)."""
+    v = worker_spec(t, "wsgi", 1, env_file, boot)
+    sock = os.path.join(slot_dir(t, t.slot), "wsgi.trial.sock")
+    v.update(port=None, check_socket=sock, master_fifo=None, fifo=os.path.join(slot_dir(t, t.slot), "wsgi.trial.fifo"),
+             log=os.path.join(slot_dir(t, t.slot), "wsgi.trial.log"))
+    if v["mode"] == "pyuwsgi":  # (its output goes to the log of the command that runs it)
+        return render_inner_ini(v), os.path.join(t.release.venv, "bin", "uwsgi"), sock, v["log"]
+    return render_vassal(v), which("uwsgi") or "/usr/bin/uwsgi", sock, v["log"]
 
 
 # -- the switch ---------------------------------------------------------------------------------
@@ -4890,10 +4914,15 @@ def start_beside(t, tx, files):
         canary(t, kind)
         return []
     d = private_dir(slot_dir(t, t.slot))  # the private check sockets, FIFOs and pyuwsgi inis
+    left = wait_masters_gone([os.path.join(d, n) for n in os.listdir(d) if n.endswith(".fifo")])
+    if left:
+        warn(f"workers that last ran in slot {t.slot} are still shutting down: {', '.join(left)}")
     remove_path(os.path.join(d, "stopping"))  # (left when this slot last stopped)
     for path, (text, mode) in files.items():
         if path.startswith(tuple(x + os.sep for x in (worker_file(t, "env"), worker_file(t, "boot"), d))):
             tx.write(path, text, mode)
+    if kind == "wsgi" and not t.names:  # the new workers will share PORT with the live ones
+        trial_run(t, files)
     checks = []
     for n in range(1, t.scaling[kind] + 1):
         remove_path(nginx_socket(t, n, t.slot))  # a socket a killed worker left
@@ -4904,6 +4933,38 @@ def start_beside(t, tx, files):
     nudge_emperor(t.paths)
     step(f"Starting the new release beside the live one: {kind} x{t.scaling[kind]} (slot {t.slot})")
     return checks
+
+
+def trial_run(t, files):
+    """Start the new release's wsgi worker once outside the emperor, on a private socket only,
+    and health-check it: a release that cannot answer never binds the PORT the live workers
+    serve on (the kernel would hand it part of their requests)."""
+    import subprocess
+    env_file = next(p for p in files if p.startswith(worker_file(t, "env") + os.sep))
+    boot = next((p for p in files if p.startswith(worker_file(t, "boot") + os.sep)), None)
+    text, binary, sock, log = render_trial_ini(t, env_file, boot)
+    ini = os.path.join(slot_dir(t, t.slot), "wsgi.trial.ini")
+    write_atomic(ini, text, mode=0o600)
+    for path in (sock, log):
+        remove_path(path)
+    check = Check("wsgi (trial)", "wsgi", log, 0, ("uwsgi", sock), False)
+    env = {k: v for k, v in clean_env(os.environ).items() if not k.startswith("UWSGI_")}
+    try:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([binary, "--ini", ini], cwd=t.release.dir, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
+    except OSError as e:
+        raise PikuError(f"cannot start {binary} for a trial of the new release: {e.strerror}")
+    try:
+        failure = health_check(t, [check])
+    finally:
+        stop_process_group(proc, grace=3)
+    tail = [f"wsgi (trial): {l}" for l in (read_text(log, "") or "").splitlines()[-15:]]
+    for path in (sock, ini, log, os.path.join(slot_dir(t, t.slot), "wsgi.trial.fifo")):
+        remove_path(path)
+    if failure:
+        raise PikuError(failure_message(t, failure, tail))
 
 
 def log_check(t, kind, n, slot):
@@ -5083,16 +5144,16 @@ def wait_for_nginx(t, tx, text, timeout=10.0):
         return
     if not tx.write(conf, text) or not nginx_binary():
         return
-    written = os.stat(conf).st_mtime
     token = re.search(r"piku-switch/(\w+) ", text).group(1)
-    t0 = time.monotonic()
     if not nginx_answers(t.settings, probe_host(t.names[0]), f"/.well-known/piku-switch/{token}", 204, timeout):
         warn(f"nginx has not loaded {t.app}'s config after {timeout:.0f}s: is nginx running, and is it "
              f"reloaded when {t.paths.nginx} changes (piku-nginx.path, or `piku.py nginx-watch`)? "
              "See docs/TROUBLESHOOTING.md")
         return
-    if old and " backup " not in old and t.live:
-        nginx_drained(written, timeout - (time.monotonic() - t0))
+    if old and "upstream piku-" in old and " backup " not in old:
+        # a conf from before blue/green sends to the old workers alone: nginx workers still on it
+        # finish their requests (and close their kept-alive connections) before those stop
+        time.sleep(LEGACY_DRAIN_SECONDS)
 
 
 def nginx_answers(settings, host, path, status, timeout):
@@ -5113,30 +5174,7 @@ def nginx_answers(settings, host, path, status, timeout):
     return False
 
 
-def nginx_drained(since, timeout):
-    """Wait (at most timeout) until every nginx worker was started after `since` (epoch seconds:
-    when the new config was written), i.e. none still serves an older config."""
-    import time
-    deadline = time.monotonic() + max(0.0, timeout)
-    tick, boot = os.sysconf("SC_CLK_TCK"), time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
-    while time.monotonic() < deadline:
-        old = False
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    title = f.read()
-                with open(f"/proc/{pid}/stat") as f:
-                    started = boot + int(f.read().rsplit(")", 1)[1].split()[19]) / tick
-            except (OSError, ValueError, IndexError):
-                continue
-            if title.startswith(b"nginx: worker process") and (b"shutting down" in title or started < since - 0.01):
-                old = True
-                break
-        if not old:
-            return
-        time.sleep(0.05)
+LEGACY_DRAIN_SECONDS = 2.0
 
 
 # -- health checks: a real HTTP request to the new workers ------------------------------------
@@ -5169,8 +5207,14 @@ def encode_uwsgi_request(variables):
     return b"\0" + len(body).to_bytes(2, "little") + b"\0" + body
 
 
+class EmptyResponse(ValueError):
+    """The server closed the connection without a byte of response."""
+
+
 def parse_http_response(data):
     """(status, body) of a raw HTTP response (what uWSGI sends back over its uwsgi socket too)."""
+    if not data:
+        raise EmptyResponse("empty response")
     head, _, body = data.partition(b"\r\n\r\n")
     m = re.match(rb"HTTP/\d(?:\.\d)? (\d{3})", head)
     if not m:
@@ -5204,7 +5248,10 @@ def http_get(host, port, path, host_header, timeout=3.0):
     conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
     try:
         conn.request("GET", path, headers={"Host": host_header, "User-Agent": "piku-healthcheck"})
-        resp = conn.getresponse()
+        try:
+            resp = conn.getresponse()
+        except http.client.RemoteDisconnected:
+            raise EmptyResponse("empty response")
         return resp.status, resp.read(65536).decode("utf-8", "replace")
     finally:
         conn.close()
@@ -5232,6 +5279,8 @@ def probe(t, c, fresh):
             return port_open(target[1], target[2]), "nothing listens yet"
         status, body = uwsgi_get(target[1], path, host) if target[0] == "uwsgi" else \
             http_get(target[1], target[2], path, host)
+    except EmptyResponse:  # uWSGI closes the connection when the app raises before answering
+        return False, f"GET {path} answered 500: the app raised an exception (its log is above)"
     except (OSError, ValueError) as e:
         return False, f"no answer yet ({getattr(e, 'strerror', None) or e})"
     if any(lo <= status <= hi for lo, hi in parse_status_spec(setting(t.settings, "PIKU_HEALTHCHECK_STATUS"))):
@@ -5281,12 +5330,18 @@ def fatal_in_log(kind, fresh):
     return None
 
 
-def failure_message(t, reason):
+def looks_asgi(log_text):
+    """Does a worker's log say an ASGI app (scope, receive, send) was called as a WSGI one?"""
+    return bool(re.search(r"required positional arguments?: '(send|receive)'|takes 3 positional arguments", log_text))
+
+
+def failure_message(t, reason, log_lines=None):
     """The one line a failed switch ends with, after the new workers' log lines."""
-    for line in worker_log_tail(t.paths, t.app):
+    lines = worker_log_tail(t.paths, t.app) if log_lines is None else log_lines
+    for line in lines:
         warn(line)
     hint = ""
-    if "answered 500" in reason and "takes 3 positional arguments" in " ".join(worker_log_tail(t.paths, t.app)):
+    if "answered 500" in reason and looks_asgi("\n".join(lines)):
         hint = " (an ASGI app in `wsgi:`? serve it with `web: uvicorn ...`)"
     if t.op.name == "deploy" and not t.live.get("release") and not live_release(t.paths, t.app):
         tail = f"; the app had no earlier release, so nothing serves it until a push succeeds (see `logs {t.app}`)"
@@ -5387,6 +5442,7 @@ def finish(t, t0, waited, deployed=True):
             r["status"] = "old"
     save_manifest(p, app, records)
     prune_releases(p, app, setting_int(t.settings, "PIKU_RELEASES_KEPT"), keep_venv=live_venv_of(t))
+    prune_worker_files(p, app)
     url = app_url(t)
     if not deployed:
         return t

@@ -415,6 +415,8 @@ class Server:
                     continue
                 if p == os.path.join(self.root, "uwsgi", "uwsgi.log"):  # the emperor's own log
                     continue
+                if n == "cron" and os.path.dirname(d) == os.path.join(self.root, "state"):
+                    continue  # (made when a cron job of the app first runs)
                 if n == "releases.json" and os.path.dirname(d) == os.path.join(self.root, "state"):
                     continue  # the release history records failed pushes too (`releases APP`)
                 out[p] = (st.st_size, st.st_mtime_ns) if n in files else None

@@ -43,3 +43,9 @@ def test_prune_never_removes_a_release_a_process_works_in(tmp_path):
         proc.wait()
     piku.prune_releases(paths, "demo", 1)  # once nothing runs there, it goes
     assert sorted(os.listdir(os.path.join(paths.releases, "demo"))) == ["r3"]
+
+
+def test_an_asgi_app_called_as_wsgi_is_recognised_in_the_log():
+    assert piku.looks_asgi("TypeError: application() missing 1 required positional argument: 'send'")
+    assert piku.looks_asgi("TypeError: app() missing 2 required positional arguments: 'receive' and 'send'")
+    assert not piku.looks_asgi("TypeError: f() missing 1 required positional argument: 'x'")
