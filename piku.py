@@ -3693,7 +3693,7 @@ def disk_kb(path):
 # -- the target state of an operation ---------------------------------------------------------
 
 Target = namedtuple("Target", "paths app op release workers settings scaling live slot restart ports env "
-                              "wsgi_mode python_plugin extra_plugins names cert stamp")
+                              "wsgi_mode python_plugin extra_plugins names cert stamp front")
 #   release:   the Release the workers run; workers: its Procfile ({kind: command})
 #   settings:  repo ENV < config:set values, validated; env: what every process gets
 #   scaling:   {kind: count}; live: live_state() before the operation
@@ -3702,6 +3702,8 @@ Target = namedtuple("Target", "paths app op release workers settings scaling liv
 #   ports:     {"port": PORT, "web": {"a": [...], "b": [...]}} (web instances behind nginx)
 #   names:     NGINX_SERVER_NAME split; cert: TLS files exist; stamp: a label that changes
 #              every operation (a vassal whose text changes is restarted by the emperor)
+#   front:     what the app's nginx server block depends on besides settings (nginx_inputs:
+#              the installed nginx, the include file's directives, maintenance mode, ...)
 
 
 def release_settings(paths, app, release_dir, environ):
@@ -3738,8 +3740,9 @@ def plan_target(paths, app, release, environ, op, scaling=None):
     if "wsgi" in scaling:
         wsgi_mode, plugin, extra = choose_wsgi_mode(release, settings, environ)
     cert = ensure_certificate({"paths": paths, "app": app, "settings": settings}) if names else False
-    return Target(paths, app, op, release, workers, settings, scaling, live, slot, restart, ports, env,
-                  wsgi_mode, plugin, extra, names, cert, f"{release.id} {op.name} {time.time():.3f}")
+    t = Target(paths, app, op, release, workers, settings, scaling, live, slot, restart, ports, env,
+               wsgi_mode, plugin, extra, names, cert, f"{release.id} {op.name} {time.time():.3f}", {})
+    return t._replace(front=nginx_inputs(plan_dict(t))) if names else t
 
 
 def plan_restart(paths, app, op, settings, scaling, live):
@@ -3948,7 +3951,7 @@ def render_app_nginx(t, upstream, token=None, app_dir=None):
                          "sockets": [a for a, _ in upstream if a.startswith("unix:")], "upstream": upstream,
                          "port": t.env["PORT"], "app_dir": app_dir or os.path.join(p.apps, app),
                          "cert": t.cert, "has_backend": has_backend, "switch_token": token,
-                         **nginx_inputs(plan_dict(t))})
+                         **(t.front or {})})
 
 
 def piku_argv():
@@ -4246,6 +4249,7 @@ def plan_dict(t):
 def refresh_app_nginx(t):
     """Render, check and write the app's nginx config alone (no worker is restarted)."""
     p, app = t.paths, t.app
+    t = t._replace(front=nginx_inputs(plan_dict(t)))  # (maintenance mode may have changed since)
     upstream = upstream_of(t, t.slot)
     text = render_app_nginx(t, upstream)
     if text is None:

@@ -49,3 +49,99 @@ def test_an_asgi_app_called_as_wsgi_is_recognised_in_the_log():
     assert piku.looks_asgi("TypeError: application() missing 1 required positional argument: 'send'")
     assert piku.looks_asgi("TypeError: app() missing 2 required positional arguments: 'receive' and 'send'")
     assert not piku.looks_asgi("TypeError: f() missing 1 required positional argument: 'x'")
+
+
+def snapshot(root):
+    """{relative path: ('file', bytes, mode) | ('link', target) | ('dir',)} of a tree."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                out[rel] = ("link", os.readlink(p))
+            elif os.path.isdir(p):
+                out[rel] = ("dir",)
+            else:
+                with open(p, "rb") as f:
+                    out[rel] = ("file", f.read(), os.stat(p).st_mode & 0o7777)
+    return out
+
+
+def populated(tmp_path):
+    paths = piku.paths_for(str(tmp_path / "root"))
+    for d in (paths.uwsgi_enabled, paths.nginx, os.path.join(paths.state, "demo"), paths.apps,
+              os.path.join(paths.envs, "demo"), os.path.join(paths.releases, "demo", "r1"),
+              os.path.join(paths.releases, "demo", "r2")):
+        os.makedirs(d, exist_ok=True)
+    with open(os.path.join(paths.nginx, "demo.conf"), "w") as f:
+        f.write("old conf\n")
+    with open(os.path.join(paths.uwsgi_enabled, "demo_wsgi.1.a.ini"), "w") as f:
+        f.write("[uwsgi]\nold\n")
+    with open(os.path.join(paths.envs, "demo", "LIVE_ENV"), "w") as f:
+        f.write("A=1\n")
+    os.chmod(os.path.join(paths.envs, "demo", "LIVE_ENV"), 0o600)
+    os.symlink(os.path.join(paths.releases, "demo", "r1"), os.path.join(paths.apps, "demo"))
+    return paths
+
+
+def apply_changes(paths, tx):
+    tx.write(os.path.join(paths.nginx, "demo.conf"), "new conf\n")
+    tx.write(os.path.join(paths.uwsgi_enabled, "demo_wsgi.1.b.ini"), "[uwsgi]\nnew\n")
+    tx.remove(os.path.join(paths.uwsgi_enabled, "demo_wsgi.1.a.ini"))
+    tx.write(os.path.join(paths.envs, "demo", "LIVE_ENV"), "A=2\n", 0o600)
+    tx.link(os.path.join(paths.apps, "demo"), os.path.join(paths.releases, "demo", "r2"))
+    tx.link(os.path.join(paths.envs, "demo", "bin"), ".live/bin")
+
+
+def test_a_transaction_rolled_back_restores_every_file_byte_for_byte(tmp_path):
+    paths = populated(tmp_path)
+    before = snapshot(paths.root)
+    tx = piku.Transaction(paths, "demo")
+    apply_changes(paths, tx)
+    assert snapshot(paths.root) != before
+    assert os.path.exists(os.path.join(paths.state, "demo", "switch.journal"))
+    tx.rollback()
+    assert snapshot(paths.root) == before
+
+
+def test_a_transaction_cut_off_by_a_kill_is_undone_by_the_next_operation(tmp_path):
+    """Only the journal on disk survives a kill -9: recover() replays it."""
+    paths = populated(tmp_path)
+    before = snapshot(paths.root)
+    apply_changes(paths, piku.Transaction(paths, "demo"))  # (never committed nor rolled back)
+    piku.recover(paths, "demo")
+    assert snapshot(paths.root) == before
+
+
+def test_a_committed_transaction_keeps_its_changes_and_drops_its_journal(tmp_path):
+    paths = populated(tmp_path)
+    tx = piku.Transaction(paths, "demo")
+    apply_changes(paths, tx)
+    after = snapshot(paths.root)
+    tx.commit()
+    after.pop(os.path.join("state", "demo", "switch.journal"))
+    assert snapshot(paths.root) == after
+    piku.recover(paths, "demo")  # nothing to undo
+    assert snapshot(paths.root) == after
+
+
+def test_recover_stops_the_workers_of_a_slot_that_never_went_live(tmp_path):
+    paths = populated(tmp_path)
+    with open(os.path.join(paths.state, "demo", "live.json"), "w") as f:
+        f.write('{"release": "r1", "slot": "a"}\n')
+    for name in ("demo_wsgi.1.b.ini", "demo_worker.1.ini"):
+        with open(os.path.join(paths.uwsgi_enabled, name), "w") as f:
+            f.write(f"[uwsgi]\nchdir = {paths.releases}/demo/r2\n")
+    with open(os.path.join(paths.uwsgi_enabled, "demo_wsgi.1.a.ini"), "w") as f:
+        f.write(f"[uwsgi]\nchdir = {paths.releases}/demo/r1\n")
+    piku.recover(paths, "demo")
+    assert sorted(os.listdir(paths.uwsgi_enabled)) == ["demo_worker.1.ini", "demo_wsgi.1.a.ini"]
+
+
+def test_operations_and_kinds_tables_cover_every_recipe_and_kind():
+    assert set(piku.OPERATIONS) >= {"deploy", "rollback", "reconfigure", "restart", "scale"}
+    assert piku.OPERATIONS["deploy"].build and not piku.OPERATIONS["rollback"].build
+    assert piku.OPERATIONS["rollback"].new_code and not piku.OPERATIONS["reconfigure"].new_code
+    for kind in ("wsgi", "web", "worker", "cron1", "static", "release"):
+        assert piku.kind_of(kind) in piku.KINDS.values()

@@ -1,0 +1,60 @@
+"""The command line through main() and click's CliRunner: exit codes and one-line errors, on a
+temporary PIKU_ROOT (nothing on disk changes for a refused command)."""
+import os
+
+import pytest
+from click.testing import CliRunner
+
+import piku
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIKU_ROOT", str(tmp_path / "root"))
+    monkeypatch.delenv("SSH_ORIGINAL_COMMAND", raising=False)
+    return tmp_path / "root"
+
+
+def lines(text):
+    return [l for l in text.splitlines() if l.strip()]
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    (["config"], 2, "Missing argument"),
+    (["config", "nosuch"], 1, "no such app: nosuch"),
+    (["releases", "nosuch"], 1, "no such app: nosuch"),
+    (["rollback", "../x"], 1, "invalid app name"),
+    (["ps:scale", "nosuch", "web=2"], 1, "no such app"),
+    (["no-such-command"], 2, "No such command"),
+])
+def test_bad_commands_exit_non_zero_with_one_line(root, capsys, argv, code, message):
+    assert piku.main(argv) == code
+    err = capsys.readouterr().err
+    assert len(lines(err)) == 1 and message in err, err
+    assert not os.path.exists(root / "apps")
+
+
+def test_version_and_help(root, capsys):
+    assert piku.main(["--version"]) == 0
+    assert piku.__version__ in capsys.readouterr().out
+    result = CliRunner().invoke(piku.cli, ["--help"])
+    assert result.exit_code == 0
+    for command in ("releases", "rollback", "ps:scale", "config:set", "maintenance:on"):
+        assert command in result.output
+
+
+def test_internal_commands_are_refused_over_ssh(root, capsys, monkeypatch):
+    monkeypatch.setenv("SSH_ORIGINAL_COMMAND", "exec-worker demo wsgi 1")
+    assert piku.main() == 2
+    assert "internal" in capsys.readouterr().err
+    monkeypatch.setenv("SSH_ORIGINAL_COMMAND", "rollback demo; id")
+    assert piku.main() == 1  # (one argument too many for click, or no such app: never a shell)
+
+
+def test_releases_of_an_app_without_history(root, capsys):
+    paths = piku.paths_for(str(root))
+    os.makedirs(os.path.join(paths.repos, "demo"))
+    assert piku.main(["releases", "demo"]) == 0
+    assert "no release history yet" in capsys.readouterr().out
+    assert piku.main(["rollback", "demo"]) == 1
+    assert "no earlier release to roll back to" in capsys.readouterr().err
