@@ -26,7 +26,46 @@ import os
 import re
 from collections import namedtuple
 
-import click
+
+class _Later:
+    """A click object named when the module loads (click.Path(...), click.UNPROCESSED), made
+    from the real click when the command line is built."""
+
+    def __init__(self, name, args=None, kwargs=None):
+        self.name, self.args, self.kwargs = name, args, kwargs
+
+    def __call__(self, *args, **kwargs):
+        return _Later(self.name, args, kwargs)
+
+    def made(self, real):
+        obj = getattr(real, self.name)
+        return obj if self.args is None else obj(*self.args, **self.kwargs)
+
+
+class _ClickStandIn:
+    """`click` until a command line is parsed (click costs a Python start ~30 ms, paid twice by
+    every push: the ssh command and the git hook need none of it). The decorators piku's
+    commands use when the module loads are recorded on the functions and replayed on the real
+    click by build_cli(); any other name (click.echo, click.UsageError...) is the real one."""
+    RECORDED = ("argument", "option", "pass_context")
+
+    def __getattr__(self, name):
+        if name in self.RECORDED:
+            if name == "pass_context":  # (a decorator itself, not a decorator factory)
+                return lambda f: _record(f, name, (), {})
+            return lambda *args, **kwargs: (lambda f: _record(f, name, args, kwargs))
+        if name in ("Path", "UNPROCESSED", "Choice", "IntRange"):
+            return _Later(name)
+        import click as real
+        return getattr(real, name)
+
+
+def _record(f, name, args, kwargs):
+    f.__dict__.setdefault("_piku_click", []).append((name, args, kwargs))
+    return f
+
+
+click = _ClickStandIn()
 
 # === 2. Constants and paths ===
 
@@ -5851,13 +5890,60 @@ def P():
     return paths_for(default_root())
 
 
-@click.group(context_settings=CONTEXT, invoke_without_command=True)
-@click.version_option(__version__, "--version", prog_name="piku.py")
-@click.pass_context
-def cli(ctx):
+class CommandTable:
+    """The server's commands: filled by @cli.command when the module loads, made into a click
+    group by build_cli() only when a command line needs click (not for the internal commands
+    git and uWSGI run on every push and worker start: FAST_COMMANDS)."""
+
+    def __init__(self):
+        self.specs, self.extra, self.group = {}, [], None
+
+    def command(self, name=None, **kwargs):
+        def decorate(f):
+            self.specs[name or f.__name__] = (f, kwargs)
+            return f
+        return decorate
+
+    @property
+    def commands(self):
+        """{name: spec} with the `hidden` flag of each (plugins' commands included)."""
+        out = {n: namedtuple("Spec", "name hidden")(n, bool(kw.get("hidden"))) for n, (_, kw) in self.specs.items()}
+        return out | {c.name: c for c in self.extra}
+
+    def add_command(self, cmd):
+        self.extra.append(cmd)
+        if self.group is not None:
+            self.group.add_command(cmd)
+
+    def main(self, **kwargs):
+        return build_cli().main(**kwargs)
+
+
+cli = CommandTable()
+
+
+def _cli_root(ctx):
     """piku.py: git push deploys; these commands manage apps."""
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
+
+
+def build_cli():
+    """The click group of every command (made once, on first use)."""
+    import click as real
+    if cli.group is None:
+        made = lambda v: v.made(real) if isinstance(v, _Later) else v  # noqa: E731
+        group = real.group(context_settings=CONTEXT, invoke_without_command=True)(
+            real.version_option(__version__, "--version", prog_name="piku.py")(real.pass_context(_cli_root)))
+        for name, (f, kwargs) in cli.specs.items():
+            for what, args, kw in f.__dict__.get("_piku_click", []):  # (in the order they ran)
+                f = real.pass_context(f) if what == "pass_context" else getattr(real, what)(
+                    *[made(a) for a in args], **{k: made(v) for k, v in kw.items()})(f)
+            group.add_command(real.command(name, **kwargs)(f))
+        for cmd in cli.extra:
+            group.add_command(cmd)
+        cli.group = group
+    return cli.group
 
 
 @cli.command("apps")
@@ -6419,6 +6505,11 @@ def cmd_update(source):
 @cli.command("git-receive-pack", hidden=True)
 @click.argument("app")
 def cmd_git_receive_pack(app):
+    git_receive_pack(app)
+
+
+def git_receive_pack(app):
+    """The ssh side of `git push`: the app's repository (made on a first push), then git."""
     paths = P()
     app = parse_app_name(app)
     if app not in known_apps(paths):
@@ -6435,6 +6526,10 @@ def cmd_git_receive_pack(app):
 @cli.command("git-upload-pack", hidden=True)
 @click.argument("app")
 def cmd_git_upload_pack(app):
+    git_upload_pack(app)
+
+
+def git_upload_pack(app):
     paths = P()
     app = app_must_exist(paths, app)
     os.execvpe("git", ["git", "upload-pack", os.path.join(paths.repos, app)], clean_env(os.environ))
@@ -6463,6 +6558,10 @@ def cmd_scp(args):
 @cli.command("git-hook", hidden=True)
 @click.argument("app")
 def cmd_git_hook(app):
+    run_git_hook(app)
+
+
+def run_git_hook(app):
     paths = P()
     git_hook(paths, parse_app_name(app), split_lines(sys.stdin.read()), dict(os.environ))
 
@@ -6496,6 +6595,34 @@ def claim_cron_minute(paths, app, worker, now):
 @click.argument("kind")
 @click.argument("index", type=int)
 def cmd_exec_worker(app, kind, index, if_due, at_start, release_dir, env_file, port, inner):
+    exec_worker(app, kind, index, if_due, at_start, release_dir, env_file, port, inner)
+
+
+def parse_exec_worker_args(args):
+    """exec-worker's arguments (as its click command takes them, parsed without click: it runs
+    at every worker start) -> keyword arguments of exec_worker."""
+    out = {"if_due": False, "at_start": False, "release_dir": None, "env_file": None, "port": None, "inner": None}
+    names = {"--dir": "release_dir", "--env": "env_file", "--port": "port", "--uwsgi": "inner"}
+    args, rest = list(args), []
+    while args:
+        arg = args.pop(0)
+        if arg in ("--if-due", "--at-start"):
+            out[arg[2:].replace("-", "_")] = True
+        elif arg in names and args:
+            out[names[arg]] = args.pop(0)
+        elif arg.startswith("-"):
+            raise PikuError(f"exec-worker: unknown option {arg[:40]!r}", 2)
+        else:
+            rest.append(arg)
+    if len(rest) != 3 or not re.fullmatch(r"[0-9]{1,4}", rest[2]) or (out["port"] and not str(out["port"]).isdigit()):
+        raise PikuError("exec-worker takes [options] APP KIND INDEX", 2)
+    out["port"] = int(out["port"]) if out["port"] else None
+    return {"app": rest[0], "kind": rest[1], "index": int(rest[2]), **out}
+
+
+def exec_worker(app, kind, index, if_due, at_start, release_dir, env_file, port, inner):
+    """What a vassal runs (uWSGI calls back into piku.py): a daemon's command, a cron job, or
+    the virtualenv's own uWSGI, in the release and with the environment the vassal names."""
     import time
     paths = P()
     app = parse_app_name(app)
@@ -6722,6 +6849,24 @@ def cmd_help(ctx):
     click.echo(ctx.parent.get_help())
 
 
+def one_app(name, run):
+    """An internal command taking exactly one APP argument (parsed without click)."""
+    def command(args):
+        if len(args) != 1:
+            raise PikuError(f"{name} takes one APP", 2)
+        return run(args[0])
+    return command
+
+
+# The commands git and uWSGI run on every push and every worker start: parsed without click.
+FAST_COMMANDS = {
+    "git-receive-pack": one_app("git-receive-pack", lambda app: git_receive_pack(app)),
+    "git-upload-pack": one_app("git-upload-pack", lambda app: git_upload_pack(app)),
+    "git-hook": one_app("git-hook", lambda app: run_git_hook(app)),
+    "exec-worker": lambda args: exec_worker(**parse_exec_worker_args(args)),
+}
+
+
 def main(argv=None):
     try:
         original = os.environ.pop("SSH_ORIGINAL_COMMAND", None)
@@ -6736,6 +6881,9 @@ def main(argv=None):
             if cli.commands.get(argv[0]) is not None and cli.commands[argv[0]].hidden \
                     and argv[0] not in SSH_INTERNAL:
                 raise PikuError(f"refused: {argv[0]!r} is internal", 2)
+        args = argv if argv is not None else sys.argv[1:]
+        if args[:1] and args[0] in FAST_COMMANDS:
+            return FAST_COMMANDS[args[0]](args[1:]) or 0
         cli.main(args=argv, prog_name="piku", standalone_mode=False)
         return 0
     except PikuError as e:

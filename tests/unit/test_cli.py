@@ -37,7 +37,7 @@ def test_bad_commands_exit_non_zero_with_one_line(root, capsys, argv, code, mess
 def test_version_and_help(root, capsys):
     assert piku.main(["--version"]) == 0
     assert piku.__version__ in capsys.readouterr().out
-    result = CliRunner().invoke(piku.cli, ["--help"])
+    result = CliRunner().invoke(piku.build_cli(), ["--help"])
     assert result.exit_code == 0
     for command in ("releases", "rollback", "ps:scale", "config:set", "maintenance:on"):
         assert command in result.output
@@ -58,3 +58,34 @@ def test_releases_of_an_app_without_history(root, capsys):
     assert "no release history yet" in capsys.readouterr().out
     assert piku.main(["rollback", "demo"]) == 1
     assert "no earlier release to roll back to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,parsed", [
+    (["demo", "web", "1"], {"app": "demo", "kind": "web", "index": 1, "port": None, "if_due": False}),
+    (["--if-due", "--dir", "/r", "--env", "/e", "demo", "cron1", "2"],
+     {"kind": "cron1", "index": 2, "if_due": True, "release_dir": "/r", "env_file": "/e"}),
+    (["--port", "5001", "--uwsgi", "/s/i.ini", "--at-start", "d", "wsgi", "1"],
+     {"port": 5001, "inner": "/s/i.ini", "at_start": True}),
+])
+def test_exec_worker_arguments_without_click(args, parsed):
+    got = piku.parse_exec_worker_args(args)
+    assert {k: got[k] for k in parsed} == parsed
+
+
+@pytest.mark.parametrize("args", [["demo", "web"], ["--bogus", "a", "b", "1"], ["a", "b", "x"],
+                                  ["--port", "http", "a", "b", "1"]])
+def test_exec_worker_bad_arguments(args):
+    with pytest.raises(piku.PikuError):
+        piku.parse_exec_worker_args(args)
+
+
+def test_the_internal_commands_need_no_click():
+    """git and uWSGI start these on every push and worker start: no click import."""
+    import subprocess
+    import sys
+    code = ("import sys, importlib.util as u; s = u.spec_from_file_location('piku', sys.argv[1]); "
+            "m = u.module_from_spec(s); sys.modules['piku'] = m; s.loader.exec_module(m); "
+            "rc = m.main(['exec-worker', 'bad/app', 'web', '1']); print(rc, 'click' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, piku.__file__], capture_output=True, text=True,
+                         env={"PIKU_ROOT": "/nonexistent", "PATH": "/usr/bin:/bin"})
+    assert out.stdout.split() == ["1", "False"], out.stdout + out.stderr
