@@ -4966,6 +4966,9 @@ def start_beside(t, tx, files):
             tx.write(path, text, mode)
     if kind == "wsgi" and not t.names:  # the new workers will share PORT with the live ones
         trial_run(t, files)
+        if t.live.get("slot") and (read_text("/proc/sys/net/ipv4/tcp_migrate_req") or "1").strip() == "0":
+            detail("net.ipv4.tcp_migrate_req is 0: a connection queued to the old workers as they stop "
+                   "may be reset (see docs/INSTALL.md: one sysctl, as root)")
     checks = []
     for n in range(1, t.scaling[kind] + 1):
         remove_path(nginx_socket(t, n, t.slot))  # a socket a killed worker left
