@@ -4904,8 +4904,9 @@ Check = namedtuple("Check", "name kind log offset target in_place")
 
 def switch(t):
     """Move the app to the target state: (1) the new release's serving workers start beside the
-    live ones and must answer; (2) nginx, apps/<app>, envs/<app> and the other workers move to
-    it; (3) the old serving workers stop. Returns the seconds spent waiting for workers."""
+    live ones and must answer; (2) nginx, apps/<app> and the other workers move to it; (3) the
+    old serving workers stop, and envs/<app> names the new virtualenv. Returns the seconds spent
+    waiting for workers."""
     import time
     files = render_release_files(t)
     conf = os.path.join(t.paths.nginx, f"{t.app}.conf")
@@ -4929,6 +4930,8 @@ def switch(t):
         wait_for_nginx(t, tx, (files.get(conf) or (None,))[0])
         waited += time.monotonic() - t0
         stop_old(t, tx)
+        if t.release.venv:  # (only now: workers of an older piku.py still import from envs/<app>)
+            link_live_venv(t, tx)
     except BaseException:
         tx.rollback()
         nudge_emperor(t.paths)
@@ -5063,8 +5066,6 @@ def commit_switch(t, tx, files):
             tx.write(path, text, mode)
     if live_release(p, app) != t.release.dir:
         tx.link(os.path.join(p.apps, app), t.release.dir)
-    if t.release.venv:
-        link_live_venv(t, tx)
     private_dir(fifo_dir(t, None))
     write_state(t, tx)
     for name in vassals_of(p, app):  # kinds and instances the target does not have

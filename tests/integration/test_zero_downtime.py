@@ -31,10 +31,11 @@ class Hammer:
                     key = body.split(" port=")[0].strip()
                     self.bodies[key] = self.bodies.get(key, 0) + 1
                 else:
-                    self.failures.append(f"{resp.status} {body[:80]}")
+                    self.failures.append(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} "
+                                         f"{resp.status} {body[:60]}")
                 conn.close()
             except OSError as e:
-                self.failures.append(repr(e))
+                self.failures.append(f"{time.strftime('%H:%M:%S')} {e!r}")
             time.sleep(0.005)
 
     def __enter__(self):
