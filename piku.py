@@ -472,6 +472,41 @@ def render_scaling(scaling):
     return "".join(f"{k}:{v}\n" for k, v in scaling.items())
 
 
+def parse_ports(text):
+    """state/<app>/ports.json text -> ({"port": N, "web": {"a": [N, ...], "b": [...]}} holding
+    only the parts that are well-formed, [problems]). piku writes the file, but a hand edit or a
+    cut-off write must not stop an operation: whatever is malformed is left out and said."""
+    import json
+    if not (text or "").strip():
+        return {}, []
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}, ["is not valid JSON"]
+    if not isinstance(data, dict):
+        return {}, ["is not a JSON object"]
+    def port(p):  # piku writes numbers; older versions' strings of ASCII digits count too
+        digits = isinstance(p, str) and p.isascii() and p.isdigit()
+        return (type(p) is int or digits) and 0 < int(p) < 65536
+    out, problems = {}, []
+    if port(data.get("port")):
+        out["port"] = int(data["port"])
+    elif data.get("port") not in (None, ""):
+        problems.append(f"has port {str(data['port'])[:20]!r}, which is no port number")
+    web = data.get("web")
+    if web is not None and not isinstance(web, dict):
+        problems.append("has a `web` that is not an object")
+    elif web is not None:
+        out["web"] = {}
+        for slot in ("a", "b"):
+            ports = web.get(slot) or []
+            good = [int(p) for p in ports if port(p)] if isinstance(ports, list) else []
+            if not isinstance(ports, list) or len(good) != len(ports):
+                problems.append(f"has web slot {slot} holding something other than port numbers")
+            out["web"][slot] = good
+    return out, problems
+
+
 def parse_scale_args(args, known_kinds, behind_nginx=False):
     """['web=2', 'worker=0'] -> {kind: n}; unknown kinds and bad counts raise (KINDS says how
     many of a kind may run)."""
@@ -3770,37 +3805,50 @@ def choose_wsgi_mode(release, settings, environ):
 
 # -- ports: piku's own record, so no other app's files are ever parsed ------------------------
 
-def load_ports(paths, app):
-    """state/<app>/ports.json: {"port": PORT, "web": {"a": [...], "b": [...]}} ({} if none)."""
-    import json
+def read_ports(paths, app):
+    """state/<app>/ports.json as parse_ports gives it: (ports, [problems])."""
     try:
-        data = json.loads(read_text(os.path.join(paths.state, app, "ports.json")) or "{}")
-        return data if isinstance(data, dict) else {}
-    except ValueError:
-        return {}
+        return parse_ports(read_text(os.path.join(paths.state, app, "ports.json")))
+    except OSError as e:  # a directory, no permission...
+        return {}, [f"cannot be read ({e.strerror})"]
+
+
+def load_ports(paths, app):
+    """state/<app>/ports.json: {"port": PORT, "web": {"a": [...], "b": [...]}} ({} if none; only
+    its well-formed parts: the operation writes it anew)."""
+    return read_ports(paths, app)[0]
 
 
 def ports_of_app(paths, app):
-    """Every port an app holds. Reading another app's state never fails this operation: what
-    cannot be read is skipped with a warning naming the app."""
-    saved = load_ports(paths, app)
+    """Every port another app holds. Reading another app's state never fails this operation:
+    what cannot be read is skipped with a warning naming the app."""
+    saved, problems = read_ports(paths, app)
+    for problem in problems:
+        warn(f"app {app}: its state/{app}/ports.json {problem}: "
+             + ("that part is skipped" if saved else "its LIVE_ENV is read instead"))
     found = [saved.get("port")] + [p for ps in (saved.get("web") or {}).values() for p in ps]
     if not saved:  # an app deployed by an older piku.py: its LIVE_ENV and standby port
         try:
             found.append(load_live_env(paths, app).get("PORT"))
-        except PikuError as e:
+        except (PikuError, OSError) as e:
             warn(f"app {app}: {e}: its ports are not known (skipped)")
-        found.append((read_text(os.path.join(paths.state, app, "standby_port")) or "").strip())
-    return {int(p) for p in found if str(p).isdigit()}
+        found.append((read_text(os.path.join(paths.state, app, "standby_port"), "") or "").strip())
+    return {int(p) for p in found if str(p).isascii() and str(p).isdigit()}
 
 
 def ports_of_other_apps(paths, app):
     """{port: app} for every port another app holds."""
     out = {}
     for other in known_apps(paths):
-        if other != app:
-            for port in ports_of_app(paths, other):
-                out.setdefault(port, other)
+        if other == app:
+            continue
+        try:
+            ports = ports_of_app(paths, other)
+        except OSError as e:  # (a standby_port that is a directory...)
+            warn(f"app {other}: its state cannot be read ({e}): its ports are not known (skipped)")
+            continue
+        for port in ports:
+            out.setdefault(port, other)
     return out
 
 
