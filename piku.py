@@ -2240,6 +2240,21 @@ def plan_group_report(command, done, failed, code, pending):
                                                                         if pending else "")]
 
 
+RELEASE_ID_RE = re.compile(r"\d{8}-\d{6}-[0-9a-f]{10}(\.\d+)?")  # how new_release names a release
+
+
+def plan_staging_leftovers(names, recorded, live, went_live):
+    """The directories in releases/<app> (`names`) that failed pushes of an older piku.py left
+    behind: named as releases are, not in the release history (`recorded`), and newer than the
+    live release `live` (None: none is in releases/<app>); an older piku.py only ever moved
+    forward, so these never went live. Only while no release of the history went live
+    (`went_live`): after that, an unrecorded directory can be a release the history dropped."""
+    if went_live:
+        return []
+    return sorted(n for n in names if n not in recorded and RELEASE_ID_RE.fullmatch(n)
+                  and (live is None or n[:15] > live[:15]))
+
+
 def fingerprint(*parts):
     import hashlib
     h = hashlib.sha256()
@@ -3626,13 +3641,49 @@ def new_release(paths, app, rev, ref, environ):
     except BaseException as e:
         remove_path(target)
         update_release(paths, app, rid, status="failed", reason=f"checkout: {str(e)[:200]}")
-        if isinstance(e, OSError):
-            raise PikuError(f"could not check the revision out ({e.strerror}): is the disk full?")
-        raise
+        raise checkout_failure(e, base)
     finally:
         remove_path(env["GIT_INDEX_FILE"])
     protect_repo_env(target)
     return rid, target
+
+
+def checkout_failure(error, folder):
+    """The one error line for a checkout that failed (git says it once per file it could not
+    write): a full disk (or no inode left) says so, with the space left."""
+    import errno
+    if not isinstance(error, (OSError, PikuError)):
+        return error  # an interrupt, a bug: as it is
+    why = error.strerror if isinstance(error, OSError) else \
+        next((l for l in str(error).splitlines() if l.strip()), "").split("): ", 1)[-1]
+    try:
+        st = os.statvfs(folder)
+        free, full = st.f_bavail * st.f_frsize // 1024, st.f_bavail == 0 or (st.f_files and not st.f_favail)
+    except OSError:
+        free, full = None, False
+    if full or getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error):
+        return PikuError(f"could not check the revision out: no space left in {folder} "
+                         f"({'?' if free is None else free} KiB free): free some disk space and push again")
+    return PikuError(f"could not check the revision out: {why.strip()[:300]}")
+
+
+def prune_staging_leftovers(paths, app):
+    """Remove what failed pushes of an older piku.py left in releases/<app> (they counted as
+    kept releases, and the next pushes tripped over them), unless a process works there."""
+    base = os.path.join(paths.releases, app)
+    if not os.path.isdir(base):
+        return
+    records, live = load_manifest(paths, app), live_release(paths, app)
+    recorded = {os.path.basename(r.get("dir") or "") for r in records}
+    live_name = os.path.basename(live) if live and os.path.dirname(live) == os.path.realpath(base) else None
+    went_live = any(r.get("status") not in ("building", "failed") for r in records)
+    doomed = [os.path.join(base, n) for n in plan_staging_leftovers(os.listdir(base), recorded, live_name, went_live)]
+    busy = releases_in_use(doomed) if doomed else set()
+    gone = [d for d in doomed if d not in busy and os.path.isdir(d) and not os.path.islink(d)]
+    for d in gone:
+        remove_path(d)
+    if gone:
+        detail(f"removed {len(gone)} director{'y' if len(gone) == 1 else 'ies'} a failed push left in {base}")
 
 
 def build_release(paths, app, rev, ref, environ):
@@ -4771,6 +4822,7 @@ def recover(paths, app):
         if r.get("status") == "building":  # nothing builds now: we hold the lock
             remove_path(r.get("dir") or "")
             update_release(paths, app, r["id"], status="failed", reason="interrupted")
+    prune_staging_leftovers(paths, app)
     base = os.path.join(paths.venvs, app)
     for name in os.listdir(base) if os.path.isdir(base) else []:
         if not os.path.exists(os.path.join(base, name, VENV_MARK)) and name != "legacy":

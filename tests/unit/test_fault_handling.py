@@ -1,5 +1,6 @@
-"""Issue 10 item 3: another app's broken state is read without failing (pure functions, and the
-port bookkeeping on a PIKU_ROOT in tmp_path)."""
+"""Issue 10 items 3 and 9: another app's broken state is read without failing, a failed checkout
+says why in one line, and what failed pushes left is found (pure functions, and the port
+bookkeeping on a PIKU_ROOT in tmp_path)."""
 import os
 
 import pytest
@@ -86,3 +87,50 @@ def test_own_broken_ports_file_falls_back_to_the_live_port(tmp_path):
     assert piku.load_ports(paths, "mine") == {}
     assert piku.live_port(paths, "mine") == "5600"
 
+
+# --- item 9: a checkout that fails says why in one line -----------------------------------------
+
+def test_a_failed_checkout_is_one_line_with_gits_reason(tmp_path):
+    git = piku.PikuError("git failed (exit 1): error: unable to write file Procfile\n"
+                         "error: unable to write file app.py")
+    err = piku.checkout_failure(git, str(tmp_path))
+    assert isinstance(err, piku.PikuError) and "\n" not in str(err)
+    assert str(err) == "could not check the revision out: error: unable to write file Procfile"
+
+
+def test_a_checkout_that_ran_out_of_space_says_so(tmp_path):
+    import errno
+    err = piku.checkout_failure(OSError(errno.ENOSPC, "No space left on device"), str(tmp_path))
+    assert f"no space left in {tmp_path} (" in str(err) and "free some disk space" in str(err)
+    git = piku.PikuError("git failed (exit 128): fatal: cannot create directory at 'a': No space left on device")
+    assert "no space left in" in str(piku.checkout_failure(git, str(tmp_path)))
+
+
+def test_an_interrupted_checkout_stays_an_interrupt(tmp_path):
+    stop = KeyboardInterrupt()
+    assert piku.checkout_failure(stop, str(tmp_path)) is stop
+
+
+# --- item 9: what failed pushes of an older piku.py left in releases/<app> --------------------
+
+LIVE = "20240102-030405-0123456789"
+
+
+def test_unrecorded_releases_newer_than_the_live_one_are_leftovers():
+    names = [LIVE, "20240102-030406-abcdef0123", "20240103-000000-abcdef0123.2", "20240101-000000-abcdef0123"]
+    assert piku.plan_staging_leftovers(names, set(), LIVE, False) == names[1:3]
+
+
+def test_recorded_older_same_second_and_foreign_names_are_kept():
+    names = ["20240102-030406-abcdef0123", "20240102-030405-fedcba9876", "legacy-20240105-000000",
+             "20240105-000000-ABCDEF0123", "20240105-000000-abcdef01234", "notes"]
+    assert piku.plan_staging_leftovers(names, {"20240102-030406-abcdef0123"}, LIVE, False) == []
+
+
+def test_no_leftovers_once_a_release_of_the_history_went_live():
+    assert piku.plan_staging_leftovers(["20240109-000000-abcdef0123"], set(), LIVE, True) == []
+
+
+def test_with_no_live_release_every_unrecorded_release_is_a_leftover():
+    assert piku.plan_staging_leftovers(["20240109-000000-abcdef0123"], set(), None, False) == \
+        ["20240109-000000-abcdef0123"]
