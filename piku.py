@@ -108,6 +108,82 @@ def _die_with_parent():
     die_with_parent(9)
 
 
+# PR_SET_PDEATHSIG reaches one process, but `/bin/sh -c CMD` forks CMD (dash does), and web
+# servers and build tools fork too: a command whose processes must all die with the process that
+# started it runs under this supervisor. It leads the command's process group and, when its own
+# parent dies (the signal that death sends it finds another parent), ends the whole group:
+# SIGTERM, SIGKILL for what is left after a grace. A stop while the parent lives has reached the
+# whole group already (uWSGI signals a daemon's group): the supervisor exits with its command,
+# whose processes finish as they would without it. A command that ends by itself takes what it
+# left running with it. Run by Python -I -S: a few MB, and no piku.py loaded.
+SUPERVISOR = """# piku.py: the supervisor of one command's process group
+import os, signal, sys, time
+parent, grace, argv = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+me, stopping = os.getpid(), []
+try:
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM, which ends the group
+except (OSError, AttributeError):
+    pass
+try:
+    os.setpgid(0, 0)
+except OSError:
+    pass  # a session leader (uWSGI's daemons) leads its group already
+child = os.fork()
+if child == 0:
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        sys.stderr.write(f"cannot start {argv[0]}: {e.strerror}\\n")
+    os._exit(127)
+
+def others_left():
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, _, group = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pid) != me and int(group) == me and state != "Z":
+            return True
+    return False
+
+def end_group(*_):
+    if os.getppid() == parent:
+        stopping.append(True)
+        return
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and others_left():
+        try:
+            os.waitpid(child, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    os.killpg(0, signal.SIGKILL)
+
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, end_group)
+if os.getppid() != parent:
+    end_group()
+status = os.waitpid(child, 0)[1]
+if not stopping:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+SUPERVISOR_GRACE = 5.0  # seconds a command's processes get after SIGTERM once its parent has died
+
+
+def supervised(argv, parent=None, grace=SUPERVISOR_GRACE):
+    """argv run under SUPERVISOR: it and everything it starts end when `parent` (this process
+    unless given) dies."""
+    return [sys.executable, "-I", "-S", "-c", SUPERVISOR, str(parent or os.getpid()), str(grace)] + list(argv)
+
+
 def run(argv, cwd=None, env=None, capture=False, input=None, check=True, timeout=None):
     """Run argv (a list, never a shell string). Returns CompletedProcess."""
     import subprocess
@@ -1075,7 +1151,9 @@ def render_vassal(v):
         # whole vassal up if a master-start hook fails, so this one never does
         pairs.append(("hook-master-start", "exec:" + shlex.join(exec_worker_argv(v, "--at-start")) + " || true"))
     else:  # a daemon: web, worker, or the virtualenv's own uWSGI (pyuwsgi)
-        pairs.append(("attach-daemon2", "cmd=" + shlex.join(exec_worker_argv(v)) + ",stopsignal=15"))
+        # uWSGI runs it with /bin/sh -c, which would fork it: exec keeps it the master's own child,
+        # so that it (and the supervisor it execs into) sees the master die
+        pairs.append(("attach-daemon2", "cmd=exec " + shlex.join(exec_worker_argv(v)) + ",stopsignal=15"))
     if s.get("UWSGI_INCLUDE_FILE"):
         pairs.append(("ini", uwsgi_include(v)))
     return f"# piku release {v['release']}\n" + render_ini(pairs)
@@ -4022,7 +4100,7 @@ def run_phase_in(paths, app, release_dir, workers, settings, venv, environ, kind
         env = dict(settings) | computed_env(paths, app, settings, 0, base["HOME"], base["USER"], base["PATH"],
                                             venv=venv, app_dir=release_dir)
     try:
-        proc = subprocess.run(["/bin/sh", "-c", cmd], cwd=release_dir, stdin=subprocess.DEVNULL,
+        proc = subprocess.run(supervised(["/bin/sh", "-c", cmd]), cwd=release_dir, stdin=subprocess.DEVNULL,
                               env=process_env(env, kind), preexec_fn=_die_with_parent)
     except OSError as e:
         raise PikuError(f"{kind} command could not start: {e.strerror}")
@@ -6557,7 +6635,8 @@ def cmd_exec_worker(app, kind, index, if_due, at_start, release_dir, env_file, p
         uwsgi = os.path.join(env.get("VIRTUAL_ENV") or os.path.join(paths.envs, app), "bin", "uwsgi")
         os.execve(uwsgi, [uwsgi, "--ini", inner], clean)
     env = process_env(env, kind, index) | ({"PORT": str(port)} if port else {})
-    os.execve("/bin/sh", ["/bin/sh", "-c", workers[kind]], env)
+    argv = supervised(["/bin/sh", "-c", workers[kind]], parent=os.getppid())  # (sh forks the command)
+    os.execve(argv[0], argv, env)
 
 
 def worker_env(paths, app, kind, index, environ, env_file=None):

@@ -1,6 +1,6 @@
-"""Issue 10 items 3 and 9: another app's broken state is read without failing, a failed checkout
-says why in one line, and what failed pushes left is found (pure functions, and the port
-bookkeeping on a PIKU_ROOT in tmp_path)."""
+"""Issue 10 items 3, 7, 8 and 9: another app's broken state is read without failing, a failed
+checkout says why in one line, and a supervised command's processes end with what started it
+(pure functions; the port bookkeeping on a PIKU_ROOT in tmp_path; real short-lived processes)."""
 import os
 
 import pytest
@@ -109,6 +109,74 @@ def test_a_checkout_that_ran_out_of_space_says_so(tmp_path):
 def test_an_interrupted_checkout_stays_an_interrupt(tmp_path):
     stop = KeyboardInterrupt()
     assert piku.checkout_failure(stop, str(tmp_path)) is stop
+
+
+# --- items 7 and 8: a supervised command's processes all end with the process that started it -
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_dead(pids, timeout=20.0):
+    """The pids still alive after timeout seconds (or none, as soon as all are gone)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+def test_supervised_command_gives_its_exit_status():
+    import subprocess
+    for script, code in (("exit 0", 0), ("exit 3", 3), ("kill -TERM $$", 128 + 15)):
+        assert subprocess.run(piku.supervised(["/bin/sh", "-c", script])).returncode == code
+
+
+def test_supervised_command_that_cannot_start_exits_127(capfd):
+    import subprocess
+    assert subprocess.run(piku.supervised(["/nonexistent/tool"])).returncode == 127
+    assert "cannot start /nonexistent/tool" in capfd.readouterr().err
+
+
+# The parent: starts the supervised command with the signal piku gives it on the parent's death,
+# prints the pid of what the shell forked, then waits to be killed.
+PARENT = """
+import subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import piku
+proc = subprocess.Popen(piku.supervised(["/bin/sh", "-c", sys.argv[2]], grace=0.5), stdout=subprocess.PIPE,
+                        preexec_fn=piku._die_with_parent)
+print(proc.pid, proc.stdout.readline().decode().strip(), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("script", [
+    "sleep 600 & echo $!; wait",                                         # (forked by the shell)
+    "trap '' TERM; sleep 600 & echo $!; wait",                           # ignores SIGTERM: SIGKILL after the grace
+])
+def test_supervised_commands_processes_end_when_the_parent_is_killed(script):
+    import signal
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, root, script], stdout=subprocess.PIPE)
+    supervisor, grandchild = (int(x) for x in parent.stdout.readline().split())
+    assert alive(supervisor) and alive(grandchild)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    assert wait_dead([supervisor, grandchild]) == []
+
+
+def test_what_a_supervised_command_leaves_running_ends_with_it():
+    import subprocess
+    out = subprocess.run(piku.supervised(["/bin/sh", "-c", "sleep 600 >/dev/null & echo $!"]),
+                         capture_output=True, text=True, timeout=60).stdout
+    assert wait_dead([int(out)]) == []
 
 
 # --- item 9: what failed pushes of an older piku.py left in releases/<app> --------------------
