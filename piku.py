@@ -5484,7 +5484,7 @@ def canary(t, kind):
     log_path = os.path.join(t.paths.logs, t.app, f"{kind}.1.log")
     with open(log_path, "ab") as log:
         start = log.tell()
-        proc = subprocess.Popen(["/bin/sh", "-c", t.workers[kind]], cwd=t.release.dir, env=env,
+        proc = subprocess.Popen(supervised(["/bin/sh", "-c", t.workers[kind]]), cwd=t.release.dir, env=env,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=_die_with_parent)
     c = Check(f"{kind} (trial on port {port})", kind, log_path, start,

@@ -359,34 +359,39 @@ def test_push_killed_during_its_dependency_sync_leaves_nothing_running(server, t
         assert venv_files(server, "faultsync") == before
 
 
-RELEASE_PY = """import os, time
+HOLD = """import os, time
 d = os.environ["DATA_ROOT"]
-with open(os.path.join(d, "release-started"), "w") as f:
+with open(os.path.join(d, "started"), "w") as f:
     f.write(str(os.getpid()))
-while os.path.exists(os.path.join(d, "hold")):  # a long migration, as long as the test says
-    with open(os.path.join(d, "ticks"), "a") as f:
-        f.write(".")
+while os.path.exists(os.path.join(d, "hold")):  # a long migration, a slow boot: as long as the test says
     time.sleep(0.1)
 """
+PHASES = {  # what a push runs with /bin/sh -c, which forks the command
+    "release": web_app("phase v1", procfile="web: python3 web.py\nrelease: python3 hold.py\n", **{"hold.py": HOLD}),
+    "trial": web_app("phase v1", procfile="web: python3 hold.py && python3 web.py\n", **{"hold.py": HOLD}),
+}
 
 
-def test_push_killed_during_its_release_command_leaves_nothing_running(server, tmp_path):
-    """`/bin/sh -c` forks the release command: with the hook killed, the shell died with it but
-    the command (a migration) went on, beside the release command of the next push."""
-    files = web_app("rel v1", procfile="web: python3 web.py\nrelease: python3 release.py\n", **{"release.py": RELEASE_PY})
-    repo = server.deployed(None, "faultrel", tmp_path, files)
-    data = server.path("data", "faultrel")
-    os.unlink(os.path.join(data, "release-started"))
+@pytest.mark.parametrize("phase", sorted(PHASES))
+def test_push_killed_during_a_command_it_runs_leaves_nothing_running(server, tmp_path, phase):
+    """The release command, or a web app's trial run on a private port (restarted in place,
+    no nginx): `/bin/sh -c` forks the command, so with the hook killed the shell died with it but
+    the command went on (a migration beside the next push's, a web process on the trial port)
+    and held the push's output open."""
+    app = f"fault{phase}"
+    repo = server.deployed(None, app, tmp_path, PHASES[phase])
+    data = server.path("data", app)
+    os.unlink(os.path.join(data, "started"))
     with open(os.path.join(data, "hold"), "w"):
         pass
-    server.commit(repo, "v2", {"body.txt": "rel v2\n"})
-    thread, result = push_in_background(server, repo, "faultrel")
+    server.commit(repo, "v2", {"body.txt": "phase v2\n"})
+    thread, result = push_in_background(server, repo, app)
     deadline = time.monotonic() + 300
-    while not os.path.exists(os.path.join(data, "release-started")) and time.monotonic() < deadline:
+    while not os.path.exists(os.path.join(data, "started")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    hook = hook_pid(server, "faultrel")
+    hook = hook_pid(server, app)
     children = tree_of(server.uid, hook)
-    assert any(argv[-1:] == ["release.py"] for _, argv in children.values()), children
+    assert any(argv[-1:] == ["hold.py"] for _, argv in children.values()), children
     os.kill(hook, signal.SIGKILL)
     thread.join(120)
     assert result, "the push did not end: a process of the killed hook holds its output open"
@@ -394,9 +399,9 @@ def test_push_killed_during_its_release_command_leaves_nothing_running(server, t
     left = still_running(children, 30)
     assert not left, f"still running after the hook was killed: {left}"
     os.unlink(os.path.join(data, "hold"))
-    r = server.push(repo, "faultrel")
+    r = server.push(repo, app)
     assert r.returncode == 0, r.stdout + server.logs()
-    server.wait_http(server.app_port("faultrel"), contains="rel v2")
+    server.wait_http(server.app_port(app), contains="phase v2")
 
 
 # --- item 8: kill -9 of the uWSGI emperor -----------------------------------------------------
