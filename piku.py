@@ -6287,23 +6287,37 @@ def cmd_certs(app):
 def cmd_certs_renew(app, force):
     """Get or renew ACME certificates (all apps, or APP); run daily from cron or a timer."""
     paths = P()
-    failed = 0
+    failed, broken = 0, []
     for name in [app_must_exist(paths, app)] if app else known_apps(paths):
-        settings = live_settings(paths, name)
-        if not split_names(settings.get("NGINX_SERVER_NAME", "")):
-            continue
-        cap_nginx_logs(paths, name, setting_int(settings, "NGINX_LOG_MAXSIZE"))  # (the daily job)
-        if read_cert_record(paths, name) is None and os.path.exists(cert_paths(paths, name)[0]):
-            detail(f"{name}: certificate provided by the admin, left as it is")
-            continue
-        with AppLock(paths, name):
-            record = acme_certificate({"paths": paths, "app": name, "settings": settings}, force=force)
-        if record and record.get("source") == "acme":
-            detail(f"{name}: certificate valid (from {record['ca']})")
-        else:
-            failed += 1
+        try:
+            failed += renew_certificate(paths, name, force) is False
+        except PikuError as e:
+            if app:
+                raise
+            warn(f"app {name}: {e} (skipped; the other apps go on)")
+            broken.append(name)
     if app and failed:
         raise PikuError(f"{app}: no ACME certificate (see the lines above)")
+    if broken:
+        raise PikuError(f"not renewed: {', '.join(broken)} (see the lines above)")
+
+
+def renew_certificate(paths, app, force):
+    """certs:renew for one app: True (an ACME certificate is valid), False (none could be got),
+    None (not piku's to renew: no names, or the admin's certificate)."""
+    settings = live_settings(paths, app)
+    if not split_names(settings.get("NGINX_SERVER_NAME", "")):
+        return None
+    cap_nginx_logs(paths, app, setting_int(settings, "NGINX_LOG_MAXSIZE"))  # (the daily job)
+    if read_cert_record(paths, app) is None and os.path.exists(cert_paths(paths, app)[0]):
+        detail(f"{app}: certificate provided by the admin, left as it is")
+        return None
+    with AppLock(paths, app):
+        record = acme_certificate({"paths": paths, "app": app, "settings": settings}, force=force)
+    if record and record.get("source") == "acme":
+        detail(f"{app}: certificate valid (from {record['ca']})")
+        return True
+    return False
 
 
 @cli.command("ps:scale")

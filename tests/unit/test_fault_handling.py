@@ -88,6 +88,19 @@ def test_own_broken_ports_file_falls_back_to_the_live_port(tmp_path):
     assert piku.live_port(paths, "mine") == "5600"
 
 
+def test_certs_renew_of_all_apps_goes_past_an_app_whose_settings_cannot_be_read(tmp_path, monkeypatch, capsys):
+    """The daily renewal of every app stopped at the first app it could not read (or lock)."""
+    paths = piku_root(tmp_path, {"bad": {"envs/bad/ENV": "this line is no setting\n"},
+                                 "good": {"envs/good/ENV": "NGINX_SERVER_NAME=good.example\n",
+                                          "nginx/good.crt": "(the admin's)", "nginx/good.key": "(the admin's)"}})
+    monkeypatch.setenv("PIKU_ROOT", paths.root)
+    assert piku.main(["certs:renew"]) != 0
+    out, err = capsys.readouterr()
+    assert "good: certificate provided by the admin, left as it is" in out
+    assert "app bad:" in err and "not renewed: bad" in err
+    assert piku.main(["certs:renew", "bad"]) != 0
+
+
 # --- item 9: a checkout that fails says why in one line -----------------------------------------
 
 def test_a_failed_checkout_is_one_line_with_gits_reason(tmp_path):
