@@ -542,3 +542,57 @@ def test_staging_directories_an_older_piku_left_are_pruned_at_the_next_push(serv
     assert not os.path.exists(leftover)
     assert os.path.isdir(server.path("releases", "faultold", live))  # the release that was live stays
     server.wait_http(server.app_port("faultold"), contains="old v2")
+
+
+# --- README's "No way in": what another local user can and cannot do --------------------------
+
+PROBE = """import json, os, socket, sys
+out = {}
+for path in sys.argv[2:]:
+    try:
+        if os.path.isdir(path):
+            os.listdir(path)
+        else:
+            open(path, "rb").close()
+        out[path] = "read"
+    except OSError as e:
+        out[path] = type(e).__name__
+for name, addr in (("unix", sys.argv[1]), ("tcp", ("127.0.0.1", int(os.environ["PORT"])))):
+    s = socket.socket(socket.AF_UNIX if name == "unix" else socket.AF_INET)
+    try:
+        s.connect(addr)
+        out[name] = "connected"
+    except OSError as e:
+        out[name] = type(e).__name__
+try:
+    open(os.environ["VASSAL"], "w").close()
+    out["write"] = "written"
+except OSError as e:
+    out["write"] = type(e).__name__
+print(json.dumps(out))
+"""
+
+
+def test_what_another_local_user_can_and_cannot_do(server, tmp_path):
+    """Each claim README.md makes about another local user (here: nobody), checked."""
+    from harness import SYSTEM_PY
+    env = server.nginx_env("faultlocal.piku.test") + "REPO_SECRET=in the repo\n"
+    server.deployed("uv-wsgi", "faultlocal", tmp_path, {"ENV": env})
+    assert server.ssh("config:set", "faultlocal", "SECRET=set with config:set").returncode == 0
+    slot = server.vassal("faultlocal", "wsgi").rsplit(".", 2)[1]
+    release = os.path.realpath(server.path("apps", "faultlocal"))
+    secret = [server.path("envs", "faultlocal", n) for n in ("ENV", "LIVE_ENV")] + \
+        [server.path("state", "faultlocal", "env", n) for n in os.listdir(server.path("state", "faultlocal", "env"))] + \
+        [os.path.join(release, "ENV"), server.path("nginx", "faultlocal.key"),
+         server.path("data", "faultlocal"), server.path("logs", "faultlocal"),
+         server.path("state", "faultlocal", f"slot-{slot}")]
+    code = [os.path.join(release, "app.py"), server.path("apps", "faultlocal", "pyproject.toml")]
+    env = {"PORT": str(server.app_port("faultlocal")), "VASSAL": server.path("uwsgi-enabled", "faultlocal_x.ini")}
+    r = subprocess.run([SYSTEM_PY, "-c", PROBE, server.path("nginx", f"faultlocal.1.{slot}.sock"), *secret, *code],
+                       user=65534, group=65534, extra_groups=[], cwd="/", env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert {p: got[p] for p in secret} == {p: "PermissionError" for p in secret}
+    assert {p: got[p] for p in code} == {p: "read" for p in code}  # the code, as nginx reads static files
+    assert got["unix"] == "PermissionError" and got["write"] == "PermissionError", got
+    assert got["tcp"] == "connected", got  # the loopback port: the documented way past nginx
