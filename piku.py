@@ -147,6 +147,82 @@ def _die_with_parent():
     die_with_parent(9)
 
 
+# PR_SET_PDEATHSIG reaches one process, but `/bin/sh -c CMD` forks CMD (dash does), and web
+# servers and build tools fork too: a command whose processes must all die with the process that
+# started it runs under this supervisor. It leads the command's process group and, when its own
+# parent dies (the signal that death sends it finds another parent), ends the whole group:
+# SIGTERM, SIGKILL for what is left after a grace. A stop while the parent lives has reached the
+# whole group already (uWSGI signals a daemon's group): the supervisor exits with its command,
+# whose processes finish as they would without it. A command that ends by itself takes what it
+# left running with it. Run by Python -I -S: a few MB, and no piku.py loaded.
+SUPERVISOR = """# piku.py: the supervisor of one command's process group
+import os, signal, sys, time
+parent, grace, argv = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+me, stopping = os.getpid(), []
+try:
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM, which ends the group
+except (OSError, AttributeError):
+    pass
+try:
+    os.setpgid(0, 0)
+except OSError:
+    pass  # a session leader (uWSGI's daemons) leads its group already
+child = os.fork()
+if child == 0:
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        sys.stderr.write(f"cannot start {argv[0]}: {e.strerror}\\n")
+    os._exit(127)
+
+def others_left():
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, _, group = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pid) != me and int(group) == me and state != "Z":
+            return True
+    return False
+
+def end_group(*_):
+    if os.getppid() == parent:
+        stopping.append(True)
+        return
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and others_left():
+        try:
+            os.waitpid(child, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    os.killpg(0, signal.SIGKILL)
+
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, end_group)
+if os.getppid() != parent:
+    end_group()
+status = os.waitpid(child, 0)[1]
+if not stopping:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+SUPERVISOR_GRACE = 5.0  # seconds a command's processes get after SIGTERM once its parent has died
+
+
+def supervised(argv, parent=None, grace=SUPERVISOR_GRACE):
+    """argv run under SUPERVISOR: it and everything it starts end when `parent` (this process
+    unless given) dies."""
+    return [sys.executable, "-I", "-S", "-c", SUPERVISOR, str(parent or os.getpid()), str(grace)] + list(argv)
+
+
 def run(argv, cwd=None, env=None, capture=False, input=None, check=True, timeout=None):
     """Run argv (a list, never a shell string). Returns CompletedProcess."""
     import subprocess
@@ -509,6 +585,41 @@ def parse_scaling(text):
 
 def render_scaling(scaling):
     return "".join(f"{k}:{v}\n" for k, v in scaling.items())
+
+
+def parse_ports(text):
+    """state/<app>/ports.json text -> ({"port": N, "web": {"a": [N, ...], "b": [...]}} holding
+    only the parts that are well-formed, [problems]). piku writes the file, but a hand edit or a
+    cut-off write must not stop an operation: whatever is malformed is left out and said."""
+    import json
+    if not (text or "").strip():
+        return {}, []
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}, ["is not valid JSON"]
+    if not isinstance(data, dict):
+        return {}, ["is not a JSON object"]
+    def port(p):  # piku writes numbers; older versions' strings of ASCII digits count too
+        digits = isinstance(p, str) and p.isascii() and p.isdigit()
+        return (type(p) is int or digits) and 0 < int(p) < 65536
+    out, problems = {}, []
+    if port(data.get("port")):
+        out["port"] = int(data["port"])
+    elif data.get("port") not in (None, ""):
+        problems.append(f"has port {str(data['port'])[:20]!r}, which is no port number")
+    web = data.get("web")
+    if web is not None and not isinstance(web, dict):
+        problems.append("has a `web` that is not an object")
+    elif web is not None:
+        out["web"] = {}
+        for slot in ("a", "b"):
+            ports = web.get(slot) or []
+            good = [int(p) for p in ports if port(p)] if isinstance(ports, list) else []
+            if not isinstance(ports, list) or len(good) != len(ports):
+                problems.append(f"has web slot {slot} holding something other than port numbers")
+            out["web"][slot] = good
+    return out, problems
 
 
 def parse_scale_args(args, known_kinds, behind_nginx=False):
@@ -1080,7 +1191,9 @@ def render_vassal(v):
         # whole vassal up if a master-start hook fails, so this one never does
         pairs.append(("hook-master-start", "exec:" + shlex.join(exec_worker_argv(v, "--at-start")) + " || true"))
     else:  # a daemon: web, worker, or the virtualenv's own uWSGI (pyuwsgi)
-        pairs.append(("attach-daemon2", "cmd=" + shlex.join(exec_worker_argv(v)) + ",stopsignal=15"))
+        # uWSGI runs it with /bin/sh -c, which would fork it: exec keeps it the master's own child,
+        # so that it (and the supervisor it execs into) sees the master die
+        pairs.append(("attach-daemon2", "cmd=exec " + shlex.join(exec_worker_argv(v)) + ",stopsignal=15"))
     if s.get("UWSGI_INCLUDE_FILE"):
         pairs.append(("ini", uwsgi_include(v)))
     return f"# piku release {v['release']}\n" + render_ini(pairs)
@@ -2247,6 +2360,21 @@ def plan_group_report(command, done, failed, code, pending):
     return ([f"{command} ran on {', '.join(done)}"] if done else []) + [
         f"{command} failed on {failed} (exit {code}); stopped there" + (f": not run on {', '.join(pending)}"
                                                                         if pending else "")]
+
+
+RELEASE_ID_RE = re.compile(r"\d{8}-\d{6}-[0-9a-f]{10}(\.\d+)?")  # how new_release names a release
+
+
+def plan_staging_leftovers(names, recorded, live, went_live):
+    """The directories in releases/<app> (`names`) that failed pushes of an older piku.py left
+    behind: named as releases are, not in the release history (`recorded`), and newer than the
+    live release `live` (None: none is in releases/<app>); an older piku.py only ever moved
+    forward, so these never went live. Only while no release of the history went live
+    (`went_live`): after that, an unrecorded directory can be a release the history dropped."""
+    if went_live:
+        return []
+    return sorted(n for n in names if n not in recorded and RELEASE_ID_RE.fullmatch(n)
+                  and (live is None or n[:15] > live[:15]))
 
 
 def fingerprint(*parts):
@@ -3635,13 +3763,49 @@ def new_release(paths, app, rev, ref, environ):
     except BaseException as e:
         remove_path(target)
         update_release(paths, app, rid, status="failed", reason=f"checkout: {str(e)[:200]}")
-        if isinstance(e, OSError):
-            raise PikuError(f"could not check the revision out ({e.strerror}): is the disk full?")
-        raise
+        raise checkout_failure(e, base)
     finally:
         remove_path(env["GIT_INDEX_FILE"])
     protect_repo_env(target)
     return rid, target
+
+
+def checkout_failure(error, folder):
+    """The one error line for a checkout that failed (git says it once per file it could not
+    write): a full disk (or no inode left) says so, with the space left."""
+    import errno
+    if not isinstance(error, (OSError, PikuError)):
+        return error  # an interrupt, a bug: as it is
+    why = error.strerror if isinstance(error, OSError) else \
+        next((l for l in str(error).splitlines() if l.strip()), "").split("): ", 1)[-1]
+    try:
+        st = os.statvfs(folder)
+        free, full = st.f_bavail * st.f_frsize // 1024, st.f_bavail == 0 or (st.f_files and not st.f_favail)
+    except OSError:
+        free, full = None, False
+    if full or getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error):
+        return PikuError(f"could not check the revision out: no space left in {folder} "
+                         f"({'?' if free is None else free} KiB free): free some disk space and push again")
+    return PikuError(f"could not check the revision out: {why.strip()[:300]}")
+
+
+def prune_staging_leftovers(paths, app):
+    """Remove what failed pushes of an older piku.py left in releases/<app> (they counted as
+    kept releases, and the next pushes tripped over them), unless a process works there."""
+    base = os.path.join(paths.releases, app)
+    if not os.path.isdir(base):
+        return
+    records, live = load_manifest(paths, app), live_release(paths, app)
+    recorded = {os.path.basename(r.get("dir") or "") for r in records}
+    live_name = os.path.basename(live) if live and os.path.dirname(live) == os.path.realpath(base) else None
+    went_live = any(r.get("status") not in ("building", "failed") for r in records)
+    doomed = [os.path.join(base, n) for n in plan_staging_leftovers(os.listdir(base), recorded, live_name, went_live)]
+    busy = releases_in_use(doomed) if doomed else set()
+    gone = [d for d in doomed if d not in busy and os.path.isdir(d) and not os.path.islink(d)]
+    for d in gone:
+        remove_path(d)
+    if gone:
+        detail(f"removed {len(gone)} director{'y' if len(gone) == 1 else 'ies'} a failed push left in {base}")
 
 
 def build_release(paths, app, rev, ref, environ):
@@ -3817,37 +3981,50 @@ def choose_wsgi_mode(release, settings, environ):
 
 # -- ports: piku's own record, so no other app's files are ever parsed ------------------------
 
-def load_ports(paths, app):
-    """state/<app>/ports.json: {"port": PORT, "web": {"a": [...], "b": [...]}} ({} if none)."""
-    import json
+def read_ports(paths, app):
+    """state/<app>/ports.json as parse_ports gives it: (ports, [problems])."""
     try:
-        data = json.loads(read_text(os.path.join(paths.state, app, "ports.json")) or "{}")
-        return data if isinstance(data, dict) else {}
-    except ValueError:
-        return {}
+        return parse_ports(read_text(os.path.join(paths.state, app, "ports.json")))
+    except OSError as e:  # a directory, no permission...
+        return {}, [f"cannot be read ({e.strerror})"]
+
+
+def load_ports(paths, app):
+    """state/<app>/ports.json: {"port": PORT, "web": {"a": [...], "b": [...]}} ({} if none; only
+    its well-formed parts: the operation writes it anew)."""
+    return read_ports(paths, app)[0]
 
 
 def ports_of_app(paths, app):
-    """Every port an app holds. Reading another app's state never fails this operation: what
-    cannot be read is skipped with a warning naming the app."""
-    saved = load_ports(paths, app)
+    """Every port another app holds. Reading another app's state never fails this operation:
+    what cannot be read is skipped with a warning naming the app."""
+    saved, problems = read_ports(paths, app)
+    for problem in problems:
+        warn(f"app {app}: its state/{app}/ports.json {problem}: "
+             + ("that part is skipped" if saved else "its LIVE_ENV is read instead"))
     found = [saved.get("port")] + [p for ps in (saved.get("web") or {}).values() for p in ps]
     if not saved:  # an app deployed by an older piku.py: its LIVE_ENV and standby port
         try:
             found.append(load_live_env(paths, app).get("PORT"))
-        except PikuError as e:
+        except (PikuError, OSError) as e:
             warn(f"app {app}: {e}: its ports are not known (skipped)")
-        found.append((read_text(os.path.join(paths.state, app, "standby_port")) or "").strip())
-    return {int(p) for p in found if str(p).isdigit()}
+        found.append((read_text(os.path.join(paths.state, app, "standby_port"), "") or "").strip())
+    return {int(p) for p in found if str(p).isascii() and str(p).isdigit()}
 
 
 def ports_of_other_apps(paths, app):
     """{port: app} for every port another app holds."""
     out = {}
     for other in known_apps(paths):
-        if other != app:
-            for port in ports_of_app(paths, other):
-                out.setdefault(port, other)
+        if other == app:
+            continue
+        try:
+            ports = ports_of_app(paths, other)
+        except OSError as e:  # (a standby_port that is a directory...)
+            warn(f"app {other}: its state cannot be read ({e}): its ports are not known (skipped)")
+            continue
+        for port in ports:
+            out.setdefault(port, other)
     return out
 
 
@@ -3970,7 +4147,7 @@ def run_phase_in(paths, app, release_dir, workers, settings, venv, environ, kind
         env = dict(settings) | computed_env(paths, app, settings, 0, base["HOME"], base["USER"], base["PATH"],
                                             venv=venv, app_dir=release_dir)
     try:
-        proc = subprocess.run(["/bin/sh", "-c", cmd], cwd=release_dir, stdin=subprocess.DEVNULL,
+        proc = subprocess.run(supervised(["/bin/sh", "-c", cmd]), cwd=release_dir, stdin=subprocess.DEVNULL,
                               env=process_env(env, kind), preexec_fn=_die_with_parent)
     except OSError as e:
         raise PikuError(f"{kind} command could not start: {e.strerror}")
@@ -4773,6 +4950,7 @@ def recover(paths, app):
             if live_release(paths, app) != r.get("dir"):
                 remove_path(r.get("dir") or "")
             update_release(paths, app, r["id"], status="failed", reason="interrupted")
+    prune_staging_leftovers(paths, app)
     base = os.path.join(paths.venvs, app)
     for name in os.listdir(base) if os.path.isdir(base) else []:
         if not os.path.exists(os.path.join(base, name, VENV_MARK)) and name != "legacy":
@@ -5408,7 +5586,7 @@ def canary(t, kind):
     log_path = os.path.join(t.paths.logs, t.app, f"{kind}.1.log")
     with open(log_path, "ab") as log:
         start = log.tell()
-        proc = subprocess.Popen(["/bin/sh", "-c", t.workers[kind]], cwd=t.release.dir, env=env,
+        proc = subprocess.Popen(supervised(["/bin/sh", "-c", t.workers[kind]]), cwd=t.release.dir, env=env,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=_die_with_parent)
     c = Check(f"{kind} (trial on port {port})", kind, log_path, start,
@@ -6259,23 +6437,37 @@ def cmd_certs(app):
 def cmd_certs_renew(app, force):
     """Get or renew ACME certificates (all apps, or APP); run daily from cron or a timer."""
     paths = P()
-    failed = 0
+    failed, broken = 0, []
     for name in [app_must_exist(paths, app)] if app else known_apps(paths):
-        settings = live_settings(paths, name)
-        if not split_names(settings.get("NGINX_SERVER_NAME", "")):
-            continue
-        cap_nginx_logs(paths, name, setting_int(settings, "NGINX_LOG_MAXSIZE"))  # (the daily job)
-        if read_cert_record(paths, name) is None and os.path.exists(cert_paths(paths, name)[0]):
-            detail(f"{name}: certificate provided by the admin, left as it is")
-            continue
-        with AppLock(paths, name):
-            record = acme_certificate({"paths": paths, "app": name, "settings": settings}, force=force)
-        if record and record.get("source") == "acme":
-            detail(f"{name}: certificate valid (from {record['ca']})")
-        else:
-            failed += 1
+        try:
+            failed += renew_certificate(paths, name, force) is False
+        except PikuError as e:
+            if app:
+                raise
+            warn(f"app {name}: {e} (skipped; the other apps go on)")
+            broken.append(name)
     if app and failed:
         raise PikuError(f"{app}: no ACME certificate (see the lines above)")
+    if broken:
+        raise PikuError(f"not renewed: {', '.join(broken)} (see the lines above)")
+
+
+def renew_certificate(paths, app, force):
+    """certs:renew for one app: True (an ACME certificate is valid), False (none could be got),
+    None (not piku's to renew: no names, or the admin's certificate)."""
+    settings = live_settings(paths, app)
+    if not split_names(settings.get("NGINX_SERVER_NAME", "")):
+        return None
+    cap_nginx_logs(paths, app, setting_int(settings, "NGINX_LOG_MAXSIZE"))  # (the daily job)
+    if read_cert_record(paths, app) is None and os.path.exists(cert_paths(paths, app)[0]):
+        detail(f"{app}: certificate provided by the admin, left as it is")
+        return None
+    with AppLock(paths, app):
+        record = acme_certificate({"paths": paths, "app": app, "settings": settings}, force=force)
+    if record and record.get("source") == "acme":
+        detail(f"{app}: certificate valid (from {record['ca']})")
+        return True
+    return False
 
 
 @cli.command("ps:scale")
@@ -6648,7 +6840,8 @@ def exec_worker(app, kind, index, if_due, at_start, release_dir, env_file, port,
         uwsgi = os.path.join(env.get("VIRTUAL_ENV") or os.path.join(paths.envs, app), "bin", "uwsgi")
         os.execve(uwsgi, [uwsgi, "--ini", inner], clean)
     env = process_env(env, kind, index) | ({"PORT": str(port)} if port else {})
-    os.execve("/bin/sh", ["/bin/sh", "-c", workers[kind]], env)
+    argv = supervised(["/bin/sh", "-c", workers[kind]], parent=os.getppid())  # (sh forks the command)
+    os.execve(argv[0], argv, env)
 
 
 def worker_env(paths, app, kind, index, environ, env_file=None):

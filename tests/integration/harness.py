@@ -111,9 +111,21 @@ class Server:
         assert r.returncode == 0, r.stderr
         self.setup_client_key()
         self.start_sshd()
-        self.spawn("emperor", ["uwsgi", "--ini", os.path.join(self.root, "uwsgi", "uwsgi.ini")])
+        self.start_emperor()
         self.start_nginx()
         return self
+
+    def start_emperor(self):
+        """The uWSGI emperor as an admin's service starts it (again after kill_emperor)."""
+        return self.spawn("emperor", ["uwsgi", "--ini", os.path.join(self.root, "uwsgi", "uwsgi.ini")])
+
+    def kill_emperor(self):
+        """SIGKILL the emperor alone (not its process group: what happens to its vassals and their
+        processes is what a test looks at). Returns its pid once it is reaped."""
+        proc = self.procs["emperor"]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        return proc.pid
 
     def setup_client_key(self):
         self.key = os.path.join(self.priv, "id_ed25519")

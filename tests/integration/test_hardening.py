@@ -328,7 +328,7 @@ def test_destroy_returns_once_the_apps_processes_have_stopped(server, tmp_path):
     port = server.app_port("hardgone")
     server.wait_http(port)
     assert app_processes(server, "hardgone")
-    r = server.ssh("destroy", "hardgone", "--force")
+    r = server.ssh("destroy", "hardgone", "--confirm", "hardgone")
     assert r.returncode == 0, r.stderr
     assert app_processes(server, "hardgone") == []
     assert server.http_get(port)[0] is None

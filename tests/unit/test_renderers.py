@@ -51,7 +51,7 @@ def test_wsgi_vassal_unix_socket_for_nginx():
 
 def test_daemon_vassal_runs_exec_worker_not_the_command():
     ini = vassal(kind="web", mode="daemon")
-    assert "attach-daemon2 = cmd=/usr/bin/python3 /srv/piku.py exec-worker demo web 1" in ini
+    assert "attach-daemon2 = cmd=exec /usr/bin/python3 /srv/piku.py exec-worker demo web 1" in ini
     assert "plugin" not in ini and "wsgi-file" not in ini
 
 
@@ -66,7 +66,7 @@ def test_cron_vassal_checks_schedule_every_minute():
 
 def test_pyuwsgi_vassal_runs_the_venv_uwsgi():
     ini = vassal(mode="pyuwsgi")
-    assert "attach-daemon2 = cmd=/usr/bin/python3 /srv/piku.py exec-worker demo wsgi 1" in ini
+    assert "attach-daemon2 = cmd=exec /usr/bin/python3 /srv/piku.py exec-worker demo wsgi 1" in ini
     assert "plugin = " not in ini
 
 
