@@ -38,7 +38,7 @@ HOSTNAME_RE = re.compile(r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_]
 IP_RE = re.compile(r"[0-9A-Fa-f.:\[\]]{2,64}")
 SAFE_PATH_RE = re.compile(r"[A-Za-z0-9_./@+-]{1,512}")
 
-SPECIAL_KINDS = ("release", "preflight")
+SPECIAL_KINDS = ("release", "preflight", "postdeploy")  # Procfile phases, not processes
 MAX_PROCESS_KINDS = 50  # Procfile lines with a kind (each may become several workers)
 DEFAULT_RELEASES_KEPT = 3
 PIKU_FILES_IN_ENV_DIR = ("ENV", "LIVE_ENV", "SCALING")
@@ -754,6 +754,31 @@ def crash_looping(log_tail):
     return restarts >= 2 or throttled
 
 
+def parse_webhook_url(value, key="PIKU_DEPLOY_WEBHOOK"):
+    """An http:// or https:// URL (ASCII, no spaces, no user:password@) -> the URL; else raises."""
+    import ipaddress
+    from urllib.parse import urlsplit
+    v = str(value)
+    shown = repr(v[:60]) + ("..." if len(v) > 60 else "")
+    try:
+        parts = urlsplit(v)
+        parts.port  # (raises for a port that is not a number from 0 to 65535)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or len(v) > 2000 \
+            or not v.isascii() or not v.isprintable() or " " in v:
+        raise PikuError(f"{key}: expected an http:// or https:// URL (ASCII, no spaces), got {shown}")
+    if "@" in parts.netloc:
+        raise PikuError(f"{key}: user:password@ in the URL is not supported: put the token in its path or query")
+    host = parts.hostname
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not HOSTNAME_RE.fullmatch(host) or host == "_" or host.startswith("*"):
+            raise PikuError(f"{key}: {host[:60]!r} is not a host name or IP address")
+    return v
+
+
 # === 6. Settings ===
 # Layering: defaults < repo ENV < config:set values (envs/<app>/ENV) < computed values.
 # SETTINGS is the one table of what piku reads: name, default (None: unset), the check a value
@@ -812,6 +837,8 @@ SETTINGS = (
     S("PIKU_PYUWSGI", "auto", v_choice("auto", "never", "always"), "serve wsgi with the venv's own uWSGI"),
     S("PIKU_UWSGI_PLUGIN_DIR", None, v_path, "where to look first for uWSGI's python3 plugin"),
     S("PIKU_MAINTENANCE_DURING_RELEASE", "false", v_bool, "maintenance mode while `release:` runs"),
+    S("PIKU_DEPLOY_WEBHOOK", None, lambda v, k: parse_webhook_url(v, k), "URL told of each deploy (JSON POST)"),
+    S("PIKU_DEPLOY_WEBHOOK_TIMEOUT", "5", v_int(1, 60), "seconds a deploy waits for the webhook at most"),
     # Python and uv
     S("PYTHON_VERSION", None, lambda v, k: parse_python_version(v), "the app's Python version"),
     S("UV_PYTHON_PREFERENCE", "managed", None, "where uv takes Pythons from"),
@@ -1871,6 +1898,20 @@ def render_nginx_check_conf(tmp, includes):
             f"  access_log off;\n{temps}\n{inc}\n}}\n")
 
 
+DEPLOY_NOTICE_FIELDS = ("app", "release", "revision", "branch", "status", "duration", "url", "error", "server",
+                        "time", "piku")
+
+
+def render_deploy_notice(fields):
+    """The JSON body POSTed to PIKU_DEPLOY_WEBHOOK: every field of DEPLOY_NOTICE_FIELDS (null
+    when not known), status `success` or `failed`, duration in seconds."""
+    import json
+    body = {k: fields.get(k) for k in DEPLOY_NOTICE_FIELDS}
+    if body["duration"] is not None:
+        body["duration"] = round(body["duration"], 2)
+    return json.dumps(body, sort_keys=True).encode()
+
+
 # === 8. Planners (pure) ===
 
 def detect_requirements(files, workers):
@@ -2070,6 +2111,7 @@ KINDS = {
     "cron": Kind(None, 1, "cron", None, "never", None),
     "release": Kind(None, 0, None, None, "never", None),    # phases: run once per deploy
     "preflight": Kind(None, 0, None, None, "never", None),
+    "postdeploy": Kind(None, 0, None, None, "never", None),  # after a deploy went live
     "worker": Kind(None, 64, "daemon", "alive", "never", None),  # any other name
 }
 
@@ -2409,11 +2451,12 @@ def check_repo_links(release_dir):
                 check_repo_path(release_dir, os.path.normpath(os.path.join(os.path.dirname(rel), src)), None)
 
 
-def owner_only_problem(path):
+def owner_only_problem(path, root_may_own=False):
     """None if nobody but root and the piku user can change the file at the absolute `path`:
-    it is a regular file of the piku user, writable by it alone, and no directory or
-    symbolic link on the way to it (followed or not) is another user's or open to others
-    (a sticky directory such as /tmp excepted). Else what is wrong, in a few words."""
+    it is a regular file of the piku user (or, root_may_own, of root), writable by its owner
+    alone, and no directory or symbolic link on the way to it (followed or not) is another
+    user's or open to others (a sticky directory such as /tmp excepted). Else what is wrong,
+    in a few words."""
     import stat
     me = os.getuid()
     try:
@@ -2433,8 +2476,8 @@ def owner_only_problem(path):
         return f"it cannot be checked ({e.strerror})"
     if not stat.S_ISREG(st.st_mode):
         return "it is not a regular file"
-    if st.st_uid != me or st.st_mode & 0o022:
-        return "it is not a file only the piku user can write"
+    if st.st_uid not in ((me, 0) if root_may_own else (me,)) or st.st_mode & 0o022:
+        return "it is not a file only " + ("root or " if root_may_own else "") + "the piku user can write"
     return None
 
 
@@ -3445,6 +3488,17 @@ def setup_nginx(paths):
     return notes
 
 
+def deploy_hooks(recipe):
+    """Around the deploy recipe: its notice to PIKU_DEPLOY_WEBHOOK whatever the outcome, and
+    after a successful one the `postdeploy:` command and the server's post-deploy hook
+    (with_deploy_hooks, under `deploy hooks and notifications` below)."""
+    def deploy_with_hooks(paths, app, rev, ref, environ):
+        return with_deploy_hooks(recipe, paths, app, rev, ref, environ)
+    deploy_with_hooks.__doc__ = recipe.__doc__
+    return deploy_with_hooks
+
+
+@deploy_hooks
 def deploy(paths, app, rev, ref, environ):
     """A push (or `deploy`): build rev into a new release, run its release command, switch."""
     import time
@@ -3453,6 +3507,7 @@ def deploy(paths, app, rev, ref, environ):
     release = build_release(paths, app, rev, ref, environ)
     try:
         target = plan_target(paths, app, release, environ, OPERATIONS["deploy"])
+        run_server_hook(target, "pre-deploy")
         with MaintenanceDuringRelease(target):
             run_phase(target, "release")
         step("Releasing")
@@ -5523,6 +5578,160 @@ def write_vassal(path, text):
     if old is not None and int(os.stat(path).st_mtime) <= old:
         os.utime(path, (old + 1, old + 1))
 
+
+# -- deploy hooks and notifications -------------------------------------------------------------
+# Around every deploy (a push, `deploy`, a changed build setting): the server's own
+# pre-deploy hook may refuse it (it runs before the release command); once the release is live,
+# the Procfile's `postdeploy:` command and the server's post-deploy hook run (their failures only
+# warn: nothing is rolled back); PIKU_DEPLOY_WEBHOOK gets a JSON notice whatever the outcome.
+
+SERVER_HOOKS = ("pre-deploy", "post-deploy")  # programs of the admin's in PIKU_ROOT/hooks/
+
+
+def with_deploy_hooks(recipe, paths, app, rev, ref, environ):
+    """Run the deploy recipe; after a successful one postdeploy and the post-deploy hook; then
+    the webhook's notice (a failed deploy's too, with the settings known before it started)."""
+    import time
+    t0, started = time.monotonic(), time.time()
+    notice = {"app": app, "revision": rev, "branch": ref or None,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))}
+    before = settings_for_notice(paths, app)
+    try:
+        t = recipe(paths, app, rev, ref, environ)
+    except Exception as e:
+        failed = {"status": "failed", "duration": time.monotonic() - t0, "error": (str(e).splitlines() or [""])[0][:500]
+                  or type(e).__name__, "release": failed_release_id(paths, app, rev, started)}
+        never_fails(notify_deploy, before, notice | failed)
+        raise
+    notice |= {"status": "success", "duration": time.monotonic() - t0, "release": t.release.id, "url": app_url(t)}
+    never_fails(run_postdeploy, t)
+    never_fails(run_server_hook, t, "post-deploy")
+    never_fails(notify_deploy, t.settings, notice)
+    return t
+
+
+def never_fails(after, *args):
+    """One of what follows a deploy: an error there (a hook that cannot start...) is a warning,
+    never the deploy's failure."""
+    try:
+        after(*args)
+    except Exception as e:
+        warn(f"{str(e) or type(e).__name__}: the deploy is not affected")
+
+
+def settings_for_notice(paths, app):
+    """The live settings (config:set over the live release's ENV), {} when they cannot be read:
+    where a deploy that fails before its own settings are known sends its notice."""
+    try:
+        return live_settings(paths, app, check=False)
+    except (PikuError, OSError):
+        return {}
+
+
+def failed_release_id(paths, app, rev, since):
+    """The release a failed deploy of rev started at `since` recorded (None if it got no id)."""
+    for r in load_manifest(paths, app):
+        if r.get("rev") == rev and (r.get("created") or 0) >= int(since):
+            return r["id"]
+    return None
+
+
+def run_procfile_command(kind, cmd, cwd, env):
+    """A Procfile phase command that decides nothing about a deploy (postdeploy, backup): run with
+    /bin/sh in cwd with the app's environment and PROC_TYPE=kind; its exit code."""
+    step(f"Running {kind}: {cmd}")
+    return run(["/bin/sh", "-c", cmd], cwd=cwd, env=process_env(env, kind), check=False, input="").returncode
+
+
+def run_postdeploy(t):
+    """The Procfile's postdeploy command, in the release that just went live; a failure warns."""
+    if "postdeploy" in t.workers:
+        code = run_procfile_command("postdeploy", t.workers["postdeploy"], t.release.dir, t.env)
+        if code:
+            warn(f"postdeploy command failed (exit {code}): {t.app} stays on {t.release.id}, nothing was "
+                 "rolled back (a postdeploy failure never rolls a deploy back)")
+
+
+def run_server_hook(t, name):
+    """PIKU_ROOT/hooks/<name> (pre-deploy, post-deploy), the admin's program, when there is one: run
+    in the release with APP, REV, BRANCH, RELEASE, RELEASE_DIR, PREVIOUS_RELEASE (and URL after the
+    deploy). A pre-deploy hook that fails, or cannot be trusted, refuses the deploy; post-deploy warns."""
+    path = os.path.join(t.paths.root, "hooks", name)
+    if not os.path.lexists(path):
+        return
+    gate = name == "pre-deploy"
+    problem = owner_only_problem(path, root_may_own=True) or \
+        (None if os.access(path, os.X_OK) else "it is not executable (chmod 755 it)")
+    if problem and gate:
+        raise PikuError(f"the server's pre-deploy hook {path} cannot be run: {problem}; no app deploys until it "
+                        "is fixed or removed (nothing was changed)")
+    if problem:
+        return warn(f"the server's post-deploy hook {path} was not run: {problem}")
+    step(f"Running the server's {name} hook")
+    env = {k: v for k, v in clean_env(os.environ).items() if k in ("PATH", "HOME", "USER", "LOGNAME", "LANG",
+                                                                     "LC_ALL", "TZ")}
+    env.update({"PIKU_ROOT": t.paths.root, "APP": t.app, "REV": t.release.rev or "", "BRANCH": t.release.ref or "",
+                "RELEASE": t.release.id, "RELEASE_DIR": t.release.dir,
+                "PREVIOUS_RELEASE": t.live.get("release") or ""} | ({} if gate else {"URL": app_url(t) or ""}))
+    try:
+        code = run([path], cwd=t.release.dir, env=env, check=False, input="").returncode
+    except PikuError as e:  # (not a program: a script without its #! line...)
+        raise PikuError(f"the server's {name} hook {path} could not start ({e})"
+                        + ("; no app deploys until it is fixed or removed (nothing was changed)" if gate else ""))
+    if code and gate:
+        raise PikuError(f"the server's pre-deploy hook refused the deploy (exit {code}): nothing was changed, "
+                        "the live release serves on")
+    if code:
+        warn(f"the server's post-deploy hook failed (exit {code}): the deploy stands")
+
+
+def notify_deploy(settings, notice):
+    """POST the deploy's notice to PIKU_DEPLOY_WEBHOOK (when set), waiting for the answer at most
+    PIKU_DEPLOY_WEBHOOK_TIMEOUT seconds; whatever happens, the deploy is not affected."""
+    import socket
+    from urllib.parse import urlsplit
+    url = settings.get("PIKU_DEPLOY_WEBHOOK")
+    if not url:
+        return
+    try:
+        parse_webhook_url(url)
+        timeout = parse_int(setting(settings, "PIKU_DEPLOY_WEBHOOK_TIMEOUT"), "PIKU_DEPLOY_WEBHOOK_TIMEOUT", 1, 60)
+    except PikuError as e:
+        return warn(f"{e}: no deploy notice sent")
+    where = "{0.scheme}://{0.netloc}".format(urlsplit(url))  # (the rest may hold a token)
+    answer = post_json(url, render_deploy_notice(notice | {"server": socket.gethostname(), "piku": __version__}),
+                       timeout)
+    if isinstance(answer, int) and 200 <= answer < 300:
+        detail(f"deploy notice sent to {where} ({answer})")
+    else:
+        warn(f"the deploy notice to {where} " + (f"got no answer within {timeout}s (PIKU_DEPLOY_WEBHOOK_TIMEOUT)"
+                                                 if answer is None else f"failed ({answer})")
+             + ": the deploy is not affected")
+
+
+def post_json(url, body, timeout):
+    """POST a JSON body from a thread of its own: the HTTP status, an error's text, or None when
+    nothing came back within timeout seconds (the thread is left to end with the process)."""
+    import http.client
+    import threading
+    import urllib.error
+    import urllib.request
+    answer = []
+
+    def send():
+        req = urllib.request.Request(url, data=body, method="POST", headers={
+            "Content-Type": "application/json", "User-Agent": f"piku.py/{__version__}"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                answer.append(resp.status)
+        except urllib.error.HTTPError as e:
+            answer.append(e.code)
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            answer.append(str(getattr(e, "reason", None) or e)[:200] or type(e).__name__)
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else None
 
 
 # === 12. Git and SSH plumbing ===
