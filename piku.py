@@ -5881,11 +5881,15 @@ def post_json(url, body, timeout):
     import urllib.request
     answer = []
 
+    class NoRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args):
+            return None  # (urllib would repeat a POST as a GET without its body: a 3xx is the answer)
+
     def send():
         req = urllib.request.Request(url, data=body, method="POST", headers={
             "Content-Type": "application/json", "User-Agent": f"piku.py/{__version__}"})
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.build_opener(NoRedirects).open(req, timeout=timeout) as resp:
                 answer.append(resp.status)
         except urllib.error.HTTPError as e:
             answer.append(e.code)

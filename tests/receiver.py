@@ -6,10 +6,10 @@ import threading
 
 
 class Receiver:
-    """`got` is a list of (path, Content-Type, JSON body) per POST; answers `status`, or (with
-    `hang`, a threading.Event) only once hang is set."""
+    """`got` is a list of (path, Content-Type, JSON body) per POST; answers `status` (with
+    `headers`), or (with `hang`, a threading.Event) only once hang is set."""
 
-    def __init__(self, status=204, hang=None):
+    def __init__(self, status=204, hang=None, headers=None):
         got = self.got = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -19,6 +19,8 @@ class Receiver:
                 if hang:
                     hang.wait(60)
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
 
             def log_message(self, *args):

@@ -185,3 +185,9 @@ def test_a_hook_that_cannot_start_refuses_before_and_only_warns_after(hooked, ca
     err = capsys.readouterr().err
     assert "post-deploy hook could not start (cannot start post-deploy: Exec format error): the deploy is not affected" \
         in err.replace(f" {paths.root}/hooks/post-deploy", ""), err
+
+
+def test_a_redirect_is_an_answer_not_followed():
+    with Receiver(status=301, headers={"Location": "http://127.0.0.1:1/elsewhere"}) as rx:
+        assert piku.post_json(rx.url, b"{}", 60) == 301
+        assert len(rx.got) == 1
