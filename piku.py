@@ -5874,7 +5874,8 @@ def notify_deploy(settings, notice):
 
 def post_json(url, body, timeout):
     """POST a JSON body from a thread of its own: the HTTP status, an error's text, or None when
-    nothing came back within timeout seconds (the thread is left to end with the process)."""
+    nothing came back within timeout seconds (whichever notices first, the thread's socket or
+    the wait for it; a thread still waiting is left to end with the process)."""
     import http.client
     import threading
     import urllib.error
@@ -5894,7 +5895,8 @@ def post_json(url, body, timeout):
         except urllib.error.HTTPError as e:
             answer.append(e.code)
         except (OSError, ValueError, http.client.HTTPException) as e:
-            answer.append(str(getattr(e, "reason", None) or e)[:200] or type(e).__name__)
+            reason = getattr(e, "reason", None) or e
+            answer.append(None if isinstance(reason, TimeoutError) else str(reason)[:200] or type(e).__name__)
     thread = threading.Thread(target=send, daemon=True)
     thread.start()
     thread.join(timeout)
