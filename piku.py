@@ -3655,9 +3655,11 @@ def deploy_hooks(recipe):
     """Around the deploy recipe: its notice to PIKU_DEPLOY_WEBHOOK whatever the outcome, and
     after a successful one the `postdeploy:` command and the server's post-deploy hook
     (with_deploy_hooks, under `deploy hooks and notifications` below)."""
+    import functools
+
+    @functools.wraps(recipe)
     def deploy_with_hooks(paths, app, rev, ref, environ):
         return with_deploy_hooks(recipe, paths, app, rev, ref, environ)
-    deploy_with_hooks.__doc__ = recipe.__doc__
     return deploy_with_hooks
 
 
