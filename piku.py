@@ -77,7 +77,7 @@ HOSTNAME_RE = re.compile(r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_]
 IP_RE = re.compile(r"[0-9A-Fa-f.:\[\]]{2,64}")
 SAFE_PATH_RE = re.compile(r"[A-Za-z0-9_./@+-]{1,512}")
 
-SPECIAL_KINDS = ("release", "preflight")
+SPECIAL_KINDS = ("release", "preflight", "postdeploy", "backup")  # Procfile phases, not processes
 MAX_PROCESS_KINDS = 50  # Procfile lines with a kind (each may become several workers)
 DEFAULT_RELEASES_KEPT = 3
 PIKU_FILES_IN_ENV_DIR = ("ENV", "LIVE_ENV", "SCALING")
@@ -904,6 +904,116 @@ def crash_looping(log_tail):
     return restarts >= 2 or throttled
 
 
+def parse_webhook_url(value, key="PIKU_DEPLOY_WEBHOOK"):
+    """An http:// or https:// URL (ASCII, no spaces, no user:password@) -> the URL; else raises."""
+    import ipaddress
+    from urllib.parse import urlsplit
+    v = str(value)
+    shown = repr(v[:60]) + ("..." if len(v) > 60 else "")
+    try:
+        parts = urlsplit(v)
+        parts.port  # (raises for a port that is not a number from 0 to 65535)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or len(v) > 2000 \
+            or not v.isascii() or not v.isprintable() or " " in v:
+        raise PikuError(f"{key}: expected an http:// or https:// URL (ASCII, no spaces), got {shown}")
+    if "@" in parts.netloc:
+        raise PikuError(f"{key}: user:password@ in the URL is not supported: put the token in its path or query")
+    host = parts.hostname
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not HOSTNAME_RE.fullmatch(host) or host == "_" or host.startswith("*"):
+            raise PikuError(f"{key}: {host[:60]!r} is not a host name or IP address")
+    return v
+
+
+# A backup archive (`backup APP`): these files, the folders `config`, `tls` and `data`, and under
+# data/ the app's own files, folders and symbolic links (leading nowhere outside data/).
+BACKUP_FORMAT = 1
+BACKUP_FILES = {"manifest.json": 64 << 20, "repo.bundle": None, "config/ENV": 2 << 20, "config/SCALING": 1 << 16,
+                "tls/crt": 1 << 20, "tls/key": 1 << 20, "tls/certificate.json": 1 << 16}
+BACKUP_DIRS = ("config", "tls", "data")
+GIT_REV_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+BRANCH_RE = re.compile(r"refs/heads/[A-Za-z0-9_][A-Za-z0-9._/-]{0,200}")
+
+
+def parse_backup_member(name, kind, size=0, link=""):
+    """One member of a backup archive (kind: file, dir, link, or what else it is) -> its path
+    relative to the archive's top; raises for what restore must not write: absolute or `..`
+    paths, names a backup does not have, other types, links that lead out of data/."""
+    shown = repr(name[:80])
+    rel = name[:-1] if kind == "dir" and name.endswith("/") else name
+    parts = rel.split("/")
+    if not rel or len(rel) > 4096 or rel.startswith("/") or "\0" in rel \
+            or any(p in ("", ".", "..") or len(p) > 255 for p in parts):
+        raise PikuError(f"the member {shown} leads out of the archive's folder (an absolute path or `..`)")
+    if kind == "link":
+        target = "" if not link or link.startswith("/") or "\0" in link else \
+            os.path.normpath(os.path.join(os.path.dirname(rel), link))
+        if parts[0] != "data" or len(parts) < 2 or not (target == "data" or target.startswith("data/")):
+            raise PikuError(f"the symbolic link {shown} -> {link[:80]!r} leads out of the app's data")
+        return rel
+    if kind not in ("file", "dir"):
+        raise PikuError(f"the member {shown} is a {kind}: a backup holds only files, folders and symbolic links")
+    if kind == "file" and rel in BACKUP_FILES:
+        if BACKUP_FILES[rel] is not None and size > BACKUP_FILES[rel]:
+            raise PikuError(f"{rel} is {size} bytes long, more than a backup's ever is")
+        return rel
+    if parts[0] == "data" and (len(parts) > 1 or kind == "dir") or (kind == "dir" and rel in BACKUP_DIRS):
+        return rel
+    raise PikuError(f"the member {shown} ({kind}) is not part of a piku backup")
+
+
+def backup_digest(manifest):
+    """The sha256 of a backup manifest's fields, its own `digest` left out."""
+    import hashlib
+    import json
+    body = json.dumps({k: v for k, v in manifest.items() if k != "digest"}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def parse_backup_manifest(text, files, links):
+    """manifest.json of a backup, checked against what the archive held (files: {path: sha256},
+    links: {path: target}) -> the manifest as a dict; raises when it cannot be verified."""
+    import json
+    try:
+        m = json.loads(text or "")
+    except ValueError:
+        m = None
+    if not isinstance(m, dict):
+        raise PikuError("the archive has no manifest.json, or not one piku wrote (a JSON object)")
+    if isinstance(m.get("format"), int) and m["format"] > BACKUP_FORMAT:
+        raise PikuError(f"the archive was made by a newer piku.py (backup format {m['format']}): update piku.py "
+                        "here first")
+    if m.get("format") != BACKUP_FORMAT or not isinstance(m.get("digest"), str):
+        raise PikuError("the manifest has no digest (unsigned): not a backup piku made")
+    if m["digest"] != backup_digest(m):
+        raise PikuError("the manifest does not match its digest: it was changed or damaged")
+    checks = {"app": lambda v: isinstance(v, str) and APP_NAME_RE.fullmatch(v),
+              "rev": lambda v: isinstance(v, str) and GIT_REV_RE.fullmatch(v),
+              "branch": lambda v: isinstance(v, str) and BRANCH_RE.fullmatch(v) and ".." not in v,
+              "release": lambda v: v is None or isinstance(v, str) and len(v) < 200,
+              "files": lambda v: isinstance(v, dict) and all(isinstance(h, str) for h in v.values()),
+              "links": lambda v: isinstance(v, dict)}
+    for key, ok in checks.items():
+        if not ok(m.get(key)):
+            raise PikuError(f"the manifest has no valid {key!r}")
+    held = {k: v for k, v in files.items() if k != "manifest.json"}
+    for what, want, have in (("file", m["files"], held), ("symbolic link", m["links"], links)):
+        for path in sorted(set(want) | set(have)):
+            if path not in have:
+                raise PikuError(f"the {what} {path} of the manifest is missing from the archive (cut off?)")
+            if path not in want:
+                raise PikuError(f"the {what} {path} is in the archive but not in its manifest")
+            if want[path] != have[path]:
+                raise PikuError(f"{path} does not match the manifest: the archive was changed or damaged")
+    if "repo.bundle" not in held:
+        raise PikuError("the archive holds no repo.bundle")
+    return m
+
+
 # === 6. Settings ===
 # Layering: defaults < repo ENV < config:set values (envs/<app>/ENV) < computed values.
 # SETTINGS is the one table of what piku reads: name, default (None: unset), the check a value
@@ -962,6 +1072,8 @@ SETTINGS = (
     S("PIKU_PYUWSGI", "auto", v_choice("auto", "never", "always"), "serve wsgi with the venv's own uWSGI"),
     S("PIKU_UWSGI_PLUGIN_DIR", None, v_path, "where to look first for uWSGI's python3 plugin"),
     S("PIKU_MAINTENANCE_DURING_RELEASE", "false", v_bool, "maintenance mode while `release:` runs"),
+    S("PIKU_DEPLOY_WEBHOOK", None, lambda v, k: parse_webhook_url(v, k), "URL told of each deploy (JSON POST)"),
+    S("PIKU_DEPLOY_WEBHOOK_TIMEOUT", "5", v_int(1, 60), "seconds a deploy waits for the webhook at most"),
     # Python and uv
     S("PYTHON_VERSION", None, lambda v, k: parse_python_version(v), "the app's Python version"),
     S("UV_PYTHON_PREFERENCE", "managed", None, "where uv takes Pythons from"),
@@ -2028,6 +2140,30 @@ def render_nginx_check_conf(tmp, includes):
             f"  access_log off;\n{temps}\n{inc}\n}}\n")
 
 
+def render_backup_manifest(info, files, links):
+    """manifest.json of a backup: info (app, release, rev, branch, versions, date), the sha256 of
+    every file and the target of every link the archive holds, and a digest of all that."""
+    import json
+    manifest = {**info, "format": BACKUP_FORMAT, "files": dict(sorted(files.items())),
+                "links": dict(sorted(links.items()))}
+    manifest["digest"] = backup_digest(manifest)
+    return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+
+
+DEPLOY_NOTICE_FIELDS = ("app", "release", "revision", "branch", "status", "duration", "url", "error", "server",
+                        "time", "piku")
+
+
+def render_deploy_notice(fields):
+    """The JSON body POSTed to PIKU_DEPLOY_WEBHOOK: every field of DEPLOY_NOTICE_FIELDS (null
+    when not known), status `success` or `failed`, duration in seconds."""
+    import json
+    body = {k: fields.get(k) for k in DEPLOY_NOTICE_FIELDS}
+    if body["duration"] is not None:
+        body["duration"] = round(body["duration"], 2)
+    return json.dumps(body, sort_keys=True).encode()
+
+
 # === 8. Planners (pure) ===
 
 def detect_requirements(files, workers):
@@ -2227,6 +2363,8 @@ KINDS = {
     "cron": Kind(None, 1, "cron", None, "never", None),
     "release": Kind(None, 0, None, None, "never", None),    # phases: run once per deploy
     "preflight": Kind(None, 0, None, None, "never", None),
+    "postdeploy": Kind(None, 0, None, None, "never", None),  # after a deploy went live
+    "backup": Kind(None, 0, None, None, "never", None),      # before `backup` reads the app
     "worker": Kind(None, 64, "daemon", "alive", "never", None),  # any other name
 }
 
@@ -2307,14 +2445,14 @@ def plan_wsgi_mode(setting_value, venv_version, plugin_version):
 CLIENT_APP_COMMANDS = ("config", "config:get", "config:set", "config:unset", "config:live", "config:export",
                        "config:import", "deploy", "destroy", "logs", "ps", "ps:scale", "releases", "rollback",
                        "run", "restart", "stop", "certs", "certs:renew", "cron:run", "maintenance:on",
-                       "maintenance:off")
+                       "maintenance:off", "backup", "restore")
 
 
 def plan_client_call(command, args, app):
     """The piku argv the client sends for `piku COMMAND ARGS...`: the app goes right after
     the commands that take one (`run -- cmd` drops the `--`)."""
     args = list(args)
-    if command not in CLIENT_APP_COMMANDS:
+    if command not in CLIENT_APP_COMMANDS or (command == "backup" and "--all" in args):
         return [command] + args
     if not app:
         raise PikuError(f"{command} needs an app: run it in a checkout with a `piku` git remote, "
@@ -2581,11 +2719,12 @@ def check_repo_links(release_dir):
                 check_repo_path(release_dir, os.path.normpath(os.path.join(os.path.dirname(rel), src)), None)
 
 
-def owner_only_problem(path):
+def owner_only_problem(path, root_may_own=False):
     """None if nobody but root and the piku user can change the file at the absolute `path`:
-    it is a regular file of the piku user, writable by it alone, and no directory or
-    symbolic link on the way to it (followed or not) is another user's or open to others
-    (a sticky directory such as /tmp excepted). Else what is wrong, in a few words."""
+    it is a regular file of the piku user (or, root_may_own, of root), writable by its owner
+    alone, and no directory or symbolic link on the way to it (followed or not) is another
+    user's or open to others (a sticky directory such as /tmp excepted). Else what is wrong,
+    in a few words."""
     import stat
     me = os.getuid()
     try:
@@ -2605,8 +2744,8 @@ def owner_only_problem(path):
         return f"it cannot be checked ({e.strerror})"
     if not stat.S_ISREG(st.st_mode):
         return "it is not a regular file"
-    if st.st_uid != me or st.st_mode & 0o022:
-        return "it is not a file only the piku user can write"
+    if st.st_uid not in ((me, 0) if root_may_own else (me,)) or st.st_mode & 0o022:
+        return "it is not a file only " + ("root or " if root_may_own else "") + "the piku user can write"
     return None
 
 
@@ -2665,6 +2804,73 @@ def port_open(host, port, timeout=0.5):
             return True
     except OSError:
         return False
+
+
+def is_inside(path, top):
+    """Is path, links followed, top or under it?"""
+    real, top = os.path.realpath(path), os.path.realpath(top)
+    return real == top or real.startswith(top + os.sep)
+
+
+def backup_member_kind(member):
+    """What a tarfile member is, in the words of parse_backup_member."""
+    return ("file" if member.isreg() else "dir" if member.isdir() else "link" if member.issym()
+            else "hard link" if member.islnk() else "FIFO" if member.isfifo()
+            else "device" if member.isdev() else "special member")
+
+
+def copy_new_file(src, dest, mode):
+    """Copy the binary stream src into the new file dest (made here: never an existing file, never
+    through a link); returns the sha256 of what was copied."""
+    import hashlib
+    h = hashlib.sha256()
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            h.update(chunk)
+            out.write(chunk)
+    os.chmod(dest, mode)
+    return h.hexdigest()
+
+
+def extract_backup(stream, staging):
+    """Unpack the backup archive read from `stream` into the empty folder `staging`: only members
+    parse_backup_member accepts, each once, none written through a symbolic link, and every link
+    leading into data/ when followed. Returns ({file: sha256}, {link: target}); raises PikuError."""
+    import tarfile
+    import zlib
+    files, links, dirs, seen = {}, {}, [], set()
+    try:
+        with tarfile.open(fileobj=stream, mode="r|gz") as tar:
+            for m in tar:
+                rel = parse_backup_member(m.name, backup_member_kind(m), m.size, m.linkname)
+                dest, parts = os.path.join(staging, rel), rel.split("/")
+                if any(os.path.islink(os.path.join(staging, *parts[:i])) for i in range(1, len(parts))):
+                    raise PikuError(f"{rel} would be written through a symbolic link")
+                if rel in seen or os.path.lexists(dest) and (not m.isdir() or os.path.islink(dest)):
+                    raise PikuError(f"{rel} is in the archive twice")
+                seen.add(rel)
+                os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
+                if m.isdir():
+                    os.makedirs(dest, mode=0o700, exist_ok=True)
+                    dirs.append((dest, m.mode & 0o777 | 0o700))
+                elif m.issym():
+                    os.symlink(m.linkname, dest)
+                    links[rel] = m.linkname
+                else:
+                    mode = m.mode & 0o777 if parts[0] == "data" else 0o600
+                    files[rel] = copy_new_file(tar.extractfile(m), dest, mode)
+                    os.utime(dest, (m.mtime, m.mtime))
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise PikuError(f"the archive is not a whole tar.gz archive ({str(e) or type(e).__name__})")
+    except OSError as e:
+        raise PikuError(f"the archive could not be unpacked here ({e.strerror or e})")
+    for rel in links:
+        if not is_inside(os.path.join(staging, rel), os.path.join(staging, "data")):
+            raise PikuError(f"the symbolic link {rel} leads out of the app's data (through another link)")
+    for d, mode in reversed(dirs):
+        os.chmod(d, mode)
+    return files, links
 
 
 # === 10. Builders ===
@@ -3617,6 +3823,19 @@ def setup_nginx(paths):
     return notes
 
 
+def deploy_hooks(recipe):
+    """Around the deploy recipe: its notice to PIKU_DEPLOY_WEBHOOK whatever the outcome, and
+    after a successful one the `postdeploy:` command and the server's post-deploy hook
+    (with_deploy_hooks, under `deploy hooks and notifications` below)."""
+    import functools
+
+    @functools.wraps(recipe)
+    def deploy_with_hooks(paths, app, rev, ref, environ):
+        return with_deploy_hooks(recipe, paths, app, rev, ref, environ)
+    return deploy_with_hooks
+
+
+@deploy_hooks
 def deploy(paths, app, rev, ref, environ):
     """A push (or `deploy`): build rev into a new release, run its release command, switch."""
     import time
@@ -3625,6 +3844,7 @@ def deploy(paths, app, rev, ref, environ):
     release = build_release(paths, app, rev, ref, environ)
     try:
         target = plan_target(paths, app, release, environ, OPERATIONS["deploy"])
+        run_server_hook(target, "pre-deploy")
         with MaintenanceDuringRelease(target):
             run_phase(target, "release")
         step("Releasing")
@@ -5805,6 +6025,501 @@ def write_vassal(path, text):
         os.utime(path, (old + 1, old + 1))
 
 
+# -- deploy hooks and notifications -------------------------------------------------------------
+# Around every deploy (a push, `deploy`, a changed build setting, `restore`): the server's own
+# pre-deploy hook may refuse it (it runs before the release command); once the release is live,
+# the Procfile's `postdeploy:` command and the server's post-deploy hook run (their failures only
+# warn: nothing is rolled back); PIKU_DEPLOY_WEBHOOK gets a JSON notice whatever the outcome.
+
+SERVER_HOOKS = ("pre-deploy", "post-deploy")  # programs of the admin's in PIKU_ROOT/hooks/
+
+
+def with_deploy_hooks(recipe, paths, app, rev, ref, environ):
+    """Run the deploy recipe; after a successful one postdeploy and the post-deploy hook; then
+    the webhook's notice (a failed deploy's too, with the settings known before it started)."""
+    import time
+    t0, started = time.monotonic(), time.time()
+    notice = {"app": app, "revision": rev, "branch": ref or None,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))}
+    before = settings_for_notice(paths, app)
+    try:
+        t = recipe(paths, app, rev, ref, environ)
+    except Exception as e:
+        failed = {"status": "failed", "duration": time.monotonic() - t0, "error": (str(e).splitlines() or [""])[0][:500]
+                  or type(e).__name__, "release": failed_release_id(paths, app, rev, started)}
+        never_fails(notify_deploy, before, notice | failed)
+        raise
+    notice |= {"status": "success", "duration": time.monotonic() - t0, "release": t.release.id, "url": app_url(t)}
+    never_fails(run_postdeploy, t)
+    never_fails(run_server_hook, t, "post-deploy")
+    never_fails(notify_deploy, t.settings, notice)
+    return t
+
+
+def never_fails(after, *args):
+    """One of what follows a deploy: an error there (a hook that cannot start...) is a warning,
+    never the deploy's failure."""
+    try:
+        after(*args)
+    except Exception as e:
+        warn(f"{str(e) or type(e).__name__}: the deploy is not affected")
+
+
+def settings_for_notice(paths, app):
+    """The live settings (config:set over the live release's ENV), {} when they cannot be read:
+    where a deploy that fails before its own settings are known sends its notice."""
+    try:
+        return live_settings(paths, app, check=False)
+    except (PikuError, OSError):
+        return {}
+
+
+def failed_release_id(paths, app, rev, since):
+    """The release a failed deploy of rev started at `since` recorded (None if it got no id)."""
+    for r in load_manifest(paths, app):
+        if r.get("rev") == rev and (r.get("created") or 0) >= int(since):
+            return r["id"]
+    return None
+
+
+def run_procfile_command(kind, cmd, cwd, env):
+    """A Procfile phase command that decides nothing about a deploy (postdeploy, backup): run with
+    /bin/sh in cwd with the app's environment and PROC_TYPE=kind; its exit code."""
+    step(f"Running {kind}: {cmd}")
+    return run(["/bin/sh", "-c", cmd], cwd=cwd, env=process_env(env, kind), check=False, input="").returncode
+
+
+def run_postdeploy(t):
+    """The Procfile's postdeploy command, in the release that just went live; a failure warns."""
+    if "postdeploy" in t.workers:
+        code = run_procfile_command("postdeploy", t.workers["postdeploy"], t.release.dir, t.env)
+        if code:
+            warn(f"postdeploy command failed (exit {code}): {t.app} stays on {t.release.id}, nothing was "
+                 "rolled back (a postdeploy failure never rolls a deploy back)")
+
+
+def run_server_hook(t, name):
+    """PIKU_ROOT/hooks/<name> (pre-deploy, post-deploy), the admin's program, when there is one: run
+    in the release with APP, REV, BRANCH, RELEASE, RELEASE_DIR, PREVIOUS_RELEASE (and URL after the
+    deploy). A pre-deploy hook that fails, or cannot be trusted, refuses the deploy; post-deploy warns."""
+    path = os.path.join(t.paths.root, "hooks", name)
+    if not os.path.lexists(path):
+        return
+    gate = name == "pre-deploy"
+    problem = owner_only_problem(path, root_may_own=True) or \
+        (None if os.access(path, os.X_OK) else "it is not executable (chmod 755 it)")
+    if problem and gate:
+        raise PikuError(f"the server's pre-deploy hook {path} cannot be run: {problem}; no app deploys until it "
+                        "is fixed or removed (nothing was changed)")
+    if problem:
+        return warn(f"the server's post-deploy hook {path} was not run: {problem}")
+    step(f"Running the server's {name} hook")
+    env = {k: v for k, v in clean_env(os.environ).items() if k in ("PATH", "HOME", "USER", "LOGNAME", "LANG",
+                                                                     "LC_ALL", "TZ")}
+    env.update({"PIKU_ROOT": t.paths.root, "APP": t.app, "REV": t.release.rev or "", "BRANCH": t.release.ref or "",
+                "RELEASE": t.release.id, "RELEASE_DIR": t.release.dir,
+                "PREVIOUS_RELEASE": t.live.get("release") or ""} | ({} if gate else {"URL": app_url(t) or ""}))
+    try:
+        code = run([path], cwd=t.release.dir, env=env, check=False, input="").returncode
+    except PikuError as e:  # (not a program: a script without its #! line...)
+        raise PikuError(f"the server's {name} hook {path} could not start ({e})"
+                        + ("; no app deploys until it is fixed or removed (nothing was changed)" if gate else ""))
+    if code and gate:
+        raise PikuError(f"the server's pre-deploy hook refused the deploy (exit {code}): nothing was changed, "
+                        "the live release serves on")
+    if code:
+        warn(f"the server's post-deploy hook failed (exit {code}): the deploy stands")
+
+
+def notify_deploy(settings, notice):
+    """POST the deploy's notice to PIKU_DEPLOY_WEBHOOK (when set), waiting for the answer at most
+    PIKU_DEPLOY_WEBHOOK_TIMEOUT seconds; whatever happens, the deploy is not affected."""
+    import socket
+    from urllib.parse import urlsplit
+    url = settings.get("PIKU_DEPLOY_WEBHOOK")
+    if not url:
+        return
+    try:
+        parse_webhook_url(url)
+        timeout = parse_int(setting(settings, "PIKU_DEPLOY_WEBHOOK_TIMEOUT"), "PIKU_DEPLOY_WEBHOOK_TIMEOUT", 1, 60)
+    except PikuError as e:
+        return warn(f"{e}: no deploy notice sent")
+    where = "{0.scheme}://{0.netloc}".format(urlsplit(url))  # (the rest may hold a token)
+    answer = post_json(url, render_deploy_notice(notice | {"server": socket.gethostname(), "piku": __version__}),
+                       timeout)
+    if isinstance(answer, int) and 200 <= answer < 300:
+        detail(f"deploy notice sent to {where} ({answer})")
+    else:
+        warn(f"the deploy notice to {where} " + (f"got no answer within {timeout}s (PIKU_DEPLOY_WEBHOOK_TIMEOUT)"
+                                                 if answer is None else f"failed ({answer})")
+             + ": the deploy is not affected")
+
+
+def post_json(url, body, timeout):
+    """POST a JSON body from a thread of its own: the HTTP status, an error's text, or None when
+    nothing came back within timeout seconds (whichever notices first, the thread's socket or
+    the wait for it; a thread still waiting is left to end with the process)."""
+    import http.client
+    import threading
+    import urllib.error
+    import urllib.request
+    answer = []
+
+    class NoRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args):
+            return None  # (urllib would repeat a POST as a GET without its body: a 3xx is the answer)
+
+    def send():
+        req = urllib.request.Request(url, data=body, method="POST", headers={
+            "Content-Type": "application/json", "User-Agent": f"piku.py/{__version__}"})
+        try:
+            with urllib.request.build_opener(NoRedirects).open(req, timeout=timeout) as resp:
+                answer.append(resp.status)
+        except urllib.error.HTTPError as e:
+            answer.append(e.code)
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            reason = getattr(e, "reason", None) or e
+            answer.append(None if isinstance(reason, TimeoutError) else str(reason)[:200] or type(e).__name__)
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else None
+
+
+# -- backup and restore -------------------------------------------------------------------------
+# `backup APP` streams a tar.gz: the repository as a git bundle (repo.bundle), the config:set
+# settings and SCALING (config/), the TLS certificate, key and record (tls/), data/<app> (data/),
+# and last manifest.json: what the app was (release, revision, branch, versions, date) and the
+# sha256 of every file. `restore APP` unpacks it into a staging folder and verifies all of it
+# before anything is put in place; then it deploys it like a push.
+
+class HashingReader:
+    """A file's reader that keeps the sha256 of what was read from it."""
+
+    def __init__(self, f):
+        import hashlib
+        self.f, self.hash = f, hashlib.sha256()
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.hash.update(data)
+        return data
+
+
+def pushed_head(paths, app):
+    """(revision, branch) the app's repository deploys, or None when nothing was pushed."""
+    git = ["git", "--git-dir", os.path.join(paths.repos, app)]
+    branch = deploy_branch_of(paths, app) or \
+        run(git + ["symbolic-ref", "-q", "HEAD"], capture=True, check=False, env=clean_env(os.environ)).stdout.strip()
+    proc = run(git + ["rev-parse", "--verify", "-q", f"{branch}^{{commit}}"], capture=True, check=False,
+               env=clean_env(os.environ)) if BRANCH_RE.fullmatch(branch) else None
+    return (proc.stdout.strip(), branch) if proc and proc.returncode == 0 else None
+
+
+def backup_info(paths, app):
+    """What the manifest says about the app: its live release and revision (the deployed branch's
+    head when none is live, or when the live one is on no branch any more), branch, versions, date."""
+    import platform
+    import socket
+    import time
+    head = pushed_head(paths, app)
+    if not head:
+        raise PikuError(f"{app} has nothing pushed yet: nothing to back up")
+    live = live_record(paths, app)
+    rev = live.rev if live and live.rev else head[0]
+    on_a_branch = run(["git", "--git-dir", os.path.join(paths.repos, app), "for-each-ref", "--count=1",
+                       "--contains", rev], capture=True, check=False, env=clean_env(os.environ))
+    if rev != head[0] and not (on_a_branch.returncode == 0 and on_a_branch.stdout.strip()):
+        warn(f"the live revision {rev[:10]} is on no branch any more: the backup deploys {head[1]} ({head[0][:10]})")
+        rev = head[0]
+    return {"app": app, "release": live.id if live else None, "rev": rev, "branch": head[1],
+            "python": live.python if live else None, "runtime": live.runtime if live else None,
+            "piku": __version__, "server_python": platform.python_version(), "host": socket.gethostname(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def backup_sources(paths, app):
+    """{archive member: file on disk} of the app's settings, scaling and TLS material."""
+    crt, key, record = cert_paths(paths, app)
+    return {"config/ENV": os.path.join(paths.envs, app, "ENV"),
+            "config/SCALING": os.path.join(paths.envs, app, "SCALING"),
+            "tls/crt": crt, "tls/key": key, "tls/certificate.json": record}
+
+
+def run_backup_phase(paths, app):
+    """The Procfile's `backup:` command (a database dump into $DATA_ROOT...), in the live release
+    with the live environment; its failure stops the backup."""
+    release = live_release(paths, app)
+    workers = read_procfile(release)[0] if release else {}
+    if "backup" in workers:
+        code = run_procfile_command("backup", workers["backup"], release, load_live_env(paths, app))
+        if code:
+            raise PikuError(f"the backup command failed (exit {code}): no backup was made")
+
+
+def backup_app(paths, app, out, environ):
+    """Write app's backup (a tar.gz) to the binary stream out; returns the manifest's info. The
+    backup command, the bundle and the small files are taken under the app's lock, so they
+    match; data/<app> is read after (the app keeps writing it meanwhile)."""
+    import shutil
+    import tarfile
+    import tempfile
+    ensure_dirs(paths.state)
+    scratch = tempfile.mkdtemp(prefix=".backup-", dir=paths.state)
+    try:
+        with AppLock(paths, app):
+            run_backup_phase(paths, app)
+            info = backup_info(paths, app)
+            step(f"Backing up {app}: release {info['release'] or '(none live)'}, {info['branch']}@{info['rev'][:10]}")
+            copies = {"repo.bundle": os.path.join(scratch, "repo.bundle")}
+            run(["git", "--git-dir", os.path.join(paths.repos, app), "bundle", "create", copies["repo.bundle"],
+                 "--all"], capture=True, env=clean_env(environ))
+            for name, path in backup_sources(paths, app).items():
+                if os.path.isfile(path):
+                    copies[name] = os.path.join(scratch, name.replace("/", "-"))
+                    shutil.copyfile(path, copies[name])
+        files, links = {}, {}
+        with tarfile.open(fileobj=out, mode="w|gz") as tar:
+            for name, path in copies.items():
+                add_backup_file(tar, name, path, files, 0o600)
+            add_backup_data(tar, os.path.join(paths.data, app), files, links)
+            manifest = render_backup_manifest(info, files, links).encode()
+            add_backup_file(tar, "manifest.json", None, {}, 0o600, manifest)
+        detail(f"{len(files)} files ({sum(1 for f in files if f.startswith('data/'))} of them in data/), "
+               f"{len(links)} links, and the manifest")
+        return info
+    finally:
+        remove_path(scratch)
+
+
+def add_backup_file(tar, name, path, hashes, mode=None, data=None):
+    """Add a file (or the bytes `data`) to the archive as `name`; its sha256 goes into hashes."""
+    import io
+    import tarfile
+    import time
+    info = tarfile.TarInfo(name)
+    try:
+        with (open(path, "rb") if data is None else io.BytesIO(data)) as f:
+            st = os.fstat(f.fileno()) if data is None else None
+            info.size, info.mtime = (st.st_size, st.st_mtime) if st else (len(data), time.time())
+            info.mode = st.st_mode & 0o777 if mode is None else mode
+            reader = HashingReader(f)
+            tar.addfile(info, reader)
+    except OSError as e:  # (unreadable, or shorter than its size said: written to meanwhile)
+        raise PikuError(f"{name} could not be read ({e.strerror or e}): no complete backup was made; run it again "
+                        "(a `backup:` command can make a consistent copy first)")
+    hashes[name] = reader.hash.hexdigest()
+
+
+def add_backup_data(tar, top, files, links):
+    """data/<app> into the archive as data/...: folders, files, and the symbolic links that lead
+    inside it (an absolute one made relative); others, and sockets or FIFOs, are left out."""
+    import stat
+    import tarfile
+    if not os.path.isdir(top):
+        return
+    tar.addfile(tar_entry("data", os.stat(top), tarfile.DIRTYPE))
+    for d, dirs, names in os.walk(top):
+        for n in sorted(dirs + names):
+            path = os.path.join(d, n)
+            rel = "data/" + os.path.relpath(path, top)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                tar.addfile(tar_entry(rel, st, tarfile.DIRTYPE))
+            elif stat.S_ISREG(st.st_mode):
+                add_backup_file(tar, rel, path, files)
+            elif stat.S_ISLNK(st.st_mode):
+                add_backup_link(tar, rel, path, top, links)
+            else:
+                warn(f"{rel} is not a file, folder or link (a socket or FIFO): left out")
+        dirs[:] = sorted(n for n in dirs if not os.path.islink(os.path.join(d, n)))
+
+
+def tar_entry(name, st, kind, link=""):
+    """A tar header for a folder or link (no owner names: they mean nothing on another server)."""
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mtime, info.mode = kind, link, st.st_mtime, st.st_mode & 0o777
+    return info
+
+
+def add_backup_link(tar, rel, path, top, links):
+    """A symbolic link of data/<app>, when it leads inside it (restore refuses others)."""
+    import tarfile
+    target = os.readlink(path)
+    if os.path.normpath(target).startswith(top + os.sep):
+        target = os.path.relpath(os.path.normpath(target), os.path.dirname(path))
+    try:
+        parse_backup_member(rel, "link", 0, target)
+        if not is_inside(path, top):
+            raise PikuError("through another link")
+    except PikuError:
+        return warn(f"{rel} is a symbolic link out of the app's data ({target[:80]}): left out")
+    tar.addfile(tar_entry(rel, os.lstat(path), tarfile.SYMTYPE, target))
+    links[rel] = target
+
+
+def backup_all(paths, out, environ):
+    """backup --all: one uncompressed tar of APP.tar.gz archives, one per app with something
+    pushed. Returns the apps whose backup failed (the others are in the stream)."""
+    import tarfile
+    import tempfile
+    failed = []
+    ensure_dirs(paths.state)
+    scratch = tempfile.mkdtemp(prefix=".backup-all-", dir=paths.state)
+    try:
+        with tarfile.open(fileobj=out, mode="w|") as outer:
+            for app in known_apps(paths):
+                if not pushed_head(paths, app):
+                    detail(f"{app}: nothing pushed yet, skipped")
+                    continue
+                path = os.path.join(scratch, f"{app}.tar.gz")
+                try:
+                    with open(path, "wb") as f:
+                        backup_app(paths, app, f, environ)
+                    add_backup_file(outer, f"{app}.tar.gz", path, {}, 0o600)
+                except PikuError as e:
+                    warn(f"{app}: {e}")
+                    failed.append(app)
+                remove_path(path)
+    finally:
+        remove_path(scratch)
+    return failed
+
+
+def restore_conflict(paths, app):
+    """(what of app is on this server already, or None; is it the whole app?)."""
+    if os.path.isdir(os.path.join(paths.repos, app)) or os.path.lexists(os.path.join(paths.apps, app)):
+        return f"{app} exists", True
+    if os.path.lexists(os.path.join(paths.data, app)):
+        return f"data/{app} exists (kept when an app of that name was destroyed?)", False
+    return None, False
+
+
+def refuse_restore_over(paths, app, force):
+    """Raise unless restore may put app in place (nothing of it here, or --force); returns
+    whether the whole app exists."""
+    what, whole = restore_conflict(paths, app)
+    if what and not force:
+        raise PikuError(f"{what}: `restore {app} --force` replaces its code, settings, scaling, certificate and "
+                        "data (the data it has is kept aside); nothing was changed")
+    return whole
+
+
+def restore_app(paths, app, stream, force, environ):
+    """restore: recreate app from the backup read from stream (all of it verified first, in a
+    staging folder), then deploy it like a push."""
+    import tempfile
+    refuse_restore_over(paths, app, force)
+    clash = name_clash(app, known_apps(paths))
+    if clash:
+        raise PikuError(f"app name {app} is refused: with app {clash} it could share worker file names "
+                        "(<app>_<kind>.N.ini); nothing was changed")
+    ensure_dirs(paths.data)
+    staging = tempfile.mkdtemp(prefix=f".restore-{app}-", dir=paths.data)
+    try:
+        try:
+            manifest = unpack_backup(staging, stream, environ)
+        except PikuError as e:
+            raise PikuError(f"restore refused: {e}; nothing was changed", e.code)
+        step(f"Restoring {app} from the backup of {manifest['app']} made {manifest['created']} by piku "
+             f"{manifest.get('piku')}: release {manifest['release'] or '(none live)'}, "
+             f"{manifest['branch']}@{manifest['rev'][:10]}")
+        with AppLock(paths, app):
+            existed = refuse_restore_over(paths, app, force)  # (again: it may have come meanwhile)
+            setup_tree(paths)
+            put_restored(paths, app, staging, manifest, existed, environ)
+    finally:
+        remove_path(staging)
+
+
+def unpack_backup(staging, stream, environ):
+    """Unpack and verify a backup in staging: members, manifest and checksums, its settings, and
+    its bundle fetched into staging/repo.git. Returns the manifest (with `head`: the branch's head)."""
+    files, links = extract_backup(stream, staging)
+    manifest = parse_backup_manifest(read_text(os.path.join(staging, "manifest.json")), files, links)
+    config = parse_env(read_text(os.path.join(staging, "config", "ENV"), ""), source="config/ENV")
+    validate_settings(config, "config/ENV")
+    repo, bundle = os.path.join(staging, "repo.git"), os.path.join(staging, "repo.bundle")
+    env = clean_env(environ)
+    run(["git", "init", "-q", "--bare", repo], capture=True, env=env)
+    git = ["git", "--git-dir", repo]
+    for argv in (["bundle", "verify", "-q", bundle], ["fetch", "-q", bundle, "+refs/*:refs/*"],
+                 ["symbolic-ref", "HEAD", manifest["branch"]], ["cat-file", "-e", manifest["rev"] + "^{commit}"],
+                 ["rev-parse", "--verify", "-q", manifest["branch"] + "^{commit}"]):  # (the last: the head)
+        proc = run(git + argv, capture=True, check=False, env=env)
+        if proc.returncode != 0:
+            why = (proc.stderr or proc.stdout).strip().splitlines()
+            raise PikuError(f"the archive's repo.bundle lacks what its manifest names (git {argv[0]}: "
+                            f"{why[-1][:200] if why else 'exit ' + str(proc.returncode)})")
+    manifest["head"] = proc.stdout.strip()
+    remove_path(bundle)
+    return manifest
+
+
+def put_restored(paths, app, staging, manifest, existed, environ):
+    """Move the verified backup into place (what was there moved aside) and deploy it. If the
+    deploy fails, an app that existed gets back what it had; a new one stays, not deployed."""
+    import time
+    for name, text in (("branch", manifest["branch"]), ("rev", manifest["head"])):
+        write_atomic(os.path.join(staging, f"state-{name}"), text + "\n")
+    state, s = os.path.join(paths.state, app), lambda *p: os.path.join(staging, *p)  # noqa: E731
+    kept = os.path.join(paths.data, f".{app}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    moves = [(s("repo.git"), os.path.join(paths.repos, app), None), (s("data"), os.path.join(paths.data, app), kept),
+             (s("state-branch"), os.path.join(state, "branch"), None),
+             (s("state-rev"), os.path.join(state, "rev"), None)]
+    moves += [(s(*name.split("/")), path, None) for name, path in backup_sources(paths, app).items()]
+    done = swap_in(moves, private_dir(s("replaced")))
+    crt = cert_paths(paths, app)[0]
+    if os.path.exists(crt):
+        os.chmod(crt, 0o644)  # (nginx's workers read it)
+    ensure_repo(paths, app)
+    try:
+        deploy(paths, app, manifest["rev"], manifest["branch"][len("refs/heads/"):], environ)
+    except BaseException as e:
+        if existed:
+            swap_back(done)
+        if not isinstance(e, Exception):
+            raise
+        tail = f"{app} has its previous repository, settings and data back" if existed else \
+            f"{app} is in place but not deployed: fix the cause (`logs {app}`), then `deploy {app}`"
+        raise PikuError(f"{e}; restore: {tail}", getattr(e, "code", 1)) from e
+    step(f"Restored {app}")
+    if os.path.isdir(kept):
+        detail(f"the data it had is kept in {kept} (delete it when you no longer need it)")
+
+
+def swap_in(moves, aside):
+    """For each (new, live, keep) path: what is at live moves to keep (else into the folder
+    aside), then new (when it exists) takes its place. Returns what swap_back undoes."""
+    import shutil
+    done = []
+    try:
+        for i, (new, live, keep) in enumerate(moves):
+            old = (keep or os.path.join(aside, str(i))) if os.path.lexists(live) else None
+            if old:
+                shutil.move(live, old)
+            done.append((live, old))
+            if os.path.lexists(new):
+                ensure_dirs(os.path.dirname(live))
+                shutil.move(new, live)
+    except BaseException:
+        swap_back(done)
+        raise
+    return done
+
+
+def swap_back(done):
+    """Undo swap_in: each live path gets back what it had (or nothing)."""
+    import shutil
+    for live, old in reversed(done):
+        remove_path(live)
+        if old:
+            shutil.move(old, live)
+
 
 # === 12. Git and SSH plumbing ===
 
@@ -6357,6 +7072,64 @@ def confirm_destroy(app, confirm, force):
                         "(or --force); nothing was removed", 2)
     if confirm.strip() != app:
         raise PikuError(f"{confirm.strip()[:60]!r} is not {app!r}: nothing was removed")
+
+
+@cli.command("backup")
+@click.argument("app", required=False)
+@click.option("--all", "every", is_flag=True, help="Every app: one tar of APP.tar.gz archives (unpack it with tar x).")
+def cmd_backup(app, every):
+    """Write a tar.gz of the app to stdout (repo, settings, scaling, data, TLS): backup APP > APP.tar.gz."""
+    paths = P()
+    if bool(app) == every:
+        raise PikuError("backup takes an app or --all: backup APP > APP.tar.gz, backup --all > apps.tar", 2)
+    app = app and app_must_exist(paths, app)
+    if sys.stdout.isatty():
+        raise PikuError(f"backup writes an archive to stdout: redirect it (backup {app or '--all'} > FILE)", 2)
+    warn("the archive holds " + (f"{app}'s" if app else "the apps'") + " secrets (config:set values, TLS keys) "
+         "and data: keep it private")
+    try:
+        with ArchiveStdout() as out:
+            if app:
+                backup_app(paths, app, out, os.environ)
+            failed = backup_all(paths, out, os.environ) if every else []
+            if failed:
+                raise PikuError(f"backup --all: {', '.join(failed)} failed (see above); the other apps are in the stream")
+            step(f"Backup of {app or 'every app'} written")
+    except OSError as e:  # (stdout closed by its reader, a full disk...)
+        raise PikuError(f"backup failed: {e.strerror or e}; the archive is not complete")
+
+
+class ArchiveStdout:
+    """For a command whose stdout is an archive: `with ArchiveStdout() as out` gives the binary
+    stream to write it to, and everything else written to stdout meanwhile (piku's lines, a
+    backup command's output) goes to stderr."""
+
+    def __enter__(self):
+        sys.stdout.flush()
+        self.saved = os.dup(1)
+        os.dup2(2, 1)
+        self.out = os.fdopen(os.dup(self.saved), "wb")
+        return self.out
+
+    def __exit__(self, *exc):
+        try:
+            self.out.close()
+        finally:
+            sys.stdout.flush()
+            os.dup2(self.saved, 1)
+            os.close(self.saved)
+
+
+@cli.command("restore")
+@click.argument("app")
+@click.option("--force", is_flag=True, help="Replace the app if it exists (the data it had is kept aside).")
+def cmd_restore(app, force):
+    """Recreate an app from a backup on stdin and deploy it: restore APP < APP.tar.gz."""
+    paths = P()
+    app = parse_app_name(app)
+    if sys.stdin.isatty():
+        raise PikuError(f"restore reads a backup from stdin: restore {app} < {app}.tar.gz", 2)
+    restore_app(paths, app, sys.stdin.buffer, force, os.environ)
 
 
 @cli.command("logs")
@@ -7014,11 +7787,11 @@ def cmd_nginx_watch(interval, reload_cmd):
 
 # === 15. main() ===
 
-SSH_ALLOWED = {"apps", "certs", "certs:renew", "config", "config:get", "config:set", "config:unset", "config:live",
-               "config:export", "config:import", "cron:run", "deploy", "destroy", "keys", "keys:add", "keys:remove",
-               "logs", "maintenance:on", "maintenance:off", "ps", "ps:scale", "releases", "rollback", "run",
-               "restart", "stop", "setup", "setup:ssh", "update", "help", "git-receive-pack", "git-upload-pack",
-               "--version", "--help", "-h"}
+SSH_ALLOWED = {"apps", "backup", "restore", "certs", "certs:renew", "config", "config:get", "config:set",
+               "config:unset", "config:live", "config:export", "config:import", "cron:run", "deploy", "destroy",
+               "keys", "keys:add", "keys:remove", "logs", "maintenance:on", "maintenance:off", "ps", "ps:scale",
+               "releases", "rollback", "run", "restart", "stop", "setup", "setup:ssh", "update", "help",
+               "git-receive-pack", "git-upload-pack", "--version", "--help", "-h"}
 
 
 def load_plugins(paths):
@@ -7219,6 +7992,8 @@ def client_ssh_argv(target, command, args, environ):
     remote_argv = plan_client_call(command, args, app)
     if command == "destroy":
         remote_argv = client_confirm_destroy(remote_argv, app, dest)
+    if command == "backup" and sys.stdout.isatty():
+        raise PikuError("backup writes an archive to stdout: redirect it (piku backup > APP.tar.gz)", 2)
     ssh = shlex.split(environ.get("PIKU_SSH_COMMAND") or environ.get("GIT_SSH_COMMAND") or "ssh")
     if command == "run" and sys.stdin.isatty() and sys.stdout.isatty():
         ssh.append("-t")  # an interactive shell or REPL needs a terminal on the server
@@ -7260,6 +8035,9 @@ def client_main(argv=None):
             client_init(args)
             return 0
         remotes = client_remotes(opts)
+        if command in ("backup", "restore") and (len(remotes) > 1 or opts["group"]):
+            raise PikuError(f"{command} works with one server at a time (its archive is stdout or stdin): "
+                            "pass one -r REMOTE", 2)
         if command == "push" or len(remotes) > 1 or opts["group"]:
             return client_each(remotes or ["piku"], command, args, os.environ)
         ssh = client_ssh_argv(client_target(remotes[0] if remotes else None, os.environ), command, args,

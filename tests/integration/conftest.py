@@ -1,4 +1,5 @@
-"""Session fixture: one real piku server (sshd, uWSGI emperor, nginx) for all integration tests."""
+"""Fixtures: one real piku server (sshd, uWSGI emperor, nginx) for all integration tests, and a
+second one, as another user, for the tests that move an app between servers."""
 import os
 import sys
 
@@ -6,12 +7,23 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import Server
+from harness import USER2, Server
 
 
 @pytest.fixture(scope="session")
 def server():
     srv = Server()
+    try:
+        yield srv.start()
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def second_server():
+    """Another piku server on this machine (its own user PIKU_TEST_USER2, sshd, emperor and
+    nginx): where `restore` puts an app backed up on `server`."""
+    srv = Server(USER2)
     try:
         yield srv.start()
     finally:

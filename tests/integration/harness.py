@@ -16,6 +16,8 @@ from pathlib import Path
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # PIKU_TEST_USER: another user lets two test runs share a machine (each kills only its own processes)
 USER = os.environ.get("PIKU_TEST_USER", "pikutest")
+# a second server (restore onto another machine) runs as its own user, named after the first
+USER2 = os.environ.get("PIKU_TEST_USER2", USER + "b")
 INSTALL_HINT = "run `bash scripts/install-deps` as root"
 SYSTEM_PY = "/usr/bin/python3"
 
@@ -44,7 +46,8 @@ def wait_port(port, timeout=15):
 
 
 class Server:
-    def __init__(self):
+    def __init__(self, user=USER):
+        self.user = user
         for b in ("git", "ssh", "ssh-keygen", "sshd", "uwsgi", "nginx", "uv", "openssl"):
             need(b)
         assert os.path.exists(SYSTEM_PY), f"{SYSTEM_PY} missing: {INSTALL_HINT}"
@@ -63,17 +66,17 @@ class Server:
         self.logdir = os.path.join(self.base, "logs")
         os.makedirs(self.logdir)
         self.chown(self.logdir)
-        self.env = {"HOME": self.home, "USER": USER, "LOGNAME": USER, "PIKU_ROOT": self.root,
+        self.env = {"HOME": self.home, "USER": user, "LOGNAME": user, "PIKU_ROOT": self.root,
                     "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "UV_SYSTEM_CERTS": "1"}
 
     # -- setup --------------------------------------------------------------
     def ensure_user(self):
         try:
-            pw = pwd.getpwnam(USER)
+            pw = pwd.getpwnam(self.user)
         except KeyError:
-            subprocess.run(["adduser", "--disabled-password", "--gecos", "", USER], check=True,
+            subprocess.run(["adduser", "--disabled-password", "--gecos", "", self.user], check=True,
                            capture_output=True)
-            pw = pwd.getpwnam(USER)
+            pw = pwd.getpwnam(self.user)
         self.uid, self.gid, self.home = pw.pw_uid, pw.pw_gid, pw.pw_dir
         os.chmod(self.home, 0o755)
         auth = os.path.join(self.home, ".ssh", "authorized_keys")
@@ -147,7 +150,7 @@ class Server:
             f.write(f"Port {self.ssh_port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\n"
                     f"PidFile {self.priv}/sshd.pid\nAuthorizedKeysFile .ssh/authorized_keys\n"
                     "UsePAM yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-                    f"PubkeyAuthentication yes\nAllowUsers {USER}\nStrictModes yes\n"
+                    f"PubkeyAuthentication yes\nAllowUsers {self.user}\nStrictModes yes\n"
                     "PrintMotd no\nLogLevel VERBOSE\nAcceptEnv none\n")
         os.makedirs("/run/sshd", exist_ok=True)
         sshd = need("sshd")
@@ -236,7 +239,7 @@ class Server:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(5)
-        subprocess.run(["pkill", "-KILL", "-u", USER], capture_output=True)
+        subprocess.run(["pkill", "-KILL", "-u", self.user], capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
         shutil.rmtree(self.priv, ignore_errors=True)
 
@@ -245,9 +248,10 @@ class Server:
         return ["ssh", "-i", self.key, "-p", str(self.ssh_port), "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
 
-    def ssh(self, *args, input=None, timeout=300):
-        return subprocess.run(self.ssh_argv() + [f"{USER}@127.0.0.1"] + list(args), input=input,
-                              capture_output=True, text=True, timeout=timeout)
+    def ssh(self, *args, input=None, timeout=300, text=True):
+        """A piku command over ssh; text=False: bytes in and out (backup archives)."""
+        return subprocess.run(self.ssh_argv() + [f"{self.user}@127.0.0.1"] + list(args), input=input,
+                              capture_output=True, text=text, timeout=timeout)
 
     def git_env(self):
         env = dict(os.environ)
@@ -258,8 +262,8 @@ class Server:
 
     def remote_url(self, app, style="scp"):
         if style == "url":
-            return f"ssh://{USER}@127.0.0.1:{self.ssh_port}/{app}"
-        return f"{USER}@127.0.0.1:{app}"
+            return f"ssh://{self.user}@127.0.0.1:{self.ssh_port}/{app}"
+        return f"{self.user}@127.0.0.1:{app}"
 
     def git(self, repo, *args, check=True):
         r = subprocess.run(["git", *args], cwd=repo, env=self.git_env(), capture_output=True, text=True,
