@@ -5326,8 +5326,8 @@ def switch(t):
         if failure:
             raise PikuError(failure_message(t, failure))
         wait_for_nginx(t, tx, (files.get(conf) or (None,))[0])
+        stop_old(t, tx)  # (the old masters' graceful exit is workers' time too)
         waited += time.monotonic() - t0
-        stop_old(t, tx)
         if t.release.venv:  # (only now: workers of an older piku.py still import from envs/<app>)
             link_live_venv(t, tx)
     except BaseException:
@@ -7763,10 +7763,12 @@ def worker_paths(paths, app, kind, index, release_dir, env_file, inner):
 
 
 @cli.command("nginx-watch", hidden=True, context_settings={"ignore_unknown_options": True})
-@click.option("--interval", default=1.0, show_default=True)
+@click.option("--interval", default=1.0, show_default=True,
+              help="Seconds between looks where inotify is missing (else the longest wait).")
 @click.argument("reload_cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def cmd_nginx_watch(interval, reload_cmd):
-    """Run RELOAD_CMD whenever a file in nginx/ changes (for hosts without systemd)."""
+    """Run RELOAD_CMD whenever a conf, certificate or key in nginx/ changes (hosts without
+    systemd). Woken by inotify where the kernel has it, so a deploy waits no polling interval."""
     import time
     paths = P()
 
@@ -7776,13 +7778,39 @@ def cmd_nginx_watch(interval, reload_cmd):
                           for n in os.listdir(paths.nginx) if n.endswith((".conf", ".crt", ".key")))
         except OSError:
             return None
+    wait = directory_waiter(paths.nginx) or time.sleep
     last = signature()
     while True:
-        time.sleep(interval)
+        wait(interval)
         now = signature()
         if now != last:
             run(list(reload_cmd), check=False)
             last = now
+
+
+def directory_waiter(directory):
+    """A wait(timeout) that returns early when an entry of `directory` is written, created,
+    removed or renamed (Linux inotify through libc), or None where that is not available."""
+    import ctypes
+    import ctypes.util
+    import select
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fd = libc.inotify_init1(os.O_CLOEXEC)
+        if fd < 0:
+            return None
+        # IN_MODIFY IN_ATTRIB IN_CLOSE_WRITE IN_MOVED_FROM IN_MOVED_TO IN_CREATE IN_DELETE
+        if libc.inotify_add_watch(fd, os.fsencode(directory), 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x200) < 0:
+            os.close(fd)
+            return None
+    except (OSError, AttributeError):
+        return None
+
+    def wait(timeout):
+        if select.select([fd], [], [], timeout)[0]:
+            select.select([], [], [], 0.02)  # (a writer's rename follows its write at once: one reload)
+            os.read(fd, 65536)
+    return wait
 
 
 # === 15. main() ===
