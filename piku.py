@@ -2826,6 +2826,15 @@ def keep_live_python(b, request, source):
     return version, "the live release: no version asked for"
 
 
+def announce_unused_live_venv(b):
+    """Why the live virtualenv is not used: the original piku built it, or it is broken."""
+    if b.live.get("runtime") == "legacy" and venv_python_version(b.live["venv"]):
+        detail(f"the live virtualenv (Python {b.live['python']}) was built by the original piku: "
+               "the new one is built beside it")
+    else:
+        warn("the live virtualenv is broken (no working bin/python): a new one is built")
+
+
 def find_interpreter(b, tool, request):
     """A requirements.txt app that asks for no version gets the server's python3, as with the
     original piku; a pyproject.toml app gets uv's choice (which honours requires-python)."""
@@ -2856,7 +2865,7 @@ def build_python(b, tool):
         install_entry_points(b)  # (only a script that went missing is written again)
         return
     if b.live.get("venv") and not venv_complete(b.live["venv"]):
-        warn("the live virtualenv is broken (no working bin/python): a new one is built")
+        announce_unused_live_venv(b)
     asked = request
     request, source = keep_live_python(b, request, source)
     if request:
@@ -3972,6 +3981,44 @@ def live_release(paths, app):
     return os.path.realpath(path) if os.path.isdir(path) else None
 
 
+def adopt_legacy_checkout(paths, app):
+    """apps/<app> as the original piku (or `downgrade`) leaves it, a git checkout, becomes a
+    release like any other: releases/<app>/legacy-<date>, apps/<app> a link to it. The two
+    swap places in one step, so nginx and the running workers never miss a file in it."""
+    import time
+    path = os.path.join(paths.apps, app)
+    if os.path.islink(path) or not os.path.isdir(path):
+        return None
+    base = os.path.join(paths.releases, app)
+    ensure_dirs(base)
+    legacy, i = os.path.join(base, "legacy-" + time.strftime("%Y%m%d-%H%M%S")), 1
+    while os.path.lexists(legacy):
+        i += 1
+        legacy = os.path.join(base, f"legacy-{time.strftime('%Y%m%d-%H%M%S')}.{i}")
+    os.symlink(legacy, legacy)  # (names itself: once swapped, apps/<app> names the directory)
+    try:
+        exchange_paths(path, legacy)
+    except OSError:  # no RENAME_EXCHANGE (an old kernel or another filesystem): a moment without it
+        os.unlink(legacy)
+        os.rename(path, legacy)
+        os.symlink(legacy, path)
+    detail(f"apps/{app} was a checkout of the original piku: kept as release {os.path.basename(legacy)}")
+    return legacy
+
+
+def exchange_paths(a, b):
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); OSError where it cannot."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(38, "renameat2 is not available")
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def read_quietly(path):
     """A file's text, or None when it is missing or unreadable (files piku does not own)."""
     try:
@@ -4728,6 +4775,7 @@ def recover(paths, app):
         if not os.path.exists(os.path.join(base, name, VENV_MARK)) and name != "legacy":
             remove_path(os.path.join(base, name))
     prune_worker_files(paths, app)
+    adopt_legacy_checkout(paths, app)
 
 
 def nudge_emperor(paths):
@@ -5091,8 +5139,16 @@ def wait_for_nginx(t, tx, text, timeout=10.0):
              f"reloaded when {t.paths.nginx} changes (piku-nginx.path, or `piku.py nginx-watch`)? "
              "See docs/TROUBLESHOOTING.md")
         return
-    if old and " backup " not in old and t.live:
+    if old and " backup " not in old and (t.live or replaces_unslotted(t)):
         nginx_drained(written, timeout - (time.monotonic() - t0))
+
+
+def replaces_unslotted(t):
+    """Does the switch replace serving workers that have no slot (the original piku's, or an
+    older piku.py's)? nginx's previous config has no backup for them: old nginx workers may
+    still have requests in flight to them, so those must finish before they stop."""
+    kinds = [parse_vassal_name(t.app, n) for n in vassals_of(t.paths, t.app)]
+    return any(k and k[2] is None and serving(k[0]) for k in kinds)
 
 
 def nginx_answers(settings, host, path, status, timeout):
@@ -5114,29 +5170,46 @@ def nginx_answers(settings, host, path, status, timeout):
 
 
 def nginx_drained(since, timeout):
-    """Wait (at most timeout) until every nginx worker was started after `since` (epoch seconds:
-    when the new config was written), i.e. none still serves an older config."""
+    """Wait (at most timeout) until every worker of the nginx that reloaded is of its newest
+    generation, started after `since` (epoch seconds: when the new config was written), i.e.
+    none still serves an older config. That nginx is the parent of the workers started since
+    (other nginx instances on the machine do not count; when none is found, every nginx worker
+    counts). A generation started a moment before the newest one may still hold an older
+    config: a reload that read it just before `since` (its workers quit at once, but not
+    before they have seen the master's signal)."""
     import time
     deadline = time.monotonic() + max(0.0, timeout)
-    tick, boot = os.sysconf("SC_CLK_TCK"), time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
     while time.monotonic() < deadline:
-        old = False
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    title = f.read()
-                with open(f"/proc/{pid}/stat") as f:
-                    started = boot + int(f.read().rsplit(")", 1)[1].split()[19]) / tick
-            except (OSError, ValueError, IndexError):
-                continue
-            if title.startswith(b"nginx: worker process") and (b"shutting down" in title or started < since - 0.01):
-                old = True
-                break
-        if not old:
+        workers, newest = nginx_workers(), {}
+        for _, ppid, started, _ in workers:
+            newest[ppid] = max(newest.get(ppid, 0.0), started)
+        fresh = {ppid for ppid, started in newest.items() if started >= since - 0.01}
+        if not any((not fresh or ppid in fresh) and (b"shutting down" in title or started < since - 0.01
+                                                      or started < newest[ppid] - 0.1)
+                   for _, ppid, started, title in workers):
             return
         time.sleep(0.05)
+
+
+def nginx_workers():
+    """[(pid, parent pid, start time (epoch s), title)] of every nginx worker process."""
+    import time
+    tick, boot = os.sysconf("SC_CLK_TCK"), time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read()
+            if not title.startswith(b"nginx: worker process"):
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out.append((int(pid), int(fields[1]), boot + int(fields[19]) / tick, title))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 # -- health checks: a real HTTP request to the new workers ------------------------------------
