@@ -301,6 +301,19 @@ def cron_matches(sets, tm):
 LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 
 
+MASTER_TITLE_RE = re.compile(r"([^\s:]+:[A-Za-z][A-Za-z0-9_-]*)(?:(\.[0-9]+) |:)uWSGI master")
+
+
+def parse_master_title(title):
+    """A uWSGI master's process title -> (worker, numbered): ('app:kind.n', True) for piku.py's
+    `app:kind.n uWSGI master`, ('app:kind', False) for the original piku's `app:kind:uWSGI
+    master` (it names no instance), (None, False) for anything else."""
+    m = MASTER_TITLE_RE.fullmatch(title)
+    if not m:
+        return None, False
+    return m.group(1) + (m.group(2) or ""), bool(m.group(2))
+
+
 def split_lines(text):
     """text -> lines, split at \n, \r\n and \r only (see LINE_BREAKS)."""
     return re.split(r"\r\n|\r|\n", text)
@@ -5812,8 +5825,9 @@ def print_logs(paths, app, process, lines, follow):
 def running_workers():
     """{'app:kind.n': pids of its uWSGI master's children} for every vassal master running
     (found by process title) as this user: another user's process may take any title. A
-    master with no child runs nothing (its daemon is down)."""
-    out, me = {}, os.getuid()
+    master with no child runs nothing (its daemon is down). The original piku's masters name
+    no instance: those of one kind are numbered 1, 2, ... in the order found."""
+    out, me, unnumbered = {}, os.getuid(), {}
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
@@ -5823,13 +5837,17 @@ def running_workers():
                     title = f.read().split(b"\0")[0].decode("utf-8", "replace")
             except OSError:
                 continue
-            if title.endswith(" uWSGI master"):
+            name, numbered = parse_master_title(title)
+            if name:
                 try:
                     with open(f"/proc/{pid}/task/{pid}/children") as f:
                         children = f.read().split()
                 except OSError:
                     children = ["?"]  # no way to tell: count the master alone
-                out.setdefault(title.split(" ")[0], []).extend(children)
+                if not numbered:
+                    unnumbered[name] = unnumbered.get(name, 0) + 1
+                    name = f"{name}.{unnumbered[name]}"
+                out.setdefault(name, []).extend(children)
     return out
 
 
@@ -6126,6 +6144,8 @@ def cmd_ps(app):
     running = running_workers()
     enabled = {parsed[:2] for parsed in map(lambda n: parse_vassal_name(app, n), vassals_of(paths, app)) if parsed}
     for kind, count in scaling.items():
+        if not kind_of(kind).vassal:  # (the original piku's SCALING counts static: 1)
+            continue
         crashing = [n for n in range(1, count + 1) if (kind, n) in enabled
                     and worker_crashing(paths, app, f"{kind}.{n}")]
         up = sum(1 for n in range(1, count + 1)

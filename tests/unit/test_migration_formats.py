@@ -7,6 +7,15 @@ import os
 import piku
 
 
+def test_master_titles_of_both_pikus():
+    assert piku.parse_master_title("shop:wsgi.1 uWSGI master") == ("shop:wsgi.1", True)
+    assert piku.parse_master_title("my.app:web.12 uWSGI master") == ("my.app:web.12", True)
+    assert piku.parse_master_title("shop:cron1:uWSGI master") == ("shop:cron1", False)  # the original's
+    for other in ("shop:wsgi:uWSGI worker 1", "shop:wsgi.1 uWSGI worker 2", "uwsgi --ini x.ini", "sleep 1",
+                  "shop uWSGI master", "a:b:c:uWSGI master", ""):
+        assert piku.parse_master_title(other) == (None, False), other
+
+
 def test_a_checkout_of_the_original_becomes_a_legacy_release(tmp_path, capsys):
     paths = piku.paths_for(str(tmp_path))
     checkout = os.path.join(paths.apps, "shop")
