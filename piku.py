@@ -4609,19 +4609,64 @@ def acme_certificate(plan, force=False):
     return record
 
 
-def relisten_for_check(text, ports, scratch):
-    """An nginx config as `nginx -t` can check it as the piku user: every listen address on a
-    free loopback port (the same address on the same port; any spacing, a bare port too) and
-    log files in the scratch folder (nginx opens them, and after nginx's own log rotation an
-    app's logs belong to its workers' user)."""
-    def listen(m):
-        key = listen_key(m.group(2))
-        if key not in ports:
-            ports[key] = free_port("127.0.0.1")
-        return f"{m.group(1)}127.0.0.1:{ports[key]}"
-    text = re.sub(r"^([ \t]*listen[ \t]+)([^\s;]+)", listen, text, flags=re.M)
-    return re.sub(r"^([ \t]*(?:access_log|error_log)[ \t]+)/[^\s;]+", lambda m: m.group(1) + scratch, text,
-                  flags=re.M)
+CHECK_CERT_DIRECTIVES = {"ssl_certificate": 0, "ssl_certificate_key": 1}
+
+
+def nginx_directive_args(text):
+    """[(name, [(start, end) of each argument])] of every directive of an nginx config, at any
+    depth, read as nginx reads it: any spacing and line breaks, comments, quoted arguments."""
+    out, current = [], None
+    for m in NGINX_TOKEN_RE.finditer(text or ""):
+        tok = m.group(0)
+        if tok[0].isspace() or tok[0] == "#":
+            continue
+        if tok in ("{", "}", ";"):
+            current = None
+        elif current is None:
+            current = (tok, [])
+            out.append(current)
+        else:
+            current[1].append((m.start(), m.end()))
+    return out
+
+
+def relisten_for_check(text, ports, scratch, stand_in=None):
+    """An nginx config (piku's or any other tool's) as `nginx -t` can check it as the piku user:
+    every listen address on a free loopback port (the same address on the same port, however it
+    is written), log files in the scratch folder (nginx opens them, and after nginx's own log
+    rotation an app's logs belong to its workers' user), and a certificate or key file replaced
+    by what `stand_in(path, 0 for the certificate | 1 for the key)` returns instead of None."""
+    edits = []
+    for name, args in nginx_directive_args(text):
+        if not args:
+            continue
+        start, end = args[0]
+        value = text[start:end]
+        value = value[1:-1] if value[:1] in "\"'" and len(value) > 1 else value
+        if name == "listen":
+            key = listen_key(value)
+            if key not in ports:
+                ports[key] = free_port("127.0.0.1")
+            edits.append((start, end, f"127.0.0.1:{ports[key]}"))
+        elif name in ("access_log", "error_log") and value not in ("off", "stderr") \
+                and not value.startswith(("syslog:", "memory:")):
+            edits.append((start, end, scratch))
+        elif name in CHECK_CERT_DIRECTIVES and stand_in and "$" not in value:
+            other = stand_in(value, CHECK_CERT_DIRECTIVES[name])
+            if other:
+                edits.append((start, end, other))
+    for start, end, replacement in reversed(edits):
+        text = text[:start] + replacement + text[end:]
+    return text
+
+
+def stand_in_certificate(paths, path, index):
+    """For `nginx -t` as the piku user: the default server's own certificate (0) or key (1) in
+    place of a file piku cannot read (another tool's, readable by root only), else None."""
+    if os.access(path, os.R_OK):
+        return None
+    pair = ensure_default_certificate(paths)
+    return pair[index] if pair else None
 
 
 def nginx_binary():
@@ -4653,7 +4698,8 @@ def check_nginx(paths, app, text):
         ports = {}
         confs = list(others.items()) + ([("candidate.conf", text)] if text is not None else [])
         for name, body in confs:
-            write_atomic(os.path.join(tmp, "check-" + name), relisten_for_check(body, ports, f"{tmp}/logs.log"))
+            write_atomic(os.path.join(tmp, "check-" + name),
+                         relisten_for_check(body, ports, f"{tmp}/logs.log", lambda f, i: stand_in_certificate(paths, f, i)))
         candidate = os.path.join(tmp, "check-candidate.conf")
         conf = os.path.join(tmp, "nginx.conf")
         write_atomic(conf, render_nginx_check_conf(tmp, [os.path.join(tmp, "check-" + n) for n, _ in confs]))

@@ -16,6 +16,40 @@ def test_master_titles_of_both_pikus():
         assert piku.parse_master_title(other) == (None, False), other
 
 
+def check_copy(text, stand_in=None):
+    ports = {}
+    return piku.relisten_for_check(text, ports, "/tmp/x/logs.log", stand_in), ports
+
+
+def test_check_copy_finds_listen_however_it_is_written():
+    text = ('server { listen 80; server_name a.test; }\nserver {\n\tlisten\n\t\t[::]:443 ssl;  # comment; listen 9\n'
+            '  listen "10.0.0.1:8080" default_server; location / { return 200 "listen 1;"; }\n}\n')
+    out, ports = check_copy(text)
+    assert set(ports) == {"0.0.0.0:80", "[::]:443", "10.0.0.1:8080"}
+    assert f"server {{ listen 127.0.0.1:{ports['0.0.0.0:80']}; server_name a.test; }}" in out
+    assert f"listen\n\t\t127.0.0.1:{ports['[::]:443']} ssl;  # comment; listen 9" in out  # comments untouched
+    assert f"listen 127.0.0.1:{ports['10.0.0.1:8080']} default_server;" in out
+    assert 'return 200 "listen 1;";' in out  # a string is no directive
+
+
+def test_check_copy_moves_logs_anywhere_and_keeps_the_special_ones():
+    text = ("server { access_log /var/log/x.log combined; error_log logs/e.log warn;\n"
+            "  location / { access_log\n /srv/a.log; } access_log off; error_log stderr; "
+            "access_log syslog:server=127.0.0.1; }\n")
+    out, _ = check_copy(text)
+    assert out.count("/tmp/x/logs.log") == 3 and "/var/log" not in out and "/srv/a.log" not in out
+    assert "access_log off;" in out and "error_log stderr;" in out and "syslog:server=127.0.0.1" in out
+
+
+def test_check_copy_stands_in_for_certificates_piku_cannot_read():
+    text = ("server { ssl_certificate /etc/secret/a.crt; ssl_certificate_key /etc/secret/a.key;\n"
+            "  ssl_certificate /home/piku/.piku/nginx/b.crt; ssl_certificate_key $var_key; }\n")
+    unreadable = {"/etc/secret/a.crt", "/etc/secret/a.key"}
+    out, _ = check_copy(text, lambda path, i: ("/d.crt", "/d.key")[i] if path in unreadable else None)
+    assert "ssl_certificate /d.crt;" in out and "ssl_certificate_key /d.key;" in out
+    assert "/home/piku/.piku/nginx/b.crt" in out and "$var_key" in out
+
+
 def test_a_checkout_of_the_original_becomes_a_legacy_release(tmp_path, capsys):
     paths = piku.paths_for(str(tmp_path))
     checkout = os.path.join(paths.apps, "shop")
