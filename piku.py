@@ -380,8 +380,9 @@ def expand_vars(value, env):
     return re.sub(r"\$(?:\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))", sub, value)
 
 
-def parse_env(text, base=None, source="ENV"):
-    """ENV file text -> dict. `$VAR` expands from earlier keys (then base); bad keys raise."""
+def parse_env(text, base=None, source="ENV", expand=True):
+    """ENV file text -> dict. `$VAR` expands from earlier keys (then base), unless `expand` is
+    false (values as they were written); bad keys raise."""
     env, scope = {}, dict(base or {})
     for lineno, raw in enumerate(split_lines(text), 1):
         line = raw.strip()
@@ -393,10 +394,32 @@ def parse_env(text, base=None, source="ENV"):
         key = key.strip()
         if not sep or not ENV_KEY_RE.fullmatch(key):
             raise PikuError(f"{source} line {lineno}: expected KEY=value, got {line[:60]!r}")
-        value, expand = _unquote_env_value(value.strip())
-        value = expand_vars(value, scope) if expand else value
+        value, expand_this = _unquote_env_value(value.strip())
+        value = expand_vars(value, scope) if expand and expand_this else value
         env[key] = scope[key] = value
     return env
+
+
+CONFIG_REF_RE = re.compile(r"\$(\$?)(?:\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))")
+
+
+def expand_config(config, base):
+    """config:set values as the app gets them: `$NAME` and `${NAME}` replaced by one of piku's
+    own values or another setting (base), or a config:set value before it, as the original piku
+    did. Other names stay as written, and `$$NAME` is a literal `$NAME`. Never a shell."""
+    scope, out = dict(base), {}
+    for key, value in config.items():
+        out[key] = scope[key] = expand_config_value(value, scope)
+    return out
+
+
+def expand_config_value(value, scope):
+    def sub(m):
+        name = m.group(2) or m.group(3)
+        if name not in scope:
+            return m.group(0)
+        return m.group(0)[1:] if m.group(1) else scope[name]
+    return CONFIG_REF_RE.sub(sub, value)
 
 
 def _needs_quoting(value):
@@ -916,6 +939,11 @@ def check_env_limits(env, source):
     if total > MAX_SETTINGS_BYTES:
         raise PikuError(f"{source}: the settings take {total} bytes together; at most "
                         f"{MAX_SETTINGS_BYTES // 1024 // 1024} MiB are allowed (keep big data in files)")
+
+
+def merge_settings(repo_env, config, base):
+    """An app's settings: its repo ENV < its config:set values, those expanded (expand_config)."""
+    return {**repo_env, **expand_config(config, {**base, **repo_env})}
 
 
 def validate_settings(settings, source="settings"):
@@ -2352,7 +2380,7 @@ def app_must_exist(paths, app):
 
 def load_config(paths, app):
     """config:set values (envs/<app>/ENV)."""
-    return parse_env(read_text(os.path.join(paths.envs, app, "ENV"), ""), source=f"{app} config")
+    return parse_env(read_text(os.path.join(paths.envs, app, "ENV"), ""), source=f"{app} config", expand=False)
 
 
 def write_config(paths, app, config):
@@ -3723,7 +3751,7 @@ Target = namedtuple("Target", "paths app op release workers settings scaling liv
 
 def release_settings(paths, app, release_dir, environ):
     base = env_file_base(paths, app, environ)
-    return validate_settings({**read_repo_env(paths, app, release_dir, base), **load_config(paths, app)})
+    return validate_settings(merge_settings(read_repo_env(paths, app, release_dir, base), load_config(paths, app), base))
 
 
 def plan_target(paths, app, release, environ, op, scaling=None):
@@ -6006,9 +6034,10 @@ def apply_config(paths, app, change, keys):
         config_file = os.path.join(paths.envs, app, "ENV")
         old_text = read_text(config_file)
         new = change(old)
-        validate_settings(new, "config:set")
-        check_app_paths(live_release(paths, app), None, new)
-        served_names({**live_settings(paths, app, check=False), **new})  # (with the repo's ENV too)
+        settings = live_settings(paths, app, check=False, config=new)  # (with the repo's ENV too)
+        validate_settings({k: settings[k] for k in new}, "config:set")
+        check_app_paths(live_release(paths, app), None, {k: settings[k] for k in new})
+        served_names(settings)
         write_config(paths, app, new)
         for key in sorted(keys):
             detail(f"{key}: {'set' if key in new else 'unset'}")
@@ -6215,11 +6244,13 @@ def cmd_ps(app):
                    + ": nginx answers 503 for the app's names")
 
 
-def live_settings(paths, app, check=True):
-    """The settings the live release runs with (repo ENV < config), without building."""
+def live_settings(paths, app, check=True, config=None):
+    """The settings the live release runs with (repo ENV < config), without building; with
+    `config`, those it would run with with that config instead."""
     release = live_release(paths, app)
-    repo_env = read_repo_env(paths, app, release, env_file_base(paths, app, os.environ))
-    settings = {**repo_env, **load_config(paths, app)}
+    base = env_file_base(paths, app, os.environ)
+    repo_env = read_repo_env(paths, app, release, base)
+    settings = merge_settings(repo_env, load_config(paths, app) if config is None else config, base)
     return validate_settings(settings) if check else settings
 
 

@@ -50,6 +50,37 @@ def test_check_copy_stands_in_for_certificates_piku_cannot_read():
     assert "/home/piku/.piku/nginx/b.crt" in out and "$var_key" in out
 
 
+BASE = {"APP": "shop", "DATA_ROOT": "/p/data/shop", "HOME": "/home/piku", "USER": "piku"}
+
+
+def test_config_values_expand_pikus_own_values_and_earlier_settings():
+    config = {"DB_URL": "sqlite:///$DATA_ROOT/app.db", "URL": "https://${APP}.example.com/$NAME",
+              "NAME": "x", "BOTH": "$DB_URL|$URL|$UNKNOWN|$5|pa$$word"}
+    out = piku.expand_config(config, {**BASE, "REPO": "r"})
+    assert out["DB_URL"] == "sqlite:////p/data/shop/app.db"
+    assert out["URL"] == "https://shop.example.com/$NAME"  # NAME comes later: not known yet
+    assert out["BOTH"] == "sqlite:////p/data/shop/app.db|https://shop.example.com/$NAME|$UNKNOWN|$5|pa$$word"
+    assert config["DB_URL"] == "sqlite:///$DATA_ROOT/app.db"  # what was set is not changed
+
+
+def test_double_dollar_keeps_a_name_piku_would_expand():
+    out = piku.expand_config({"A": "$$APP and $${HOME} and $$OTHER and $APP", "B": "$$$APP"}, BASE)
+    assert out == {"A": "$APP and ${HOME} and $$OTHER and shop", "B": "$$APP"}
+
+
+def test_settings_merge_repo_env_under_expanded_config():
+    merged = piku.merge_settings({"PORT": "5000", "GREETING": "hi"}, {"URL": "http://localhost:$PORT/$GREETING"}, BASE)
+    assert merged == {"PORT": "5000", "GREETING": "hi", "URL": "http://localhost:5000/hi"}
+
+
+def test_stored_config_is_read_as_written(tmp_path):
+    paths = piku.paths_for(str(tmp_path))
+    os.makedirs(os.path.join(paths.envs, "shop"))
+    with open(os.path.join(paths.envs, "shop", "ENV"), "w") as f:  # as the original piku writes it
+        f.write("A=one\nB=$A/two\nDB=sqlite:///$DATA_ROOT/x.db\n")
+    assert piku.load_config(paths, "shop") == {"A": "one", "B": "$A/two", "DB": "sqlite:///$DATA_ROOT/x.db"}
+
+
 def test_a_checkout_of_the_original_becomes_a_legacy_release(tmp_path, capsys):
     paths = piku.paths_for(str(tmp_path))
     checkout = os.path.join(paths.apps, "shop")
