@@ -5925,6 +5925,29 @@ def running_workers():
     return out
 
 
+def running_emperor():
+    """pid of the uWSGI emperor of this user's running vassals (their masters' parent), or None."""
+    me = os.getuid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != me:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode("utf-8", "replace")
+            if not parse_master_title(title)[0]:
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                parent = f.read().rsplit(")", 1)[1].split()[1]
+            with open(f"/proc/{parent}/cmdline", "rb") as f:
+                if b"uwsgi" in f.read():
+                    return int(parent)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
 def worker_crashing(paths, app, worker, recent=60):
     """Does the worker's log, written to in the last `recent` seconds, end in a crash loop?"""
     import time
@@ -6424,6 +6447,13 @@ def cmd_setup(write_units):
     detail(f"nginx: add `include {paths.nginx}/*.conf;` to the http block of nginx.conf")
     for note in setup_nginx(paths):
         detail(note)
+    emperor = running_emperor()
+    if emperor and not write_units:
+        detail(f"the uWSGI emperor that runs the apps is up already (pid {emperor}): keep the services that "
+               "start it, and do not enable piku-uwsgi.service beside it (two emperors would start every "
+               "app twice). It reads uwsgi/uwsgi.ini again when it restarts; nothing needs a restart now. "
+               "Units for a new server: `setup --write-units DIR` (docs/INSTALL.md)")
+        return
     units = render_systemd_units(sys.executable, me, paths, getpass.getuser())
     if write_units:
         ensure_dirs(write_units)
