@@ -1114,12 +1114,7 @@ def wsgi_pairs(v, inner=False):
         pairs += [("socket", v["socket"]), ("chmod-socket", "660")]  # nginx/ gives the group
     if v.get("check_socket"):  # in a 0700 directory: only piku reaches it
         pairs.append(("socket", v["check_socket"]))
-    if setting_count(s, "UWSGI_GEVENT"):
-        pairs.append(("gevent", str(setting_count(s, "UWSGI_GEVENT"))))
-    elif int(setting(s, "UWSGI_ASYNCIO") or 0) > 0:
-        pairs += [("asyncio", setting(s, "UWSGI_ASYNCIO")), ("greenlet", "true")]
-    else:
-        pairs.append(("threads", setting(s, "UWSGI_THREADS")))
+    pairs += wsgi_concurrency_pairs(s)
     if setting_bool(s, "UWSGI_ENABLE_THREADS"):
         pairs.append(("enable-threads", "true"))
     if setting_bool(s, "UWSGI_LOG_X_FORWARDED_FOR"):
@@ -1127,6 +1122,15 @@ def wsgi_pairs(v, inner=False):
     if setting(s, "UWSGI_IDLE"):
         pairs += [("idle", setting(s, "UWSGI_IDLE")), ("die-on-idle", "true")]
     return pairs
+
+
+def wsgi_concurrency_pairs(s):
+    """How a wsgi worker serves requests side by side: gevent, asyncio or threads."""
+    if setting_count(s, "UWSGI_GEVENT"):
+        return [("gevent", str(setting_count(s, "UWSGI_GEVENT")))]
+    if int(setting(s, "UWSGI_ASYNCIO") or 0) > 0:
+        return [("asyncio", setting(s, "UWSGI_ASYNCIO")), ("greenlet", "true")]
+    return [("threads", setting(s, "UWSGI_THREADS"))]
 
 
 def render_inner_ini(v):
@@ -1202,6 +1206,121 @@ def render_authorized_key(python, piku_py, root, key_line):
         raise PikuError("piku.py path or PIKU_ROOT contains a quote or backslash; move it")
     return (f'command="{cmd}",no-agent-forwarding,no-user-rc,no-X11-forwarding,'
             f"no-port-forwarding {key_line.strip()}\n")
+
+
+# -- the original piku's formats, for `downgrade` (what it reads and runs without piku.py) ------
+
+ORIGINAL_REFUSED_RE = re.compile(r"[$@]\(|[\0" + LINE_BREAKS + "]")
+
+
+def original_value_problem(value):
+    """Why a value cannot go into a file in the original piku's formats, or None: uWSGI would
+    evaluate `$(...)` and `@(...)` in its ini lines (a `%` can be escaped), a line break would
+    end the line, and the original strips surrounding blanks."""
+    if ORIGINAL_REFUSED_RE.search(value):
+        return "it holds `$(`, `@(` or a line break, which the original piku's uWSGI lines would evaluate or cut"
+    if value != value.strip():
+        return "it starts or ends with blanks, which the original piku strips"
+    return None
+
+
+def original_ini_value(key, value):
+    """A value for a line of an original-format vassal: uWSGI reads `%%` as `%`."""
+    problem = original_value_problem(value)
+    if problem:
+        raise PikuError(f"{key}: {problem}")
+    return value.replace("%", "%%")
+
+
+def plan_original_cron(spec):
+    """A Procfile cron line -> (uWSGI's `cron` fields, command): numbers, -1 for `*`, -N for
+    `*/N`, which is all uWSGI's cron takes; raises for what it cannot express."""
+    spec = spec.strip()
+    if spec.startswith("@"):
+        word, _, command = spec.partition(" ")
+        if word not in CRON_SHORTCUTS:
+            raise PikuError(f"`{word}`: the original piku's uWSGI cron has no such schedule")
+        fields = CRON_SHORTCUTS[word].split()
+    else:
+        parts = spec.split(None, 5)
+        if len(parts) < 6:
+            raise PikuError(f"`{spec[:60]}` is not `M H DoM Mon DoW command`")
+        fields, command = parts[:5], parts[5]
+    out = []
+    for field, (lo, hi), name in zip(fields, CRON_RANGES, CRON_NAMES):
+        m = re.fullmatch(r"\*(?:/([0-9]{1,2}))?|([0-9]{1,2})", field)
+        if not m or (m.group(2) and not lo <= int(m.group(2)) <= hi) or (m.group(1) and int(m.group(1)) < 1):
+            raise PikuError(f"{name} `{field}`: the original piku's uWSGI cron takes a number, * or */N only")
+        out.append(m.group(2) or (f"-{m.group(1)}" if m.group(1) else "-1"))
+    return " ".join(out), command.strip()
+
+
+def render_original_vassal(v):
+    """A vassal in the original piku's format: the command itself, the environment on `env`
+    lines, the virtualenv through uWSGI's `virtualenv`, the process title `app:kind:`. `v`:
+    app, kind, index, paths, settings, chdir, command, env, venv, python_plugin,
+    extra_plugins, socket or port (wsgi), check_socket (wsgi, private), cron (its fields)."""
+    s, app, kind, n = v["settings"], v["app"], v["kind"], v["index"]
+    log = os.path.join(v["paths"].logs, app, f"{kind}.{n}.log")
+    pairs = [("chdir", v["chdir"]), ("master", "true"), ("project", app), ("procname-prefix", f"{app}:{kind}:"),
+             ("max-requests", setting(s, "UWSGI_MAX_REQUESTS")), ("listen", setting(s, "UWSGI_LISTEN")),
+             ("processes", setting(s, "UWSGI_PROCESSES")),
+             ("enable-threads", "true" if setting_bool(s, "UWSGI_ENABLE_THREADS") else "false"),
+             ("log-maxsize", setting(s, "UWSGI_LOG_MAXSIZE")), ("logto", log), ("log-backupname", log + ".old")]
+    if v.get("venv"):
+        pairs.append(("virtualenv", v["venv"]))
+    if kind == "wsgi":
+        plugins = [v.get("python_plugin") or "python3"] + list(v.get("extra_plugins") or [])
+        pairs += [("plugin", ",".join(plugins)), ("module", v["command"])] + wsgi_concurrency_pairs(s)
+        pairs += [("socket", v["socket"]), ("chmod-socket", "660")] if v.get("socket") else \
+            [("http-socket", host_port(setting(s, "BIND_ADDRESS"), v["port"])), ("reuse-port", "true")]
+        pairs += [("socket", v["check_socket"])] if v.get("check_socket") else []
+    elif kind.startswith("cron"):
+        pairs.append(("cron", f"{v['cron']} {original_ini_value(kind, v['command'])}"))
+    else:
+        pairs.append(("attach-daemon", original_ini_value(kind, v["command"])))
+    if s.get("UWSGI_INCLUDE_FILE"):
+        pairs.append(("ini", os.path.join(v["chdir"], safe_path(s["UWSGI_INCLUDE_FILE"], "UWSGI_INCLUDE_FILE"))))
+    text = render_ini(pairs)
+    return text + "".join(f"env = {k}={original_ini_value(k, val)}\n" for k, val in v["env"].items())
+
+
+def render_original_env(env):
+    """ENV / LIVE_ENV as the original piku reads them: `KEY=value` lines, no quoting (it would
+    keep the quotes); values must pass original_value_problem."""
+    for key, value in env.items():
+        problem = original_value_problem(value)
+        if problem or not ENV_KEY_RE.fullmatch(key):
+            raise PikuError(f"{key}: {problem or 'not a valid key'}")
+    return "".join(f"{k}={v}\n" for k, v in env.items())
+
+
+def render_original_hook(piku_py, root, app):
+    """repos/<app>/hooks/post-receive for the original piku: it deploys after git accepted."""
+    import shlex
+    return ("#!/bin/sh\n# Written by piku.py's downgrade: the original piku deploys after git accepted the push.\n"
+            f"exec env PIKU_ROOT={shlex.quote(root)} {shlex.quote(piku_py)} git-hook {shlex.quote(app)}\n")
+
+
+def render_original_keys(text, piku_py, root):
+    """authorized_keys with piku.py's lines (its launcher) in the original piku's form, which
+    runs piku.py as a program; every other line byte for byte. Returns (text, lines changed)."""
+    import shlex
+    out, changed = [], 0
+    for line in split_key_lines(text):
+        key = parse_key_line(line)
+        if not (key and key.piku and "spec_from_file_location" in line):
+            out.append(line)
+            continue
+        options, rest = split_key_options(line.strip())
+        rest = " ".join(rest.split()[:2] + ([key.comment] if key.comment else []))
+        if '"' in piku_py + root or "\\" in piku_py + root:
+            raise PikuError("piku.py's path or PIKU_ROOT contains a quote or backslash; move it")
+        out.append(f'command="PIKU_ROOT={shlex.quote(root)} FINGERPRINT={key.fingerprint} NAME=default {shlex.quote(piku_py)} '
+                   f'$SSH_ORIGINAL_COMMAND",no-agent-forwarding,no-user-rc,no-X11-forwarding,'
+                   f"no-port-forwarding {rest}\n")
+        changed += 1
+    return "".join(out), changed
 
 
 def render_systemd_units(python, piku_py, paths, user):
@@ -4831,6 +4950,7 @@ def recover(paths, app):
     left (its journal), stop the workers of a slot that never went live, and drop release
     directories and virtualenvs that a killed build left."""
     import json
+    refuse_when_downgraded(paths)
     journal = os.path.join(paths.state, app, "switch.journal")
     text = read_text(journal)
     if text is not None:
@@ -5685,6 +5805,239 @@ def write_vassal(path, text):
 
 
 
+# -- the way back: `downgrade` puts the original piku back ------------------------------------
+# Every app's files in the original's formats (apps/<app> a git checkout, envs/<app> a
+# virtualenv of its own, vassals it can run without piku.py, plain ENV files, a post-receive
+# hook), switched to like a deploy: the new workers start beside the live ones, nginx moves,
+# the old ones stop. The original piku.py then replaces this file.
+
+DOWNGRADED = "_downgraded"  # in state/: piku.py takes no push or change until `setup` again
+
+
+def refuse_when_downgraded(paths):
+    if os.path.exists(os.path.join(paths.state, DOWNGRADED)):
+        raise PikuError("this server went back to the original piku (`downgrade`): nothing was changed; "
+                        "to use piku.py again, put it back and run its `setup` (docs/INSTALL.md)")
+
+
+def downgrade(paths, original, environ):
+    """Check every app and the original's piku.py first, then convert the apps one by one and
+    put the original's file in place of this one."""
+    import contextlib
+    text = read_text(original)
+    if text is None:
+        raise PikuError(f"no such file: {original}")
+    tmp, _ = stage_piku_file(text, "--help", "git-hook", f"{original} does not run as the original piku.py "
+                             "(its `--help` lists no git-hook): nothing was changed")
+    done = []
+    try:
+        with contextlib.ExitStack() as locks:
+            for app in known_apps(paths):
+                locks.enter_context(AppLock(paths, app))
+            plans = [plan_downgrade(paths, app, environ) for app in known_apps(paths)]
+            write_atomic(os.path.join(paths.state, DOWNGRADED), "")
+            for app, plan in plans:
+                downgrade_app(paths, app, plan)
+                done.append(app)
+            keys, changed = render_original_keys(read_text(authorized_keys_path(), ""), os.path.abspath(__file__),
+                                                 paths.root)
+            if changed:
+                write_atomic(authorized_keys_path(), keys, mode=0o600)
+                detail(f"{changed} ssh key line(s) added by piku.py now run the original's way")
+            os.replace(tmp, os.path.abspath(__file__))
+    except BaseException as e:
+        remove_path(tmp)
+        remove_path(os.path.join(paths.state, DOWNGRADED))
+        if done and isinstance(e, PikuError):
+            raise PikuError(f"{e}. Already back in the original's formats (they keep running; piku.py deploys "
+                            f"them as before at their next push): {', '.join(done)}; piku.py was not replaced")
+        raise
+    step(f"The original piku runs this server now ({len(done)} app(s)); see docs/INSTALL.md for the way forward again")
+
+
+def stage_piku_file(text, flag, expect, failure):
+    """A piku.py (its text) beside this one under a temporary name, once `python3 COPY flag`
+    works and prints `expect` (else PikuError(failure)); os.replace then puts it in place.
+    Returns (its temporary path, what it printed)."""
+    import tempfile
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(__file__)), prefix=".piku-new-", suffix=".py")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    proc = run([sys.executable, tmp, flag], capture="merged", check=False)
+    if proc.returncode != 0 or expect not in proc.stdout:
+        os.unlink(tmp)
+        raise PikuError(failure)
+    os.chmod(tmp, 0o755)
+    return tmp, proc.stdout.strip()
+
+
+def plan_downgrade(paths, app, environ):
+    """(app, (target, files)) for an app piku.py deployed, (app, None) for one whose files are
+    the original's already (never pushed since the switch). Raises for what the original
+    cannot run, before anything changes."""
+    release = live_record(paths, app)
+    if release is None or not os.path.islink(os.path.join(paths.apps, app)):
+        return app, None
+    t = plan_target(paths, app, release, environ, OPERATIONS["restart"])
+    if t.wsgi_mode == "pyuwsgi":
+        raise PikuError(f"{app}: its wsgi workers run Python {release.python} through pyuwsgi; the original piku "
+                        "serves wsgi only on the system uWSGI's Python: set PYTHON_VERSION to that one first")
+    config = load_config(paths, app)
+    scope = {**env_file_base(paths, app, environ), **t.settings}
+    for key, value in config.items():
+        if any(m.group(1) and (m.group(2) or m.group(3)) in scope for m in CONFIG_REF_RE.finditer(value)):
+            raise PikuError(f"{app}: {key} writes a literal `$` as `$$`, which the original piku does not "
+                            "know: change it first (config:set)")
+    try:
+        return app, (t, render_original_files(t, config))
+    except PikuError as e:
+        raise PikuError(f"{app}: {e}; change it first (nothing was changed)")
+
+
+def original_env(t, kind=None, n=1):
+    """A worker's environment (kind None: the app's) with the release's paths as the original
+    keeps them: apps/<app> for the release directory, envs/<app> for its virtualenv."""
+    env = {}
+    for key, value in {**t.env, **({"PROC_TYPE": kind, "PROC_INDEX": str(n)} if kind else {})}.items():
+        if key == "PORT" and not value.isdigit():
+            continue  # (an app that listens nowhere)
+        if t.release.venv:
+            value = value.replace(t.release.venv, os.path.join(t.paths.envs, t.app))
+        env[key] = value.replace(t.release.dir, os.path.join(t.paths.apps, t.app))
+    return env
+
+
+def render_original_files(t, config):
+    """{path: (text, mode)} of an app in the original's formats (pure)."""
+    p, app = t.paths, t.app
+    files = {}
+    for kind, count in t.scaling.items():
+        for n in range(1, count + 1):
+            if not kind_of(kind).vassal:
+                continue
+            env = original_env(t, kind, n)
+            v = {"app": app, "kind": kind, "index": n, "paths": p, "settings": t.settings, "env": env,
+                 "chdir": os.path.join(p.apps, app), "command": t.workers[kind],
+                 "venv": os.path.join(p.envs, app) if t.release.venv else None,
+                 "python_plugin": t.python_plugin, "extra_plugins": t.extra_plugins, "port": env.get("PORT")}
+            if kind == "wsgi":
+                v.update(socket=nginx_socket(t, n, t.slot) if t.names else None,
+                         check_socket=None if t.names else os.path.join(slot_dir(t, t.slot), f"wsgi.{n}.sock"))
+            if kind == "web" and t.slot:
+                v["env"]["PORT"] = str(t.ports["web"][t.slot][n - 1])
+            if kind.startswith("cron"):
+                v["cron"], v["command"] = plan_original_cron(t.workers[kind])
+            text = render_original_vassal(v)
+            for folder in (p.uwsgi_available, p.uwsgi_enabled):
+                files[os.path.join(folder, vassal_name(app, kind, n))] = (text, 0o644)
+    files[os.path.join(p.envs, app, "ENV")] = (render_original_env(config), 0o600)
+    files[os.path.join(p.envs, app, "LIVE_ENV")] = (render_original_env(original_env(t)), 0o600)
+    files[os.path.join(p.envs, app, "SCALING")] = (render_scaling(t.scaling), 0o600)
+    conf = os.path.join(p.nginx, f"{app}.conf")
+    if conf in render_release_files(t):
+        files[conf] = render_release_files(t)[conf]
+    return files
+
+
+def downgrade_app(paths, app, plan):
+    """One app in the original's formats; its hooks in any case."""
+    step(f"{app}: into the original piku's formats")
+    if plan:
+        t, files = plan
+        if t.release.venv:
+            build_original_venv(t)
+        checkout_for_original(t)
+        switch_to_original(t, files)
+        for name in ("live.json", "ports.json", "rev"):  # (a later switch to piku.py starts afresh)
+            remove_path(os.path.join(paths.state, app, name))
+    hooks = os.path.join(paths.repos, app, "hooks")
+    write_atomic(os.path.join(hooks, "post-receive"), render_original_hook(os.path.abspath(__file__), paths.root, app),
+                 mode=0o755)
+    remove_path(os.path.join(hooks, "pre-receive"))
+
+
+def build_original_venv(t):
+    """envs/<app> as a virtualenv of its own (the original runs workers and pip in it): the
+    live release's Python and packages (from uv's cache where it has them), and its scripts."""
+    import tempfile
+    import types
+    envdir = os.path.join(t.paths.envs, t.app)
+    for name in os.listdir(envdir):  # piku.py's links into the live virtualenv
+        path = os.path.join(envdir, name)
+        if os.path.islink(path) and (name == ".live" or os.readlink(path).startswith(".live")):
+            os.unlink(path)
+    live = os.path.join(t.release.venv, "bin", "python")
+    env = build_env(t.paths, t.app, t.settings, os.environ)
+    uv = find_uv(env, os.environ)
+    freeze = capture([uv, "pip", "freeze", "--python", live] if uv else [live, "-m", "pip", "freeze"], env=env)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+        f.write("".join(l + "\n" for l in freeze.splitlines() if l.strip() and not l.startswith("-e ")))
+        f.flush()
+        if uv:
+            run([uv, "venv", "--quiet", "--allow-existing", "--seed", "--python", live, envdir], env=env, capture=True)
+            run([uv, "pip", "install", "--quiet", "--python", os.path.join(envdir, "bin", "python"), "-r", f.name],
+                env=env, capture=True)
+        else:
+            run([sys.executable, "-m", "virtualenv", "--quiet", "--python", live, envdir], env=env, capture=True)
+            run([os.path.join(envdir, "bin", "python"), "-m", "pip", "install", "-q", "-r", f.name], env=env,
+                capture=True)
+    install_entry_points(types.SimpleNamespace(release_dir=t.release.dir, venv=envdir, paths=t.paths, app=t.app))
+    count = len(freeze.splitlines())
+    detail(f"envs/{t.app}: a virtualenv of its own, Python {t.release.python}, {count} package{'s' * (count != 1)}")
+
+
+def checkout_for_original(t):
+    """apps/<app> as the original keeps it: a clone of the app's repo at the live revision
+    holding the live release's files (what a build made too), swapped in for the link."""
+    import shutil
+    link, repo = os.path.join(t.paths.apps, t.app), os.path.join(t.paths.repos, t.app)
+    tmp = os.path.join(t.paths.apps, f".{t.app}.piku-downgrade")
+    remove_path(tmp)
+    env = clean_env(os.environ)
+    run(["git", "clone", "--quiet", "--no-checkout", repo, tmp], env=env, capture=True)
+    shutil.copytree(t.release.dir, tmp, symlinks=True, dirs_exist_ok=True)
+    if t.release.rev:
+        run(["git", "-C", tmp, "reset", "--quiet", t.release.rev], env=env, capture=True)
+    try:
+        exchange_paths(tmp, link)
+        os.unlink(tmp)  # (the link, now)
+    except OSError:
+        os.unlink(link)
+        os.rename(tmp, link)
+
+
+def switch_to_original(t, files):
+    """The original's workers start beside piku.py's (serving ones on the other slot's sockets
+    or ports) and must answer; nginx moves to them; then piku.py's stop. Others restart in place."""
+    p, app = t.paths, t.app
+    ours = [n for n in vassals_of(p, app) if os.path.join(p.uwsgi_enabled, n) not in files]
+    tx = Transaction(p, app)
+    conf = os.path.join(p.nginx, f"{app}.conf")
+    if t.slot:
+        private_dir(slot_dir(t, t.slot))  # (the private check sockets of wsgi workers)
+    try:
+        checks = []
+        for path, (text, mode) in files.items():
+            kind, n, _ = parse_vassal_name(app, os.path.basename(path)) or (None, 0, None)
+            if kind and serving(kind) and os.path.dirname(path) == p.uwsgi_enabled:
+                if kind == "wsgi":
+                    remove_path(nginx_socket(t, n, t.slot))  # (a socket a killed worker left)
+                checks.append(log_check(t, kind, n, t.slot if kind == "wsgi" or t.names else None))
+            if path != conf:
+                tx.write(path, text, mode)
+        nudge_emperor(p)
+        failure = health_check(t, checks)
+        if failure:
+            raise PikuError(failure_message(t, failure))
+        wait_for_nginx(t, tx, files.get(conf, (None,))[0])
+        wait_masters_gone(stop_gracefully(p, ours, tx))
+    except BaseException:
+        tx.rollback()
+        nudge_emperor(p)
+        raise
+    tx.commit()
+
+
 # === 12. Git and SSH plumbing ===
 
 def plan_push(updates, deploy_branch):
@@ -6442,6 +6795,7 @@ def cmd_setup(write_units):
     import getpass
     paths = P()
     setup_tree(paths)
+    remove_path(os.path.join(paths.state, DOWNGRADED))  # (piku.py is back after a `downgrade`)
     me = os.path.abspath(__file__)
     step(f"piku {__version__} is set up in {paths.root}")
     detail(f"nginx: add `include {paths.nginx}/*.conf;` to the http block of nginx.conf")
@@ -6526,7 +6880,6 @@ def cmd_keys_remove(key, force):
 @click.argument("source", required=False)
 def cmd_update(source):
     """Replace piku.py with SOURCE (a file or https URL) after checking it runs."""
-    import tempfile
     if not source:  # the original piku downloaded its own repository's copy: piku.py has none
         raise PikuError("update needs the new piku.py: update FILE, or update https://URL "
                         "(piku.py has no built-in download location)", 2)
@@ -6542,16 +6895,17 @@ def cmd_update(source):
         text = read_text(source)
         if text is None:
             raise PikuError(f"no such file: {source}")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(me), prefix=".piku-update-", suffix=".py")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    proc = run([sys.executable, tmp, "--version"], capture="merged", check=False)
-    if proc.returncode != 0 or "piku" not in proc.stdout:
-        os.unlink(tmp)
-        raise PikuError("the new piku.py does not run (`--version` failed); nothing was replaced")
-    os.chmod(tmp, 0o755)
+    tmp, version = stage_piku_file(text, "--version", "piku",
+                                   "the new piku.py does not run (`--version` failed); nothing was replaced")
     os.replace(tmp, me)
-    step(f"Updated piku.py: {proc.stdout.strip()}")
+    step(f"Updated piku.py: {version}")
+
+
+@cli.command("downgrade")
+@click.argument("original", metavar="ORIGINAL_PIKU_PY")
+def cmd_downgrade(original):
+    """Go back to the original piku: every app in its formats, then ORIGINAL_PIKU_PY in place of this file."""
+    downgrade(P(), original, dict(os.environ))
 
 
 # Internal commands: git and uWSGI call these; they are not for people.
@@ -6567,6 +6921,7 @@ def cmd_git_receive_pack(app):
             raise PikuError(f"app name {app} is refused: with app {clash} it could share worker file "
                             "names (<app>_<kind>.N.ini): choose another name (neither may be the other "
                             "followed by `_`)")
+    refuse_when_downgraded(paths)
     setup_tree(paths)
     repo = ensure_repo(paths, app)
     os.execvpe("git", ["git", "receive-pack", repo], clean_env(os.environ) | {"PIKU_ROOT": paths.root})
