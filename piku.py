@@ -416,6 +416,19 @@ def cron_matches(sets, tm):
 LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 
 
+MASTER_TITLE_RE = re.compile(r"([^\s:]+:[A-Za-z][A-Za-z0-9_-]*)(?:(\.[0-9]+) |:)uWSGI master")
+
+
+def parse_master_title(title):
+    """A uWSGI master's process title -> (worker, numbered): ('app:kind.n', True) for piku.py's
+    `app:kind.n uWSGI master`, ('app:kind', False) for the original piku's `app:kind:uWSGI
+    master` (it names no instance), (None, False) for anything else."""
+    m = MASTER_TITLE_RE.fullmatch(title)
+    if not m:
+        return None, False
+    return m.group(1) + (m.group(2) or ""), bool(m.group(2))
+
+
 def split_lines(text):
     """text -> lines, split at \n, \r\n and \r only (see LINE_BREAKS)."""
     return re.split(r"\r\n|\r|\n", text)
@@ -482,8 +495,9 @@ def expand_vars(value, env):
     return re.sub(r"\$(?:\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))", sub, value)
 
 
-def parse_env(text, base=None, source="ENV"):
-    """ENV file text -> dict. `$VAR` expands from earlier keys (then base); bad keys raise."""
+def parse_env(text, base=None, source="ENV", expand=True):
+    """ENV file text -> dict. `$VAR` expands from earlier keys (then base), unless `expand` is
+    false (values as they were written); bad keys raise."""
     env, scope = {}, dict(base or {})
     for lineno, raw in enumerate(split_lines(text), 1):
         line = raw.strip()
@@ -495,10 +509,32 @@ def parse_env(text, base=None, source="ENV"):
         key = key.strip()
         if not sep or not ENV_KEY_RE.fullmatch(key):
             raise PikuError(f"{source} line {lineno}: expected KEY=value, got {line[:60]!r}")
-        value, expand = _unquote_env_value(value.strip())
-        value = expand_vars(value, scope) if expand else value
+        value, expand_this = _unquote_env_value(value.strip())
+        value = expand_vars(value, scope) if expand and expand_this else value
         env[key] = scope[key] = value
     return env
+
+
+CONFIG_REF_RE = re.compile(r"\$(\$?)(?:\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))")
+
+
+def expand_config(config, base):
+    """config:set values as the app gets them: `$NAME` and `${NAME}` replaced by one of piku's
+    own values or another setting (base), or a config:set value before it, as the original piku
+    did. Other names stay as written, and `$$NAME` is a literal `$NAME`. Never a shell."""
+    scope, out = dict(base), {}
+    for key, value in config.items():
+        out[key] = scope[key] = expand_config_value(value, scope)
+    return out
+
+
+def expand_config_value(value, scope):
+    def sub(m):
+        name = m.group(2) or m.group(3)
+        if name not in scope:
+            return m.group(0)
+        return m.group(0)[1:] if m.group(1) else scope[name]
+    return CONFIG_REF_RE.sub(sub, value)
 
 
 def _needs_quoting(value):
@@ -1167,6 +1203,11 @@ def check_env_limits(env, source):
                         f"{MAX_SETTINGS_BYTES // 1024 // 1024} MiB are allowed (keep big data in files)")
 
 
+def merge_settings(repo_env, config, base):
+    """An app's settings: its repo ENV < its config:set values, those expanded (expand_config)."""
+    return {**repo_env, **expand_config(config, {**base, **repo_env})}
+
+
 def validate_settings(settings, source="settings"):
     """Raise PikuError for the first setting piku cannot use; returns settings. An empty value
     means unset (the default applies), as it always has."""
@@ -1342,12 +1383,7 @@ def wsgi_pairs(v, inner=False):
         pairs += [("socket", v["socket"]), ("chmod-socket", "660")]  # nginx/ gives the group
     if v.get("check_socket"):  # in a 0700 directory: only piku reaches it
         pairs.append(("socket", v["check_socket"]))
-    if setting_count(s, "UWSGI_GEVENT"):
-        pairs.append(("gevent", str(setting_count(s, "UWSGI_GEVENT"))))
-    elif int(setting(s, "UWSGI_ASYNCIO") or 0) > 0:
-        pairs += [("asyncio", setting(s, "UWSGI_ASYNCIO")), ("greenlet", "true")]
-    else:
-        pairs.append(("threads", setting(s, "UWSGI_THREADS")))
+    pairs += wsgi_concurrency_pairs(s)
     if setting_bool(s, "UWSGI_ENABLE_THREADS"):
         pairs.append(("enable-threads", "true"))
     if setting_bool(s, "UWSGI_LOG_X_FORWARDED_FOR"):
@@ -1355,6 +1391,15 @@ def wsgi_pairs(v, inner=False):
     if setting(s, "UWSGI_IDLE"):
         pairs += [("idle", setting(s, "UWSGI_IDLE")), ("die-on-idle", "true")]
     return pairs
+
+
+def wsgi_concurrency_pairs(s):
+    """How a wsgi worker serves requests side by side: gevent, asyncio or threads."""
+    if setting_count(s, "UWSGI_GEVENT"):
+        return [("gevent", str(setting_count(s, "UWSGI_GEVENT")))]
+    if int(setting(s, "UWSGI_ASYNCIO") or 0) > 0:
+        return [("asyncio", setting(s, "UWSGI_ASYNCIO")), ("greenlet", "true")]
+    return [("threads", setting(s, "UWSGI_THREADS"))]
 
 
 def render_inner_ini(v):
@@ -1430,6 +1475,121 @@ def render_authorized_key(python, piku_py, root, key_line):
         raise PikuError("piku.py path or PIKU_ROOT contains a quote or backslash; move it")
     return (f'command="{cmd}",no-agent-forwarding,no-user-rc,no-X11-forwarding,'
             f"no-port-forwarding {key_line.strip()}\n")
+
+
+# -- the original piku's formats, for `downgrade` (what it reads and runs without piku.py) ------
+
+ORIGINAL_REFUSED_RE = re.compile(r"[$@]\(|[\0" + LINE_BREAKS + "]")
+
+
+def original_value_problem(value):
+    """Why a value cannot go into a file in the original piku's formats, or None: uWSGI would
+    evaluate `$(...)` and `@(...)` in its ini lines (a `%` can be escaped), a line break would
+    end the line, and the original strips surrounding blanks."""
+    if ORIGINAL_REFUSED_RE.search(value):
+        return "it holds `$(`, `@(` or a line break, which the original piku's uWSGI lines would evaluate or cut"
+    if value != value.strip():
+        return "it starts or ends with blanks, which the original piku strips"
+    return None
+
+
+def original_ini_value(key, value):
+    """A value for a line of an original-format vassal: uWSGI reads `%%` as `%`."""
+    problem = original_value_problem(value)
+    if problem:
+        raise PikuError(f"{key}: {problem}")
+    return value.replace("%", "%%")
+
+
+def plan_original_cron(spec):
+    """A Procfile cron line -> (uWSGI's `cron` fields, command): numbers, -1 for `*`, -N for
+    `*/N`, which is all uWSGI's cron takes; raises for what it cannot express."""
+    spec = spec.strip()
+    if spec.startswith("@"):
+        word, _, command = spec.partition(" ")
+        if word not in CRON_SHORTCUTS:
+            raise PikuError(f"`{word}`: the original piku's uWSGI cron has no such schedule")
+        fields = CRON_SHORTCUTS[word].split()
+    else:
+        parts = spec.split(None, 5)
+        if len(parts) < 6:
+            raise PikuError(f"`{spec[:60]}` is not `M H DoM Mon DoW command`")
+        fields, command = parts[:5], parts[5]
+    out = []
+    for field, (lo, hi), name in zip(fields, CRON_RANGES, CRON_NAMES):
+        m = re.fullmatch(r"\*(?:/([0-9]{1,2}))?|([0-9]{1,2})", field)
+        if not m or (m.group(2) and not lo <= int(m.group(2)) <= hi) or (m.group(1) and int(m.group(1)) < 1):
+            raise PikuError(f"{name} `{field}`: the original piku's uWSGI cron takes a number, * or */N only")
+        out.append(m.group(2) or (f"-{m.group(1)}" if m.group(1) else "-1"))
+    return " ".join(out), command.strip()
+
+
+def render_original_vassal(v):
+    """A vassal in the original piku's format: the command itself, the environment on `env`
+    lines, the virtualenv through uWSGI's `virtualenv`, the process title `app:kind:`. `v`:
+    app, kind, index, paths, settings, chdir, command, env, venv, python_plugin,
+    extra_plugins, socket or port (wsgi), check_socket (wsgi, private), cron (its fields)."""
+    s, app, kind, n = v["settings"], v["app"], v["kind"], v["index"]
+    log = os.path.join(v["paths"].logs, app, f"{kind}.{n}.log")
+    pairs = [("chdir", v["chdir"]), ("master", "true"), ("project", app), ("procname-prefix", f"{app}:{kind}:"),
+             ("max-requests", setting(s, "UWSGI_MAX_REQUESTS")), ("listen", setting(s, "UWSGI_LISTEN")),
+             ("processes", setting(s, "UWSGI_PROCESSES")),
+             ("enable-threads", "true" if setting_bool(s, "UWSGI_ENABLE_THREADS") else "false"),
+             ("log-maxsize", setting(s, "UWSGI_LOG_MAXSIZE")), ("logto", log), ("log-backupname", log + ".old")]
+    if v.get("venv"):
+        pairs.append(("virtualenv", v["venv"]))
+    if kind == "wsgi":
+        plugins = [v.get("python_plugin") or "python3"] + list(v.get("extra_plugins") or [])
+        pairs += [("plugin", ",".join(plugins)), ("module", v["command"])] + wsgi_concurrency_pairs(s)
+        pairs += [("socket", v["socket"]), ("chmod-socket", "660")] if v.get("socket") else \
+            [("http-socket", host_port(setting(s, "BIND_ADDRESS"), v["port"])), ("reuse-port", "true")]
+        pairs += [("socket", v["check_socket"])] if v.get("check_socket") else []
+    elif kind.startswith("cron"):
+        pairs.append(("cron", f"{v['cron']} {original_ini_value(kind, v['command'])}"))
+    else:
+        pairs.append(("attach-daemon", original_ini_value(kind, v["command"])))
+    if s.get("UWSGI_INCLUDE_FILE"):
+        pairs.append(("ini", os.path.join(v["chdir"], safe_path(s["UWSGI_INCLUDE_FILE"], "UWSGI_INCLUDE_FILE"))))
+    text = render_ini(pairs)
+    return text + "".join(f"env = {k}={original_ini_value(k, val)}\n" for k, val in v["env"].items())
+
+
+def render_original_env(env):
+    """ENV / LIVE_ENV as the original piku reads them: `KEY=value` lines, no quoting (it would
+    keep the quotes); values must pass original_value_problem."""
+    for key, value in env.items():
+        problem = original_value_problem(value)
+        if problem or not ENV_KEY_RE.fullmatch(key):
+            raise PikuError(f"{key}: {problem or 'not a valid key'}")
+    return "".join(f"{k}={v}\n" for k, v in env.items())
+
+
+def render_original_hook(piku_py, root, app):
+    """repos/<app>/hooks/post-receive for the original piku: it deploys after git accepted."""
+    import shlex
+    return ("#!/bin/sh\n# Written by piku.py's downgrade: the original piku deploys after git accepted the push.\n"
+            f"exec env PIKU_ROOT={shlex.quote(root)} {shlex.quote(piku_py)} git-hook {shlex.quote(app)}\n")
+
+
+def render_original_keys(text, piku_py, root):
+    """authorized_keys with piku.py's lines (its launcher) in the original piku's form, which
+    runs piku.py as a program; every other line byte for byte. Returns (text, lines changed)."""
+    import shlex
+    out, changed = [], 0
+    for line in split_key_lines(text):
+        key = parse_key_line(line)
+        if not (key and key.piku and "spec_from_file_location" in line):
+            out.append(line)
+            continue
+        options, rest = split_key_options(line.strip())
+        rest = " ".join(rest.split()[:2] + ([key.comment] if key.comment else []))
+        if '"' in piku_py + root or "\\" in piku_py + root:
+            raise PikuError("piku.py's path or PIKU_ROOT contains a quote or backslash; move it")
+        out.append(f'command="PIKU_ROOT={shlex.quote(root)} FINGERPRINT={key.fingerprint} NAME=default {shlex.quote(piku_py)} '
+                   f'$SSH_ORIGINAL_COMMAND",no-agent-forwarding,no-user-rc,no-X11-forwarding,'
+                   f"no-port-forwarding {rest}\n")
+        changed += 1
+    return "".join(out), changed
 
 
 def render_systemd_units(python, piku_py, paths, user):
@@ -2649,7 +2809,7 @@ def app_must_exist(paths, app):
 
 def load_config(paths, app):
     """config:set values (envs/<app>/ENV)."""
-    return parse_env(read_text(os.path.join(paths.envs, app, "ENV"), ""), source=f"{app} config")
+    return parse_env(read_text(os.path.join(paths.envs, app, "ENV"), ""), source=f"{app} config", expand=False)
 
 
 def write_config(paths, app, config):
@@ -3204,6 +3364,15 @@ def keep_live_python(b, request, source):
     return version, "the live release: no version asked for"
 
 
+def announce_unused_live_venv(b):
+    """Why the live virtualenv is not used: the original piku built it, or it is broken."""
+    if b.live.get("runtime") == "legacy" and venv_python_version(b.live["venv"]):
+        detail(f"the live virtualenv (Python {b.live['python']}) was built by the original piku: "
+               "the new one is built beside it")
+    else:
+        warn("the live virtualenv is broken (no working bin/python): a new one is built")
+
+
 def find_interpreter(b, tool, request):
     """A requirements.txt app that asks for no version gets the server's python3, as with the
     original piku; a pyproject.toml app gets uv's choice (which honours requires-python)."""
@@ -3233,8 +3402,8 @@ def build_python(b, tool):
         step(f"Dependencies unchanged: using the live virtualenv (Python {b.python})")
         install_entry_points(b)  # (only a script that went missing is written again)
         return
-    if b.live.get("venv") and not venv_python_version(b.live["venv"]):
-        warn("the live virtualenv is broken (no working bin/python): a new one is built")
+    if b.live.get("venv") and not venv_complete(b.live["venv"]):
+        announce_unused_live_venv(b)
     asked = request
     request, source = keep_live_python(b, request, source)
     if request:
@@ -4131,7 +4300,7 @@ Target = namedtuple("Target", "paths app op release workers settings scaling liv
 
 def release_settings(paths, app, release_dir, environ):
     base = env_file_base(paths, app, environ)
-    return validate_settings({**read_repo_env(paths, app, release_dir, base), **load_config(paths, app)})
+    return validate_settings(merge_settings(read_repo_env(paths, app, release_dir, base), load_config(paths, app), base))
 
 
 def plan_target(paths, app, release, environ, op, scaling=None):
@@ -4414,6 +4583,44 @@ def live_release(paths, app):
     """Directory of the live release (apps/<app>), or None."""
     path = os.path.join(paths.apps, app)
     return os.path.realpath(path) if os.path.isdir(path) else None
+
+
+def adopt_legacy_checkout(paths, app):
+    """apps/<app> as the original piku (or `downgrade`) leaves it, a git checkout, becomes a
+    release like any other: releases/<app>/legacy-<date>, apps/<app> a link to it. The two
+    swap places in one step, so nginx and the running workers never miss a file in it."""
+    import time
+    path = os.path.join(paths.apps, app)
+    if os.path.islink(path) or not os.path.isdir(path):
+        return None
+    base = os.path.join(paths.releases, app)
+    ensure_dirs(base)
+    legacy, i = os.path.join(base, "legacy-" + time.strftime("%Y%m%d-%H%M%S")), 1
+    while os.path.lexists(legacy):
+        i += 1
+        legacy = os.path.join(base, f"legacy-{time.strftime('%Y%m%d-%H%M%S')}.{i}")
+    os.symlink(legacy, legacy)  # (names itself: once swapped, apps/<app> names the directory)
+    try:
+        exchange_paths(path, legacy)
+    except OSError:  # no RENAME_EXCHANGE (an old kernel or another filesystem): a moment without it
+        os.unlink(legacy)
+        os.rename(path, legacy)
+        os.symlink(legacy, path)
+    detail(f"apps/{app} was a checkout of the original piku: kept as release {os.path.basename(legacy)}")
+    return legacy
+
+
+def exchange_paths(a, b):
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); OSError where it cannot."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(38, "renameat2 is not available")
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def read_quietly(path):
@@ -4994,19 +5201,64 @@ def acme_certificate(plan, force=False):
     return record
 
 
-def relisten_for_check(text, ports, scratch):
-    """An nginx config as `nginx -t` can check it as the piku user: every listen address on a
-    free loopback port (the same address on the same port; any spacing, a bare port too) and
-    log files in the scratch folder (nginx opens them, and after nginx's own log rotation an
-    app's logs belong to its workers' user)."""
-    def listen(m):
-        key = listen_key(m.group(2))
-        if key not in ports:
-            ports[key] = free_port("127.0.0.1")
-        return f"{m.group(1)}127.0.0.1:{ports[key]}"
-    text = re.sub(r"^([ \t]*listen[ \t]+)([^\s;]+)", listen, text, flags=re.M)
-    return re.sub(r"^([ \t]*(?:access_log|error_log)[ \t]+)/[^\s;]+", lambda m: m.group(1) + scratch, text,
-                  flags=re.M)
+CHECK_CERT_DIRECTIVES = {"ssl_certificate": 0, "ssl_certificate_key": 1}
+
+
+def nginx_directive_args(text):
+    """[(name, [(start, end) of each argument])] of every directive of an nginx config, at any
+    depth, read as nginx reads it: any spacing and line breaks, comments, quoted arguments."""
+    out, current = [], None
+    for m in NGINX_TOKEN_RE.finditer(text or ""):
+        tok = m.group(0)
+        if tok[0].isspace() or tok[0] == "#":
+            continue
+        if tok in ("{", "}", ";"):
+            current = None
+        elif current is None:
+            current = (tok, [])
+            out.append(current)
+        else:
+            current[1].append((m.start(), m.end()))
+    return out
+
+
+def relisten_for_check(text, ports, scratch, stand_in=None):
+    """An nginx config (piku's or any other tool's) as `nginx -t` can check it as the piku user:
+    every listen address on a free loopback port (the same address on the same port, however it
+    is written), log files in the scratch folder (nginx opens them, and after nginx's own log
+    rotation an app's logs belong to its workers' user), and a certificate or key file replaced
+    by what `stand_in(path, 0 for the certificate | 1 for the key)` returns instead of None."""
+    edits = []
+    for name, args in nginx_directive_args(text):
+        if not args:
+            continue
+        start, end = args[0]
+        value = text[start:end]
+        value = value[1:-1] if value[:1] in "\"'" and len(value) > 1 else value
+        if name == "listen":
+            key = listen_key(value)
+            if key not in ports:
+                ports[key] = free_port("127.0.0.1")
+            edits.append((start, end, f"127.0.0.1:{ports[key]}"))
+        elif name in ("access_log", "error_log") and value not in ("off", "stderr") \
+                and not value.startswith(("syslog:", "memory:")):
+            edits.append((start, end, scratch))
+        elif name in CHECK_CERT_DIRECTIVES and stand_in and "$" not in value:
+            other = stand_in(value, CHECK_CERT_DIRECTIVES[name])
+            if other:
+                edits.append((start, end, other))
+    for start, end, replacement in reversed(edits):
+        text = text[:start] + replacement + text[end:]
+    return text
+
+
+def stand_in_certificate(paths, path, index):
+    """For `nginx -t` as the piku user: the default server's own certificate (0) or key (1) in
+    place of a file piku cannot read (another tool's, readable by root only), else None."""
+    if os.access(path, os.R_OK):
+        return None
+    pair = ensure_default_certificate(paths)
+    return pair[index] if pair else None
 
 
 def nginx_binary():
@@ -5038,7 +5290,8 @@ def check_nginx(paths, app, text):
         ports = {}
         confs = list(others.items()) + ([("candidate.conf", text)] if text is not None else [])
         for name, body in confs:
-            write_atomic(os.path.join(tmp, "check-" + name), relisten_for_check(body, ports, f"{tmp}/logs.log"))
+            write_atomic(os.path.join(tmp, "check-" + name),
+                         relisten_for_check(body, ports, f"{tmp}/logs.log", lambda f, i: stand_in_certificate(paths, f, i)))
         candidate = os.path.join(tmp, "check-candidate.conf")
         conf = os.path.join(tmp, "nginx.conf")
         write_atomic(conf, render_nginx_check_conf(tmp, [os.path.join(tmp, "check-" + n) for n, _ in confs]))
@@ -5142,6 +5395,7 @@ def recover(paths, app):
     left (its journal), stop the workers of a slot that never went live, and drop release
     directories and virtualenvs that a killed build left."""
     import json
+    refuse_when_downgraded(paths)
     journal = os.path.join(paths.state, app, "switch.journal")
     text = read_text(journal)
     if text is not None:
@@ -5175,6 +5429,7 @@ def recover(paths, app):
     for name in os.listdir(base) if os.path.isdir(base) else []:
         if not os.path.exists(os.path.join(base, name, VENV_MARK)) and name != "legacy":
             remove_path(os.path.join(base, name))
+    adopt_legacy_checkout(paths, app)
 
 
 def nudge_emperor(paths):
@@ -5589,16 +5844,24 @@ def wait_for_nginx(t, tx, text, timeout=10.0):
         return
     if not tx.write(conf, text) or not nginx_binary():
         return
+    written = os.stat(conf).st_mtime
     token = re.search(r"piku-switch/(\w+) ", text).group(1)
+    t0 = time.monotonic()
     if not nginx_answers(t.settings, probe_host(t.names[0]), f"/.well-known/piku-switch/{token}", 204, timeout):
         warn(f"nginx has not loaded {t.app}'s config after {timeout:.0f}s: is nginx running, and is it "
              f"reloaded when {t.paths.nginx} changes (piku-nginx.path, or `piku.py nginx-watch`)? "
              "See docs/TROUBLESHOOTING.md")
         return
-    if old and "upstream piku-" in old and " backup " not in old:
-        # a conf from before blue/green sends to the old workers alone: nginx workers still on it
-        # finish their requests (and close their kept-alive connections) before those stop
-        time.sleep(LEGACY_DRAIN_SECONDS)
+    if old and " backup " not in old and (t.live or replaces_unslotted(t)):
+        nginx_drained(written, timeout - (time.monotonic() - t0))
+
+
+def replaces_unslotted(t):
+    """Does the switch replace serving workers that have no slot (the original piku's, or an
+    older piku.py's)? nginx's previous config has no backup for them: old nginx workers may
+    still have requests in flight to them, so those must finish before they stop."""
+    kinds = [parse_vassal_name(t.app, n) for n in vassals_of(t.paths, t.app)]
+    return any(k and k[2] is None and serving(k[0]) for k in kinds)
 
 
 def nginx_answers(settings, host, path, status, timeout):
@@ -5619,7 +5882,47 @@ def nginx_answers(settings, host, path, status, timeout):
     return False
 
 
-LEGACY_DRAIN_SECONDS = 2.0
+def nginx_drained(since, timeout):
+    """Wait (at most timeout) until every worker of the nginx that reloaded is of its newest
+    generation, started after `since` (epoch seconds: when the new config was written), i.e.
+    none still serves an older config. That nginx is the parent of the workers started since
+    (other nginx instances on the machine do not count; when none is found, every nginx worker
+    counts). A generation started a moment before the newest one may still hold an older
+    config: a reload that read it just before `since` (its workers quit at once, but not
+    before they have seen the master's signal)."""
+    import time
+    deadline = time.monotonic() + max(0.0, timeout)
+    while time.monotonic() < deadline:
+        workers, newest = nginx_workers(), {}
+        for _, ppid, started, _ in workers:
+            newest[ppid] = max(newest.get(ppid, 0.0), started)
+        fresh = {ppid for ppid, started in newest.items() if started >= since - 0.01}
+        if not any((not fresh or ppid in fresh) and (b"shutting down" in title or started < since - 0.01
+                                                      or started < newest[ppid] - 0.1)
+                   for _, ppid, started, title in workers):
+            return
+        time.sleep(0.05)
+
+
+def nginx_workers():
+    """[(pid, parent pid, start time (epoch s), title)] of every nginx worker process."""
+    import time
+    tick, boot = os.sysconf("SC_CLK_TCK"), time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read()
+            if not title.startswith(b"nginx: worker process"):
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out.append((int(pid), int(fields[1]), boot + int(fields[19]) / tick, title))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 # -- health checks: a real HTTP request to the new workers ------------------------------------
@@ -6521,6 +6824,239 @@ def swap_back(done):
             shutil.move(old, live)
 
 
+# -- the way back: `downgrade` puts the original piku back ------------------------------------
+# Every app's files in the original's formats (apps/<app> a git checkout, envs/<app> a
+# virtualenv of its own, vassals it can run without piku.py, plain ENV files, a post-receive
+# hook), switched to like a deploy: the new workers start beside the live ones, nginx moves,
+# the old ones stop. The original piku.py then replaces this file.
+
+DOWNGRADED = "_downgraded"  # in state/: piku.py takes no push or change until `setup` again
+
+
+def refuse_when_downgraded(paths):
+    if os.path.exists(os.path.join(paths.state, DOWNGRADED)):
+        raise PikuError("this server went back to the original piku (`downgrade`): nothing was changed; "
+                        "to use piku.py again, put it back and run its `setup` (docs/INSTALL.md)")
+
+
+def downgrade(paths, original, environ):
+    """Check every app and the original's piku.py first, then convert the apps one by one and
+    put the original's file in place of this one."""
+    import contextlib
+    text = read_text(original)
+    if text is None:
+        raise PikuError(f"no such file: {original}")
+    tmp, _ = stage_piku_file(text, "--help", "git-hook", f"{original} does not run as the original piku.py "
+                             "(its `--help` lists no git-hook): nothing was changed")
+    done = []
+    try:
+        with contextlib.ExitStack() as locks:
+            for app in known_apps(paths):
+                locks.enter_context(AppLock(paths, app))
+            plans = [plan_downgrade(paths, app, environ) for app in known_apps(paths)]
+            write_atomic(os.path.join(paths.state, DOWNGRADED), "")
+            for app, plan in plans:
+                downgrade_app(paths, app, plan)
+                done.append(app)
+            keys, changed = render_original_keys(read_text(authorized_keys_path(), ""), os.path.abspath(__file__),
+                                                 paths.root)
+            if changed:
+                write_atomic(authorized_keys_path(), keys, mode=0o600)
+                detail(f"{changed} ssh key line(s) added by piku.py now run the original's way")
+            os.replace(tmp, os.path.abspath(__file__))
+    except BaseException as e:
+        remove_path(tmp)
+        remove_path(os.path.join(paths.state, DOWNGRADED))
+        if done and isinstance(e, PikuError):
+            raise PikuError(f"{e}. Already back in the original's formats (they keep running; piku.py deploys "
+                            f"them as before at their next push): {', '.join(done)}; piku.py was not replaced")
+        raise
+    step(f"The original piku runs this server now ({len(done)} app(s)); see docs/INSTALL.md for the way forward again")
+
+
+def stage_piku_file(text, flag, expect, failure):
+    """A piku.py (its text) beside this one under a temporary name, once `python3 COPY flag`
+    works and prints `expect` (else PikuError(failure)); os.replace then puts it in place.
+    Returns (its temporary path, what it printed)."""
+    import tempfile
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(__file__)), prefix=".piku-new-", suffix=".py")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    proc = run([sys.executable, tmp, flag], capture="merged", check=False)
+    if proc.returncode != 0 or expect not in proc.stdout:
+        os.unlink(tmp)
+        raise PikuError(failure)
+    os.chmod(tmp, 0o755)
+    return tmp, proc.stdout.strip()
+
+
+def plan_downgrade(paths, app, environ):
+    """(app, (target, files)) for an app piku.py deployed, (app, None) for one whose files are
+    the original's already (never pushed since the switch). Raises for what the original
+    cannot run, before anything changes."""
+    release = live_record(paths, app)
+    if release is None or not os.path.islink(os.path.join(paths.apps, app)):
+        return app, None
+    t = plan_target(paths, app, release, environ, OPERATIONS["restart"])
+    if t.wsgi_mode == "pyuwsgi":
+        raise PikuError(f"{app}: its wsgi workers run Python {release.python} through pyuwsgi; the original piku "
+                        "serves wsgi only on the system uWSGI's Python: set PYTHON_VERSION to that one first")
+    config = load_config(paths, app)
+    scope = {**env_file_base(paths, app, environ), **t.settings}
+    for key, value in config.items():
+        if any(m.group(1) and (m.group(2) or m.group(3)) in scope for m in CONFIG_REF_RE.finditer(value)):
+            raise PikuError(f"{app}: {key} writes a literal `$` as `$$`, which the original piku does not "
+                            "know: change it first (config:set)")
+    try:
+        return app, (t, render_original_files(t, config))
+    except PikuError as e:
+        raise PikuError(f"{app}: {e}; change it first (nothing was changed)")
+
+
+def original_env(t, kind=None, n=1):
+    """A worker's environment (kind None: the app's) with the release's paths as the original
+    keeps them: apps/<app> for the release directory, envs/<app> for its virtualenv."""
+    env = {}
+    for key, value in {**t.env, **({"PROC_TYPE": kind, "PROC_INDEX": str(n)} if kind else {})}.items():
+        if key == "PORT" and not value.isdigit():
+            continue  # (an app that listens nowhere)
+        if t.release.venv:
+            value = value.replace(t.release.venv, os.path.join(t.paths.envs, t.app))
+        env[key] = value.replace(t.release.dir, os.path.join(t.paths.apps, t.app))
+    return env
+
+
+def render_original_files(t, config):
+    """{path: (text, mode)} of an app in the original's formats (pure)."""
+    p, app = t.paths, t.app
+    files = {}
+    for kind, count in t.scaling.items():
+        for n in range(1, count + 1):
+            if not kind_of(kind).vassal:
+                continue
+            env = original_env(t, kind, n)
+            v = {"app": app, "kind": kind, "index": n, "paths": p, "settings": t.settings, "env": env,
+                 "chdir": os.path.join(p.apps, app), "command": t.workers[kind],
+                 "venv": os.path.join(p.envs, app) if t.release.venv else None,
+                 "python_plugin": t.python_plugin, "extra_plugins": t.extra_plugins, "port": env.get("PORT")}
+            if kind == "wsgi":
+                v.update(socket=nginx_socket(t, n, t.slot) if t.names else None,
+                         check_socket=None if t.names else os.path.join(slot_dir(t, t.slot), f"wsgi.{n}.sock"))
+            if kind == "web" and t.slot:
+                v["env"]["PORT"] = str(t.ports["web"][t.slot][n - 1])
+            if kind.startswith("cron"):
+                v["cron"], v["command"] = plan_original_cron(t.workers[kind])
+            text = render_original_vassal(v)
+            for folder in (p.uwsgi_available, p.uwsgi_enabled):
+                files[os.path.join(folder, vassal_name(app, kind, n))] = (text, 0o644)
+    files[os.path.join(p.envs, app, "ENV")] = (render_original_env(config), 0o600)
+    files[os.path.join(p.envs, app, "LIVE_ENV")] = (render_original_env(original_env(t)), 0o600)
+    files[os.path.join(p.envs, app, "SCALING")] = (render_scaling(t.scaling), 0o600)
+    conf = os.path.join(p.nginx, f"{app}.conf")
+    if conf in render_release_files(t):
+        files[conf] = render_release_files(t)[conf]
+    return files
+
+
+def downgrade_app(paths, app, plan):
+    """One app in the original's formats; its hooks in any case."""
+    step(f"{app}: into the original piku's formats")
+    if plan:
+        t, files = plan
+        if t.release.venv:
+            build_original_venv(t)
+        checkout_for_original(t)
+        switch_to_original(t, files)
+        for name in ("live.json", "ports.json", "rev"):  # (a later switch to piku.py starts afresh)
+            remove_path(os.path.join(paths.state, app, name))
+    hooks = os.path.join(paths.repos, app, "hooks")
+    write_atomic(os.path.join(hooks, "post-receive"), render_original_hook(os.path.abspath(__file__), paths.root, app),
+                 mode=0o755)
+    remove_path(os.path.join(hooks, "pre-receive"))
+
+
+def build_original_venv(t):
+    """envs/<app> as a virtualenv of its own (the original runs workers and pip in it): the
+    live release's Python and packages (from uv's cache where it has them), and its scripts."""
+    import tempfile
+    import types
+    envdir = os.path.join(t.paths.envs, t.app)
+    for name in os.listdir(envdir):  # piku.py's links into the live virtualenv
+        path = os.path.join(envdir, name)
+        if os.path.islink(path) and (name == ".live" or os.readlink(path).startswith(".live")):
+            os.unlink(path)
+    live = os.path.join(t.release.venv, "bin", "python")
+    env = build_env(t.paths, t.app, t.settings, os.environ)
+    uv = find_uv(env, os.environ)
+    freeze = capture([uv, "pip", "freeze", "--python", live] if uv else [live, "-m", "pip", "freeze"], env=env)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+        f.write("".join(l + "\n" for l in freeze.splitlines() if l.strip() and not l.startswith("-e ")))
+        f.flush()
+        if uv:
+            run([uv, "venv", "--quiet", "--allow-existing", "--seed", "--python", live, envdir], env=env, capture=True)
+            run([uv, "pip", "install", "--quiet", "--python", os.path.join(envdir, "bin", "python"), "-r", f.name],
+                env=env, capture=True)
+        else:
+            run([sys.executable, "-m", "virtualenv", "--quiet", "--python", live, envdir], env=env, capture=True)
+            run([os.path.join(envdir, "bin", "python"), "-m", "pip", "install", "-q", "-r", f.name], env=env,
+                capture=True)
+    install_entry_points(types.SimpleNamespace(release_dir=t.release.dir, venv=envdir, paths=t.paths, app=t.app))
+    count = len(freeze.splitlines())
+    detail(f"envs/{t.app}: a virtualenv of its own, Python {t.release.python}, {count} package{'s' * (count != 1)}")
+
+
+def checkout_for_original(t):
+    """apps/<app> as the original keeps it: a clone of the app's repo at the live revision
+    holding the live release's files (what a build made too), swapped in for the link."""
+    import shutil
+    link, repo = os.path.join(t.paths.apps, t.app), os.path.join(t.paths.repos, t.app)
+    tmp = os.path.join(t.paths.apps, f".{t.app}.piku-downgrade")
+    remove_path(tmp)
+    env = clean_env(os.environ)
+    run(["git", "clone", "--quiet", "--no-checkout", repo, tmp], env=env, capture=True)
+    shutil.copytree(t.release.dir, tmp, symlinks=True, dirs_exist_ok=True)
+    if t.release.rev:
+        run(["git", "-C", tmp, "reset", "--quiet", t.release.rev], env=env, capture=True)
+    try:
+        exchange_paths(tmp, link)
+        os.unlink(tmp)  # (the link, now)
+    except OSError:
+        os.unlink(link)
+        os.rename(tmp, link)
+
+
+def switch_to_original(t, files):
+    """The original's workers start beside piku.py's (serving ones on the other slot's sockets
+    or ports) and must answer; nginx moves to them; then piku.py's stop. Others restart in place."""
+    p, app = t.paths, t.app
+    ours = [n for n in vassals_of(p, app) if os.path.join(p.uwsgi_enabled, n) not in files]
+    tx = Transaction(p, app)
+    conf = os.path.join(p.nginx, f"{app}.conf")
+    if t.slot:
+        private_dir(slot_dir(t, t.slot))  # (the private check sockets of wsgi workers)
+    try:
+        checks = []
+        for path, (text, mode) in files.items():
+            kind, n, _ = parse_vassal_name(app, os.path.basename(path)) or (None, 0, None)
+            if kind and serving(kind) and os.path.dirname(path) == p.uwsgi_enabled:
+                if kind == "wsgi":
+                    remove_path(nginx_socket(t, n, t.slot))  # (a socket a killed worker left)
+                checks.append(log_check(t, kind, n, t.slot if kind == "wsgi" or t.names else None))
+            if path != conf:
+                tx.write(path, text, mode)
+        nudge_emperor(p)
+        failure = health_check(t, checks)
+        if failure:
+            raise PikuError(failure_message(t, failure))
+        wait_for_nginx(t, tx, files.get(conf, (None,))[0])
+        wait_masters_gone(stop_gracefully(p, ours, tx))
+    except BaseException:
+        tx.rollback()
+        nudge_emperor(p)
+        raise
+    tx.commit()
+
+
 # === 12. Git and SSH plumbing ===
 
 def plan_push(updates, deploy_branch):
@@ -6735,8 +7271,9 @@ def print_logs(paths, app, process, lines, follow):
 def running_workers():
     """{'app:kind.n': pids of its uWSGI master's children} for every vassal master running
     (found by process title) as this user: another user's process may take any title. A
-    master with no child runs nothing (its daemon is down)."""
-    out, me = {}, os.getuid()
+    master with no child runs nothing (its daemon is down). The original piku's masters name
+    no instance: those of one kind are numbered 1, 2, ... in the order found."""
+    out, me, unnumbered = {}, os.getuid(), {}
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
@@ -6746,14 +7283,41 @@ def running_workers():
                     title = f.read().split(b"\0")[0].decode("utf-8", "replace")
             except OSError:
                 continue
-            if title.endswith(" uWSGI master"):
+            name, numbered = parse_master_title(title)
+            if name:
                 try:
                     with open(f"/proc/{pid}/task/{pid}/children") as f:
                         children = f.read().split()
                 except OSError:
                     children = ["?"]  # no way to tell: count the master alone
-                out.setdefault(title.split(" ")[0], []).extend(children)
+                if not numbered:
+                    unnumbered[name] = unnumbered.get(name, 0) + 1
+                    name = f"{name}.{unnumbered[name]}"
+                out.setdefault(name, []).extend(children)
     return out
+
+
+def running_emperor():
+    """pid of the uWSGI emperor of this user's running vassals (their masters' parent), or None."""
+    me = os.getuid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != me:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode("utf-8", "replace")
+            if not parse_master_title(title)[0]:
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                parent = f.read().rsplit(")", 1)[1].split()[1]
+            with open(f"/proc/{parent}/cmdline", "rb") as f:
+                if b"uwsgi" in f.read():
+                    return int(parent)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
 
 
 def worker_crashing(paths, app, worker, recent=60):
@@ -6912,9 +7476,10 @@ def apply_config(paths, app, change, keys):
         config_file = os.path.join(paths.envs, app, "ENV")
         old_text = read_text(config_file)
         new = change(old)
-        validate_settings(new, "config:set")
-        check_app_paths(live_release(paths, app), None, new)
-        served_names({**live_settings(paths, app, check=False), **new})  # (with the repo's ENV too)
+        settings = live_settings(paths, app, check=False, config=new)  # (with the repo's ENV too)
+        validate_settings({k: settings[k] for k in new}, "config:set")
+        check_app_paths(live_release(paths, app), None, {k: settings[k] for k in new})
+        served_names(settings)
         write_config(paths, app, new)
         for key in sorted(keys):
             detail(f"{key}: {'set' if key in new else 'unset'}")
@@ -7154,6 +7719,8 @@ def cmd_ps(app):
     running = running_workers()
     enabled = {parsed[:2] for parsed in map(lambda n: parse_vassal_name(app, n), vassals_of(paths, app)) if parsed}
     for kind, count in scaling.items():
+        if not kind_of(kind).vassal:  # (the original piku's SCALING counts static: 1)
+            continue
         crashing = [n for n in range(1, count + 1) if (kind, n) in enabled
                     and worker_crashing(paths, app, f"{kind}.{n}")]
         up = sum(1 for n in range(1, count + 1)
@@ -7177,11 +7744,13 @@ def cmd_ps(app):
                    + ": nginx answers 503 for the app's names")
 
 
-def live_settings(paths, app, check=True):
-    """The settings the live release runs with (repo ENV < config), without building."""
+def live_settings(paths, app, check=True, config=None):
+    """The settings the live release runs with (repo ENV < config), without building; with
+    `config`, those it would run with with that config instead."""
     release = live_release(paths, app)
-    repo_env = read_repo_env(paths, app, release, env_file_base(paths, app, os.environ))
-    settings = {**repo_env, **load_config(paths, app)}
+    base = env_file_base(paths, app, os.environ)
+    repo_env = read_repo_env(paths, app, release, base)
+    settings = merge_settings(repo_env, load_config(paths, app) if config is None else config, base)
     return validate_settings(settings) if check else settings
 
 
@@ -7364,11 +7933,19 @@ def cmd_setup(write_units):
     import getpass
     paths = P()
     setup_tree(paths)
+    remove_path(os.path.join(paths.state, DOWNGRADED))  # (piku.py is back after a `downgrade`)
     me = os.path.abspath(__file__)
     step(f"piku {__version__} is set up in {paths.root}")
     detail(f"nginx: add `include {paths.nginx}/*.conf;` to the http block of nginx.conf")
     for note in setup_nginx(paths):
         detail(note)
+    emperor = running_emperor()
+    if emperor and not write_units:
+        detail(f"the uWSGI emperor that runs the apps is up already (pid {emperor}): keep the services that "
+               "start it, and do not enable piku-uwsgi.service beside it (two emperors would start every "
+               "app twice). It reads uwsgi/uwsgi.ini again when it restarts; nothing needs a restart now. "
+               "Units for a new server: `setup --write-units DIR` (docs/INSTALL.md)")
+        return
     units = render_systemd_units(sys.executable, me, paths, getpass.getuser())
     if write_units:
         ensure_dirs(write_units)
@@ -7441,7 +8018,6 @@ def cmd_keys_remove(key, force):
 @click.argument("source", required=False)
 def cmd_update(source):
     """Replace piku.py with SOURCE (a file or https URL) after checking it runs."""
-    import tempfile
     if not source:  # the original piku downloaded its own repository's copy: piku.py has none
         raise PikuError("update needs the new piku.py: update FILE, or update https://URL "
                         "(piku.py has no built-in download location)", 2)
@@ -7457,16 +8033,17 @@ def cmd_update(source):
         text = read_text(source)
         if text is None:
             raise PikuError(f"no such file: {source}")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(me), prefix=".piku-update-", suffix=".py")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    proc = run([sys.executable, tmp, "--version"], capture="merged", check=False)
-    if proc.returncode != 0 or "piku" not in proc.stdout:
-        os.unlink(tmp)
-        raise PikuError("the new piku.py does not run (`--version` failed); nothing was replaced")
-    os.chmod(tmp, 0o755)
+    tmp, version = stage_piku_file(text, "--version", "piku",
+                                   "the new piku.py does not run (`--version` failed); nothing was replaced")
     os.replace(tmp, me)
-    step(f"Updated piku.py: {proc.stdout.strip()}")
+    step(f"Updated piku.py: {version}")
+
+
+@cli.command("downgrade")
+@click.argument("original", metavar="ORIGINAL_PIKU_PY")
+def cmd_downgrade(original):
+    """Go back to the original piku: every app in its formats, then ORIGINAL_PIKU_PY in place of this file."""
+    downgrade(P(), original, dict(os.environ))
 
 
 # Internal commands: git and uWSGI call these; they are not for people.
@@ -7487,6 +8064,7 @@ def git_receive_pack(app):
             raise PikuError(f"app name {app} is refused: with app {clash} it could share worker file "
                             "names (<app>_<kind>.N.ini): choose another name (neither may be the other "
                             "followed by `_`)")
+    refuse_when_downgraded(paths)
     setup_tree(paths)
     repo = ensure_repo(paths, app)
     os.execvpe("git", ["git", "receive-pack", repo], clean_env(os.environ) | {"PIKU_ROOT": paths.root})

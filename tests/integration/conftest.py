@@ -23,7 +23,7 @@ def server():
 def second_server():
     """Another piku server on this machine (its own user PIKU_TEST_USER2, sshd, emperor and
     nginx): where `restore` puts an app backed up on `server`."""
-    srv = Server(USER2)
+    srv = Server(user=USER2)
     try:
         yield srv.start()
     finally:

@@ -1,6 +1,7 @@
 """A real piku server for integration tests: an unprivileged user, sshd on 127.0.0.1 with
 piku's forced command, a uWSGI emperor, an unprivileged nginx and piku's nginx watcher.
 Every process is started here and stopped by PID in `stop()`."""
+import grp
 import os
 import pwd
 import shutil
@@ -46,27 +47,43 @@ def wait_port(port, timeout=15):
 
 
 class Server:
-    def __init__(self, user=USER):
-        self.user = user
+    """piku_source: the piku.py the server runs (this repository's by default). root_nginx: run
+    nginx as root on the standard ports 80/443 of a loopback address of the user's own (its
+    workers as the user), as on a real server (for configs that name port 80, like the original
+    piku's); else nginx runs as the user on free ports of 127.0.0.1. root: PIKU_ROOT (default:
+    a fresh directory; `~/...` is in the user's home: the original piku's ssh commands only
+    know ~/.piku). user: another test user than PIKU_TEST_USER's, for a server that runs beside
+    the session's (a user's processes, home and authorized_keys are one server's)."""
+
+    def __init__(self, piku_source=None, root_nginx=False, root=None, user=None):
         for b in ("git", "ssh", "ssh-keygen", "sshd", "uwsgi", "nginx", "uv", "openssl"):
             need(b)
         assert os.path.exists(SYSTEM_PY), f"{SYSTEM_PY} missing: {INSTALL_HINT}"
         assert os.path.exists("/usr/lib/uwsgi/plugins/python3_plugin.so"), \
             f"uwsgi-plugin-python3 is not installed: {INSTALL_HINT}"
-        self.procs = {}
+        self.procs, self.user = {}, user or USER
         self.ensure_user()
         self.base = tempfile.mkdtemp(prefix="t-", dir=self.home)
         os.chmod(self.base, 0o755)
         self.chown(self.base)
-        self.root = os.path.join(self.base, "piku")
+        self.root = os.path.join(self.home, root[2:]) if (root or "").startswith("~/") else \
+            root or os.path.join(self.base, "piku")
+        if root:
+            shutil.rmtree(self.root, ignore_errors=True)  # (left by an earlier run that was killed)
         self.piku_py = os.path.join(self.base, "piku.py")
-        shutil.copy(os.path.join(REPO, "piku.py"), self.piku_py)
+        shutil.copy(piku_source or os.path.join(REPO, "piku.py"), self.piku_py)
         os.chmod(self.piku_py, 0o755)
+        self.chown(self.piku_py)
+        # nginx-watch is this repository's (the original piku had systemd's path unit instead)
+        self.watch_py = os.path.join(self.base, "piku-watch.py")
+        shutil.copy(os.path.join(REPO, "piku.py"), self.watch_py)
+        self.root_nginx = root_nginx
+        self.nginx_ip = f"127.80.{(self.uid >> 8) & 255}.{(self.uid & 255) or 1}" if root_nginx else "127.0.0.1"
         self.priv = tempfile.mkdtemp(prefix="piku-test-")  # root-only: client key, sshd config
         self.logdir = os.path.join(self.base, "logs")
         os.makedirs(self.logdir)
         self.chown(self.logdir)
-        self.env = {"HOME": self.home, "USER": user, "LOGNAME": user, "PIKU_ROOT": self.root,
+        self.env = {"HOME": self.home, "USER": self.user, "LOGNAME": self.user, "PIKU_ROOT": self.root,
                     "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "UV_SYSTEM_CERTS": "1"}
 
     # -- setup --------------------------------------------------------------
@@ -92,10 +109,10 @@ class Server:
         return subprocess.run(argv, user=self.uid, group=self.gid, extra_groups=[], text=True,
                               capture_output=True, **kw)
 
-    def spawn(self, name, argv, as_user=True):
-        log = open(os.path.join(self.logdir, f"{name}.log"), "w")
+    def spawn(self, name, argv, as_user=True, env=None):
+        log = open(os.path.join(self.logdir, f"{name}.log"), "a")
         kw = dict(user=self.uid, group=self.gid, extra_groups=[], env=self.env, cwd=self.home) \
-            if as_user else {}
+            if as_user else ({"env": env} if env else {})
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True, **kw)
         log.close()
@@ -130,6 +147,14 @@ class Server:
         proc.wait(30)
         return proc.pid
 
+    def restart_emperor(self):
+        """What `systemctl restart` does to the emperor: stop it (its vassals stop with it),
+        start it again from uwsgi/uwsgi.ini."""
+        proc = self.procs["emperor"]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        self.start_emperor()
+
     def setup_client_key(self):
         self.key = os.path.join(self.priv, "id_ed25519")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "piku-test", "-f", self.key],
@@ -160,7 +185,7 @@ class Server:
         assert wait_port(self.ssh_port), "sshd did not start:\n" + self.logs()
 
     def start_nginx(self):
-        self.nginx_port, self.nginx_tls_port = free_port(), free_port()
+        self.nginx_port, self.nginx_tls_port = (80, 443) if self.root_nginx else (free_port(), free_port())
         prefix = os.path.join(self.base, "nginx")
         os.makedirs(prefix)
         self.chown(prefix)
@@ -168,15 +193,19 @@ class Server:
         temps = "".join(f"  {d}_temp_path {prefix}/{d};\n" for d in
                         ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         with open(self.nginx_conf, "w") as f:
+            f.write(f"user {self.user} {grp.getgrgid(self.gid).gr_name};\n" if self.root_nginx else "")
             f.write(f"daemon off;\npid {prefix}/nginx.pid;\nerror_log {self.logdir}/nginx-error.log;\n"
                     f"events {{}}\nhttp {{\n  include /etc/nginx/mime.types;\n"
                     f"  access_log {self.logdir}/nginx-access.log;\n{temps}"
                     f"  include {self.root}/nginx/*.conf;\n}}\n")
         nginx = need("nginx")
-        self.spawn("nginx", [nginx, "-p", prefix, "-c", self.nginx_conf, "-e", f"{self.logdir}/nginx-error.log"])
-        self.spawn("nginx-watch", [SYSTEM_PY, self.piku_py, "nginx-watch", "--interval", "0.3", "--",
+        as_user = not self.root_nginx  # as root, as on a real server: it signals a root nginx
+        self.spawn("nginx", [nginx, "-p", prefix, "-c", self.nginx_conf, "-e", f"{self.logdir}/nginx-error.log"],
+                   as_user=as_user)
+        self.spawn("nginx-watch", [SYSTEM_PY, self.watch_py, "nginx-watch", "--interval", "0.3", "--",
                                    nginx, "-p", prefix, "-c", self.nginx_conf,
-                                   "-e", f"{self.logdir}/nginx-error.log", "-s", "reload"])
+                                   "-e", f"{self.logdir}/nginx-error.log", "-s", "reload"],
+                   as_user=as_user, env=self.env)
 
     def start_pebble(self):
         """Debian's pebble test CA on loopback, with pebble-challtestsrv as its DNS (every name
@@ -241,6 +270,7 @@ class Server:
                     proc.wait(5)
         subprocess.run(["pkill", "-KILL", "-u", self.user], capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
+        shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.priv, ignore_errors=True)
 
     # -- client helpers -----------------------------------------------------
@@ -318,7 +348,7 @@ class Server:
     def nginx_env(self, host, **extra):
         """ENV lines that put an app behind the test nginx (loopback only, test ports)."""
         settings = {"NGINX_SERVER_NAME": host, "NGINX_HTTP_PORT": self.nginx_port,
-                    "NGINX_HTTPS_PORT": self.nginx_tls_port, "NGINX_IPV4_ADDRESS": "127.0.0.1",
+                    "NGINX_HTTPS_PORT": self.nginx_tls_port, "NGINX_IPV4_ADDRESS": self.nginx_ip,
                     "DISABLE_IPV6": "true"}
         settings.update(extra)
         return "".join(f"{k}={v}\n" for k, v in settings.items())
@@ -327,7 +357,8 @@ class Server:
     def http_get(self, port, path="/", host=None, timeout=5):
         if port == getattr(self, "nginx_port", None):
             self.nginx_settled()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+        ip = self.nginx_ip if port == getattr(self, "nginx_port", None) else "127.0.0.1"
+        req = urllib.request.Request(f"http://{ip}:{port}{path}")
         if host:
             req.add_header("Host", host)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -444,6 +475,14 @@ class Server:
             with open(os.path.join(self.logdir, name), errors="replace") as f:
                 out.append(f"--- {name}\n" + "".join(f.readlines()[-lines:]))
         return "\n".join(out)
+
+
+def wait_for(what, check, timeout=90):
+    """Poll until check() is true (the emperor and uWSGI's cron act on their own clock)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.3)
 
 
 def system_uwsgi_python():
