@@ -2563,14 +2563,15 @@ def plan_blue_green(kind, settings, port_pinned=False):
     return rule == "always"
 
 
-def vassal_name(app, kind, n, slot=None):
-    """<app>_<kind>.<n>.ini, or <app>_<kind>.<n>.<slot>.ini for a blue/green instance."""
-    return f"{app}_{kind}.{n}" + (f".{slot}" if slot else "") + ".ini"
+def vassal_name(app, kind, n, slot=None, gen=None):
+    """<app>_<kind>.<n>.ini, or <app>_<kind>.<n>[.<gen>].<slot>.ini for a blue/green instance
+    (gen: 6 hex digits, new each time the slot starts; see Target)."""
+    return f"{app}_{kind}.{n}" + (f".{gen}" if slot and gen else "") + (f".{slot}" if slot else "") + ".ini"
 
 
 def parse_vassal_name(app, name):
     """(kind, n, slot or None) of one of app's vassal file names, or None."""
-    m = re.fullmatch(re.escape(app) + r"_([A-Za-z][A-Za-z0-9_-]{0,30})\.(\d+)(?:\.([ab]))?\.ini", name)
+    m = re.fullmatch(re.escape(app) + r"_([A-Za-z][A-Za-z0-9_-]{0,30})\.(\d+)(?:(?:\.[0-9a-f]{6})?\.([ab]))?\.ini", name)
     return (m.group(1), int(m.group(2)), m.group(3)) if m else None
 
 
@@ -4102,7 +4103,8 @@ def update_release(paths, app, rid, **fields):
 
 
 def live_state(paths, app):
-    """{"release": id, "slot": "a"|"b"|None} of what serves now ({} before the first deploy)."""
+    """{"release": id, "slot": "a"|"b"|None, "gen": its vassals' generation} of what serves now ({}
+    before the first deploy)."""
     import json
     try:
         data = json.loads(read_text(os.path.join(paths.state, app, "live.json")) or "{}")
@@ -4285,7 +4287,7 @@ def disk_kb(path):
 # -- the target state of an operation ---------------------------------------------------------
 
 Target = namedtuple("Target", "paths app op release workers settings scaling live slot restart ports env "
-                              "wsgi_mode python_plugin extra_plugins names cert stamp front")
+                              "wsgi_mode python_plugin extra_plugins names cert stamp front gen", defaults=(None,))
 #   release:   the Release the workers run; workers: its Procfile ({kind: command})
 #   settings:  repo ENV < config:set values, validated; env: what every process gets
 #   scaling:   {kind: count}; live: live_state() before the operation
@@ -4296,6 +4298,9 @@ Target = namedtuple("Target", "paths app op release workers settings scaling liv
 #              every operation (a vassal whose text changes is restarted by the emperor)
 #   front:     what the app's nginx server block depends on besides settings (nginx_inputs:
 #              the installed nginx, the include file's directives, maintenance mode, ...)
+#   gen:       the slot's generation, in its vassals' names (vassal_name): a name the emperor
+#              has never seen starts at once (it throttles a name that stopped before it had
+#              served a request: every web or pyuwsgi vassal, one second more each time)
 
 
 def release_settings(paths, app, release_dir, environ):
@@ -4332,8 +4337,10 @@ def plan_target(paths, app, release, environ, op, scaling=None):
     if "wsgi" in scaling:
         wsgi_mode, plugin, extra = choose_wsgi_mode(release, settings, environ)
     cert = ensure_certificate({"paths": paths, "app": app, "settings": settings}) if names else False
+    stamp = f"{release.id} {op.name} {time.time():.3f}"
+    gen = (fingerprint(stamp)[:6] if serving_kind in restart else live.get("gen")) if bg else None
     t = Target(paths, app, op, release, workers, settings, scaling, live, slot, restart, ports, env,
-               wsgi_mode, plugin, extra, names, cert, f"{release.id} {op.name} {time.time():.3f}", {})
+               wsgi_mode, plugin, extra, names, cert, stamp, {}, gen)
     return t._replace(front=nginx_inputs(plan_dict(t))) if names else t
 
 
@@ -5528,7 +5535,7 @@ def worker_files(t, kind, n, env_file, boot):
     """The vassal (and, for pyuwsgi, the inner ini) of one worker instance."""
     v = worker_spec(t, kind, n, env_file, boot)
     out = {v["inner"]: (render_inner_ini(v), 0o600)} if v["mode"] == "pyuwsgi" else {}
-    name = vassal_name(t.app, kind, n, t.slot if serving(kind) and t.slot else None)
+    name = vassal_name(t.app, kind, n, t.slot if serving(kind) and t.slot else None, t.gen)
     text = render_vassal(v)
     out[os.path.join(t.paths.uwsgi_enabled, name)] = (text, 0o644)
     out[os.path.join(t.paths.uwsgi_available, name)] = (text, 0o644)
@@ -5630,7 +5637,7 @@ def start_beside(t, tx, files):
         remove_path(nginx_socket(t, n, t.slot))  # a socket a killed worker left
         checks.append(log_check(t, kind, n, t.slot))
         for folder in (t.paths.uwsgi_available, t.paths.uwsgi_enabled):
-            path = os.path.join(folder, vassal_name(t.app, kind, n, t.slot))
+            path = os.path.join(folder, vassal_name(t.app, kind, n, t.slot, t.gen))
             tx.write(path, files[path][0])
     nudge_emperor(t.paths)
     step(f"Starting the new release beside the live one: {kind} x{t.scaling[kind]} (slot {t.slot})")
@@ -5733,7 +5740,8 @@ def commit_switch(t, tx, files):
 
 def write_state(t, tx):
     import json
-    tx.write(worker_file(t, "live.json"), json.dumps({"release": t.release.id, "slot": t.slot}, sort_keys=True) + "\n")
+    tx.write(worker_file(t, "live.json"), json.dumps({"release": t.release.id, "slot": t.slot, "gen": t.gen},
+                                                     sort_keys=True) + "\n")
     tx.write(worker_file(t, "ports.json"), json.dumps(t.ports, sort_keys=True) + "\n")
 
 

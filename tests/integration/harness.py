@@ -418,7 +418,7 @@ class Server:
         import re
         d = self.path("uwsgi-enabled")
         for name in sorted(os.listdir(d)):
-            if re.fullmatch(re.escape(f"{app}_{kind}.{n}") + r"(\.[ab])?\.ini", name):
+            if re.fullmatch(re.escape(f"{app}_{kind}.{n}") + r"(\.[0-9a-f]{6})?(\.[ab])?\.ini", name):
                 return os.path.join(d, name)
         return None
 

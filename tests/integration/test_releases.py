@@ -262,6 +262,22 @@ def test_web_scaled_to_three_behind_nginx(server, tmp_path):
     assert r.returncode == 0, r.stderr  # (web=1: allowed without nginx)
 
 
+def test_repeated_switches_of_a_web_app_are_never_throttled_by_the_emperor(server, tmp_path):
+    """A web vassal never declares itself loyal to the emperor (it serves no uWSGI request), and
+    the emperor delays each start of a name that stopped unloyal by one second more than the
+    last: slots a and b reused would make every switch slower, until one times out."""
+    host = "webthr.piku.test"
+    server.deployed("kinds", "webthr", tmp_path, {"ENV": server.nginx_env(host)})
+    names = set()
+    for _ in range(6):
+        r = server.ssh("restart", "webthr")
+        assert r.returncode == 0, r.stdout + r.stderr
+        names.add(os.path.basename(server.vassal("webthr", "web")))
+    log = [l for l in server.read("uwsgi/uwsgi.log").splitlines() if "webthr" in l]
+    assert not [l for l in log if "throttling" in l or "bad behaving" in l], log[-10:]
+    assert len(names) == 6, names  # a new name each time
+
+
 # -- interrupted operations ---------------------------------------------------------------------
 
 def hook_pid(app):

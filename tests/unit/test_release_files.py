@@ -37,7 +37,8 @@ def target(case):
     return piku.Target(PATHS, "demo", piku.OPERATIONS["deploy"], release, workers, settings, scaling,
                        {"release": "20261129-000000-0000000000", "slot": "a"}, "b" if names or mode else None,
                        set(scaling), {"port": 5000, "web": {"a": [5101, 5102], "b": [5201, 5202]}}, env, mode,
-                       "python3" if mode == "native" else None, [], names, bool(names), "r1 deploy 0", front)
+                       "python3" if mode == "native" else None, [], names, bool(names), "r1 deploy 0", front,
+                       "0a1b2c" if names or mode else None)
 
 
 def normalise(text):
@@ -76,5 +77,5 @@ def test_release_files_modes_and_slots():
     conf = files[os.path.join(PATHS.nginx, "demo.conf")][0]
     assert "server unix:/srv/piku/nginx/demo.1.b.sock max_fails=0;" in conf
     assert "server unix:/srv/piku/nginx/demo.1.a.sock backup max_fails=0;" in conf
-    vassal = files[os.path.join(PATHS.uwsgi_enabled, "demo_wsgi.1.b.ini")][0]
+    vassal = files[os.path.join(PATHS.uwsgi_enabled, "demo_wsgi.1.0a1b2c.b.ini")][0]
     assert "http-socket" not in vassal and "socket = /srv/piku/nginx/demo.1.b.sock" in vassal

@@ -155,6 +155,16 @@ def test_kinds_table_rows():
         {"x_web.1.a.ini", "x_web.2.a.ini", "x_worker.1.ini"}
 
 
+def test_slot_vassals_carry_a_generation_the_emperor_has_never_seen():
+    """uWSGI's emperor delays the start of a vassal name that stopped before it served a request
+    (a web daemon, a pyuwsgi wsgi) by one more second each time: each start gets a new name."""
+    assert piku.vassal_name("x", "web", 2, "b", "0a1b2c") == "x_web.2.0a1b2c.b.ini"
+    assert piku.vassal_name("x", "web", 2, "b") == "x_web.2.b.ini"  # (an older piku.py's)
+    assert piku.vassal_name("x", "worker", 1, None, "0a1b2c") == "x_worker.1.ini"
+    assert piku.parse_vassal_name("x", "x_web.2.0a1b2c.b.ini") == ("web", 2, "b")
+    assert piku.parse_vassal_name("x", "x_web.2.0a1b2.b.ini") is None
+
+
 def test_nginx_wsgi_uses_unix_sockets():
     conf = nginx(kinds={"wsgi": "app:app"}, sockets=["/srv/piku/nginx/demo.1.sock"])
     assert "server unix:/srv/piku/nginx/demo.1.sock max_fails=0;" in conf and "uwsgi_pass piku-demo;" in conf
