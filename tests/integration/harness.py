@@ -32,6 +32,28 @@ def free_port():
         return s.getsockname()[1]
 
 
+def kill_user_processes(uid):
+    """SIGKILL, PID by PID, whatever still runs as uid (workers the emperor left, a stray
+    `run`): only the test user's own processes. A few passes: one may fork while we look."""
+    assert uid != 0, "refusing to kill root's processes"
+    for _ in range(3):
+        killed = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+                if uid in (int(uids[0]), int(uids[1])):
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed += 1
+            except (OSError, StopIteration, ValueError, IndexError):
+                continue
+        if not killed:
+            return
+        time.sleep(0.1)
+
+
 def wait_port(port, timeout=15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -44,7 +66,13 @@ def wait_port(port, timeout=15):
 
 
 class Server:
-    def __init__(self):
+    nginx_watch_interval = 0.3  # seconds between nginx-watch's looks at nginx/
+    nginx_as_root = False       # True: nginx's master starts as root (to bind ports below 1024)
+
+    def __init__(self, user=None, piku_py=None):
+        """user: the unprivileged user the server runs as (default PIKU_TEST_USER); piku_py: the
+        piku.py it runs (default this repository's; bench/compare runs the original's too)."""
+        self.user = user or USER
         for b in ("git", "ssh", "ssh-keygen", "sshd", "uwsgi", "nginx", "uv", "openssl"):
             need(b)
         assert os.path.exists(SYSTEM_PY), f"{SYSTEM_PY} missing: {INSTALL_HINT}"
@@ -57,23 +85,24 @@ class Server:
         self.chown(self.base)
         self.root = os.path.join(self.base, "piku")
         self.piku_py = os.path.join(self.base, "piku.py")
-        shutil.copy(os.path.join(REPO, "piku.py"), self.piku_py)
+        shutil.copy(piku_py or os.path.join(REPO, "piku.py"), self.piku_py)
         os.chmod(self.piku_py, 0o755)
+        self.watcher_py = self.piku_py  # the piku.py whose nginx-watch reloads nginx
         self.priv = tempfile.mkdtemp(prefix="piku-test-")  # root-only: client key, sshd config
         self.logdir = os.path.join(self.base, "logs")
         os.makedirs(self.logdir)
         self.chown(self.logdir)
-        self.env = {"HOME": self.home, "USER": USER, "LOGNAME": USER, "PIKU_ROOT": self.root,
+        self.env = {"HOME": self.home, "USER": self.user, "LOGNAME": self.user, "PIKU_ROOT": self.root,
                     "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "UV_SYSTEM_CERTS": "1"}
 
     # -- setup --------------------------------------------------------------
     def ensure_user(self):
         try:
-            pw = pwd.getpwnam(USER)
+            pw = pwd.getpwnam(self.user)
         except KeyError:
-            subprocess.run(["adduser", "--disabled-password", "--gecos", "", USER], check=True,
+            subprocess.run(["adduser", "--disabled-password", "--gecos", "", self.user], check=True,
                            capture_output=True)
-            pw = pwd.getpwnam(USER)
+            pw = pwd.getpwnam(self.user)
         self.uid, self.gid, self.home = pw.pw_uid, pw.pw_gid, pw.pw_dir
         os.chmod(self.home, 0o755)
         auth = os.path.join(self.home, ".ssh", "authorized_keys")
@@ -89,10 +118,10 @@ class Server:
         return subprocess.run(argv, user=self.uid, group=self.gid, extra_groups=[], text=True,
                               capture_output=True, **kw)
 
-    def spawn(self, name, argv, as_user=True):
+    def spawn(self, name, argv, as_user=True, env=None):
         log = open(os.path.join(self.logdir, f"{name}.log"), "w")
         kw = dict(user=self.uid, group=self.gid, extra_groups=[], env=self.env, cwd=self.home) \
-            if as_user else {}
+            if as_user else ({"env": env} if env else {})
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True, **kw)
         log.close()
@@ -135,7 +164,7 @@ class Server:
             f.write(f"Port {self.ssh_port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\n"
                     f"PidFile {self.priv}/sshd.pid\nAuthorizedKeysFile .ssh/authorized_keys\n"
                     "UsePAM yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-                    f"PubkeyAuthentication yes\nAllowUsers {USER}\nStrictModes yes\n"
+                    f"PubkeyAuthentication yes\nAllowUsers {self.user}\nStrictModes yes\n"
                     "PrintMotd no\nLogLevel VERBOSE\nAcceptEnv none\n")
         os.makedirs("/run/sshd", exist_ok=True)
         sshd = need("sshd")
@@ -153,15 +182,19 @@ class Server:
         temps = "".join(f"  {d}_temp_path {prefix}/{d};\n" for d in
                         ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         with open(self.nginx_conf, "w") as f:
+            f.write(f"user {self.user};\n" if self.nginx_as_root else "")
             f.write(f"daemon off;\npid {prefix}/nginx.pid;\nerror_log {self.logdir}/nginx-error.log;\n"
                     f"events {{}}\nhttp {{\n  include /etc/nginx/mime.types;\n"
                     f"  access_log {self.logdir}/nginx-access.log;\n{temps}"
                     f"  include {self.root}/nginx/*.conf;\n}}\n")
         nginx = need("nginx")
-        self.spawn("nginx", [nginx, "-p", prefix, "-c", self.nginx_conf, "-e", f"{self.logdir}/nginx-error.log"])
-        self.spawn("nginx-watch", [SYSTEM_PY, self.piku_py, "nginx-watch", "--interval", "0.3", "--",
-                                   nginx, "-p", prefix, "-c", self.nginx_conf,
-                                   "-e", f"{self.logdir}/nginx-error.log", "-s", "reload"])
+        user = not self.nginx_as_root
+        self.spawn("nginx", [nginx, "-p", prefix, "-c", self.nginx_conf, "-e", f"{self.logdir}/nginx-error.log"],
+                   as_user=user)
+        self.spawn("nginx-watch", [SYSTEM_PY, self.watcher_py, "nginx-watch", "--interval",
+                                   str(self.nginx_watch_interval), "--", nginx, "-p", prefix, "-c", self.nginx_conf,
+                                   "-e", f"{self.logdir}/nginx-error.log", "-s", "reload"],
+                   as_user=user, env=dict(self.env, HOME="/root", USER="root", LOGNAME="root"))
 
     def start_pebble(self):
         """Debian's pebble test CA on loopback, with pebble-challtestsrv as its DNS (every name
@@ -224,7 +257,7 @@ class Server:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(5)
-        subprocess.run(["pkill", "-KILL", "-u", USER], capture_output=True)
+        kill_user_processes(self.uid)
         shutil.rmtree(self.base, ignore_errors=True)
         shutil.rmtree(self.priv, ignore_errors=True)
 
@@ -234,7 +267,7 @@ class Server:
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
 
     def ssh(self, *args, input=None, timeout=300):
-        return subprocess.run(self.ssh_argv() + [f"{USER}@127.0.0.1"] + list(args), input=input,
+        return subprocess.run(self.ssh_argv() + [f"{self.user}@127.0.0.1"] + list(args), input=input,
                               capture_output=True, text=True, timeout=timeout)
 
     def git_env(self):
@@ -246,8 +279,8 @@ class Server:
 
     def remote_url(self, app, style="scp"):
         if style == "url":
-            return f"ssh://{USER}@127.0.0.1:{self.ssh_port}/{app}"
-        return f"{USER}@127.0.0.1:{app}"
+            return f"ssh://{self.user}@127.0.0.1:{self.ssh_port}/{app}"
+        return f"{self.user}@127.0.0.1:{app}"
 
     def git(self, repo, *args, check=True):
         r = subprocess.run(["git", *args], cwd=repo, env=self.git_env(), capture_output=True, text=True,
