@@ -35,6 +35,33 @@ def free_port():
         return s.getsockname()[1]
 
 
+def root_nginx_ip(uid):
+    """The loopback address a user's root nginx listens on (ports 80/443): one per test user."""
+    return f"127.80.{(uid >> 8) & 255}.{(uid & 255) or 1}"
+
+
+def kill_user_processes(uid):
+    """SIGKILL, PID by PID, whatever still runs as uid (workers the emperor left, a stray
+    `run`): only the test user's own processes. A few passes: one may fork while we look."""
+    assert uid != 0, "refusing to kill root's processes"
+    for _ in range(3):
+        killed = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+                if uid in (int(uids[0]), int(uids[1])):
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed += 1
+            except (OSError, StopIteration, ValueError, IndexError):
+                continue
+        if not killed:
+            return
+        time.sleep(0.1)
+
+
 def wait_port(port, timeout=15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -54,6 +81,8 @@ class Server:
     a fresh directory; `~/...` is in the user's home: the original piku's ssh commands only
     know ~/.piku). user: another test user than PIKU_TEST_USER's, for a server that runs beside
     the session's (a user's processes, home and authorized_keys are one server's)."""
+
+    nginx_watch_interval = 0.3  # seconds between nginx-watch's looks at nginx/ (where inotify is missing)
 
     def __init__(self, piku_source=None, root_nginx=False, root=None, user=None):
         for b in ("git", "ssh", "ssh-keygen", "sshd", "uwsgi", "nginx", "uv", "openssl"):
@@ -78,7 +107,7 @@ class Server:
         self.watch_py = os.path.join(self.base, "piku-watch.py")
         shutil.copy(os.path.join(REPO, "piku.py"), self.watch_py)
         self.root_nginx = root_nginx
-        self.nginx_ip = f"127.80.{(self.uid >> 8) & 255}.{(self.uid & 255) or 1}" if root_nginx else "127.0.0.1"
+        self.nginx_ip = root_nginx_ip(self.uid) if root_nginx else "127.0.0.1"
         self.priv = tempfile.mkdtemp(prefix="piku-test-")  # root-only: client key, sshd config
         self.logdir = os.path.join(self.base, "logs")
         os.makedirs(self.logdir)
@@ -202,7 +231,8 @@ class Server:
         as_user = not self.root_nginx  # as root, as on a real server: it signals a root nginx
         self.spawn("nginx", [nginx, "-p", prefix, "-c", self.nginx_conf, "-e", f"{self.logdir}/nginx-error.log"],
                    as_user=as_user)
-        self.spawn("nginx-watch", [SYSTEM_PY, self.watch_py, "nginx-watch", "--interval", "0.3", "--",
+        self.spawn("nginx-watch", [SYSTEM_PY, self.watch_py, "nginx-watch", "--interval",
+                                   str(self.nginx_watch_interval), "--",
                                    nginx, "-p", prefix, "-c", self.nginx_conf,
                                    "-e", f"{self.logdir}/nginx-error.log", "-s", "reload"],
                    as_user=as_user, env=self.env)
@@ -268,7 +298,7 @@ class Server:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(5)
-        subprocess.run(["pkill", "-KILL", "-u", self.user], capture_output=True)
+        kill_user_processes(self.uid)
         shutil.rmtree(self.base, ignore_errors=True)
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.priv, ignore_errors=True)
