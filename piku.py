@@ -4566,9 +4566,20 @@ def render_app_nginx(t, upstream, token=None, app_dir=None):
                          **(t.front or {})})
 
 
-def piku_argv():
-    """How uWSGI calls back into this very file (exec-worker)."""
-    return [sys.executable, os.path.abspath(__file__)]
+def piku_argv(paths):
+    """How uWSGI calls back into this very file (exec-worker): through a small launcher script
+    (ensure_launcher) that imports piku.py from its cached bytecode, where `python3 piku.py`
+    would compile the whole file at every worker start (~60 ms)."""
+    return [sys.executable, launcher_path(paths), "piku", os.path.abspath(__file__)]
+
+
+def launcher_path(paths):
+    return os.path.join(paths.uwsgi, "piku-launch.py")
+
+
+def ensure_launcher(paths):
+    write_atomic(launcher_path(paths), "# written by piku.py: runs piku.py's main() from its cached bytecode\n"
+                 + LAUNCHER.replace(";", "\n") + "\n", only_if_changed=True)
 
 
 def setup_tree(paths):
@@ -4578,6 +4589,7 @@ def setup_tree(paths):
         os.chmod(d, 0o755)  # nginx (www-data) must reach sockets, static files and certificates
     write_atomic(os.path.join(paths.uwsgi, "uwsgi.ini"), render_emperor_ini(paths), only_if_changed=True)
     write_atomic(os.path.join(paths.nginx, "_piku.conf"), render_nginx_map(), only_if_changed=True)
+    ensure_launcher(paths)
     share_nginx_dir(paths)
     for name in os.listdir(paths.nginx):  # confs of piku.py 0.1 used a map name admins use too
         path = os.path.join(paths.nginx, name)
@@ -5516,7 +5528,7 @@ def worker_spec(t, kind, n, env_file, boot):
     bg = t.slot if serving(kind) and t.slot else None
     nginx_on = bool(t.names)
     v = {"app": t.app, "kind": kind, "index": n, "paths": t.paths, "settings": t.settings,
-         "port": None if nginx_on and kind == "wsgi" else t.ports["port"], "piku": piku_argv(),
+         "port": None if nginx_on and kind == "wsgi" else t.ports["port"], "piku": piku_argv(t.paths),
          "python_plugin": t.python_plugin, "extra_plugins": t.extra_plugins, "release": t.stamp,
          "dir": t.release.dir, "env_file": env_file, "mode": t.wsgi_mode if kind == "wsgi" else "daemon",
          "master_fifo": os.path.join(fifo_dir(t, bg), f"{kind}.{n}.master.fifo")}
@@ -5574,6 +5586,7 @@ def switch(t):
         check_nginx(t.paths, t.app, render_app_nginx(t, upstream_of(t, t.slot), "check", t.release.dir))
     tx, waited = Transaction(t.paths, t.app), 0.0
     ensure_dirs(os.path.join(t.paths.state, t.app), os.path.join(t.paths.logs, t.app))
+    ensure_launcher(t.paths)
     ensure_data_dirs(t.paths, t.app)
     try:
         t0 = time.monotonic()
@@ -6047,14 +6060,16 @@ def probe(t, c, fresh):
 
 def health_check(t, checks):
     """None once every new worker answers (PIKU_HEALTHCHECK_*), else why not: a wsgi worker that
-    cannot load the app, a web command that keeps exiting, or the last answer at the timeout."""
+    cannot load the app, a web command that keeps exiting, an app that answers 500 (raises) for
+    FAILING_500_SECONDS in a row, or the last answer at the timeout."""
     import time
     if not checks:
         return None
     timeout = setting_int(t.settings, "PIKU_HEALTH_TIMEOUT")
     deadline, t0 = time.monotonic() + timeout, time.monotonic()
-    pending, why = list(checks), {}
+    pending, why, answered, failing_since = list(checks), {}, {}, {}
     while True:
+        unhealthy_answer = False
         for c in list(pending):
             fresh = read_tail(c.log, c.offset)
             fatal = fatal_in_log(c.kind, fresh)
@@ -6063,14 +6078,28 @@ def health_check(t, checks):
             ok, why[c.name] = probe(t, c, fresh)
             if ok:
                 pending.remove(c)
+                continue
+            if why[c.name].startswith("GET "):  # an answer: it says more than a later timeout would
+                answered[c.name], unhealthy_answer = why[c.name], True
+            if " answered 500" in why[c.name]:
+                since = failing_since.setdefault(c.name, time.monotonic())
+                if time.monotonic() - since >= FAILING_500_SECONDS:
+                    return f"{c.name}: {why[c.name]} (for {FAILING_500_SECONDS:.0f}s in a row)"
+            else:
+                failing_since.pop(c.name, None)
         if not pending:
             detail(f"health check passed in {time.monotonic() - t0:.2f}s: GET "
                    f"{setting(t.settings, 'PIKU_HEALTHCHECK_PATH')} on {', '.join(c.name for c in checks)}")
             return None
         if time.monotonic() > deadline:
             c = pending[0]
-            return f"{c.name}: {why[c.name]}, after {timeout}s (PIKU_HEALTH_TIMEOUT)"
-        time.sleep(0.02)
+            return f"{c.name}: {answered.get(c.name) or why[c.name]}, after {timeout}s (PIKU_HEALTH_TIMEOUT)"
+        # workers that answer, but not yet well, are asked again less often (each request counts
+        # towards their max-requests); until something listens, they are asked every 20 ms
+        time.sleep(0.25 if unhealthy_answer else 0.02)
+
+
+FAILING_500_SECONDS = 5.0  # an app that raises on every request this long is not starting up
 
 
 def fatal_in_log(kind, fresh):

@@ -145,3 +145,59 @@ def test_operations_and_kinds_tables_cover_every_recipe_and_kind():
     assert piku.OPERATIONS["rollback"].new_code and not piku.OPERATIONS["reconfigure"].new_code
     for kind in ("wsgi", "web", "worker", "cron1", "static", "release"):
         assert piku.kind_of(kind) in piku.KINDS.values()
+
+
+def serve_status(status):
+    """A loopback HTTP server answering every GET with `status`: (port, stop)."""
+    import http.server
+    import threading
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(b"Traceback: boom\n")
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv.server_address[1], srv.shutdown
+
+
+def health_target(tmp_path, **settings):
+    settings = {"PIKU_HEALTH_TIMEOUT": "30", **settings}
+    return piku.Target(*[None] * 20)._replace(settings=settings, names=[], env={"PORT": "1"})
+
+
+def test_an_app_that_raises_on_every_request_fails_its_check_before_the_timeout(tmp_path, monkeypatch):
+    monkeypatch.setattr(piku, "FAILING_500_SECONDS", 0.3)
+    port, stop = serve_status(500)
+    log = tmp_path / "web.1.log"
+    log.write_text("")
+    try:
+        check = piku.Check("web.1", "web", str(log), 0, ("http", "127.0.0.1", port), False)
+        why = piku.health_check(health_target(tmp_path), [check])
+    finally:
+        stop()
+    assert why.startswith("web.1: GET / answered 500") and "in a row" in why, why
+    assert "Traceback: boom" in why  # the body's first lines
+
+
+def test_a_timeout_reports_the_last_answer_not_a_later_connection_error(tmp_path, monkeypatch):
+    port, stop = serve_status(503)
+    log = tmp_path / "web.1.log"
+    log.write_text("")
+    check = piku.Check("web.1", "web", str(log), 0, ("http", "127.0.0.1", port), False)
+    t = health_target(tmp_path, PIKU_HEALTH_TIMEOUT="1")
+    calls = []
+    real = piku.probe
+
+    def probe(t, c, fresh):  # the app answers once, then stops listening
+        calls.append(1)
+        if len(calls) == 2:
+            stop()
+        return real(t, c, fresh) if len(calls) < 2 else (False, "no answer yet (Connection refused)")
+    monkeypatch.setattr(piku, "probe", probe)
+    why = piku.health_check(t, [check])
+    assert why == "web.1: GET / answered 503: Traceback: boom, after 1s (PIKU_HEALTH_TIMEOUT)", why
