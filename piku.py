@@ -6221,7 +6221,9 @@ def finish(t, t0, waited, deployed=True):
             r["status"] = "live"
             if t.op.name == "rollback":
                 r["rollback_of"] = previous
-        elif r["id"] == previous and previous != t.release.id:
+        elif previous == t.release.id:
+            continue  # (config:set, restart, ps:scale: the same release; the one before stays previous)
+        elif r["id"] == previous:
             r["status"] = "previous"
         elif r.get("status") in ("live", "previous"):
             r["status"] = "old"

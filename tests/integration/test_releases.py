@@ -149,6 +149,8 @@ def test_an_unchanged_dependency_set_shares_the_virtualenv_and_a_release_reports
     lines = releases(server, "share")
     assert re.search(r"M code \+ [0-9.]+M venv +live$", lines[0]), lines
     assert "(venv shared)" in lines[1] and "previous" in lines[1], lines
+    assert server.ssh("config:set", "share", "X=1").returncode == 0
+    assert releases(server, "share") == lines  # the same release goes on: the one before stays previous
 
 
 # -- releases and rollback ----------------------------------------------------------------------
