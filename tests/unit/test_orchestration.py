@@ -161,7 +161,7 @@ def serve_status(status):
         def log_message(self, *a):
             pass
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True).start()
     return srv.server_address[1], srv.shutdown
 
 
@@ -171,7 +171,7 @@ def health_target(tmp_path, **settings):
 
 
 def test_an_app_that_raises_on_every_request_fails_its_check_before_the_timeout(tmp_path, monkeypatch):
-    monkeypatch.setattr(piku, "FAILING_500_SECONDS", 0.3)
+    monkeypatch.setattr(piku, "FAILING_500_SECONDS", 0.05)
     port, stop = serve_status(500)
     log = tmp_path / "web.1.log"
     log.write_text("")
@@ -199,5 +199,10 @@ def test_a_timeout_reports_the_last_answer_not_a_later_connection_error(tmp_path
             stop()
         return real(t, c, fresh) if len(calls) < 2 else (False, "no answer yet (Connection refused)")
     monkeypatch.setattr(piku, "probe", probe)
+    import time
+    clock = iter(range(0, 10**6, 400))  # ms: each look at the clock is 0.4 s later; no real waiting
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock) / 1000)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
     why = piku.health_check(t, [check])
+    monkeypatch.undo()
     assert why == "web.1: GET / answered 503: Traceback: boom, after 1s (PIKU_HEALTH_TIMEOUT)", why
