@@ -16,9 +16,13 @@ from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # PIKU_TEST_USER: another user lets two test runs share a machine (each kills only its own processes)
-USER = os.environ.get("PIKU_TEST_USER", "pikutest")
+# Under pytest-xdist (scripts/test runs two workers) each worker is a server of its own: gw1 runs
+# as <user>1, gw2 as <user>2 (gw0, or no xdist: <user>).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+_SUFFIX = _WORKER[2:] if _WORKER != "gw0" else ""
+USER = os.environ.get("PIKU_TEST_USER", "pikutest") + _SUFFIX
 # a second server (restore onto another machine) runs as its own user, named after the first
-USER2 = os.environ.get("PIKU_TEST_USER2", USER + "b")
+USER2 = os.environ["PIKU_TEST_USER2"] + _SUFFIX if os.environ.get("PIKU_TEST_USER2") else USER + "b"
 INSTALL_HINT = "run `bash scripts/install-deps` as root"
 SYSTEM_PY = "/usr/bin/python3"
 

@@ -162,6 +162,24 @@ def test_group_push_and_commands_run_on_each_remote(server, piku_cmd, group_chec
     assert r.stdout.index("prod2 (") < r.stdout.index("prod1 (")
 
 
+def test_a_group_spans_two_servers(server, second_server, piku_cmd, tmp_path):
+    """The same as above with two real servers (each its own user, sshd, emperor and nginx)."""
+    repo = server.make_app(None, tmp_path / "twin", GROUP_APP)
+    for name, srv in (("east", server), ("west", second_server)):
+        server.git(repo, "remote", "add", name, f"ssh://{srv.user}@127.0.0.1:{srv.ssh_port}/twin")
+    server.git(repo, "config", "piku.group.both", "east west")
+    argv = server.ssh_argv()
+    del argv[argv.index("-p"):argv.index("-p") + 2]
+    ssh = {"GIT_SSH_COMMAND": " ".join(argv + ["-i", second_server.key])}  # (a key for each server)
+    r = client(piku_cmd, server, repo, "-g", "both", "push", "main", env=ssh)
+    assert r.returncode == 0 and "Pushed to east, west" in r.stdout, r.stdout + r.stderr
+    r = client(piku_cmd, server, repo, "-g", "both", "config:set", "GREETING=on two servers", env=ssh)
+    assert r.returncode == 0 and "config:set done on east, west" in r.stdout, r.stdout + r.stderr
+    for srv in (server, second_server):
+        assert srv.remote_rev("twin") == server.rev(repo)
+        srv.wait_http(srv.app_port("twin"), contains="on two servers")
+
+
 def test_group_push_stops_at_the_first_failure_and_says_where_the_release_runs(server, piku_cmd, group_checkout):
     r = client(piku_cmd, server, group_checkout, "-r", "bad", "push", "main")
     assert r.returncode == 0, r.stdout + r.stderr
