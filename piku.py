@@ -4919,6 +4919,9 @@ def refresh_app_nginx(t):
                         f"app's names (config:set {app} NGINX_SERVER_NAME=...)")
     text = render_app_nginx(t, upstream, content_name(text))
     check_nginx(p, app, render_app_nginx(t, upstream, "check", t.release.dir))
+    tx = Transaction(p, app)
+    point_live_links(t, tx, t.scaling.get("wsgi", 0))  # (an app that has not switched since an older piku)
+    tx.commit()
     write_nginx_companions(plan_dict(t), text)
     write_atomic(os.path.join(p.nginx, f"{app}.conf"), text, only_if_changed=True)
 
@@ -5480,14 +5483,28 @@ def nginx_socket(t, n, slot):
     return os.path.join(t.paths.nginx, f"{t.app}.{n}.{slot}.sock" if slot else f"{t.app}.{n}.sock")
 
 
-def upstream_of(t, slot):
-    """The nginx upstream servers for the app's serving kind in `slot`, the other slot's as backups
-    (a request an old nginx worker still sends to a stopped slot goes on to the live one)."""
+def live_socket_link(paths, app, n):
+    """What nginx connects to for wsgi instance n: a symbolic link to the live slot's socket. A
+    switch replaces the link (one rename), so the conf stays the same and nginx needs no reload:
+    each new connection follows the link. (A name no older piku wrote: the sockets of their
+    workers, which remove their socket path when they exit, are `<app>.<n>.sock`.)"""
+    return os.path.join(paths.nginx, f"{app}.{n}.live.sock")
+
+
+def upstream_of(t, slot, links=True):
+    """The nginx upstream servers for the app's serving kind in `slot`. wsgi: the links to the live
+    slot's sockets, with both slots' sockets as backups (a connection that reached the old slot
+    as it stopped goes on to the live one); the same conf for either slot. web: the slot's
+    ports, the other slot's as backups (a request an old nginx worker still sends to a stopped
+    slot goes on to the live one)."""
     kind = next((k for k in t.scaling if serving(k) and t.scaling[k]), None)
     if not kind:
         return []
     count = t.scaling[kind]
-    if kind == "wsgi":
+    if kind == "wsgi" and links:
+        return [("unix:" + live_socket_link(t.paths, t.app, n), False) for n in range(1, count + 1)] + [
+            ("unix:" + nginx_socket(t, n, s), True) for s in ("a", "b") for n in range(1, count + 1)]
+    if kind == "wsgi":  # (for the original piku, which keeps no links: `downgrade`)
         return [("unix:" + nginx_socket(t, n, s), s != slot) for s in (slot, other_slot(slot))
                 for n in range(1, count + 1)]
     bind = connect_host(setting(t.settings, "BIND_ADDRESS"))
@@ -5497,9 +5514,10 @@ def upstream_of(t, slot):
             for p in t.ports["web"][s][:count]]
 
 
-def render_release_files(t):
+def render_release_files(t, links=True):
     """Every file the target state consists of: {path: (text, mode)}. Pure: the same target gives
-    the same files (golden tests in tests/unit show them)."""
+    the same files (golden tests in tests/unit show them). links=False: nginx names the wsgi
+    sockets themselves (upstream_of)."""
     p, app = t.paths, t.app
     files = {}
     env_text = render_env(t.env)
@@ -5516,9 +5534,9 @@ def render_release_files(t):
     for kind, count in t.scaling.items():
         for n in range(1, count + 1):
             files.update(worker_files(t, kind, n, env_file, boot))
-    text = render_app_nginx(t, upstream_of(t, t.slot))
+    text = render_app_nginx(t, upstream_of(t, t.slot, links))
     if text is not None:
-        text = render_app_nginx(t, upstream_of(t, t.slot), content_name(text))
+        text = render_app_nginx(t, upstream_of(t, t.slot, links), content_name(text))
         files[os.path.join(p.nginx, f"{app}.conf")] = (text, 0o644)
     return files
 
@@ -5600,8 +5618,8 @@ def switch(t):
         failure = health_check(t, restarted)
         if failure:
             raise PikuError(failure_message(t, failure))
-        wait_for_nginx(t, tx, (files.get(conf) or (None,))[0])
-        stop_old(t, tx)  # (the old masters' graceful exit is workers' time too)
+        # (the old masters' graceful exit is workers' time too)
+        wait_for_nginx(t, tx, (files.get(conf) or (None,))[0], meanwhile=lambda: stop_old(t, tx))
         waited += time.monotonic() - t0
         if t.release.venv:  # (only now: workers of an older piku.py still import from envs/<app>)
             link_live_venv(t, tx)
@@ -5851,20 +5869,29 @@ def wait_masters_gone(fifos, timeout=10.0):
     return pending
 
 
-def wait_for_nginx(t, tx, text, timeout=10.0):
-    """Write the app's nginx conf and wait until nginx serves it (it reloads a moment after
-    nginx/ changes): the push returns when the new release answers by name, and the old workers
-    stop only then. A conf from before blue/green (no backup servers) also waits for the old
-    nginx workers to finish."""
+def wait_for_nginx(t, tx, text, timeout=10.0, meanwhile=None):
+    """Move nginx's traffic to the target: point the wsgi links, write the app's nginx conf and,
+    when it changed, wait until nginx serves it (it reloads a moment after nginx/ changes), so
+    the push returns when the new release answers by name. `meanwhile` (stopping the old
+    workers) runs once the old conf no longer needs them: at once when it names every new
+    upstream server already (as a backup, where a request to a stopped old worker goes on to),
+    else after nginx serves the new conf. A conf from before blue/green (no backup servers)
+    also waits for the old nginx workers to finish."""
     import time
+    meanwhile = meanwhile or (lambda: None)
     conf = os.path.join(t.paths.nginx, f"{t.app}.conf")
     old = read_text(conf)
     write_nginx_companions(plan_dict(t), text, tx)
     if text is None:
         tx.remove(conf)
-        return
+        point_live_links(t, tx, 0)
+        return meanwhile()
+    point_live_links(t, tx, t.scaling.get("wsgi", 0))  # (wsgi traffic moves here, and only here)
     if not tx.write(conf, text) or not nginx_binary():
-        return
+        return meanwhile()
+    if covers_upstream(old, text):
+        meanwhile()
+        meanwhile = lambda: None  # noqa: E731
     written = os.stat(conf).st_mtime
     token = re.search(r"piku-switch/(\w+) ", text).group(1)
     t0 = time.monotonic()
@@ -5872,9 +5899,30 @@ def wait_for_nginx(t, tx, text, timeout=10.0):
         warn(f"nginx has not loaded {t.app}'s config after {timeout:.0f}s: is nginx running, and is it "
              f"reloaded when {t.paths.nginx} changes (piku-nginx.path, or `piku.py nginx-watch`)? "
              "See docs/TROUBLESHOOTING.md")
-        return
+        return meanwhile()
     if old and " backup " not in old and (t.live or replaces_unslotted(t)):
         nginx_drained(written, timeout - (time.monotonic() - t0))
+    return meanwhile()
+
+
+def covers_upstream(old, new):
+    """Does the conf nginx serves now (`old`) send requests to every server the `new` one balances
+    over, at least as a backup, and is it otherwise the same (same_nginx_conf)? Then the old
+    workers may stop before nginx has reloaded: requests go on to the new ones meanwhile."""
+    servers = lambda text: set(re.findall(r"  server ((?:unix:)?\S+)(?: backup)? max_fails=0;\n", text or ""))  # noqa: E731
+    return bool(old) and same_nginx_conf(old, new) and bool(servers(new)) and servers(new) <= servers(old)
+
+
+def point_live_links(t, tx, count):
+    """Point the links nginx connects to (live_socket_link) at the sockets of wsgi instances
+    1..count in the target's slot; remove the links of instances beyond count."""
+    prefix = f"{t.app}."
+    for name in os.listdir(t.paths.nginx):
+        m = re.fullmatch(re.escape(prefix) + r"(\d+)\.live\.sock", name)
+        if m and int(m.group(1)) > count:
+            tx.remove(os.path.join(t.paths.nginx, name))
+    for n in range(1, count + 1):
+        tx.link(live_socket_link(t.paths, t.app, n), os.path.basename(nginx_socket(t, n, t.slot)))
 
 
 def replaces_unslotted(t):
@@ -6352,7 +6400,7 @@ def destroy_app(paths, app):
             remove_path(path)
             removed.append(path)
     for name in os.listdir(paths.nginx) if os.path.isdir(paths.nginx) else []:
-        if re.fullmatch(re.escape(app) + r"\.\d+(\.[ab])?\.sock", name):
+        if re.fullmatch(re.escape(app) + r"\.\d+(\.[ab]|\.live)?\.sock", name):
             remove_path(os.path.join(paths.nginx, name))
             removed.append(os.path.join(paths.nginx, name))
     write_default_server(paths)  # (the addresses only this app listened on)
@@ -6992,8 +7040,9 @@ def render_original_files(t, config):
     files[os.path.join(p.envs, app, "LIVE_ENV")] = (render_original_env(original_env(t)), 0o600)
     files[os.path.join(p.envs, app, "SCALING")] = (render_scaling(t.scaling), 0o600)
     conf = os.path.join(p.nginx, f"{app}.conf")
-    if conf in render_release_files(t):
-        files[conf] = render_release_files(t)[conf]
+    ours = render_release_files(t, links=False)
+    if conf in ours:
+        files[conf] = ours[conf]
     return files
 
 
@@ -8001,7 +8050,7 @@ def cmd_setup(write_units):
     detail("Without systemd, start in the background: as this user, the emperor")
     detail(f"  uwsgi --ini {paths.uwsgi}/uwsgi.ini")
     detail("as root (it signals nginx), the watcher that reloads nginx when nginx/ changes")
-    detail(f"  PIKU_ROOT={paths.root} {sys.executable} {me} nginx-watch -- nginx -s reload")
+    detail(f"  PIKU_ROOT={paths.root} {sys.executable} {me} nginx-watch --pid-file /run/nginx.pid -- nginx -s reload")
     detail(f"and renew certificates daily from this user's crontab: "
            f"`17 3 * * * {sys.executable} {me} certs:renew`")
 
@@ -8382,12 +8431,28 @@ def worker_paths(paths, app, kind, index, release_dir, env_file, inner):
 @cli.command("nginx-watch", hidden=True, context_settings={"ignore_unknown_options": True})
 @click.option("--interval", default=1.0, show_default=True,
               help="Seconds between looks where inotify is missing (else the longest wait).")
+@click.option("--pid-file", default=None,
+              help="nginx's pid file: signal its master (SIGHUP) instead of running RELOAD_CMD.")
 @click.argument("reload_cmd", nargs=-1, required=True, type=click.UNPROCESSED)
-def cmd_nginx_watch(interval, reload_cmd):
+def cmd_nginx_watch(interval, pid_file, reload_cmd):
     """Run RELOAD_CMD whenever a conf, certificate or key in nginx/ changes (hosts without
-    systemd). Woken by inotify where the kernel has it, so a deploy waits no polling interval."""
+    systemd). Woken by inotify where the kernel has it, so a deploy waits no polling interval.
+    With --pid-file, the nginx master named there gets SIGHUP itself (RELOAD_CMD when that file
+    names no nginx master): `nginx -s reload` reads the whole config once more before it sends
+    the very same signal, which with many apps' certificates is most of a reload's time."""
     import time
     paths = P()
+
+    def reload():
+        import signal
+        pid = nginx_master_pid(pid_file) if pid_file else None
+        if pid:
+            try:
+                os.kill(pid, signal.SIGHUP)
+                return
+            except OSError:
+                pass
+        run(list(reload_cmd), check=False)
 
     def signature():
         try:
@@ -8401,8 +8466,18 @@ def cmd_nginx_watch(interval, reload_cmd):
         wait(interval)
         now = signature()
         if now != last:
-            run(list(reload_cmd), check=False)
+            reload()
             last = now
+
+
+def nginx_master_pid(pid_file):
+    """The pid in nginx's pid file when that process is an nginx master, else None."""
+    try:
+        pid = int(read_text(pid_file, "").strip() or "0")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return pid if pid > 1 and f.read().startswith(b"nginx: master process") else None
+    except (OSError, ValueError):
+        return None
 
 
 def directory_waiter(directory):

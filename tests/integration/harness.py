@@ -236,7 +236,7 @@ class Server:
         self.spawn("nginx", [nginx, "-p", prefix, "-c", self.nginx_conf, "-e", f"{self.logdir}/nginx-error.log"],
                    as_user=as_user)
         self.spawn("nginx-watch", [SYSTEM_PY, self.watch_py, "nginx-watch", "--interval",
-                                   str(self.nginx_watch_interval), "--",
+                                   str(self.nginx_watch_interval), "--pid-file", f"{prefix}/nginx.pid", "--",
                                    nginx, "-p", prefix, "-c", self.nginx_conf,
                                    "-e", f"{self.logdir}/nginx-error.log", "-s", "reload"],
                    as_user=as_user, env=self.env)
@@ -478,6 +478,13 @@ class Server:
             with open(self.path(rel)) as f:
                 return f.read()
         except FileNotFoundError:
+            return None
+
+    def read_link(self, rel):
+        """Where a symbolic link under PIKU_ROOT points, or None when there is no link."""
+        try:
+            return os.readlink(self.path(rel))
+        except OSError:
             return None
 
     def tree(self):

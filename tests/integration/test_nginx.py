@@ -60,7 +60,10 @@ def web_site(server, tmp_path_factory):
 
 def test_wsgi_through_unix_socket(server, wsgi_site):
     conf = server.read("nginx/wsgisite.conf")
-    assert "uwsgi_pass piku-wsgisite" in conf and re.search(r"wsgisite\.1\.[ab]\.sock max_fails=0;", conf)
+    assert "uwsgi_pass piku-wsgisite" in conf and re.search(r"wsgisite\.1\.live\.sock max_fails=0;", conf)
+    # nginx connects through a link to the live slot's socket
+    link = server.read_link("nginx/wsgisite.1.live.sock")
+    assert re.fullmatch(r"wsgisite\.1\.[ab]\.sock", link), link
     status, body = server.wait_http(server.nginx_port, host="wsgi.piku.test", contains="uv-wsgi v1")
     assert "app=wsgisite" in body
 

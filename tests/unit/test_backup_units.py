@@ -1,6 +1,7 @@
 """Unit tests for issue 14 item 1, backup and restore: archive members, the manifest, unpacking
 (what restore refuses), a backup's round trip through a real git bundle, the commands'
 refusals, and the client's handling of archives."""
+import gzip
 import io
 import json
 import os
@@ -122,9 +123,10 @@ def test_manifests_that_cannot_be_verified(text, files, links, error):
 # -- unpacking archives -----------------------------------------------------------
 
 def archive(*members, compress=True):
-    """A tar.gz of (name, kind, content-or-target) members."""
+    """A tar.gz of (name, kind, content-or-target) members. The same bytes in every process
+    (gzip header time 0): they are test ids, which pytest-xdist workers must agree on."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz" if compress else "w") as tar:
+    with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, kind, value in members:
             info = tarfile.TarInfo(name)
             info.type = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "link": tarfile.SYMTYPE,
@@ -134,7 +136,7 @@ def archive(*members, compress=True):
             if kind in ("link", "hard"):
                 info.linkname = value
             tar.addfile(info, io.BytesIO(data) if kind == "file" else None)
-    return buf.getvalue()
+    return gzip.compress(buf.getvalue(), mtime=0) if compress else buf.getvalue()
 
 
 @pytest.fixture

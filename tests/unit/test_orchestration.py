@@ -206,3 +206,34 @@ def test_a_timeout_reports_the_last_answer_not_a_later_connection_error(tmp_path
     why = piku.health_check(t, [check])
     monkeypatch.undo()
     assert why == "web.1: GET / answered 503: Traceback: boom, after 1s (PIKU_HEALTH_TIMEOUT)", why
+
+
+def test_a_switch_moves_wsgi_traffic_by_replacing_the_links_nginx_connects_to(tmp_path):
+    """The links nginx's (unchanged) conf names point at the target slot's sockets; instances
+    beyond the target's count lose theirs; a rollback puts every link back."""
+    import socket
+    paths = populated(tmp_path)
+    socks = []
+    for slot in ("a", "b"):
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(os.path.join(paths.nginx, f"demo.1.{slot}.sock"))
+        s.listen(1)
+        socks.append(s)
+    os.symlink("demo.1.a.sock", piku.live_socket_link(paths, "demo", 1))
+    os.symlink("demo.2.a.sock", piku.live_socket_link(paths, "demo", 2))
+    links = lambda: sorted((n, os.readlink(os.path.join(paths.nginx, n)))  # noqa: E731
+                           for n in os.listdir(paths.nginx) if os.path.islink(os.path.join(paths.nginx, n)))
+    before = links()
+    t = piku.Target(paths, "demo", *[None] * 5, None, "b", *[None] * 11)._replace(scaling={"wsgi": 1})
+    tx = piku.Transaction(paths, "demo")
+    piku.point_live_links(t, tx, 1)
+    assert os.readlink(os.path.join(paths.nginx, "demo.1.live.sock")) == "demo.1.b.sock"
+    assert not os.path.lexists(os.path.join(paths.nginx, "demo.2.live.sock"))
+    with socket.socket(socket.AF_UNIX) as c:  # a connection through the link reaches slot b
+        c.connect(piku.live_socket_link(paths, "demo", 1))
+        conn, _ = socks[1].accept()
+        conn.close()
+    tx.rollback()
+    assert links() == before == [("demo.1.live.sock", "demo.1.a.sock"), ("demo.2.live.sock", "demo.2.a.sock")]
+    for s in socks:
+        s.close()

@@ -75,7 +75,34 @@ def test_release_files_modes_and_slots():
     assert [p for p in modes if p.startswith("state/demo/boot/")] and all(
         modes[p] == 0o600 for p in modes if p.startswith(("state/demo/env/", "state/demo/boot/")))
     conf = files[os.path.join(PATHS.nginx, "demo.conf")][0]
-    assert "server unix:/srv/piku/nginx/demo.1.b.sock max_fails=0;" in conf
+    # nginx connects through the link to the live slot's socket; either slot's socket is a backup
+    assert "server unix:/srv/piku/nginx/demo.1.live.sock max_fails=0;" in conf
     assert "server unix:/srv/piku/nginx/demo.1.a.sock backup max_fails=0;" in conf
+    assert "server unix:/srv/piku/nginx/demo.1.b.sock backup max_fails=0;" in conf
+    # the same conf whichever slot goes live: a wsgi switch needs no nginx reload
+    other = piku.render_release_files(target("wsgi-nginx")._replace(slot="a"))
+    assert other[os.path.join(PATHS.nginx, "demo.conf")][0] == conf
+    # web: the ports of the slot going live, the other slot's as backups (a reload per switch)
+    web = piku.render_release_files(target("web-nginx-2-worker-cron"))[os.path.join(PATHS.nginx, "demo.conf")][0]
+    assert "server 127.0.0.1:5201 max_fails=0;" in web and "server 127.0.0.1:5101 backup max_fails=0;" in web
+    # for the original piku (`downgrade`), which keeps no links: the sockets themselves
+    direct = piku.render_release_files(target("wsgi-nginx"), links=False)[os.path.join(PATHS.nginx, "demo.conf")][0]
+    assert "live.sock" not in direct and "server unix:/srv/piku/nginx/demo.1.b.sock max_fails=0;" in direct
     vassal = files[os.path.join(PATHS.uwsgi_enabled, "demo_wsgi.1.0a1b2c.b.ini")][0]
     assert "http-socket" not in vassal and "socket = /srv/piku/nginx/demo.1.b.sock" in vassal
+
+
+def test_old_workers_may_stop_before_nginx_reloads_only_when_the_old_conf_reaches_the_new_ones():
+    """A web switch: the conf that nginx serves until it reloads has the new slot's ports as
+    backups, so the old workers can stop at once (requests go on to the new ones). Not when the
+    new ports (ps:scale) or anything else in the conf are new."""
+    web = target("web-nginx-2-worker-cron")
+    conf = os.path.join(PATHS.nginx, "demo.conf")
+    new = piku.render_release_files(web)[conf][0]
+    old = piku.render_release_files(web._replace(slot="a"))[conf][0]
+    assert old != new and piku.covers_upstream(old, new)
+    assert not piku.covers_upstream(None, new)
+    assert not piku.covers_upstream(old.replace("5201", "5301"), new)  # a new port nginx does not know
+    assert not piku.covers_upstream(old.replace("client_max_body_size 64m", "client_max_body_size 1m"), new)
+    legacy = "upstream piku-demo {\n  server 127.0.0.1:5000 max_fails=0;\n}\n"
+    assert not piku.covers_upstream(legacy, new)
