@@ -5618,8 +5618,8 @@ def switch(t):
         failure = health_check(t, restarted)
         if failure:
             raise PikuError(failure_message(t, failure))
-        # (the old masters' graceful exit is workers' time too)
-        wait_for_nginx(t, tx, (files.get(conf) or (None,))[0], meanwhile=lambda: stop_old(t, tx))
+        wait_for_nginx(t, tx, (files.get(conf) or (None,))[0])
+        stop_old(t, tx)  # (the old masters' graceful exit is workers' time too)
         waited += time.monotonic() - t0
         if t.release.venv:  # (only now: workers of an older piku.py still import from envs/<app>)
             link_live_venv(t, tx)
@@ -5800,8 +5800,17 @@ def stop_old(t, tx):
     """The replaced serving workers stop once traffic has moved, gracefully: requests in flight
     finish. Old wsgi workers share PORT with the new ones: wait until they have let go of it,
     so that every request after the operation gets the new release."""
+    import time
     gone = [n for n in vassals_of(t.paths, t.app) if old_serving(t, n)]
+    if gone and t.names and t.scaling.get("wsgi"):
+        # nginx's links point at the new sockets now, but a connection made just before may still
+        # wait in an old socket's queue: give the old workers a moment to take it (a graceful stop
+        # lets them finish what they have taken; what still waits then is reset)
+        time.sleep(LINK_SETTLE_SECONDS)
     wait_masters_gone(stop_gracefully(t.paths, gone, tx))
+
+
+LINK_SETTLE_SECONDS = 0.05
 
 
 def stop_gracefully(paths, names, tx=None):
@@ -5869,29 +5878,23 @@ def wait_masters_gone(fifos, timeout=10.0):
     return pending
 
 
-def wait_for_nginx(t, tx, text, timeout=10.0, meanwhile=None):
+def wait_for_nginx(t, tx, text, timeout=10.0):
     """Move nginx's traffic to the target: point the wsgi links, write the app's nginx conf and,
     when it changed, wait until nginx serves it (it reloads a moment after nginx/ changes), so
-    the push returns when the new release answers by name. `meanwhile` (stopping the old
-    workers) runs once the old conf no longer needs them: at once when it names every new
-    upstream server already (as a backup, where a request to a stopped old worker goes on to),
-    else after nginx serves the new conf. A conf from before blue/green (no backup servers)
-    also waits for the old nginx workers to finish."""
+    the push returns when the new release answers by name, and the old workers stop only then.
+    A conf from before blue/green (no backup servers) also waits for the old nginx workers to
+    finish."""
     import time
-    meanwhile = meanwhile or (lambda: None)
     conf = os.path.join(t.paths.nginx, f"{t.app}.conf")
     old = read_text(conf)
     write_nginx_companions(plan_dict(t), text, tx)
     if text is None:
         tx.remove(conf)
         point_live_links(t, tx, 0)
-        return meanwhile()
+        return
     point_live_links(t, tx, t.scaling.get("wsgi", 0))  # (wsgi traffic moves here, and only here)
     if not tx.write(conf, text) or not nginx_binary():
-        return meanwhile()
-    if covers_upstream(old, text):
-        meanwhile()
-        meanwhile = lambda: None  # noqa: E731
+        return
     written = os.stat(conf).st_mtime
     token = re.search(r"piku-switch/(\w+) ", text).group(1)
     t0 = time.monotonic()
@@ -5899,18 +5902,9 @@ def wait_for_nginx(t, tx, text, timeout=10.0, meanwhile=None):
         warn(f"nginx has not loaded {t.app}'s config after {timeout:.0f}s: is nginx running, and is it "
              f"reloaded when {t.paths.nginx} changes (piku-nginx.path, or `piku.py nginx-watch`)? "
              "See docs/TROUBLESHOOTING.md")
-        return meanwhile()
+        return
     if old and " backup " not in old and (t.live or replaces_unslotted(t)):
         nginx_drained(written, timeout - (time.monotonic() - t0))
-    return meanwhile()
-
-
-def covers_upstream(old, new):
-    """Does the conf nginx serves now (`old`) send requests to every server the `new` one balances
-    over, at least as a backup, and is it otherwise the same (same_nginx_conf)? Then the old
-    workers may stop before nginx has reloaded: requests go on to the new ones meanwhile."""
-    servers = lambda text: set(re.findall(r"  server ((?:unix:)?\S+)(?: backup)? max_fails=0;\n", text or ""))  # noqa: E731
-    return bool(old) and same_nginx_conf(old, new) and bool(servers(new)) and servers(new) <= servers(old)
 
 
 def point_live_links(t, tx, count):

@@ -13,8 +13,9 @@ class Hammer:
     """GET / through the test nginx with a Host header (or straight to `port`), as fast as it
     answers, in a thread."""
 
-    def __init__(self, server, host=None, port=None):
+    def __init__(self, server, host=None, port=None, method="GET"):
         self.server, self.host, self.port = server, host, port or server.nginx_port
+        self.method = method  # POST: nginx never retries it on another worker once it was sent
         self.ok, self.failures, self.bodies = 0, [], {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.loop, daemon=True)
@@ -23,7 +24,8 @@ class Hammer:
         while not self.stop.is_set():
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                conn.request("GET", "/", headers={"Host": self.host} if self.host else {})
+                conn.request(self.method, "/", body=b"x=1" if self.method == "POST" else None,
+                             headers={"Host": self.host} if self.host else {})
                 resp = conn.getresponse()
                 body = resp.read().decode()
                 if resp.status == 200:
@@ -146,3 +148,28 @@ def test_wsgi_redeploy_through_nginx_loses_no_request(server, tmp_path):
     assert not h.failures, f"{len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
     assert h.ok > 50
     server.wait_http(server.nginx_port, host="zdwsgi.piku.test", contains="uv-wsgi v2")
+
+
+def test_wsgi_switches_through_the_socket_link_lose_no_get_and_no_post(server, tmp_path):
+    """A wsgi switch moves nginx's traffic by re-pointing nginx/<app>.1.live.sock, no reload:
+    nginx's conf stays the same, and neither GETs nor POSTs (which nginx never retries on
+    another server once sent) fail across pushes and config:set."""
+    env = server.nginx_env("zdlink.piku.test")
+    repo = server.deployed("uv-wsgi", "zdlink", tmp_path, {"ENV": env})
+    server.wait_http(server.nginx_port, host="zdlink.piku.test", contains="uv-wsgi v1")
+    conf = server.read("nginx/zdlink.conf")
+    links = []
+    with Hammer(server, "zdlink.piku.test") as gets, Hammer(server, "zdlink.piku.test", method="POST") as posts:
+        for i in range(3):
+            server.git(repo, "commit", "-q", "--allow-empty", "-m", f"empty {i}")
+            r = server.push(repo, "zdlink")
+            assert r.returncode == 0, r.stdout
+            links.append(server.read_link("nginx/zdlink.1.live.sock"))
+        r = server.ssh("config:set", "zdlink", "GREETING=hi")
+        assert r.returncode == 0, r.stdout
+        links.append(server.read_link("nginx/zdlink.1.live.sock"))
+    for h in (gets, posts):
+        assert not h.failures, f"{h.method}: {len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
+        assert h.ok > 50
+    assert links == ["zdlink.1.b.sock", "zdlink.1.a.sock"] * 2  # each switch moved the link to the other slot
+    assert server.read("nginx/zdlink.conf") == conf  # the same conf throughout: nginx reloaded nothing

@@ -91,18 +91,3 @@ def test_release_files_modes_and_slots():
     vassal = files[os.path.join(PATHS.uwsgi_enabled, "demo_wsgi.1.0a1b2c.b.ini")][0]
     assert "http-socket" not in vassal and "socket = /srv/piku/nginx/demo.1.b.sock" in vassal
 
-
-def test_old_workers_may_stop_before_nginx_reloads_only_when_the_old_conf_reaches_the_new_ones():
-    """A web switch: the conf that nginx serves until it reloads has the new slot's ports as
-    backups, so the old workers can stop at once (requests go on to the new ones). Not when the
-    new ports (ps:scale) or anything else in the conf are new."""
-    web = target("web-nginx-2-worker-cron")
-    conf = os.path.join(PATHS.nginx, "demo.conf")
-    new = piku.render_release_files(web)[conf][0]
-    old = piku.render_release_files(web._replace(slot="a"))[conf][0]
-    assert old != new and piku.covers_upstream(old, new)
-    assert not piku.covers_upstream(None, new)
-    assert not piku.covers_upstream(old.replace("5201", "5301"), new)  # a new port nginx does not know
-    assert not piku.covers_upstream(old.replace("client_max_body_size 64m", "client_max_body_size 1m"), new)
-    legacy = "upstream piku-demo {\n  server 127.0.0.1:5000 max_fails=0;\n}\n"
-    assert not piku.covers_upstream(legacy, new)
