@@ -173,3 +173,25 @@ def test_wsgi_switches_through_the_socket_link_lose_no_get_and_no_post(server, t
         assert h.ok > 50
     assert links == ["zdlink.1.b.sock", "zdlink.1.a.sock"] * 2  # each switch moved the link to the other slot
     assert server.read("nginx/zdlink.conf") == conf  # the same conf throughout: nginx reloaded nothing
+
+
+def test_wsgi_scaled_behind_nginx_gets_a_link_per_instance_and_destroy_removes_them(server, tmp_path):
+    env = server.nginx_env("zdscale.piku.test")
+    server.deployed("uv-wsgi", "zdscale", tmp_path, {"ENV": env})
+    server.wait_http(server.nginx_port, host="zdscale.piku.test", contains="uv-wsgi v1")
+    with Hammer(server, "zdscale.piku.test") as h:
+        r = server.ssh("ps:scale", "zdscale", "wsgi=2")
+        assert r.returncode == 0, r.stdout
+        slot = server.read_link("nginx/zdscale.1.live.sock").split(".")[2]
+        assert server.read_link("nginx/zdscale.2.live.sock") == f"zdscale.2.{slot}.sock"
+        conf = server.read("nginx/zdscale.conf")
+        assert "zdscale.1.live.sock max_fails=0;" in conf and "zdscale.2.live.sock max_fails=0;" in conf
+        r = server.ssh("ps:scale", "zdscale", "wsgi=1")
+        assert r.returncode == 0, r.stdout
+    assert not h.failures, f"{len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
+    assert server.read_link("nginx/zdscale.2.live.sock") is None
+    assert "zdscale.2." not in server.read("nginx/zdscale.conf")
+    server.wait_http(server.nginx_port, host="zdscale.piku.test", contains="uv-wsgi v1")
+    r = server.ssh("destroy", "zdscale", "--force")
+    assert r.returncode == 0, r.stdout
+    assert not [n for n in os.listdir(server.path("nginx")) if n.startswith("zdscale.")]
