@@ -6240,13 +6240,23 @@ def read_tail(path, offset):
         return ""
 
 
+# a line uWSGI logs for each request it served (the live workers' traffic, in the same log file)
+UWSGI_REQUEST_LINE = re.compile(r"\[pid: \d+\|app: -?\d+\|req: \d+/\d+\] .* => generated ")
+
+
 def worker_log_tail(paths, app, lines=15):
+    """The last lines of the serving workers' logs, but for uWSGI's request lines: the live
+    workers keep logging their requests there while the new ones start, and what matters is why
+    the new ones failed. (Only the last 256 KiB of each log are read.)"""
     out = []
     d = os.path.join(paths.logs, app)
     for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
         if name.endswith(".log") and name.startswith(("wsgi", "web")):
-            text = read_text(os.path.join(d, name), "")
-            out += [f"{name[:-4]}: {l}" for l in text.splitlines()[-lines:]]
+            path = os.path.join(d, name)
+            size = os.path.getsize(path)
+            text = read_tail(path, max(0, size - 256 * 1024))
+            kept = [l for l in text.splitlines()[1 if size > 256 * 1024 else 0:] if not UWSGI_REQUEST_LINE.search(l)]
+            out += [f"{name[:-4]}: {l}" for l in kept[-lines:]]
     return out
 
 

@@ -5,6 +5,7 @@ workers is one transaction."""
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import threading
@@ -238,6 +239,34 @@ def test_ps_scale_to_workers_that_fail_is_undone(server, tmp_path):
     while "worker: 1 configured, 1 running (running)" not in server.ssh("ps", "scalefail").stdout:
         assert time.monotonic() < deadline, server.ssh("ps", "scalefail").stdout
         time.sleep(0.5)
+
+
+def test_a_restart_whose_new_workers_fail_is_undone_and_the_running_ones_serve_on(server, tmp_path):
+    """`restart` goes through the switch: the new workers must pass the health check first. Here
+    they cannot load the app (a file in DATA_ROOT, written after the deploy, breaks the import):
+    the command fails, the running workers never stopped, and 0 requests failed."""
+    host = "restartfail.piku.test"
+    app_py = ("import os\n"
+              "if os.path.exists(os.path.join(os.environ['DATA_ROOT'], 'broken')):\n"
+              "    raise RuntimeError('broken on purpose')\n\n" + wsgi_app("v1"))
+    server.deployed(None, "restartfail", tmp_path, files(env=server.nginx_env(host), **{"app.py": app_py}))
+    server.wait_http(server.nginx_port, host=host, contains="v1")
+    link = server.read_link("nginx/restartfail.1.live.sock")
+    r = server.ssh("run", "restartfail", "python3", "-c",  # (ssh joins its arguments: one word, quoted)
+                   shlex.quote("import os; open(os.path.join(os.environ['DATA_ROOT'], 'broken'), 'w').close()"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    with Hammer(server, host) as h:
+        r = server.ssh("restart", "restartfail")
+    assert r.returncode == 1 and "broken on purpose" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert "Restarted" not in r.stdout
+    no_failures(h)
+    assert server.read_link("nginx/restartfail.1.live.sock") == link  # traffic never moved
+    r = server.ssh("run", "restartfail", "python3", "-c",
+                   shlex.quote("import os; os.unlink(os.path.join(os.environ['DATA_ROOT'], 'broken'))"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = server.ssh("restart", "restartfail")
+    assert r.returncode == 0 and "Restarted restartfail" in r.stdout, r.stdout + r.stderr
+    assert server.read_link("nginx/restartfail.1.live.sock") != link
 
 
 def test_web_scaled_to_three_behind_nginx(server, tmp_path):

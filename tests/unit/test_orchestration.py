@@ -237,3 +237,17 @@ def test_a_switch_moves_wsgi_traffic_by_replacing_the_links_nginx_connects_to(tm
     assert links() == before == [("demo.1.live.sock", "demo.1.a.sock"), ("demo.2.live.sock", "demo.2.a.sock")]
     for s in socks:
         s.close()
+
+
+def test_a_failed_switch_shows_why_the_new_workers_failed_not_the_live_ones_requests(tmp_path):
+    paths = piku.paths_for(str(tmp_path))
+    os.makedirs(os.path.join(paths.logs, "demo"))
+    request = ("[pid: 41|app: 0|req: {n}/{n}] 127.0.0.1 () {{34 vars in 430 bytes}} [Mon Nov 30 21:57:50 2026] "
+               "GET / => generated 19 bytes in 1 msecs (HTTP/1.1 200) 1 headers in 45 bytes (1 switches on core 0)")
+    lines = ["*** Operational MODE: preforking ***", "Traceback (most recent call last):",
+             "RuntimeError: broken on purpose"]
+    with open(os.path.join(paths.logs, "demo", "wsgi.1.log"), "w") as f:
+        for i, line in enumerate(lines):
+            f.write("\n".join(request.format(n=i * 10 + k) for k in range(10)) + "\n" + line + "\n")
+        f.write(request.format(n=99) + "\n")
+    assert piku.worker_log_tail(paths, "demo") == [f"wsgi.1: {l}" for l in lines]
