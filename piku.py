@@ -4586,7 +4586,12 @@ def setup_tree(paths):
     """Create the PIKU_ROOT tree and the emperor ini (idempotent)."""
     ensure_dirs(*paths[1:])
     for d in (paths.root, paths.nginx, paths.apps, paths.releases, paths.acme, paths.cache, paths.state):
-        os.chmod(d, 0o755)  # nginx (www-data) must reach sockets, static files and certificates
+        # nginx (www-data) must reach sockets, static files and certificates. The setgid bit root
+        # gives nginx/ (its sockets get nginx's group: docs/INSTALL.md, section 5) must stay, and
+        # Linux clears it at any chmod by a user outside that group: chmod only what needs it
+        mode = os.stat(d).st_mode & 0o7777
+        if mode & ~0o2000 != 0o755:
+            os.chmod(d, 0o755 | (mode & 0o2000))
     write_atomic(os.path.join(paths.uwsgi, "uwsgi.ini"), render_emperor_ini(paths), only_if_changed=True)
     write_atomic(os.path.join(paths.nginx, "_piku.conf"), render_nginx_map(), only_if_changed=True)
     ensure_launcher(paths)

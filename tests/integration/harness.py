@@ -88,7 +88,7 @@ class Server:
 
     nginx_watch_interval = 0.3  # seconds between nginx-watch's looks at nginx/ (where inotify is missing)
 
-    def __init__(self, piku_source=None, root_nginx=False, root=None, user=None):
+    def __init__(self, piku_source=None, root_nginx=False, root=None, user=None, nginx_as=None):
         for b in ("git", "ssh", "ssh-keygen", "sshd", "uwsgi", "nginx", "uv", "openssl"):
             need(b)
         assert os.path.exists(SYSTEM_PY), f"{SYSTEM_PY} missing: {INSTALL_HINT}"
@@ -111,6 +111,10 @@ class Server:
         self.watch_py = os.path.join(self.base, "piku-watch.py")
         shutil.copy(os.path.join(REPO, "piku.py"), self.watch_py)
         self.root_nginx = root_nginx
+        # nginx_as: nginx's master runs as root and its workers as this system user (www-data), a
+        # user the piku user shares no group with: the layout of docs/INSTALL.md, where root gives
+        # nginx/ that group (on free ports of 127.0.0.1)
+        self.nginx_as = nginx_as
         self.nginx_ip = root_nginx_ip(self.uid) if root_nginx else "127.0.0.1"
         self.priv = tempfile.mkdtemp(prefix="piku-test-")  # root-only: client key, sshd config
         self.logdir = os.path.join(self.base, "logs")
@@ -155,7 +159,10 @@ class Server:
         r = self.as_user([SYSTEM_PY, self.piku_py, "setup"])
         assert r.returncode == 0, r.stdout + r.stderr
         # the install step of docs/INSTALL.md: nginx/ belongs to the group nginx's workers run as
-        # (here nginx runs as the piku user: its own group), setgid so sockets inherit it
+        # (here nginx runs as the piku user: its own group, unless nginx_as), setgid so sockets
+        # inherit it
+        if self.nginx_as:
+            os.chown(os.path.join(self.root, "nginx"), -1, pwd.getpwnam(self.nginx_as).pw_gid)
         os.chmod(os.path.join(self.root, "nginx"), 0o2755)
         # Outbound TLS here goes through a local CA: the piku user's own uv.toml (uv's user-level
         # config, merged under each project's settings) is how an admin says so server-wide.
@@ -226,13 +233,15 @@ class Server:
         temps = "".join(f"  {d}_temp_path {prefix}/{d};\n" for d in
                         ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         with open(self.nginx_conf, "w") as f:
+            if self.nginx_as:
+                f.write(f"user {self.nginx_as} {grp.getgrgid(pwd.getpwnam(self.nginx_as).pw_gid).gr_name};\n")
             f.write(f"user {self.user} {grp.getgrgid(self.gid).gr_name};\n" if self.root_nginx else "")
             f.write(f"daemon off;\npid {prefix}/nginx.pid;\nerror_log {self.logdir}/nginx-error.log;\n"
                     f"events {{}}\nhttp {{\n  include /etc/nginx/mime.types;\n"
                     f"  access_log {self.logdir}/nginx-access.log;\n{temps}"
                     f"  include {self.root}/nginx/*.conf;\n}}\n")
         nginx = need("nginx")
-        as_user = not self.root_nginx  # as root, as on a real server: it signals a root nginx
+        as_user = not (self.root_nginx or self.nginx_as)  # as root, as on a real server: it signals a root nginx
         self.spawn("nginx", [nginx, "-p", prefix, "-c", self.nginx_conf, "-e", f"{self.logdir}/nginx-error.log"],
                    as_user=as_user)
         self.spawn("nginx-watch", [SYSTEM_PY, self.watch_py, "nginx-watch", "--interval",

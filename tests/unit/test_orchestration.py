@@ -251,3 +251,37 @@ def test_a_failed_switch_shows_why_the_new_workers_failed_not_the_live_ones_requ
             f.write("\n".join(request.format(n=i * 10 + k) for k in range(10)) + "\n" + line + "\n")
         f.write(request.format(n=99) + "\n")
     assert piku.worker_log_tail(paths, "demo") == [f"wsgi.1: {l}" for l in lines]
+
+
+def test_setup_and_every_push_keep_the_setgid_bit_root_gave_nginx_dir(tmp_path):
+    """docs/INSTALL.md has root run `chgrp www-data nginx && chmod 2755 nginx` once, so that app
+    sockets get nginx's group. setup_tree runs at every push: it must not clear that bit (it did,
+    and nginx then answered 502: Permission denied on the sockets)."""
+    import pwd
+    import tempfile
+    nobody = pwd.getpwnam("nobody")
+    base = tempfile.mkdtemp(prefix="piku-setgid-")  # (tmp_path is root's, 0700: nobody could not enter)
+    try:
+        os.chmod(base, 0o755)
+        paths = piku.paths_for(os.path.join(base, "root"))
+        piku.setup_tree(paths)
+        for d, _, names in os.walk(paths.root):
+            for path in [d] + [os.path.join(d, n) for n in names]:
+                os.lchown(path, nobody.pw_uid, 0)  # (group root: a group the piku user is not in)
+        os.chmod(paths.nginx, 0o2755)
+        os.chmod(paths.apps, 0o700)
+        pid = os.fork()
+        if pid == 0:  # as the piku user (here: nobody), as at every push; Linux clears S_ISGID at its chmod
+            try:
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                piku.setup_tree(paths)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.stat(paths.nginx).st_mode & 0o7777 == 0o2755
+        assert os.stat(paths.apps).st_mode & 0o7777 == 0o755  # (what needs a chmod still gets it)
+    finally:
+        import shutil
+        shutil.rmtree(base, ignore_errors=True)
