@@ -397,11 +397,11 @@ class Server:
         return "".join(f"{k}={v}\n" for k, v in settings.items())
 
     # -- HTTP ---------------------------------------------------------------
-    def http_get(self, port, path="/", host=None, timeout=5):
+    def http_get(self, port, path="/", host=None, timeout=5, headers=None):
         if port == getattr(self, "nginx_port", None):
             self.nginx_settled()
         ip = self.nginx_ip if port == getattr(self, "nginx_port", None) else "127.0.0.1"
-        req = urllib.request.Request(f"http://{ip}:{port}{path}")
+        req = urllib.request.Request(f"http://{ip}:{port}{path}", headers=headers or {})
         if host:
             req.add_header("Host", host)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -413,10 +413,10 @@ class Server:
         except OSError as e:
             return None, str(e)
 
-    def wait_http(self, port, path="/", host=None, status=200, contains=None, timeout=30):
+    def wait_http(self, port, path="/", host=None, status=200, contains=None, timeout=30, headers=None):
         deadline, last = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
-            last = self.http_get(port, path, host)
+            last = self.http_get(port, path, host, headers=headers)
             if last[0] == status and (contains is None or contains in last[1]):
                 return last
             time.sleep(0.2)

@@ -35,3 +35,24 @@ def test_pushes_keep_the_sockets_reachable_by_nginx_as_www_data(www_server, tmp_
         r = srv.push(repo, "layout")
         assert r.returncode == 0, r.stdout + srv.logs()
     srv.wait_http(srv.nginx_port, host=host, contains="uv-wsgi v1")
+
+
+def test_static_files_basic_auth_and_a_web_app_work_for_nginx_as_www_data(www_server, tmp_path):
+    """What else nginx's workers read or reach themselves: static files in the release, the
+    basic-auth password file (0640, nginx's group), and a web process's port."""
+    import base64
+    import subprocess
+    srv = www_server
+    host = "layoutweb.piku.test"
+    apr1 = subprocess.run(["openssl", "passwd", "-apr1", "s3cret"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    env = srv.nginx_env(host, NGINX_STATIC_PATHS="/assets/:static", NGINX_BASIC_AUTH=f"ann:{apr1}")
+    srv.deployed("kinds", "layoutweb", tmp_path, {"ENV": env, "static/hello.txt": "static hello\n"})
+    auth = {"Authorization": "Basic " + base64.b64encode(b"ann:s3cret").decode()}
+    pw = srv.path("nginx", "layoutweb.htpasswd")
+    assert os.stat(pw).st_gid == os.stat(srv.path("nginx")).st_gid and os.stat(pw).st_mode & 0o777 == 0o640
+    srv.wait_http(srv.nginx_port, "/assets/hello.txt", host=host, contains="static hello", headers=auth)
+    status, _ = srv.http_get(srv.nginx_port, "/assets/hello.txt", host=host)
+    assert status == 401
+    status, body = srv.http_get(srv.nginx_port, "/", host=host, headers=auth)
+    assert status == 200, body
