@@ -5618,6 +5618,8 @@ def switch(t):
         waited += time.monotonic() - t0
         if failure:
             raise PikuError(failure_message(t, failure))
+        if t.names and t.slot and "wsgi" in t.restart:
+            check_nginx_reaches(t, [nginx_socket(t, n, t.slot) for n in range(1, t.scaling.get("wsgi", 0) + 1)])
         restarted = commit_switch(t, tx, files)
         t0 = time.monotonic()
         failure = health_check(t, restarted)
@@ -5970,6 +5972,61 @@ def nginx_drained(since, timeout):
                    for _, ppid, started, title in workers):
             return
         time.sleep(0.05)
+
+
+def nginx_worker_credentials():
+    """[(uid, primary gid, {every gid})] of the nginx worker processes running on this machine."""
+    out = []
+    for pid, _, _, _ in nginx_workers():
+        try:
+            fields = dict(line.split(":", 1) for line in read_text(f"/proc/{pid}/status", "").splitlines() if ":" in line)
+            uid, gid = int(fields["Uid"].split()[1]), int(fields["Gid"].split()[1])  # (effective ids)
+            out.append((uid, gid, {int(g) for g in fields["Groups"].split()} | {gid}))
+        except (KeyError, ValueError, IndexError):
+            continue
+    return out
+
+
+def socket_reachable_by(st, uid, gids):
+    """May a process with these credentials connect to a unix socket of this stat (it needs
+    write permission)?"""
+    if uid == 0:
+        return True
+    if uid == st.st_uid:
+        return bool(st.st_mode & 0o200)
+    if st.st_gid in gids:
+        return bool(st.st_mode & 0o020)
+    return bool(st.st_mode & 0o002)
+
+
+def check_nginx_reaches(t, sockets):
+    """Before nginx is pointed at the new wsgi sockets: refuse when no nginx worker on this
+    machine may connect to them, which would answer every request with 502 (nginx/ lost the
+    group and setgid bit of docs/INSTALL.md, e.g. under an earlier piku.py that cleared it at
+    every push). Nothing is refused where no nginx worker runs (nginx stopped, or elsewhere)."""
+    import grp
+    import pwd
+    workers = nginx_worker_credentials()
+    for sock in sockets if workers else []:
+        try:
+            st = os.stat(sock)
+        except OSError:
+            continue  # (it answered the health check a moment ago: not ours to judge here)
+        if any(socket_reachable_by(st, uid, gids) for uid, _, gids in workers):
+            continue
+        uid, gid, _ = workers[0]
+        names = []
+        for lookup, key, attr in ((pwd.getpwuid, uid, "pw_name"), (grp.getgrgid, gid, "gr_name"),
+                                  (grp.getgrgid, st.st_gid, "gr_name")):
+            try:
+                names.append(getattr(lookup(key), attr))
+            except KeyError:
+                names.append(str(key))
+        user, group, sock_group = names
+        raise PikuError(f"nginx (its workers run as {user}) could not connect to {os.path.basename(sock)} "
+                        f"(mode {st.st_mode & 0o777:o}, group {sock_group}): {t.paths.nginx} must have nginx's "
+                        f"group and the setgid bit. As root: `chgrp {group} {t.paths.nginx} && chmod 2755 "
+                        f"{t.paths.nginx}`, then push again (docs/INSTALL.md, section 5)")
 
 
 def nginx_workers():

@@ -12,7 +12,9 @@ from harness import USER2, Server
 
 @pytest.fixture(scope="session")
 def server():
-    srv = Server()
+    # PIKU_TEST_NGINX_AS=www-data: the shared server's nginx workers run as www-data, as on a real
+    # install (test_install_layout.py always has such a server; this runs every test that way)
+    srv = Server(nginx_as=os.environ.get("PIKU_TEST_NGINX_AS") or None)
     try:
         yield srv.start()
     finally:

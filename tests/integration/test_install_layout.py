@@ -56,3 +56,31 @@ def test_static_files_basic_auth_and_a_web_app_work_for_nginx_as_www_data(www_se
     assert status == 401
     status, body = srv.http_get(srv.nginx_port, "/", host=host, headers=auth)
     assert status == 200, body
+
+
+def test_a_push_that_nginx_could_not_follow_is_refused_with_the_fix(www_server, tmp_path):
+    """nginx/ without its setgid bit (as an earlier piku.py left it at every push): the new
+    socket would get the piku user's group, and nginx could not connect (502 on every request).
+    The push is refused before any traffic moves, saying what root must do; the live release
+    serves on; once root has done it, the push goes through."""
+    srv = www_server
+    nginx_dir = srv.path("nginx")
+    host = "layoutfix.piku.test"
+    repo = srv.deployed("uv-wsgi", "layoutfix", tmp_path, {"ENV": srv.nginx_env(host)})
+    srv.wait_http(srv.nginx_port, host=host, contains="uv-wsgi v1")
+    link = srv.read_link("nginx/layoutfix.1.live.sock")
+    os.chmod(nginx_dir, 0o755)
+    try:
+        srv.git(repo, "commit", "-q", "--allow-empty", "-m", "again")
+        r = srv.push(repo, "layoutfix")
+        assert r.returncode != 0, r.stdout
+        assert "nginx (its workers run as www-data) could not connect to layoutfix.1." in r.stdout, r.stdout
+        assert f"chgrp www-data {nginx_dir} && chmod 2755 {nginx_dir}" in r.stdout, r.stdout
+        assert srv.read_link("nginx/layoutfix.1.live.sock") == link
+        srv.wait_http(srv.nginx_port, host=host, contains="uv-wsgi v1")
+    finally:
+        os.chmod(nginx_dir, 0o2755)
+    r = srv.push(repo, "layoutfix")
+    assert r.returncode == 0, r.stdout
+    assert srv.read_link("nginx/layoutfix.1.live.sock") != link
+    srv.wait_http(srv.nginx_port, host=host, contains="uv-wsgi v1")

@@ -285,3 +285,13 @@ def test_setup_and_every_push_keep_the_setgid_bit_root_gave_nginx_dir(tmp_path):
     finally:
         import shutil
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_who_may_connect_to_a_socket():
+    st = os.stat_result((0o140660, 0, 0, 1, 1000, 33, 0, 0, 0, 0))  # a socket 0660, owner 1000, group 33
+    assert piku.socket_reachable_by(st, 1000, {1000})  # its owner
+    assert piku.socket_reachable_by(st, 33, {33})  # in its group (www-data)
+    assert piku.socket_reachable_by(st, 0, set())  # root
+    assert not piku.socket_reachable_by(st, 1001, {1001})  # another user
+    world = os.stat_result((0o140666, 0, 0, 1, 1000, 1000, 0, 0, 0, 0))  # (0666: older piku.py versions)
+    assert piku.socket_reachable_by(world, 33, {33})
