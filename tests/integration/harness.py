@@ -155,15 +155,18 @@ class Server:
         log.close()
         return self.procs[name]
 
-    def start(self):
-        r = self.as_user([SYSTEM_PY, self.piku_py, "setup"])
-        assert r.returncode == 0, r.stdout + r.stderr
-        # the install step of docs/INSTALL.md: nginx/ belongs to the group nginx's workers run as
-        # (here nginx runs as the piku user: its own group, unless nginx_as), setgid so sockets
-        # inherit it
+    def share_nginx_dir(self):
+        """The root step of docs/INSTALL.md (section 5; again after an upgrade): nginx/ belongs to
+        the group nginx's workers run as (here nginx runs as the piku user: its own group, unless
+        nginx_as), setgid so sockets inherit it."""
         if self.nginx_as:
             os.chown(os.path.join(self.root, "nginx"), -1, pwd.getpwnam(self.nginx_as).pw_gid)
         os.chmod(os.path.join(self.root, "nginx"), 0o2755)
+
+    def start(self):
+        r = self.as_user([SYSTEM_PY, self.piku_py, "setup"])
+        assert r.returncode == 0, r.stdout + r.stderr
+        self.share_nginx_dir()
         # Outbound TLS here goes through a local CA: the piku user's own uv.toml (uv's user-level
         # config, merged under each project's settings) is how an admin says so server-wide.
         r = self.as_user(["sh", "-c", 'mkdir -p "$HOME/.config/uv" && echo "system-certs = true" '

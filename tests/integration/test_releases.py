@@ -371,6 +371,7 @@ def test_the_first_push_after_upgrading_from_an_older_piku_py_loses_no_request(s
         server.wait_http(server.nginx_port, host=host, contains="uv-wsgi v1")
     finally:
         os.replace(server.piku_py + ".new", server.piku_py)
+    server.share_nginx_dir()  # (INSTALL.md: the root step again after an upgrade; the older one cleared it)
     text = open(repo / "app.py").read().replace("uv-wsgi v1", "uv-wsgi v2")
     server.commit(repo, "v2", {"app.py": text})
     with Hammer(server, host=host) as h:
