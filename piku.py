@@ -5814,10 +5814,33 @@ def stop_old(t, tx):
         # wait in an old socket's queue: give the old workers a moment to take it (a graceful stop
         # lets them finish what they have taken; what still waits then is reset)
         time.sleep(LINK_SETTLE_SECONDS)
+    shared = bool(gone and not t.names and t.scaling.get("wsgi") and str(t.env.get("PORT", "")).isdigit())
+    if shared:  # (PORT: the old and the new masters listen on it side by side, each as many times)
+        port, new = int(t.env["PORT"]), t.scaling["wsgi"]
+        old = sum(1 for n in gone if (parse_vassal_name(t.app, n) or ("",))[0] == "wsgi")
+        before = port_listeners(port)
+        want = before * new // (new + old) if old and before % (new + old) == 0 else None
+    t0 = time.monotonic()
     wait_masters_gone(stop_gracefully(t.paths, gone, tx))
+    if shared and want is not None:
+        # a master leaves its FIFO before its last worker has closed the shared socket: wait until
+        # only the new masters' sockets listen on PORT
+        while port_listeners(port) > want and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
 
 
 LINK_SETTLE_SECONDS = 0.05
+
+
+def port_listeners(port):
+    """How many TCP sockets listen on this port (any address, IPv4 and IPv6), from /proc/net."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in (read_text(table, "") or "").splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A" and fields[1].rsplit(":", 1)[-1] == f"{port:04X}":
+                count += 1
+    return count
 
 
 def stop_gracefully(paths, names, tx=None):

@@ -295,3 +295,23 @@ def test_who_may_connect_to_a_socket():
     assert not piku.socket_reachable_by(st, 1001, {1001})  # another user
     world = os.stat_result((0o140666, 0, 0, 1, 1000, 1000, 0, 0, 0, 0))  # (0666: older piku.py versions)
     assert piku.socket_reachable_by(world, 33, {33})
+
+
+def test_the_sockets_listening_on_a_port_are_counted():
+    """stop_old waits on this until only the new masters listen on a shared PORT."""
+    import socket
+    first = socket.socket()
+    first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    first.bind(("127.0.0.1", 0))
+    first.listen()
+    port = first.getsockname()[1]
+    second = socket.socket()
+    second.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    second.bind(("127.0.0.1", port))
+    assert piku.port_listeners(port) == 1  # (bound, not listening yet)
+    second.listen()
+    assert piku.port_listeners(port) == 2
+    first.close()
+    assert piku.port_listeners(port) == 1
+    second.close()
+    assert piku.port_listeners(port) == 0
