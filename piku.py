@@ -6002,7 +6002,8 @@ def nginx_worker_credentials():
     out = []
     for pid, _, _, _ in nginx_workers():
         try:
-            fields = dict(line.split(":", 1) for line in read_text(f"/proc/{pid}/status", "").splitlines() if ":" in line)
+            status = read_text(f"/proc/{pid}/status", "").splitlines()
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
             uid, gid = int(fields["Uid"].split()[1]), int(fields["Gid"].split()[1])  # (effective ids)
             out.append((uid, gid, {int(g) for g in fields["Groups"].split()} | {gid}))
         except (KeyError, ValueError, IndexError):
@@ -6029,13 +6030,20 @@ def check_nginx_reaches(t, sockets):
     every push). Nothing is refused where no nginx worker runs (nginx stopped, or elsewhere)."""
     import grp
     import pwd
-    workers = nginx_worker_credentials()
-    for sock in sockets if workers else []:
+    workers = None
+    for n, sock in enumerate(sockets, 1):
         try:
             st = os.stat(sock)
         except OSError:
             continue  # (it answered the health check a moment ago: not ours to judge here)
-        if any(socket_reachable_by(st, uid, gids) for uid, _, gids in workers):
+        try:
+            live = os.stat(live_socket_link(t.paths, t.app, n))  # (the socket nginx uses now)
+            if (live.st_gid, live.st_mode & 0o777) == (st.st_gid, st.st_mode & 0o777):
+                continue  # the same group and mode as the one nginx reaches (no need to look at /proc)
+        except OSError:
+            pass
+        workers = nginx_worker_credentials() if workers is None else workers
+        if not workers or any(socket_reachable_by(st, uid, gids) for uid, _, gids in workers):
             continue
         uid, gid, _ = workers[0]
         names = []
