@@ -4820,10 +4820,11 @@ def nginx_inputs(plan):
             "htpasswd": os.path.join(p.nginx, f"{app}.htpasswd") if htpasswd_text(plan) else None}
 
 
-def write_nginx_companions(plan, text, tx=None):
+def write_nginx_companions(plan, text, tx=None, default_server=True):
     """Before the app's nginx config `text` (None: none) is written: the files it refers to
     (password file, log files, capped at NGINX_LOG_MAXSIZE) and the default server for the
-    addresses it listens on (through the operation's Transaction, when given)."""
+    addresses it listens on (through the operation's Transaction, when given; default_server
+    False: the config is the one on disk already, so its addresses are too)."""
     import stat
     p, app, s = plan["paths"], plan["app"], plan["settings"]
     pw = os.path.join(p.nginx, f"{app}.htpasswd")
@@ -4842,7 +4843,8 @@ def write_nginx_companions(plan, text, tx=None):
         if setting_count(s, "NGINX_HSTS") and (read_cert_record(p, app) or {}).get("source") == "self-signed":
             warn("NGINX_HSTS is set but the certificate is self-signed: browsers that saw the header "
                  "refuse the site until a CA-signed certificate is served")
-    write_default_server(p, {app: text}, tx)
+    if default_server:  # (it reads every app's config)
+        write_default_server(p, {app: text}, tx)
 
 
 def close_app_sockets(paths, app):
@@ -5917,7 +5919,7 @@ def wait_for_nginx(t, tx, text, timeout=10.0):
     import time
     conf = os.path.join(t.paths.nginx, f"{t.app}.conf")
     old = read_text(conf)
-    write_nginx_companions(plan_dict(t), text, tx)
+    write_nginx_companions(plan_dict(t), text, tx, default_server=text != old)
     if text is None:
         tx.remove(conf)
         point_live_links(t, tx, 0)
