@@ -6047,7 +6047,15 @@ def check_nginx_reaches(t, sockets):
         workers = nginx_worker_credentials() if workers is None else workers
         if not workers or any(socket_reachable_by(st, uid, gids) for uid, _, gids in workers):
             continue
-        uid, gid, _ = workers[0]
+        # name the nginx meant to serve piku's apps: the one whose group nginx/ has, else the one
+        # nginx.conf's `user` names, else any (a machine may run several nginx)
+        folder_gid = os.stat(t.paths.nginx).st_gid
+        try:
+            conf_gid = grp.getgrnam(nginx_worker_group(t.paths, nginx_features(t.paths)) or "").gr_gid
+        except KeyError:
+            conf_gid = None
+        uid, gid, _ = next((w for w in workers if w[1] == folder_gid), None) or \
+            next((w for w in workers if w[1] == conf_gid), workers[0])
         names = []
         for lookup, key, attr in ((pwd.getpwuid, uid, "pw_name"), (grp.getgrgid, gid, "gr_name"),
                                   (grp.getgrgid, st.st_gid, "gr_name")):
