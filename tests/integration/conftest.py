@@ -12,9 +12,10 @@ from harness import USER2, Server
 
 @pytest.fixture(scope="session")
 def server():
-    # PIKU_TEST_NGINX_AS=www-data: the shared server's nginx workers run as www-data, as on a real
-    # install (test_install_layout.py always has such a server; this runs every test that way)
-    srv = Server(nginx_as=os.environ.get("PIKU_TEST_NGINX_AS") or None)
+    # nginx's workers run as www-data, as on a real install: a user the piku user shares no group
+    # with, reaching the sockets through the group root gives nginx/ (docs/INSTALL.md, section 5).
+    # PIKU_TEST_NGINX_AS= (empty) runs them as the test user instead.
+    srv = Server(nginx_as=os.environ.get("PIKU_TEST_NGINX_AS", "www-data") or None)
     try:
         yield srv.start()
     finally:
