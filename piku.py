@@ -5813,9 +5813,14 @@ def stop_old(t, tx):
     gone = [n for n in vassals_of(t.paths, t.app) if old_serving(t, n)]
     if gone and t.names and t.scaling.get("wsgi"):
         # nginx's links point at the new sockets now, but a connection made just before may still
-        # wait in an old socket's queue: give the old workers a moment to take it (a graceful stop
+        # wait in an old socket's queue: let the old workers take all of it first (a graceful stop
         # lets them finish what they have taken; what still waits then is reset)
         time.sleep(LINK_SETTLE_SECONDS)
+        kinds = [parse_vassal_name(t.app, n) for n in gone]
+        old_sockets = {nginx_socket(t, k[1], k[2]) for k in kinds if k and k[0] == "wsgi"}
+        deadline = time.monotonic() + QUEUE_DRAIN_SECONDS
+        while unix_queued(read_text("/proc/net/unix", ""), old_sockets) and time.monotonic() < deadline:
+            time.sleep(0.01)
     shared = bool(gone and not t.names and t.scaling.get("wsgi") and str(t.env.get("PORT", "")).isdigit())
     if shared:  # (PORT: the old and the new masters listen on it side by side, each as many times)
         port, new = int(t.env["PORT"]), t.scaling["wsgi"]
@@ -5832,6 +5837,19 @@ def stop_old(t, tx):
 
 
 LINK_SETTLE_SECONDS = 0.05
+QUEUE_DRAIN_SECONDS = 3.0
+
+
+def unix_queued(proc_net_unix, sockets):
+    """How many connections wait, not yet accepted, on these listening unix sockets, given the
+    text of /proc/net/unix: such a connection is listed with its listener's path and no inode
+    (an accepted one has an inode; the listener itself is flagged as accepting)."""
+    count = 0
+    for line in proc_net_unix.splitlines()[1:]:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[6] == "0" and fields[7] in sockets:
+            count += 1
+    return count
 
 
 def port_listeners(port):

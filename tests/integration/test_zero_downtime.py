@@ -169,7 +169,8 @@ def test_wsgi_switches_through_the_socket_link_lose_no_get_and_no_post(server, t
         assert r.returncode == 0, r.stdout
         links.append(server.read_link("nginx/zdlink.1.live.sock"))
     for h in (gets, posts):
-        assert not h.failures, f"{h.method}: {len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
+        assert not h.failures, (f"{h.method}: {len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
+                                f"; nginx: {server.nginx_errors('zdlink')}")
         assert h.ok > 50
     assert links == ["zdlink.1.b.sock", "zdlink.1.a.sock"] * 2  # each switch moved the link to the other slot
     assert server.read("nginx/zdlink.conf") == conf  # the same conf throughout: nginx reloaded nothing

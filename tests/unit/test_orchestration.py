@@ -315,3 +315,43 @@ def test_the_sockets_listening_on_a_port_are_counted():
     assert piku.port_listeners(port) == 1
     second.close()
     assert piku.port_listeners(port) == 0
+
+
+def test_unix_queued_counts_connections_no_worker_has_accepted(tmp_path):
+    """stop_old lets old wsgi workers take what waits in their sockets' queues before they stop:
+    the count comes from /proc/net/unix, on real sockets."""
+    import socket
+    path, other = str(tmp_path / "app.1.a.sock"), str(tmp_path / "app.1.b.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(8)
+    quiet = socket.socket(socket.AF_UNIX)
+    quiet.bind(other)
+    quiet.listen(8)
+    clients = []
+    try:
+        assert piku.unix_queued(piku.read_text("/proc/net/unix"), {path}) == 0
+        for _ in range(3):
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(path)
+            clients.append(c)
+        text = piku.read_text("/proc/net/unix")
+        assert piku.unix_queued(text, {path}) == 3
+        assert piku.unix_queued(text, {other}) == 0
+        accepted, _ = listener.accept()
+        assert piku.unix_queued(piku.read_text("/proc/net/unix"), {path}) == 2
+        accepted.close()
+    finally:
+        for s in clients + [listener, quiet]:
+            s.close()
+
+
+def test_unix_queued_parses_the_proc_table():
+    text = ("Num       RefCount Protocol Flags    Type St Inode Path\n"
+            "0000000000000001: 00000003 00000000 00000000 0001 02     0 /r/nginx/a.1.a.sock\n"
+            "0000000000000002: 00000002 00000000 00010000 0001 01 8243139 /r/nginx/a.1.a.sock\n"
+            "0000000000000003: 00000003 00000000 00000000 0001 03 8243145 /r/nginx/a.1.a.sock\n"
+            "0000000000000004: 00000003 00000000 00000000 0001 02     0 /r/nginx/b.1.a.sock\n"
+            "0000000000000005: 00000002 00000000 00000000 0002 01 1234\n")
+    assert piku.unix_queued(text, {"/r/nginx/a.1.a.sock"}) == 1
+    assert piku.unix_queued(text, set()) == 0
