@@ -5821,6 +5821,15 @@ def stop_old(t, tx):
         deadline = time.monotonic() + QUEUE_DRAIN_SECONDS
         while unix_queued(read_text("/proc/net/unix", ""), old_sockets) and time.monotonic() < deadline:
             time.sleep(0.01)
+    web_ports = [t.ports["web"][k[2]][k[1] - 1] for k in (parse_vassal_name(t.app, n) for n in gone)
+                 if k and k[0] == "web" and k[2] and t.names and k[1] <= len(t.ports["web"].get(k[2], []))]
+    if web_ports:
+        # nginx sends nothing new there (wait_for_nginx): what an old nginx worker connected just
+        # before waits in the old port's queue; it is taken before the old command stops, or the
+        # stop resets it (nginx never sends a POST that failed so to another server)
+        deadline = time.monotonic() + QUEUE_DRAIN_SECONDS
+        while any(sum(listen_queues(port)) for port in web_ports) and time.monotonic() < deadline:
+            time.sleep(0.01)
     shared = bool(gone and not t.names and t.scaling.get("wsgi") and str(t.env.get("PORT", "")).isdigit())
     if shared:  # (PORT: the old and the new masters listen on it side by side, each as many times)
         port, new = int(t.env["PORT"]), t.scaling["wsgi"]
@@ -5838,6 +5847,7 @@ def stop_old(t, tx):
 
 LINK_SETTLE_SECONDS = 0.05
 QUEUE_DRAIN_SECONDS = 3.0
+NGINX_QUIESCE_SECONDS = 3.0
 
 
 def unix_queued(proc_net_unix, sockets):
@@ -5854,13 +5864,65 @@ def unix_queued(proc_net_unix, sockets):
 
 def port_listeners(port):
     """How many TCP sockets listen on this port (any address, IPv4 and IPv6), from /proc/net."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in (read_text(table, "") or "").splitlines()[1:]:
-            fields = line.split()
-            if len(fields) > 3 and fields[3] == "0A" and fields[1].rsplit(":", 1)[-1] == f"{port:04X}":
-                count += 1
-    return count
+    return len(listen_queues(port))
+
+
+def listen_queues(port):
+    """The accept queue length (connections made, not yet accepted) of each TCP socket listening
+    on this port. Asked of the kernel through netlink (sock_diag), which lists listening sockets
+    alone; /proc/net/tcp (a listening socket's rx_queue field) where that is not available: it
+    lists every socket, and with the tens of thousands in TIME_WAIT of a busy server one read
+    takes a tenth of a second."""
+    queues = diag_listen_queues(port)
+    if queues is None:
+        queues = [n for table in ("/proc/net/tcp", "/proc/net/tcp6")
+                  for n in parse_listen_queues(read_text(table, "") or "", port)]
+    return queues
+
+
+def diag_listen_queues(port):
+    """listen_queues through NETLINK_SOCK_DIAG (inet_diag), or None when the kernel refuses."""
+    import socket
+    import struct
+    out = []
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as nl:  # NETLINK_SOCK_DIAG
+            nl.settimeout(2)
+            for family in (socket.AF_INET, socket.AF_INET6):
+                # inet_diag_req_v2: family, IPPROTO_TCP, no extensions, states = 1 << TCP_LISTEN
+                req = struct.pack("=BBBxI", family, socket.IPPROTO_TCP, 0, 1 << 10) + bytes(48)
+                # nlmsghdr: SOCK_DIAG_BY_FAMILY (20), NLM_F_REQUEST | NLM_F_DUMP
+                nl.send(struct.pack("=IHHII", 16 + len(req), 20, 0x301, 1, 0) + req)
+                done = False
+                while not done:
+                    data = nl.recv(65536)
+                    offset = 0
+                    while offset + 16 <= len(data):
+                        length, kind = struct.unpack_from("=IH", data, offset)
+                        if kind == 3:  # NLMSG_DONE
+                            done = True
+                            break
+                        if kind == 2 or length < 16:  # NLMSG_ERROR
+                            return None
+                        msg = offset + 16  # inet_diag_msg: 4 bytes, sockid (sport first, big-endian), ...
+                        sport = struct.unpack_from("!H", data, msg + 4)[0]
+                        rqueue = struct.unpack_from("=I", data, msg + 56)[0]
+                        if sport == port:
+                            out.append(rqueue)
+                        offset += (length + 3) & ~3
+    except (OSError, struct.error):
+        return None
+    return out
+
+
+def parse_listen_queues(text, port):
+    """parse one /proc/net/tcp table: the rx_queue of each socket in LISTEN (0A) on port."""
+    out = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 4 and fields[3] == "0A" and fields[1].rsplit(":", 1)[-1] == f"{port:04X}":
+            out.append(int(fields[4].rsplit(":", 1)[-1], 16))
+    return out
 
 
 def stop_gracefully(paths, names, tx=None):
@@ -5955,6 +6017,11 @@ def wait_for_nginx(t, tx, text, timeout=10.0):
         return
     if old and " backup " not in old and (t.live or replaces_unslotted(t)):
         nginx_drained(written, timeout - (time.monotonic() - t0))
+    elif any(old_serving(t, n) and n.startswith(f"{t.app}_web.") for n in vassals_of(t.paths, t.app)):
+        # the old web workers stop only once no nginx worker with the old conf takes new requests
+        # (nginx's master lets those run on for 100 ms beside the new ones): what they still send
+        # to the old port would be reset when it stops
+        nginx_drained(written, min(NGINX_QUIESCE_SECONDS, timeout - (time.monotonic() - t0)), quiesced=True)
 
 
 def point_live_links(t, tx, count):
@@ -5995,14 +6062,15 @@ def nginx_answers(settings, host, path, status, timeout):
     return False
 
 
-def nginx_drained(since, timeout):
+def nginx_drained(since, timeout, quiesced=False):
     """Wait (at most timeout) until every worker of the nginx that reloaded is of its newest
     generation, started after `since` (epoch seconds: when the new config was written), i.e.
     none still serves an older config. That nginx is the parent of the workers started since
     (other nginx instances on the machine do not count; when none is found, every nginx worker
     counts). A generation started a moment before the newest one may still hold an older
     config: a reload that read it just before `since` (its workers quit at once, but not
-    before they have seen the master's signal)."""
+    before they have seen the master's signal). quiesced: an older worker that is shutting down
+    counts as gone (it takes no new connection; it finishes what it has, however long)."""
     import time
     deadline = time.monotonic() + max(0.0, timeout)
     while time.monotonic() < deadline:
@@ -6010,11 +6078,16 @@ def nginx_drained(since, timeout):
         for _, ppid, started, _ in workers:
             newest[ppid] = max(newest.get(ppid, 0.0), started)
         fresh = {ppid for ppid, started in newest.items() if started >= since - 0.01}
-        if not any((not fresh or ppid in fresh) and (b"shutting down" in title or started < since - 0.01
-                                                      or started < newest[ppid] - 0.1)
-                   for _, ppid, started, title in workers):
+
+        def stale(ppid, started, title):
+            if fresh and ppid not in fresh:
+                return False  # (another nginx)
+            if b"shutting down" in title:
+                return not quiesced
+            return started < since - 0.01 or started < newest[ppid] - 0.1
+        if not any(stale(ppid, started, title) for _, ppid, started, title in workers):
             return
-        time.sleep(0.05)
+        time.sleep(0.01 if quiesced else 0.05)
 
 
 def nginx_worker_credentials():

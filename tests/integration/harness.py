@@ -485,13 +485,13 @@ class Server:
     def path(self, *parts):
         return os.path.join(self.root, *parts)
 
-    def nginx_errors(self, needle, last=8):
-        """The last lines of the test nginx's error log that mention `needle` (for failure
-        messages: why nginx answered 502)."""
+    def nginx_errors(self, app, last=8):
+        """The last lines of nginx's error log for this app (logs/<app>/nginx.error.log; for
+        failure messages: why nginx answered 502)."""
         try:
-            with open(os.path.join(self.logdir, "nginx-error.log"), errors="replace") as f:
-                return [line.rstrip() for line in f if needle in line][-last:]
-        except FileNotFoundError:
+            with open(self.path(f"logs/{app}/nginx.error.log"), errors="replace") as f:
+                return [line.rstrip() for line in f][-last:]
+        except OSError:
             return []
 
     def read(self, rel):

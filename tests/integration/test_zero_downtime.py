@@ -196,3 +196,27 @@ def test_wsgi_scaled_behind_nginx_gets_a_link_per_instance_and_destroy_removes_t
     r = server.ssh("destroy", "zdscale", "--force")
     assert r.returncode == 0, r.stdout
     assert not [n for n in os.listdir(server.path("nginx")) if n.startswith("zdscale.")]
+
+
+def test_web_switches_lose_no_post(server, tmp_path):
+    """A web switch reloads nginx: for 100 ms its old workers still send new requests to the old
+    port beside the new workers. The old command stops only once they have stopped taking
+    requests and its port's queue is empty, so no POST (which nginx never sends to another
+    server once it was sent) is reset by the stop."""
+    env = server.nginx_env("wpost.piku.test")
+    repo = server.deployed("req-web", "wpost", tmp_path, {"ENV": env})
+    server.wait_http(server.nginx_port, host="wpost.piku.test", contains="req-web v1")
+    with Hammer(server, "wpost.piku.test") as gets, Hammer(server, "wpost.piku.test", method="POST") as posts, \
+            Hammer(server, "wpost.piku.test", method="POST") as more_posts:
+        for i in range(5):
+            server.git(repo, "commit", "-q", "--allow-empty", "-m", f"empty {i}")
+            r = server.push(repo, "wpost")
+            assert r.returncode == 0, r.stdout
+        r = server.ssh("config:set", "wpost", "GREETING=hi")
+        assert r.returncode == 0, r.stdout
+    for h in (gets, posts, more_posts):
+        assert not h.failures, (f"{h.method}: {len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
+                                f"; nginx: {server.nginx_errors('wpost')}")
+        assert h.ok > 50
+    r = server.ssh("destroy", "wpost", "--force")
+    assert r.returncode == 0, r.stdout

@@ -355,3 +355,35 @@ def test_unix_queued_parses_the_proc_table():
             "0000000000000005: 00000002 00000000 00000000 0002 01 1234\n")
     assert piku.unix_queued(text, {"/r/nginx/a.1.a.sock"}) == 1
     assert piku.unix_queued(text, set()) == 0
+
+
+def test_listen_queues_count_connections_not_yet_accepted():
+    """stop_old lets an old web command take what waits in its port's queue before it stops:
+    netlink and /proc/net/tcp give the same figures, on real sockets."""
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    clients = []
+    try:
+        assert piku.listen_queues(port) == [0]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        assert piku.diag_listen_queues(port) == [2]
+        assert piku.parse_listen_queues(piku.read_text("/proc/net/tcp"), port) == [2]
+        listener.accept()[0].close()
+        assert piku.listen_queues(port) == [1]
+    finally:
+        for s in clients + [listener]:
+            s.close()
+    assert piku.listen_queues(port) == []
+
+
+def test_parse_listen_queues_reads_listening_sockets_of_the_port():
+    text = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+            "   0: 0100007F:BB53 00000000:0000 0A 00000000:00000003 00:00000000 00000000     0        0 1\n"
+            "   1: 0100007F:BB53 0100007F:D000 06 00000000:00000000 03:00000100 00000000     0        0 0\n"
+            "   2: 0100007F:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2\n")
+    assert piku.parse_listen_queues(text, 0xBB53) == [3]
+    assert piku.parse_listen_queues(text, 80) == [0]
+    assert piku.parse_listen_queues(text, 81) == []
