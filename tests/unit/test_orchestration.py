@@ -387,3 +387,28 @@ def test_parse_listen_queues_reads_listening_sockets_of_the_port():
     assert piku.parse_listen_queues(text, 0xBB53) == [3]
     assert piku.parse_listen_queues(text, 80) == [0]
     assert piku.parse_listen_queues(text, 81) == []
+
+
+def test_nginx_drained_waits_for_old_workers_and_quiesced_for_shutting_down_ones(monkeypatch):
+    """The wait before an old web command stops: an nginx worker started before the conf was
+    written still takes requests until it is shutting down (quiesced), or has exited."""
+    now = time.time()
+    table = {"workers": []}
+    monkeypatch.setattr(piku, "nginx_workers", lambda: list(table["workers"]))
+    new = (11, 10, now + 0.5, b"nginx: worker process")
+    old = (9, 10, now - 60, b"nginx: worker process")
+    old_quitting = (9, 10, now - 60, b"nginx: worker process is shutting down")
+    other_nginx = (20, 19, now - 60, b"nginx: worker process")  # (another nginx, not reloaded)
+
+    def took(**kw):
+        t0 = time.monotonic()
+        piku.nginx_drained(now, 0.3, **kw)
+        return time.monotonic() - t0
+
+    table["workers"] = [new, old, other_nginx]
+    assert took(quiesced=True) >= 0.25 and took() >= 0.25  # an old worker takes requests
+    table["workers"] = [new, old_quitting, other_nginx]
+    assert took(quiesced=True) < 0.1  # it takes no new connection
+    assert took() >= 0.25  # drained (not quiesced) waits until it has exited
+    table["workers"] = [new, other_nginx]
+    assert took() < 0.1
