@@ -5845,7 +5845,7 @@ def stop_old(t, tx):
             time.sleep(0.01)
 
 
-LINK_SETTLE_SECONDS = 0.05
+LINK_SETTLE_SECONDS = 0.01  # (a connect() that resolved the link just before it moved: then the queue check)
 QUEUE_DRAIN_SECONDS = 3.0
 NGINX_QUIESCE_SECONDS = 3.0
 
