@@ -6439,9 +6439,8 @@ UWSGI_REQUEST_LINE = re.compile(r"\[pid: \d+\|app: -?\d+\|req: \d+/\d+\] .* => g
 
 
 def worker_log_tail(paths, app, lines=15):
-    """The last lines of the serving workers' logs, but for uWSGI's request lines: the live
-    workers keep logging their requests there while the new ones start, and what matters is why
-    the new ones failed. (Only the last 256 KiB of each log are read.)"""
+    """The last lines of the serving workers' logs that say why the new ones failed (pick_log_lines).
+    (Only the last 256 KiB of each log are read.)"""
     out = []
     d = os.path.join(paths.logs, app)
     for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
@@ -6449,9 +6448,38 @@ def worker_log_tail(paths, app, lines=15):
             path = os.path.join(d, name)
             size = os.path.getsize(path)
             text = read_tail(path, max(0, size - 256 * 1024))
-            kept = [l for l in text.splitlines()[1 if size > 256 * 1024 else 0:] if not UWSGI_REQUEST_LINE.search(l)]
-            out += [f"{name[:-4]}: {l}" for l in kept[-lines:]]
+            out += [f"{name[:-4]}: {l}" for l in pick_log_lines(text.splitlines()[1 if size > 256 * 1024 else 0:], lines)]
     return out
+
+
+# what uWSGI itself prints as it starts a vassal: the same on every start, it says nothing about
+# why the app failed (its "no app loaded" and the app's own output are kept)
+UWSGI_BANNER = re.compile(
+    r"^(\*\*\* (?!no app loaded).*\*\*\*$|!{6,}|detected binary path|your (processes number limit|memory page size|"
+    r"mercy for graceful|server socket listen backlog)|no request plugin is loaded|you may need to install "
+    r"the package|spawned uWSGI (master|worker)|\[uwsgi-daemons\] (spawning|throttling|respawning) |chdir\(\) to |uwsgi socket \d|"
+    r"uWSGI running as root|mapped \d+ bytes|compiled with version|os: Linux|nodename: |machine: |"
+    r"clock source: |pcre jit|detected number of CPU cores|current working directory: |detected max file "
+    r"descriptor|lock engine: |thunder lock: |writing pidfile|Python version: |Python main interpreter|"
+    r"python threads support|setgid\(\)|setuid\(\))")
+EXCEPTION_LINE = re.compile(r"^\s*(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception)(?::|$)")
+
+
+def pick_log_lines(log_lines, count):
+    """Of a worker log's lines, what a failed health check shows: the last `count`, leaving out
+    uWSGI's request lines (the live workers keep logging their requests there while the new ones
+    start) and its start-up banner; an exception line (`ModuleNotFoundError: ...`) from before
+    those comes first, with `...`, so that a long traceback after it (gunicorn's own, as it
+    gives up) does not hide the cause."""
+    kept = [l for l in log_lines if not UWSGI_REQUEST_LINE.search(l) and not UWSGI_BANNER.match(l)]
+    tail, earlier = kept[-count:], kept[:-count]
+    causes = []
+    for line in reversed(earlier):
+        if EXCEPTION_LINE.match(line) and line not in tail and line not in causes:
+            causes.insert(0, line)
+            if len(causes) == 2:
+                break
+    return causes + ["..."] + tail if causes else tail
 
 
 # -- after a switch -----------------------------------------------------------------------------

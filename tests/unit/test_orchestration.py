@@ -250,7 +250,7 @@ def test_a_failed_switch_shows_why_the_new_workers_failed_not_the_live_ones_requ
         for i, line in enumerate(lines):
             f.write("\n".join(request.format(n=i * 10 + k) for k in range(10)) + "\n" + line + "\n")
         f.write(request.format(n=99) + "\n")
-    assert piku.worker_log_tail(paths, "demo") == [f"wsgi.1: {l}" for l in lines]
+    assert piku.worker_log_tail(paths, "demo") == [f"wsgi.1: {l}" for l in lines[1:]]  # (uWSGI's banner goes too)
 
 
 def test_setup_and_every_push_keep_the_setgid_bit_root_gave_nginx_dir(tmp_path):
@@ -412,3 +412,28 @@ def test_nginx_drained_waits_for_old_workers_and_quiesced_for_shutting_down_ones
     assert took() >= 0.25  # drained (not quiesced) waits until it has exited
     table["workers"] = [new, other_nginx]
     assert took() < 0.1
+
+
+def test_a_failed_health_check_shows_the_cause_not_uwsgis_banner():
+    """gunicorn's own traceback as it gives up fills the tail: the exception line that says why
+    comes first; uWSGI's start-up banner and request lines are left out."""
+    log = ["*** Starting uWSGI 2.0.21 (64bit) on [Tue Dec  1 01:15:39 2026] ***",
+           "detected binary path: /usr/bin/uwsgi-core", "your memory page size is 4096 bytes",
+           "!!!!!!!!!!!!!! WARNING !!!!!!!!!!!!!!", "no request plugin is loaded, you will not be able to manage requests.",
+           "spawned uWSGI master process (pid: 14414)",
+           '[uwsgi-daemons] spawning "exec python3 piku-launch.py piku piku.py exec-worker app web 1" (uid: 1 gid: 1)',
+           "[2026-12-01 01:15:40 +0000] [14560] [ERROR] Exception in worker process", "Traceback (most recent call last):",
+           '  File "<frozen importlib._bootstrap>", line 1140, in _find_and_load_unlocked',
+           "ModuleNotFoundError: No module named 'nosuchmodule'",
+           "[pid: 9|app: 0|req: 1/1] 127.0.0.1 () {30 vars in 300 bytes} [Tue Dec  1] GET / => generated 20 bytes in 0 msecs",
+           ] + [f'  File "arbiter.py", line {n}, in run' for n in range(20)] + [
+           "gunicorn.errors.HaltServer: <HaltServer 'Worker failed to boot.' 3>",
+           "*** no app loaded. GAME OVER ***"]
+    shown = piku.pick_log_lines(log, 5)
+    assert shown[:2] == ["ModuleNotFoundError: No module named 'nosuchmodule'", "..."]
+    assert shown[-2:] == ["gunicorn.errors.HaltServer: <HaltServer 'Worker failed to boot.' 3>",
+                          "*** no app loaded. GAME OVER ***"]
+    assert len(shown) == 7
+    assert not any("uWSGI" in l or "uwsgi-daemons" in l or "generated" in l for l in shown)
+    # nothing earlier to add when the cause is in the tail already
+    assert piku.pick_log_lines(["x", "ValueError: bad", "y"], 5) == ["x", "ValueError: bad", "y"]
