@@ -8488,6 +8488,9 @@ def exec_worker(app, kind, index, if_due, at_start, release_dir, env_file, port,
     paths = P()
     app = parse_app_name(app)
     release_dir, env_file, inner = worker_paths(paths, app, kind, index, release_dir, env_file, inner)
+    if not os.path.isdir(release_dir):  # (uWSGI respawned it as its vassal was being removed)
+        raise PikuError(f"{app}'s release {os.path.basename(release_dir)} is gone: {kind}.{index} does not start "
+                        "(it was being stopped)")
     if kind.startswith("cron"):
         sys.exit(cron_worker(paths, app, kind, index, if_due, at_start, release_dir, env_file))
     workers, _ = read_procfile(release_dir)

@@ -89,3 +89,15 @@ def test_the_internal_commands_need_no_click():
     out = subprocess.run([sys.executable, "-c", code, piku.__file__], capture_output=True, text=True,
                          env={"PIKU_ROOT": "/nonexistent", "PATH": "/usr/bin:/bin"})
     assert out.stdout.split() == ["1", "False"], out.stdout + out.stderr
+
+
+def test_exec_worker_of_a_release_that_is_gone_says_so(tmp_path, monkeypatch):
+    """uWSGI may start a daemon once more as its vassal is removed, after the failed release's
+    directory went: one clear line in the app's log, not 'no Procfile in the pushed revision'."""
+    monkeypatch.setenv("PIKU_ROOT", str(tmp_path))
+    paths = piku.paths_for(str(tmp_path))
+    os.makedirs(os.path.join(paths.releases, "demo"))
+    os.makedirs(os.path.join(paths.state, "demo"))
+    with pytest.raises(piku.PikuError, match=r"release r1 is gone: web\.1 does not start"):
+        piku.exec_worker("demo", "web", 1, False, False, os.path.join(paths.releases, "demo", "r1"),
+                         os.path.join(paths.state, "demo", "env"), None, None)
