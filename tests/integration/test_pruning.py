@@ -19,6 +19,7 @@ def push_many(server, repo, app, port=None, host=None):
             r = server.push(repo, app)
         assert r.returncode == 0, f"push {i + 2}: " + r.stdout + server.logs()
         assert not h.failures, f"push {i + 2}: {len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
+        print(f"{app} push {i + 2}: {h.ok} answered, 0 failed")
     text = open(repo / "app.py").read().replace(" v1", " v2")
     server.commit(repo, "change", {"app.py": text})
     with Hammer(server, host=host, port=port) as h:
@@ -26,6 +27,7 @@ def push_many(server, repo, app, port=None, host=None):
     assert r.returncode == 0, "last push: " + r.stdout + server.logs()
     assert not h.failures, f"last push: {len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
     assert h.ok > 20
+    print(f"{app} push {KEPT + 3} (a change): {h.ok} answered, 0 failed")
     releases = os.listdir(server.path("releases", app))
     return releases
 
