@@ -5619,14 +5619,14 @@ def switch(t):
         failure = health_check(t, new)
         waited += time.monotonic() - t0
         if failure:
-            raise PikuError(failure_message(t, failure))
+            raise PikuError(failure_message(t, failure, checks=new))
         if t.names and t.slot and "wsgi" in t.restart:
             check_nginx_reaches(t, [nginx_socket(t, n, t.slot) for n in range(1, t.scaling.get("wsgi", 0) + 1)])
         restarted = commit_switch(t, tx, files)
         t0 = time.monotonic()
         failure = health_check(t, restarted)
         if failure:
-            raise PikuError(failure_message(t, failure))
+            raise PikuError(failure_message(t, failure, checks=restarted))
         wait_for_nginx(t, tx, (files.get(conf) or (None,))[0])
         stop_old(t, tx)  # (the old masters' graceful exit is workers' time too)
         waited += time.monotonic() - t0
@@ -6356,9 +6356,10 @@ def looks_asgi(log_text):
     return bool(re.search(r"required positional arguments?: '(send|receive)'|takes 3 positional arguments", log_text))
 
 
-def failure_message(t, reason, log_lines=None):
-    """The one line a failed switch ends with, after the new workers' log lines."""
-    lines = worker_log_tail(t.paths, t.app) if log_lines is None else log_lines
+def failure_message(t, reason, log_lines=None, checks=None):
+    """The one line a failed switch ends with, after the new workers' log lines (those of the
+    health check's `checks` when given)."""
+    lines = worker_log_tail(t.paths, t.app, checks=checks) if log_lines is None else log_lines
     for line in lines:
         warn(line)
     hint = ""
@@ -6397,7 +6398,7 @@ def canary(t, kind):
                 why = (f"exited with status {proc.returncode} before it answered" if proc.returncode is not None
                        else f"{why} within {setting(t.settings, 'PIKU_HEALTH_TIMEOUT')}s (it must listen on "
                        "$BIND_ADDRESS:$PORT, not a fixed port)")
-                raise PikuError(failure_message(t, f"{kind} tried on port {port}: {why}"))
+                raise PikuError(failure_message(t, f"{kind} tried on port {port}: {why}", checks=[c]))
             time.sleep(0.05)
     finally:
         stop_process_group(proc)
@@ -6438,17 +6439,28 @@ def read_tail(path, offset):
 UWSGI_REQUEST_LINE = re.compile(r"\[pid: \d+\|app: -?\d+\|req: \d+/\d+\] .* => generated ")
 
 
-def worker_log_tail(paths, app, lines=15):
+def worker_log_tail(paths, app, lines=15, checks=None):
     """The last lines of the serving workers' logs that say why the new ones failed (pick_log_lines).
-    (Only the last 256 KiB of each log are read.)"""
+    With checks (the health check's), only the logs of the workers just started, from where each
+    log ended when they started: an instance scaled away earlier, or what the live workers logged
+    before, says nothing about this failure. (At most the last 256 KiB of each log are read.)"""
+    if checks:
+        logs = [(c.log, c.offset) for c in checks if c.log]
+    else:
+        d = os.path.join(paths.logs, app)
+        names = sorted(os.listdir(d)) if os.path.isdir(d) else []
+        logs = [(os.path.join(d, n), 0) for n in names if n.endswith(".log") and n.startswith(("wsgi", "web"))]
     out = []
-    d = os.path.join(paths.logs, app)
-    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
-        if name.endswith(".log") and name.startswith(("wsgi", "web")):
-            path = os.path.join(d, name)
+    for path, offset in dict.fromkeys(logs):
+        try:
             size = os.path.getsize(path)
-            text = read_tail(path, max(0, size - 256 * 1024))
-            out += [f"{name[:-4]}: {l}" for l in pick_log_lines(text.splitlines()[1 if size > 256 * 1024 else 0:], lines)]
+        except OSError:
+            continue
+        start = offset if offset <= size else 0  # (a log rotated meanwhile starts again)
+        start = max(start, size - 256 * 1024)
+        text = read_tail(path, start)
+        name = os.path.basename(path)[:-4]
+        out += [f"{name}: {l}" for l in pick_log_lines(text.splitlines()[1 if start > offset else 0:], lines)]
     return out
 
 
@@ -6605,7 +6617,17 @@ def stop_app(paths, app):
 
 def destroy_app(paths, app):
     """Remove an app's code, repo, env, logs, releases, state, vassals and nginx files, once its
-    workers have stopped (they work in those directories until then)."""
+    workers have stopped (they work in those directories until then). nginx lets go of the
+    app's names first: once it no longer sends them to the workers, they stop, so no request
+    meets a stopped worker (a 502) and the names get the default server's 404 from then on."""
+    import time
+    conf, removed = os.path.join(paths.nginx, f"{app}.conf"), []
+    if os.path.exists(conf):
+        since = time.time()
+        remove_path(conf)
+        removed.append(conf)
+        write_default_server(paths)
+        nginx_drained(since, NGINX_QUIESCE_SECONDS, quiesced=True)
     names, fifos = stop_app(paths, app)
     wait_masters_gone(fifos)
     left = wait_workers_gone(app, names)
@@ -6613,7 +6635,6 @@ def destroy_app(paths, app):
         warn(f"still stopping after 30s: {', '.join(left)} (the emperor stops them); removing the files anyway")
     for name in vassals_of(paths, app, paths.uwsgi_available):
         remove_path(os.path.join(paths.uwsgi_available, name))
-    removed = []
     for path in (os.path.join(paths.apps, app), os.path.join(paths.repos, app),
                  os.path.join(paths.envs, app), os.path.join(paths.logs, app),
                  os.path.join(paths.releases, app), os.path.join(paths.state, app),
@@ -7361,7 +7382,7 @@ def switch_to_original(t, files):
         nudge_emperor(p)
         failure = health_check(t, checks)
         if failure:
-            raise PikuError(failure_message(t, failure))
+            raise PikuError(failure_message(t, failure, checks=checks))
         wait_for_nginx(t, tx, files.get(conf, (None,))[0])
         wait_masters_gone(stop_gracefully(p, ours, tx))
     except BaseException:

@@ -8,6 +8,8 @@ import ssl
 
 import pytest
 
+from test_zero_downtime import assert_destroy_hands_the_names_to_the_default_server
+
 
 def https_get(server, host, path="/", cafile=None):
     """GET over TLS to the test nginx with SNI and Host set to host (no DNS involved), once
@@ -266,8 +268,7 @@ def test_destroy_removes_the_wsgi_sockets_and_only_those(server, tmp_path):
     server.wait_http(server.nginx_port, host="sock.piku.test", contains="uv-wsgi")
     [sock] = [server.path("nginx", n) for n in os.listdir(server.path("nginx")) if re.fullmatch(r"sockapp\.1\.[ab]\.sock", n)]
     others = sorted(n for n in os.listdir(server.path("nginx")) if n.endswith(".sock") and not n.startswith("sockapp."))
-    r = server.ssh("destroy", "sockapp", "--force")
-    assert r.returncode == 0, r.stderr
+    assert_destroy_hands_the_names_to_the_default_server(server, "sockapp", "sock.piku.test")
     assert not os.path.lexists(sock) and not os.path.exists(server.path("nginx", "sockapp.conf"))
     assert sorted(n for n in os.listdir(server.path("nginx")) if n.endswith(".sock")) == others
 

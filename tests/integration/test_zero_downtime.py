@@ -218,5 +218,21 @@ def test_web_switches_lose_no_post(server, tmp_path):
         assert not h.failures, (f"{h.method}: {len(h.failures)} of {h.ok + len(h.failures)} failed: {h.failures[:5]}"
                                 f"; nginx: {server.nginx_errors('wpost')}")
         assert h.ok > 50
-    r = server.ssh("destroy", "wpost", "--force")
+    assert_destroy_hands_the_names_to_the_default_server(server, "wpost", "wpost.piku.test")
+
+
+def assert_destroy_hands_the_names_to_the_default_server(server, app, host):
+    """destroy takes the app's names from nginx before its workers stop: a request during it gets
+    the app or the default server's 404, never a 502 from a stopped worker; right after, a 404.
+    (When no other app listens on nginx's port, the default server leaves it too: refused.)"""
+    with Hammer(server, host) as during:
+        r = server.ssh("destroy", app, "--force")
     assert r.returncode == 0, r.stdout
+    assert all(" 404 " in f or "ConnectionRefusedError" in f for f in during.failures), during.failures[:5]
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.nginx_port, timeout=10)
+        conn.request("GET", "/", headers={"Host": host})
+        assert conn.getresponse().status == 404
+        conn.close()
+    except ConnectionRefusedError:
+        assert not [n for n in os.listdir(server.path("nginx")) if n.endswith(".conf") and not n.startswith("_")]

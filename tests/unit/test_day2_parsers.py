@@ -477,3 +477,19 @@ def test_client_group_errors_run_nothing(checkout, capsys, group, argv, error):
     out, err = capsys.readouterr()
     assert code in (1, 2) and error in err and len(err.strip().splitlines()) == 1, err
     assert out == ""  # no "-----> prod1 ..." header: nothing was started
+
+
+def test_destroy_takes_the_names_from_nginx_before_the_workers_stop(root, monkeypatch):
+    """The app's nginx config goes, and nginx is waited for, before any worker is stopped: a
+    request meanwhile gets the default server, never a stopped worker (502)."""
+    make_app(root, "shop")
+    conf = os.path.join(root.nginx, "shop.conf")
+    with open(conf, "w") as f:
+        f.write("server { listen 127.0.0.1:8080; server_name shop.test; }\n")
+    calls = []
+    monkeypatch.setattr(piku, "nginx_drained", lambda since, timeout, quiesced=False: calls.append(
+        ("nginx_drained", os.path.exists(conf), quiesced)))
+    monkeypatch.setattr(piku, "stop_app", lambda paths, app: calls.append(("stop_app", os.path.exists(conf))) or ([], []))
+    removed = piku.destroy_app(root, "shop")
+    assert calls == [("nginx_drained", False, True), ("stop_app", False)]
+    assert conf in removed and not os.path.exists(os.path.join(root.repos, "shop"))

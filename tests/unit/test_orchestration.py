@@ -437,3 +437,26 @@ def test_a_failed_health_check_shows_the_cause_not_uwsgis_banner():
     assert not any("uWSGI" in l or "uwsgi-daemons" in l or "generated" in l for l in shown)
     # nothing earlier to add when the cause is in the tail already
     assert piku.pick_log_lines(["x", "ValueError: bad", "y"], 5) == ["x", "ValueError: bad", "y"]
+
+
+def test_a_failed_switch_shows_only_the_new_workers_logs_from_when_they_started(tmp_path):
+    """With the health check's checks, the tail reads each started worker's log from where it
+    ended at the start: not an instance scaled away earlier (web.2), not the same instance's
+    earlier failures; a log rotated meanwhile is read from its start."""
+    paths = piku.paths_for(str(tmp_path))
+    d = os.path.join(paths.logs, "demo")
+    os.makedirs(d)
+    with open(os.path.join(d, "web.2.log"), "w") as f:
+        f.write("[INFO] Shutting down: Master\n")
+    old = "ImportError: an earlier release's failure\n"
+    with open(os.path.join(d, "web.1.log"), "w") as f:
+        f.write(old)
+    check = piku.Check("web.1", "web", os.path.join(d, "web.1.log"), len(old), None, False)
+    with open(check.log, "a") as f:
+        f.write("Traceback (most recent call last):\nModuleNotFoundError: No module named 'nosuchmodule'\n")
+    assert piku.worker_log_tail(paths, "demo", checks=[check]) == [
+        "web.1: Traceback (most recent call last):", "web.1: ModuleNotFoundError: No module named 'nosuchmodule'"]
+    assert any(l.startswith("web.2:") for l in piku.worker_log_tail(paths, "demo"))  # (without checks: every log)
+    with open(check.log, "w") as f:  # rotated: shorter than the offset
+        f.write("OSError: new\n")
+    assert piku.worker_log_tail(paths, "demo", checks=[check]) == ["web.1: OSError: new"]
