@@ -5614,6 +5614,8 @@ def switch(t):
     ensure_launcher(t.paths)
     ensure_data_dirs(t.paths, t.app)
     try:
+        port = shared_port(t)  # (what listens there now is the live masters': stop_old waits for it to go)
+        held = {inode for inode, _ in listen_sockets(port)} if port else set()
         t0 = time.monotonic()
         new = start_beside(t, tx, files)
         failure = health_check(t, new)
@@ -5628,7 +5630,7 @@ def switch(t):
         if failure:
             raise PikuError(failure_message(t, failure, checks=restarted))
         wait_for_nginx(t, tx, (files.get(conf) or (None,))[0])
-        stop_old(t, tx)  # (the old masters' graceful exit is workers' time too)
+        stop_old(t, tx, held)  # (the old masters' graceful exit is workers' time too)
         waited += time.monotonic() - t0
         if t.release.venv:  # (only now: workers of an older piku.py still import from envs/<app>)
             link_live_venv(t, tx)
@@ -5805,10 +5807,11 @@ def link_live_venv(t, tx):
     tx.link(os.path.join(envdir, ".live"), t.release.venv)
 
 
-def stop_old(t, tx):
+def stop_old(t, tx, held=frozenset()):
     """The replaced serving workers stop once traffic has moved, gracefully: requests in flight
-    finish. Old wsgi workers share PORT with the new ones: wait until they have let go of it,
-    so that every request after the operation gets the new release."""
+    finish. Old wsgi workers share PORT with the new ones: wait until they have let go of it
+    (`held`: the inodes of the sockets that listened on it before the new ones started), so
+    that every request after the operation gets the new release."""
     import time
     gone = [n for n in vassals_of(t.paths, t.app) if old_serving(t, n)]
     if gone and t.names and t.scaling.get("wsgi"):
@@ -5830,19 +5833,21 @@ def stop_old(t, tx):
         deadline = time.monotonic() + QUEUE_DRAIN_SECONDS
         while any(sum(listen_queues(port)) for port in web_ports) and time.monotonic() < deadline:
             time.sleep(0.01)
-    shared = bool(gone and not t.names and t.scaling.get("wsgi") and str(t.env.get("PORT", "")).isdigit())
-    if shared:  # (PORT: the old and the new masters listen on it side by side, each as many times)
-        port, new = int(t.env["PORT"]), t.scaling["wsgi"]
-        old = sum(1 for n in gone if (parse_vassal_name(t.app, n) or ("",))[0] == "wsgi")
-        before = port_listeners(port)
-        want = before * new // (new + old) if old and before % (new + old) == 0 else None
     t0 = time.monotonic()
     wait_masters_gone(stop_gracefully(t.paths, gone, tx))
-    if shared and want is not None:
+    port = shared_port(t)
+    if gone and port and held:
         # a master leaves its FIFO before its last worker has closed the shared socket: wait until
-        # only the new masters' sockets listen on PORT
-        while port_listeners(port) > want and time.monotonic() - t0 < 10:
+        # none of the sockets that listened on PORT before the new masters started is left
+        while held & {inode for inode, _ in listen_sockets(port)} and time.monotonic() - t0 < 10:
             time.sleep(0.01)
+
+
+def shared_port(t):
+    """The PORT a wsgi app without nginx serves on, which its old and new masters share during a
+    switch (SO_REUSEPORT), or None."""
+    port = str(t.env.get("PORT", ""))
+    return int(port) if not t.names and t.scaling.get("wsgi") and port.isdigit() else None
 
 
 LINK_SETTLE_SECONDS = 0.01  # (a connect() that resolved the link just before it moved: then the queue check)
@@ -5863,25 +5868,36 @@ def unix_queued(proc_net_unix, sockets):
 
 
 def port_listeners(port):
-    """How many TCP sockets listen on this port (any address, IPv4 and IPv6), from /proc/net."""
-    return len(listen_queues(port))
+    """How many TCP sockets listen on this port (any address, IPv4 and IPv6)."""
+    return len(listen_sockets(port))
 
 
 def listen_queues(port):
     """The accept queue length (connections made, not yet accepted) of each TCP socket listening
-    on this port. Asked of the kernel through netlink (sock_diag), which lists listening sockets
-    alone; /proc/net/tcp (a listening socket's rx_queue field) where that is not available: it
-    lists every socket, and with the tens of thousands in TIME_WAIT of a busy server one read
-    takes a tenth of a second."""
-    queues = diag_listen_queues(port)
-    if queues is None:
-        queues = [n for table in ("/proc/net/tcp", "/proc/net/tcp6")
-                  for n in parse_listen_queues(read_text(table, "") or "", port)]
-    return queues
+    on this port."""
+    return [queue for _, queue in listen_sockets(port)]
+
+
+def listen_sockets(port):
+    """[(inode, accept queue length)] of each TCP socket listening on this port. Asked of the
+    kernel through netlink (sock_diag), which lists listening sockets alone; /proc/net/tcp where
+    that is not available: it lists every socket, and with the tens of thousands in TIME_WAIT of
+    a busy server one read takes a tenth of a second."""
+    found = diag_listen_sockets(port)
+    if found is None:
+        found = [x for table in ("/proc/net/tcp", "/proc/net/tcp6")
+                 for x in parse_listen_sockets(read_text(table, "") or "", port)]
+    return found
 
 
 def diag_listen_queues(port):
-    """listen_queues through NETLINK_SOCK_DIAG (inet_diag), or None when the kernel refuses."""
+    """listen_queues through netlink alone, or None when the kernel refuses."""
+    found = diag_listen_sockets(port)
+    return None if found is None else [queue for _, queue in found]
+
+
+def diag_listen_sockets(port):
+    """listen_sockets through NETLINK_SOCK_DIAG (inet_diag), or None when the kernel refuses."""
     import socket
     import struct
     out = []
@@ -5906,9 +5922,10 @@ def diag_listen_queues(port):
                             return None
                         msg = offset + 16  # inet_diag_msg: 4 bytes, sockid (sport first, big-endian), ...
                         sport = struct.unpack_from("!H", data, msg + 4)[0]
-                        rqueue = struct.unpack_from("=I", data, msg + 56)[0]
+                        rqueue = struct.unpack_from("=I", data, msg + 56)[0]  # idiag_rqueue
+                        inode = struct.unpack_from("=I", data, msg + 68)[0]  # idiag_inode
                         if sport == port:
-                            out.append(rqueue)
+                            out.append((inode, rqueue))
                         offset += (length + 3) & ~3
     except (OSError, struct.error):
         return None
@@ -5917,11 +5934,16 @@ def diag_listen_queues(port):
 
 def parse_listen_queues(text, port):
     """parse one /proc/net/tcp table: the rx_queue of each socket in LISTEN (0A) on port."""
+    return [queue for _, queue in parse_listen_sockets(text, port)]
+
+
+def parse_listen_sockets(text, port):
+    """parse one /proc/net/tcp table: (inode, rx_queue) of each socket in LISTEN (0A) on port."""
     out = []
     for line in text.splitlines()[1:]:
         fields = line.split()
-        if len(fields) > 4 and fields[3] == "0A" and fields[1].rsplit(":", 1)[-1] == f"{port:04X}":
-            out.append(int(fields[4].rsplit(":", 1)[-1], 16))
+        if len(fields) > 9 and fields[3] == "0A" and fields[1].rsplit(":", 1)[-1] == f"{port:04X}":
+            out.append((int(fields[9]), int(fields[4].rsplit(":", 1)[-1], 16)))
     return out
 
 
@@ -6044,8 +6066,9 @@ def replaces_unslotted(t):
     return any(k and k[2] is None and serving(k[0]) for k in kinds)
 
 
-def nginx_answers(settings, host, path, status, timeout):
-    """Poll nginx (NGINX_HTTP_PORT) for `path` with Host `host` until it answers `status`."""
+def nginx_answers(settings, host, path, status, timeout, refused=False):
+    """Poll nginx (NGINX_HTTP_PORT) for `path` with Host `host` until it answers `status` (or,
+    with `refused`, until nothing listens there)."""
     import http.client
     import time
     addr, port = connect_host(setting(settings, "NGINX_IPV4_ADDRESS")), setting_int(settings, "NGINX_HTTP_PORT")
@@ -6055,6 +6078,9 @@ def nginx_answers(settings, host, path, status, timeout):
             conn = http.client.HTTPConnection(addr, port, timeout=2)
             conn.request("GET", path, headers={"Host": host})
             if conn.getresponse().status == status:
+                return True
+        except ConnectionRefusedError:
+            if refused:
                 return True
         except OSError:
             pass
@@ -6620,14 +6646,7 @@ def destroy_app(paths, app):
     workers have stopped (they work in those directories until then). nginx lets go of the
     app's names first: once it no longer sends them to the workers, they stop, so no request
     meets a stopped worker (a 502) and the names get the default server's 404 from then on."""
-    import time
-    conf, removed = os.path.join(paths.nginx, f"{app}.conf"), []
-    if os.path.exists(conf):
-        since = time.time()
-        remove_path(conf)
-        removed.append(conf)
-        write_default_server(paths)
-        nginx_drained(since, NGINX_QUIESCE_SECONDS, quiesced=True)
+    removed = release_nginx_names(paths, app)
     names, fifos = stop_app(paths, app)
     wait_masters_gone(fifos)
     left = wait_workers_gone(app, names)
@@ -6652,6 +6671,33 @@ def destroy_app(paths, app):
             removed.append(os.path.join(paths.nginx, name))
     write_default_server(paths)  # (the addresses only this app listened on)
     return removed
+
+
+def release_nginx_names(paths, app):
+    """Remove the app's nginx config and wait (at most NGINX_QUIESCE_SECONDS) until nginx no
+    longer sends its names to the app: the config's probe URL gets the default server's 404 (or
+    nothing listens there any more), and nginx's workers with the old config take no new
+    requests. Returns the paths removed."""
+    import time
+    conf = os.path.join(paths.nginx, f"{app}.conf")
+    if not os.path.exists(conf):
+        return []
+    token = re.search(r"piku-switch/(\w+) ", read_text(conf, "") or "")
+    try:
+        settings = live_settings(paths, app, check=False)
+        names = split_names(setting(settings, "NGINX_SERVER_NAME"))
+    except Exception:  # (an app whose state cannot be read is destroyed all the same)
+        settings, names = None, []
+    since, t0 = time.time(), time.monotonic()
+    remove_path(conf)
+    write_default_server(paths)
+    if token and names and nginx_binary() and not nginx_answers(
+            settings, probe_host(names[0]), f"/.well-known/piku-switch/{token.group(1)}", 404,
+            NGINX_QUIESCE_SECONDS, refused=True):
+        warn(f"nginx still sends {names[0]} to {app} after {NGINX_QUIESCE_SECONDS:.0f}s (is it reloaded when "
+             f"{paths.nginx} changes?): requests for it may fail until it is")
+    nginx_drained(since, NGINX_QUIESCE_SECONDS - (time.monotonic() - t0), quiesced=True)
+    return [conf]
 
 
 def write_vassal(path, text):

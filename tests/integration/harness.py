@@ -578,22 +578,50 @@ def find_other_python(exclude_minor):
 
 class Reachable:
     """Let the test user traverse the directories above path (pyenv lives in root's 0700 home);
-    restores the original modes on exit."""
+    the original modes come back when the last user of a directory leaves. Counted across
+    processes (pytest-xdist workers): one worker's exit must not shut a directory another
+    worker's test still runs a Python from."""
+    STATE, LOCK = "/tmp/piku-test-reachable.json", "/tmp/piku-test-reachable.lock"
 
     def __init__(self, path):
-        self.changed = []
+        self.dirs = []
         d = os.path.abspath(path)
         while d != "/":
-            mode = os.stat(d).st_mode & 0o7777
-            if not mode & 0o001:
-                self.changed.append((d, mode))
+            self.dirs.append(d)
             d = os.path.dirname(d)
 
+    def _update(self, enter):
+        import fcntl
+        import json
+        with open(self.LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with open(self.STATE) as f:
+                    state = json.load(f)
+            except (OSError, ValueError):
+                state = {}
+            for d in self.dirs:
+                mode, users = state.get(d, (os.stat(d).st_mode & 0o7777, []))
+                if mode & 0o001:
+                    continue  # (traversable anyway: nothing to change or restore)
+                users = [pid for pid in users if os.path.exists(f"/proc/{pid}")]  # (a killed run's)
+                if enter:
+                    users.append(os.getpid())
+                elif os.getpid() in users:
+                    users.remove(os.getpid())
+                if users:
+                    os.chmod(d, mode | 0o001)
+                    state[d] = (mode, users)
+                else:
+                    os.chmod(d, mode)
+                    state.pop(d, None)
+            with open(self.STATE + ".tmp", "w") as f:
+                json.dump(state, f)
+            os.replace(self.STATE + ".tmp", self.STATE)
+
     def __enter__(self):
-        for d, mode in self.changed:
-            os.chmod(d, mode | 0o001)
+        self._update(True)
         return self
 
     def __exit__(self, *exc):
-        for d, mode in self.changed:
-            os.chmod(d, mode)
+        self._update(False)

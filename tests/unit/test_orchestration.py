@@ -460,3 +460,27 @@ def test_a_failed_switch_shows_only_the_new_workers_logs_from_when_they_started(
     with open(check.log, "w") as f:  # rotated: shorter than the offset
         f.write("OSError: new\n")
     assert piku.worker_log_tail(paths, "demo", checks=[check]) == ["web.1: OSError: new"]
+
+
+def test_listen_sockets_name_each_listener_by_its_inode():
+    """A switch on a shared PORT waits until the sockets that listened before the new masters
+    started are gone, whatever the new ones hold (a pyuwsgi and a native master hold different
+    counts): netlink and /proc/net/tcp name them by the same inode."""
+    import socket
+    first = socket.socket()
+    first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    first.bind(("127.0.0.1", 0))
+    first.listen()
+    port = first.getsockname()[1]
+    held = {inode for inode, _ in piku.listen_sockets(port)}
+    assert held == {os.fstat(first.fileno()).st_ino}
+    second = socket.socket()
+    second.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    second.bind(("127.0.0.1", port))
+    second.listen()
+    both = piku.diag_listen_sockets(port)
+    assert sorted(both) == sorted(piku.parse_listen_sockets(piku.read_text("/proc/net/tcp"), port))
+    assert {inode for inode, _ in both} == held | {os.fstat(second.fileno()).st_ino}
+    first.close()
+    assert not held & {inode for inode, _ in piku.listen_sockets(port)}
+    second.close()
