@@ -242,6 +242,11 @@ class Server:
             f.write(f"daemon off;\npid {prefix}/nginx.pid;\nerror_log {self.logdir}/nginx-error.log;\n"
                     f"events {{}}\nhttp {{\n  include /etc/nginx/mime.types;\n"
                     f"  access_log {self.logdir}/nginx-access.log;\n{temps}"
+                    # nginx holds its two ports from the start: until an app listens there, a web
+                    # app of a test server beside this one could be given one (both come from the
+                    # ephemeral range) and every later reload of this nginx would fail to bind it
+                    f"  server {{ listen {self.nginx_ip}:{self.nginx_port}; listen {self.nginx_ip}:"
+                    f"{self.nginx_tls_port} ssl; ssl_reject_handshake on; server_name placeholder.invalid; return 404; }}\n"
                     f"  include {self.root}/nginx/*.conf;\n}}\n")
         nginx = need("nginx")
         as_user = not (self.root_nginx or self.nginx_as)  # as root, as on a real server: it signals a root nginx
