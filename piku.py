@@ -5145,7 +5145,13 @@ def issue_with_dehydrated(plan, binary, names, ca, force=False):
             "--out", os.path.join(base, "certs")] + (["--force"] if force else [])
     for n in names:
         argv += ["--domain", n]
-    proc = run(argv, env=acme_env(s), capture="merged", check=False, timeout=600)
+    import shutil
+    import tempfile
+    tmp = tempfile.mkdtemp(prefix="tmp-", dir=base)  # dehydrated's temporary files (it leaves some)
+    try:
+        proc = run(argv, env=acme_env(s) | {"TMPDIR": tmp}, capture="merged", check=False, timeout=600)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if proc.returncode != 0:
         raise PikuError(client_failure(proc))
     out = os.path.join(base, "certs", app)

@@ -484,3 +484,19 @@ def test_listen_sockets_name_each_listener_by_its_inode():
     first.close()
     assert not held & {inode for inode, _ in piku.listen_sockets(port)}
     second.close()
+
+
+def test_dehydrated_keeps_its_temporary_files_in_piku_s_own_folder(tmp_path):
+    """dehydrated leaves empty temporary files behind (two a run, in /tmp): it gets a TMPDIR of
+    piku's, private, removed after each run."""
+    paths = piku.paths_for(str(tmp_path / "piku"))
+    fake = tmp_path / "dehydrated"
+    fake.write_text('#!/bin/sh\nmktemp "$TMPDIR/dehydrated-XXXXXX" > "$TMPDIR/../seen"\n'
+                    'out=; while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done\n'
+                    'mkdir -p "$out/shop" && echo CERT > "$out/shop/fullchain.pem" && echo KEY > "$out/shop/privkey.pem"\n')
+    fake.chmod(0o755)
+    plan = {"paths": paths, "app": "shop", "settings": {}}
+    assert piku.issue_with_dehydrated(plan, str(fake), ["shop.test"], "https://ca.test/dir") == ("CERT\n", "KEY\n")
+    base = os.path.join(paths.state, "_acme", "dehydrated")
+    seen = open(os.path.join(base, "seen")).read().strip()
+    assert seen.startswith(base + "/tmp-") and not os.path.exists(os.path.dirname(seen))
