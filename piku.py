@@ -2126,6 +2126,13 @@ def render_switch_probe(token):
             f"  location = /.well-known/piku-switch/{token} {{ return 204; }}"]
 
 
+def switch_probe_path(conf_text):
+    """The URL path that only nginx serving this config answers with 204 (render_switch_probe),
+    or None when the config has none."""
+    m = re.search(r"piku-switch/(\w+) ", conf_text or "")
+    return f"/.well-known/piku-switch/{m.group(1)}" if m else None
+
+
 def render_nginx(n):
     """nginx server block(s) for one app. `n`: app, settings, paths, kinds (Procfile),
     sockets (list of unix sockets for wsgi), upstream ([(address, backup?)], optional), port,
@@ -6036,9 +6043,8 @@ def wait_for_nginx(t, tx, text, timeout=10.0):
     if not tx.write(conf, text) or not nginx_binary():
         return
     written = os.stat(conf).st_mtime
-    token = re.search(r"piku-switch/(\w+) ", text).group(1)
     t0 = time.monotonic()
-    if not nginx_answers(t.settings, probe_host(t.names[0]), f"/.well-known/piku-switch/{token}", 204, timeout):
+    if not nginx_answers(t.settings, probe_host(t.names[0]), switch_probe_path(text), 204, timeout):
         warn(f"nginx has not loaded {t.app}'s config after {timeout:.0f}s: is nginx running, and is it "
              f"reloaded when {t.paths.nginx} changes (piku-nginx.path, or `piku.py nginx-watch`)? "
              "See docs/TROUBLESHOOTING.md")
@@ -6688,7 +6694,7 @@ def release_nginx_names(paths, app):
     conf = os.path.join(paths.nginx, f"{app}.conf")
     if not os.path.exists(conf):
         return []
-    token = re.search(r"piku-switch/(\w+) ", read_text(conf, "") or "")
+    probe = switch_probe_path(read_text(conf, ""))
     try:
         settings = live_settings(paths, app, check=False)
         names = split_names(setting(settings, "NGINX_SERVER_NAME"))
@@ -6697,9 +6703,8 @@ def release_nginx_names(paths, app):
     since, t0 = time.time(), time.monotonic()
     remove_path(conf)
     write_default_server(paths)
-    if token and names and nginx_binary() and not nginx_answers(
-            settings, probe_host(names[0]), f"/.well-known/piku-switch/{token.group(1)}", 404,
-            NGINX_QUIESCE_SECONDS, refused=True):
+    if probe and names and nginx_binary() and not nginx_answers(
+            settings, probe_host(names[0]), probe, 404, NGINX_QUIESCE_SECONDS, refused=True):
         warn(f"nginx still sends {names[0]} to {app} after {NGINX_QUIESCE_SECONDS:.0f}s (is it reloaded when "
              f"{paths.nginx} changes?): requests for it may fail until it is")
     nginx_drained(since, NGINX_QUIESCE_SECONDS - (time.monotonic() - t0), quiesced=True)

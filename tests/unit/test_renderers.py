@@ -481,3 +481,9 @@ def test_cache_times_are_seconds_as_in_the_original_piku():
         with pytest.raises(PikuError, match=key):
             piku.validate_settings({key: "-5"})
         piku.validate_settings({key: "3600"})
+
+
+def test_switch_probe_path_is_read_back_from_what_render_switch_probe_wrote():
+    conf = "server {\n" + "\n".join(piku.render_switch_probe("0123abcd")) + "\n}\n"
+    assert piku.switch_probe_path(conf) == "/.well-known/piku-switch/0123abcd"
+    assert piku.switch_probe_path("server {\n}\n") is None and piku.switch_probe_path(None) is None
