@@ -5847,13 +5847,66 @@ def stop_old(t, tx, held=frozenset()):
         while any(sum(listen_queues(port)) for port in web_ports) and time.monotonic() < deadline:
             time.sleep(0.01)
     t0 = time.monotonic()
-    wait_masters_gone(stop_gracefully(t.paths, gone, tx))
+    wait_masters_gone(stop_gracefully(t.paths, gone, tx), timeout=SHARED_PORT_GRACE_SECONDS)
     port = shared_port(t)
     if gone and port and held:
         # a master leaves its FIFO before its last worker has closed the shared socket: wait until
         # none of the sockets that listened on PORT before the new masters started is left
-        while held & {inode for inode, _ in listen_sockets(port)} and time.monotonic() - t0 < 10:
+        left = held
+        while left and time.monotonic() - t0 < SHARED_PORT_GRACE_SECONDS:
             time.sleep(0.01)
+            left = held & {inode for inode, _ in listen_sockets(port)}
+        if left:
+            stop_stale_listeners(t, port, left)
+
+
+SHARED_PORT_GRACE_SECONDS = 10.0  # (the old wsgi workers' graceful stop on a shared PORT, at most)
+
+
+def stop_stale_listeners(t, port, inodes):
+    """The last step of a switch on a shared PORT: a socket that listened there before the new
+    masters started and still does after the old workers' graceful stop (a request that outlasts
+    it, a worker that does not exit) would go on taking a share of the new connections, which it
+    never accepts or answers with the old release. This app's processes that hold one are
+    killed, and the push says so."""
+    import signal
+    import time
+    holders = {pid: title for pid, title in socket_holders(inodes).items() if title.startswith(f"{t.app}:")}
+    for pid in holders:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.monotonic() + 2  # (until the kernel has closed their sockets)
+    while set(holders) & set(socket_holders(inodes)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    who = ", ".join(f"{title} (pid {pid})" for pid, title in sorted(holders.items())) or "no process of this app"
+    warn(f"the old release still listened on PORT {port} {SHARED_PORT_GRACE_SECONDS:g} s after its graceful "
+         f"stop: killed {who}")
+
+
+def socket_holders(inodes):
+    """{pid: process title} of this user's processes that hold one of these sockets (by inode)."""
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    me, out = os.getuid(), {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != me:
+                continue
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        out[int(pid)] = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+                    break
+            except OSError:  # (the fd was closed, or the process is gone)
+                continue
+    return out
 
 
 def shared_port(t):

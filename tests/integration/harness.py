@@ -320,6 +320,10 @@ class Server:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(5)
         kill_user_processes(self.uid)
+        if os.environ.get("PIKU_TEST_KEEP"):  # a copy of PIKU_ROOT (logs, state; no virtualenvs) to read after
+            shutil.copytree(self.root, os.path.join(os.environ["PIKU_TEST_KEEP"], os.path.basename(self.root)),
+                            symlinks=True, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("*.sock", "*.fifo", "venvs", "envs", "*.pid"))
         shutil.rmtree(self.base, ignore_errors=True)
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.priv, ignore_errors=True)
@@ -535,6 +539,16 @@ class Server:
                     continue  # the release history records failed pushes too (`releases APP`)
                 out[p] = (st.st_size, st.st_mtime_ns) if n in files else None
         return out
+
+    def listeners(self, port):
+        """What listens on a port, with the processes (ss), and the emperor's last lines: for the
+        failure message of a test that got an answer from the wrong release."""
+        try:
+            ss = subprocess.run(["ss", "-Hltnpe", f"sport = :{port}"], capture_output=True, text=True).stdout
+        except OSError as e:
+            ss = f"(ss: {e})\n"
+        emperor = (self.read(os.path.join("uwsgi", "uwsgi.log")) or "").splitlines()[-15:]
+        return ss + "\n".join(emperor)
 
     def logs(self, lines=30):
         out = []

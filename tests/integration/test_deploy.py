@@ -39,7 +39,7 @@ def test_push_change_serves_new_body_and_keeps_port(server, uvapp):
     assert server.app_port("uvapp") == port
     # When the push returns, the new release answers (no polling needed).
     status, body = server.http_get(port)
-    assert status == 200 and "uv-wsgi v2" in body, body
+    assert status == 200 and "uv-wsgi v2" in body, (body, r.stdout, server.listeners(port))
     assert server.remote_rev("uvapp") == server.rev(uvapp)
 
 

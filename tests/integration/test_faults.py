@@ -602,3 +602,53 @@ def test_what_another_local_user_can_and_cannot_do(server, tmp_path):
     # a wsgi app behind nginx listens on its unix sockets alone: not even the loopback port is open
     # (a web process's port, or a wsgi app's without a host name, is: README says so)
     assert got["tcp"] == "ConnectionRefusedError", got
+
+
+SLOW_WSGI = """import time
+
+VERSION = "v1"
+
+
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/slow":
+        time.sleep(45)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [f"slowstop {VERSION}\\n".encode()]
+"""
+
+
+def test_an_old_worker_that_outlasts_its_graceful_stop_on_a_shared_port_is_killed(server, tmp_path):
+    """A wsgi app served on its PORT alone (no nginx): a request still running on the old release
+    when the push switches keeps the old worker, and its socket on PORT, alive. After the grace
+    the push kills it and says so, and every request after the push gets the new release (the
+    old socket would take a share of the new connections and never answer them)."""
+    repo = server.deployed("uv-wsgi", "slowstop", tmp_path, {"app.py": SLOW_WSGI})
+    port = server.app_port("slowstop")
+    server.wait_http(port, contains="slowstop v1")
+    outcome = {}
+
+    def slow():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=90)
+        try:
+            conn.request("GET", "/slow")
+            outcome["status"] = conn.getresponse().status
+        except OSError as e:
+            outcome["error"] = repr(e)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=slow, daemon=True)
+    thread.start()
+    time.sleep(1)  # (uWSGI logs a request when it ends: the slow one is in flight by now)
+    server.commit(repo, "v2", {"app.py": SLOW_WSGI.replace('"v1"', '"v2"')})
+    t0 = time.monotonic()
+    r = server.push(repo, "slowstop")
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout
+    assert f"the old release still listened on PORT {port}" in r.stdout and "killed slowstop:wsgi.1" in r.stdout, r.stdout
+    assert took >= 10, took  # (the graceful stop had its whole grace)
+    bodies = {server.http_get(port)[1] for _ in range(20)}
+    assert bodies == {"slowstop v2\n"}, bodies
+    thread.join(10)
+    assert "error" in outcome, outcome  # (the request that outlasted the grace was cut)
+    server.ssh("destroy", "slowstop", "--force")

@@ -486,6 +486,38 @@ def test_listen_sockets_name_each_listener_by_its_inode():
     second.close()
 
 
+def test_a_socket_from_before_the_switch_that_outlives_the_graceful_stop_is_killed_with_its_process(capsys):
+    """A process of the app that still listens on the shared PORT with an old socket after the
+    graceful stop is found by the socket's inode and killed, and the push says so; another
+    app's process that holds one is left alone."""
+    import socket
+    import types
+    code = ("import socket,sys;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEPORT,1);"
+            "s.bind(('127.0.0.1',int(sys.argv[1])));s.listen();import os;print(os.fstat(s.fileno()).st_ino,flush=True);"
+            "import time;time.sleep(60)")
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    old = subprocess.Popen(["shop:wsgi.1 uWSGI worker 1", "-c", code, str(port)], executable=sys.executable,
+                           stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen(["cafe:wsgi.1 uWSGI worker 1", "-c", code, str(port)], executable=sys.executable,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        old_inode, other_inode = int(old.stdout.readline()), int(other.stdout.readline())
+        assert piku.socket_holders({old_inode}) == {old.pid: f"shop:wsgi.1 uWSGI worker 1 -c {code} {port}"}
+        piku.stop_stale_listeners(types.SimpleNamespace(app="shop"), port, {old_inode, other_inode})
+        assert old.wait(5) == -9
+        assert other.poll() is None
+        assert {inode for inode, _ in piku.listen_sockets(port)} == {other_inode}
+        err = capsys.readouterr().err
+        assert f"still listened on PORT {port}" in err and f"(pid {old.pid})" in err and str(other.pid) not in err
+    finally:
+        for proc in (old, other):
+            proc.kill()
+            proc.wait()
+
+
 def test_dehydrated_keeps_its_temporary_files_in_piku_s_own_folder(tmp_path):
     """dehydrated leaves empty temporary files behind (two a run, in /tmp): it gets a TMPDIR of
     piku's, private, removed after each run."""
