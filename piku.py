@@ -5689,8 +5689,10 @@ def start_beside(t, tx, files):
                    "may be reset (see docs/INSTALL.md: one sysctl, as root)")
     checks = []
     for n in range(1, t.scaling[kind] + 1):
-        remove_path(nginx_socket(t, n, t.slot))  # a socket a killed worker left
-        checks.append(log_check(t, kind, n, t.slot))
+        check = log_check(t, kind, n, t.slot)
+        if check.target[0] == "uwsgi":  # a socket a killed or lingering worker left: the check must reach the new one
+            remove_path(check.target[1])
+        checks.append(check)
         for folder in (t.paths.uwsgi_available, t.paths.uwsgi_enabled):
             path = os.path.join(folder, vassal_name(t.app, kind, n, t.slot, t.gen))
             tx.write(path, files[path][0])
