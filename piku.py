@@ -5890,25 +5890,35 @@ def stop_stale_listeners(t, port, inodes):
 def socket_holders(inodes):
     """{pid: process title} of this user's processes that hold one of these sockets (by inode)."""
     wanted = {f"socket:[{inode}]" for inode in inodes}
-    me, out = os.getuid(), {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    out = {}
+    for pid, cmdline in own_processes():
         try:
-            if os.stat(f"/proc/{pid}").st_uid != me:
-                continue
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
         for fd in fds:
             try:
                 if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        out[int(pid)] = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+                    out[pid] = b" ".join(cmdline).decode("utf-8", "replace").strip()
                     break
             except OSError:  # (the fd was closed, or the process is gone)
                 continue
     return out
+
+
+def own_processes():
+    """(pid, argv as bytes) of each process running as this user (its title, for a uWSGI)."""
+    me = os.getuid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != me:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                yield int(pid), f.read().rstrip(b"\0").split(b"\0")
+        except OSError:
+            continue
 
 
 def shared_port(t):
@@ -7720,43 +7730,28 @@ def running_workers():
     (found by process title) as this user: another user's process may take any title. A
     master with no child runs nothing (its daemon is down). The original piku's masters name
     no instance: those of one kind are numbered 1, 2, ... in the order found."""
-    out, me, unnumbered = {}, os.getuid(), {}
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
+    out, unnumbered = {}, {}
+    for pid, cmdline in own_processes():
+        name, numbered = parse_master_title(cmdline[0].decode("utf-8", "replace"))
+        if name:
             try:
-                if os.stat(f"/proc/{pid}").st_uid != me:
-                    continue
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    title = f.read().split(b"\0")[0].decode("utf-8", "replace")
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    children = f.read().split()
             except OSError:
-                continue
-            name, numbered = parse_master_title(title)
-            if name:
-                try:
-                    with open(f"/proc/{pid}/task/{pid}/children") as f:
-                        children = f.read().split()
-                except OSError:
-                    children = ["?"]  # no way to tell: count the master alone
-                if not numbered:
-                    unnumbered[name] = unnumbered.get(name, 0) + 1
-                    name = f"{name}.{unnumbered[name]}"
-                out.setdefault(name, []).extend(children)
+                children = ["?"]  # no way to tell: count the master alone
+            if not numbered:
+                unnumbered[name] = unnumbered.get(name, 0) + 1
+                name = f"{name}.{unnumbered[name]}"
+            out.setdefault(name, []).extend(children)
     return out
 
 
 def running_emperor():
     """pid of the uWSGI emperor of this user's running vassals (their masters' parent), or None."""
-    me = os.getuid()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+    for pid, cmdline in own_processes():
+        if not parse_master_title(cmdline[0].decode("utf-8", "replace"))[0]:
             continue
         try:
-            if os.stat(f"/proc/{pid}").st_uid != me:
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0].decode("utf-8", "replace")
-            if not parse_master_title(title)[0]:
-                continue
             with open(f"/proc/{pid}/stat") as f:
                 parent = f.read().rsplit(")", 1)[1].split()[1]
             with open(f"/proc/{parent}/cmdline", "rb") as f:
