@@ -1,4 +1,5 @@
 """Issue 2: git push over real ssh deploys; failures reject the push and keep the old release."""
+import contextlib
 import os
 import stat
 
@@ -70,28 +71,37 @@ def assert_rejected_and_old_served(server, repo, app, old_rev, body, output_has)
     assert output_has in r.stdout, r.stdout
     assert server.remote_rev(app) == old_rev
     status, got = server.http_get(server.app_port(app))
-    assert status == 200 and body in got
+    assert status == 200 and body in got, (got, server.listeners(server.app_port(app)))
     return r
 
 
+@contextlib.contextmanager
+def commits_dropped(server, repo):
+    """The commits a test makes are dropped when it ends, whether it passed or not: the next
+    test starts from the code that is live (not from a failed test's broken commit)."""
+    old = server.rev(repo)
+    try:
+        yield old
+    finally:
+        server.git(repo, "reset", "-q", "--hard", old)
+
+
 def test_uninstallable_dependency_rejects_push(server, uvapp):
-    old = server.rev(uvapp)
-    pyproject = open(os.path.join(uvapp, "pyproject.toml")).read()
-    broken = pyproject.replace('"markupsafe"', '"markupsafe", "piku-test-no-such-package-zz"')
-    server.commit(uvapp, "broken deps", {"pyproject.toml": broken})
-    assert_rejected_and_old_served(server, uvapp, "uvapp", old, "uv-wsgi v2",
-                                   "piku-test-no-such-package-zz")
-    server.git(uvapp, "reset", "-q", "--hard", old)
+    with commits_dropped(server, uvapp) as old:
+        pyproject = open(os.path.join(uvapp, "pyproject.toml")).read()
+        broken = pyproject.replace('"markupsafe"', '"markupsafe", "piku-test-no-such-package-zz"')
+        server.commit(uvapp, "broken deps", {"pyproject.toml": broken})
+        assert_rejected_and_old_served(server, uvapp, "uvapp", old, "uv-wsgi v2",
+                                       "piku-test-no-such-package-zz")
 
 
 def test_failing_release_rejects_push(server, uvapp):
-    old = server.rev(uvapp)
-    procfile = open(os.path.join(uvapp, "Procfile")).read() + "release: echo migrating; exit 1\n"
-    text = open(os.path.join(uvapp, "app.py")).read().replace("uv-wsgi v2", "uv-wsgi v3")
-    server.commit(uvapp, "bad release", {"Procfile": procfile, "app.py": text})
-    r = assert_rejected_and_old_served(server, uvapp, "uvapp", old, "uv-wsgi v2", "release command failed")
-    assert "migrating" in r.stdout
-    server.git(uvapp, "reset", "-q", "--hard", old)
+    with commits_dropped(server, uvapp) as old:
+        procfile = open(os.path.join(uvapp, "Procfile")).read() + "release: echo migrating; exit 1\n"
+        text = open(os.path.join(uvapp, "app.py")).read().replace("uv-wsgi v2", "uv-wsgi v3")
+        server.commit(uvapp, "bad release", {"Procfile": procfile, "app.py": text})
+        r = assert_rejected_and_old_served(server, uvapp, "uvapp", old, "uv-wsgi v2", "release command failed")
+        assert "migrating" in r.stdout
 
 
 def test_failed_push_never_touches_the_live_virtualenv(server, uvapp):
@@ -100,19 +110,19 @@ def test_failed_push_never_touches_the_live_virtualenv(server, uvapp):
     def version():
         r = server.ssh("run", "uvapp", "python", "-c", "'import markupsafe; print(markupsafe.__version__)'")
         return r.stdout.strip()
-    old, before, live_venv = server.rev(uvapp), version(), os.path.realpath(server.path("envs", "uvapp", "bin"))
-    files_before = venv_files(live_venv)
-    assert before and before != "2.1.5"
-    pyproject = open(os.path.join(uvapp, "pyproject.toml")).read()
-    procfile = open(os.path.join(uvapp, "Procfile")).read() + "release: exit 1\n"
-    server.commit(uvapp, "downgrade, add six, fail", {
-        "pyproject.toml": pyproject.replace('"markupsafe"', '"markupsafe==2.1.5", "six"'), "Procfile": procfile})
-    r = assert_rejected_and_old_served(server, uvapp, "uvapp", old, "uv-wsgi v2", "release command failed")
-    assert "+ six==" in r.stdout and "the live one is not touched" in r.stdout
-    assert version() == before and venv_files(live_venv) == files_before
-    assert server.ssh("run", "uvapp", "python", "-c", "'import six'").returncode != 0
-    assert os.path.realpath(server.path("envs", "uvapp", "bin")) == live_venv
-    server.git(uvapp, "reset", "-q", "--hard", old)
+    with commits_dropped(server, uvapp) as old:
+        before, live_venv = version(), os.path.realpath(server.path("envs", "uvapp", "bin"))
+        files_before = venv_files(live_venv)
+        assert before and before != "2.1.5"
+        pyproject = open(os.path.join(uvapp, "pyproject.toml")).read()
+        procfile = open(os.path.join(uvapp, "Procfile")).read() + "release: exit 1\n"
+        server.commit(uvapp, "downgrade, add six, fail", {
+            "pyproject.toml": pyproject.replace('"markupsafe"', '"markupsafe==2.1.5", "six"'), "Procfile": procfile})
+        r = assert_rejected_and_old_served(server, uvapp, "uvapp", old, "uv-wsgi v2", "release command failed")
+        assert "+ six==" in r.stdout and "the live one is not touched" in r.stdout
+        assert version() == before and venv_files(live_venv) == files_before
+        assert server.ssh("run", "uvapp", "python", "-c", "'import six'").returncode != 0
+        assert os.path.realpath(server.path("envs", "uvapp", "bin")) == live_venv
     server.commit(uvapp, "redeploy the live code")
     r = server.push(uvapp, "uvapp")
     assert r.returncode == 0 and "Dependencies unchanged: using the live virtualenv" in r.stdout, r.stdout
