@@ -5854,7 +5854,7 @@ def stop_old(t, tx, held=frozenset()):
     if gone and port and held:
         # a master leaves its FIFO before its last worker has closed the shared socket: wait until
         # none of the sockets that listened on PORT before the new masters started is left
-        left = held
+        left = held & {inode for inode, _ in listen_sockets(port)}
         while left and time.monotonic() - t0 < SHARED_PORT_GRACE_SECONDS:
             time.sleep(0.01)
             left = held & {inode for inode, _ in listen_sockets(port)}
