@@ -5848,32 +5848,93 @@ def stop_old(t, tx, held=frozenset()):
         deadline = time.monotonic() + QUEUE_DRAIN_SECONDS
         while any(sum(listen_queues(port)) for port in web_ports) and time.monotonic() < deadline:
             time.sleep(0.01)
-    t0 = time.monotonic()
-    wait_masters_gone(stop_gracefully(t.paths, gone, tx), timeout=SHARED_PORT_GRACE_SECONDS)
+    fifos = stop_gracefully(t.paths, gone, tx)
     port = shared_port(t)
     if gone and port and held:
-        # a master leaves its FIFO before its last worker has closed the shared socket: wait until
-        # none of the sockets that listened on PORT before the new masters started is left
-        left = held & {inode for inode, _ in listen_sockets(port)}
-        while left and time.monotonic() - t0 < SHARED_PORT_GRACE_SECONDS:
-            time.sleep(0.01)
-            left = held & {inode for inode, _ in listen_sockets(port)}
-        if left:
+        release_shared_port(t, port, held, fifos)
+    else:
+        wait_masters_gone(fifos)
+
+
+SHARED_PORT_SETTLE_SECONDS = 0.5  # (an idle old master lets go of PORT in well under this)
+SHARED_PORT_GRACE_SECONDS = 10.0  # (where its socket cannot be closed for it: how long it may keep PORT)
+
+
+def release_shared_port(t, port, held, fifos):
+    """The old wsgi masters on a shared PORT were told to stop gracefully: return once none of
+    the sockets that listened there before the new masters started (`held`) listens any more,
+    so that every connection after the operation reaches the new release. (A master leaves its
+    FIFO before its last worker has closed the socket: the sockets are what counts.) An old
+    worker still busy with a request keeps its socket, and the kernel would go on handing it a
+    share of the new connections, which it no longer accepts: after a moment its socket is
+    closed for it (the request finishes), or, where the kernel does not allow that, its
+    processes are killed after SHARED_PORT_GRACE_SECONDS."""
+    import time
+    t0 = time.monotonic()
+    left = held & {inode for inode, _ in listen_sockets(port)}
+    tried = False
+    while left:
+        waited = time.monotonic() - t0
+        if waited >= SHARED_PORT_GRACE_SECONDS:
             stop_stale_listeners(t, port, left)
+            return
+        if waited >= SHARED_PORT_SETTLE_SECONDS and not tried:
+            tried = True
+            if shut_listeners(t, left):
+                detail(f"a request still runs on the old release: its socket on PORT {port} was closed so that it "
+                       "gets no new connection, and it finishes in the background")
+        fifos = [f for f in fifos if fifo_send(f, b"\n")]  # (a master acts on its stop at once, not at its next tick)
+        time.sleep(0.01)
+        left = held & {inode for inode, _ in listen_sockets(port)}
 
 
-SHARED_PORT_GRACE_SECONDS = 10.0  # (the old wsgi workers' graceful stop on a shared PORT, at most)
+def shut_listeners(t, inodes):
+    """Stop these listening sockets of this app's processes from taking connections, while the
+    processes keep the connections they have: a copy of each socket is taken from its holder
+    (pidfd_getfd, Linux 5.6+, allowed where the kernel lets this user trace its own processes)
+    and shut down, which takes it out of the kernel's SO_REUSEPORT group (the connections
+    waiting in its queue go to the other listeners when net.ipv4.tcp_migrate_req is 1).
+    Returns the inodes it shut."""
+    import ctypes
+    import socket
+    shut = set()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pidfd_open = os.pidfd_open
+    except (OSError, AttributeError):
+        return shut
+    for pid, (title, fds) in socket_holders(inodes).items():
+        if not title.startswith(f"{t.app}:"):
+            continue
+        for inode, fd in fds.items():
+            if inode in shut:
+                continue
+            try:
+                pidfd = pidfd_open(pid)
+            except OSError:
+                break
+            try:
+                copy = libc.syscall(438, pidfd, fd, 0)  # SYS_pidfd_getfd (the same number on every architecture)
+            finally:
+                os.close(pidfd)
+            if copy < 0:
+                return shut  # (not allowed, or no such call: the caller falls back)
+            with socket.socket(fileno=copy) as sock:
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                    shut.add(inode)
+                except OSError:
+                    pass
+    return shut
 
 
 def stop_stale_listeners(t, port, inodes):
-    """The last step of a switch on a shared PORT: a socket that listened there before the new
-    masters started and still does after the old workers' graceful stop (a request that outlasts
-    it, a worker that does not exit) would go on taking a share of the new connections, which it
-    never accepts or answers with the old release. This app's processes that hold one are
-    killed, and the push says so."""
+    """The last resort of a switch on a shared PORT: this app's processes that still hold a
+    socket from before the switch after SHARED_PORT_GRACE_SECONDS (where shut_listeners could not
+    close it for them) are killed, and the push says so."""
     import signal
     import time
-    holders = {pid: title for pid, title in socket_holders(inodes).items() if title.startswith(f"{t.app}:")}
+    holders = {pid: title for pid, (title, _) in socket_holders(inodes).items() if title.startswith(f"{t.app}:")}
     for pid in holders:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -5888,8 +5949,9 @@ def stop_stale_listeners(t, port, inodes):
 
 
 def socket_holders(inodes):
-    """{pid: process title} of this user's processes that hold one of these sockets (by inode)."""
-    wanted = {f"socket:[{inode}]" for inode in inodes}
+    """{pid: (process title, {inode: fd})} of this user's processes that hold one of these
+    sockets (by inode)."""
+    wanted = {f"socket:[{inode}]": inode for inode in inodes}
     out = {}
     for pid, cmdline in own_processes():
         try:
@@ -5898,11 +5960,12 @@ def socket_holders(inodes):
             continue
         for fd in fds:
             try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
-                    out[pid] = b" ".join(cmdline).decode("utf-8", "replace").strip()
-                    break
+                inode = wanted.get(os.readlink(f"/proc/{pid}/fd/{fd}"))
             except OSError:  # (the fd was closed, or the process is gone)
                 continue
+            if inode is not None:
+                title = b" ".join(cmdline).decode("utf-8", "replace").strip()
+                out.setdefault(pid, (title, {}))[1].setdefault(inode, int(fd))
     return out
 
 

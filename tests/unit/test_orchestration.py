@@ -505,7 +505,7 @@ def test_a_socket_from_before_the_switch_that_outlives_the_graceful_stop_is_kill
                              stdout=subprocess.PIPE, text=True)
     try:
         old_inode, other_inode = int(old.stdout.readline()), int(other.stdout.readline())
-        assert piku.socket_holders({old_inode}) == {old.pid: f"shop:wsgi.1 uWSGI worker 1 -c {code} {port}"}
+        assert piku.socket_holders({old_inode}) == {old.pid: (f"shop:wsgi.1 uWSGI worker 1 -c {code} {port}", {old_inode: 3})}
         piku.stop_stale_listeners(types.SimpleNamespace(app="shop"), port, {old_inode, other_inode})
         assert old.wait(5) == -9
         assert other.poll() is None
@@ -514,6 +514,35 @@ def test_a_socket_from_before_the_switch_that_outlives_the_graceful_stop_is_kill
         assert f"still listened on PORT {port}" in err and f"(pid {old.pid})" in err and str(other.pid) not in err
     finally:
         for proc in (old, other):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_busy_old_worker_s_socket_on_the_shared_port_is_shut_and_the_worker_lives_on():
+    """An old worker still busy with a request keeps its socket on the shared PORT: piku takes a
+    copy of the socket from it and shuts it down. The socket stops listening (new connections go
+    to the new release's), while the process and the connection it has live on. Another app's
+    socket is left alone."""
+    import socket
+    import types
+    code = ("import socket,sys,os;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEPORT,1);"
+            "s.bind(('127.0.0.1',0));s.listen();print(os.fstat(s.fileno()).st_ino,s.getsockname()[1],flush=True);"
+            "c,_=s.accept();print('accepted',flush=True);sys.stdin.readline();c.sendall(b'finished');sys.stdin.readline()")
+    procs = [subprocess.Popen([f"{app}:wsgi.1 uWSGI worker 1", "-c", code], executable=sys.executable,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for app in ("shop", "cafe")]
+    try:
+        (shop_inode, shop_port), (cafe_inode, cafe_port) = (map(int, p.stdout.readline().split()) for p in procs)
+        client = socket.create_connection(("127.0.0.1", shop_port), timeout=5)  # (in flight on the shop worker)
+        assert procs[0].stdout.readline() == "accepted\n"
+        assert piku.shut_listeners(types.SimpleNamespace(app="shop"), {shop_inode, cafe_inode}) == {shop_inode}
+        assert piku.listen_sockets(shop_port) == [] and [i for i, _ in piku.listen_sockets(cafe_port)] == [cafe_inode]
+        procs[0].stdin.write("answer\n")
+        procs[0].stdin.flush()
+        assert client.recv(20) == b"finished"  # (the connection it had was served to the end)
+        assert all(p.poll() is None for p in procs)
+        client.close()
+    finally:
+        for proc in procs:
             proc.kill()
             proc.wait()
 
