@@ -1370,6 +1370,10 @@ def wsgi_pairs(v, inner=False):
              # a worker recycled by max-requests exits at once: Python's teardown waits for the
              # worker's other threads, which can hang it until the master kills it (a stall)
              ("skip-atexit-teardown", "true"),
+             # a graceful stop ends within 25 s: the master kills a worker still busy (or stuck) by
+             # then, before the emperor gives up on the master at 30 s and kills it alone, which
+             # would leave the worker running on, orphaned
+             ("worker-reload-mercy", str(WORKER_STOP_MERCY_SECONDS)),
              # no app but ours in a worker: a uwsgi packet's UWSGI_FILE / UWSGI_SCRIPT /
              # UWSGI_MODULE (from anyone who reaches the socket) would load and run another one
              ("max-apps", "1"),
@@ -1391,6 +1395,9 @@ def wsgi_pairs(v, inner=False):
     if setting(s, "UWSGI_IDLE"):
         pairs += [("idle", setting(s, "UWSGI_IDLE")), ("die-on-idle", "true")]
     return pairs
+
+
+WORKER_STOP_MERCY_SECONDS = 25  # (below the uWSGI emperor's default curse tolerance, 30 s)
 
 
 def wsgi_concurrency_pairs(s):

@@ -540,6 +540,26 @@ class Server:
                 out[p] = (st.st_size, st.st_mtime_ns) if n in files else None
         return out
 
+    def user_pids(self):
+        """PIDs of the processes running as the test user."""
+        out = []
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == self.uid:
+                    out.append(int(pid))
+            except OSError:
+                continue
+        return out
+
+    @staticmethod
+    def proc_title(pid):
+        """A process's command line (its title, for a uWSGI), or '' when it is gone."""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+
     def listeners(self, port):
         """What listens on a port, with the processes (ss), and the emperor's last lines: for the
         failure message of a test that got an answer from the wrong release."""

@@ -611,7 +611,7 @@ VERSION = "v1"
 
 def application(environ, start_response):
     if environ["PATH_INFO"] == "/slow":
-        time.sleep(15)
+        time.sleep(int(environ.get("QUERY_STRING") or 15))
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [f"slowstop {VERSION}\\n".encode()]
 """
@@ -669,3 +669,41 @@ def test_a_request_on_the_old_release_through_a_switch_on_a_shared_port(server, 
         assert took >= 10, took
         assert "error" in outcome, outcome
     server.ssh("destroy", "slowstop", "--force")
+
+
+def test_a_request_that_never_ends_on_the_old_release_is_cut_and_leaves_no_process(server, tmp_path):
+    """The old workers' graceful stop has an end: a request still running after 25 s is cut by
+    uWSGI's own master (worker-reload-mercy), before the emperor gives up on that master at
+    30 s; the emperor kills only the master, which would leave the worker running, orphaned."""
+    repo = server.deployed("uv-wsgi", "endless", tmp_path, {"app.py": SLOW_WSGI})
+    port = server.app_port("endless")
+    server.wait_http(port, contains="slowstop v1")
+    outcome = {}
+
+    def endless():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            conn.request("GET", "/slow?600")
+            outcome["answer"] = conn.getresponse().status
+        except OSError as e:
+            outcome["error"] = repr(e)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=endless, daemon=True)
+    thread.start()
+    time.sleep(1)
+    old = [p for p in server.user_pids() if server.proc_title(p).startswith("endless:wsgi.1 uWSGI worker")]
+    assert len(old) == 1, old
+    server.commit(repo, "v2", {"app.py": SLOW_WSGI.replace('"v1"', '"v2"')})
+    r = server.push(repo, "endless")
+    assert r.returncode == 0, r.stdout
+    assert {server.http_get(port, timeout=3)[1] for _ in range(10)} == {"slowstop v2\n"}
+    thread.join(40)
+    assert "error" in outcome, outcome  # (cut at 25 s, not at 600)
+    deadline = time.monotonic() + 10  # (its master reaps it, then exits)
+    while os.path.exists(f"/proc/{old[0]}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{old[0]}"), open(f"/proc/{old[0]}/status").read()
+    server.ssh("destroy", "endless", "--force")
+
