@@ -617,6 +617,28 @@ def application(environ, start_response):
 """
 
 
+def request_in_background(port, path):
+    """GET path on PORT in a thread; returns the thread and a dict that gets the outcome:
+    {'answer': (status, body)} or {'error': ...}. Returns once the request is in flight."""
+    outcome = {}
+
+    def get():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            outcome["answer"] = (resp.status, resp.read().decode())
+        except OSError as e:
+            outcome["error"] = repr(e)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=get, daemon=True)
+    thread.start()
+    time.sleep(1)  # (uWSGI logs a request when it ends: by now it is in flight)
+    return thread, outcome
+
+
 def may_take_sockets_of_own_processes():
     """Can a process take a copy of a socket from another of its user's processes that is not
     its child (pidfd_getfd)? Not under Yama's ptrace_scope 1 or more (Ubuntu's default)."""
@@ -636,22 +658,7 @@ def test_a_request_on_the_old_release_through_a_switch_on_a_shared_port(server, 
     repo = server.deployed("uv-wsgi", "slowstop", tmp_path, {"app.py": SLOW_WSGI})
     port = server.app_port("slowstop")
     server.wait_http(port, contains="slowstop v1")
-    outcome = {}
-
-    def slow():
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=90)
-        try:
-            conn.request("GET", "/slow")
-            resp = conn.getresponse()
-            outcome["answer"] = (resp.status, resp.read().decode())
-        except OSError as e:
-            outcome["error"] = repr(e)
-        finally:
-            conn.close()
-
-    thread = threading.Thread(target=slow, daemon=True)
-    thread.start()
-    time.sleep(1)  # (uWSGI logs a request when it ends: the slow one is in flight by now)
+    thread, outcome = request_in_background(port, "/slow")
     server.commit(repo, "v2", {"app.py": SLOW_WSGI.replace('"v1"', '"v2"')})
     t0 = time.monotonic()
     r = server.push(repo, "slowstop")
@@ -678,21 +685,7 @@ def test_a_request_that_never_ends_on_the_old_release_is_cut_and_leaves_no_proce
     repo = server.deployed("uv-wsgi", "endless", tmp_path, {"app.py": SLOW_WSGI})
     port = server.app_port("endless")
     server.wait_http(port, contains="slowstop v1")
-    outcome = {}
-
-    def endless():
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        try:
-            conn.request("GET", "/slow?600")
-            outcome["answer"] = conn.getresponse().status
-        except OSError as e:
-            outcome["error"] = repr(e)
-        finally:
-            conn.close()
-
-    thread = threading.Thread(target=endless, daemon=True)
-    thread.start()
-    time.sleep(1)
+    thread, outcome = request_in_background(port, "/slow?600")
     old = [p for p in server.user_pids() if server.proc_title(p).startswith("endless:wsgi.1 uWSGI worker")]
     assert len(old) == 1, old
     server.commit(repo, "v2", {"app.py": SLOW_WSGI.replace('"v1"', '"v2"')})
