@@ -5910,9 +5910,7 @@ def shut_listeners(t, inodes):
         pidfd_open = os.pidfd_open
     except (OSError, AttributeError):
         return shut
-    for pid, (title, fds) in socket_holders(inodes).items():
-        if not title.startswith(f"{t.app}:"):
-            continue
+    for pid, (_, fds) in socket_holders(inodes, t.app).items():
         for inode, fd in fds.items():
             if inode in shut:
                 continue
@@ -5941,7 +5939,7 @@ def stop_stale_listeners(t, port, inodes):
     close it for them) are killed, and the push says so."""
     import signal
     import time
-    holders = {pid: title for pid, (title, _) in socket_holders(inodes).items() if title.startswith(f"{t.app}:")}
+    holders = {pid: title for pid, (title, _) in socket_holders(inodes, t.app).items()}
     for pid in holders:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -5955,9 +5953,9 @@ def stop_stale_listeners(t, port, inodes):
          f"stop: killed {who}")
 
 
-def socket_holders(inodes):
-    """{pid: (process title, {inode: fd})} of this user's processes that hold one of these
-    sockets (by inode)."""
+def socket_holders(inodes, app=None):
+    """{pid: (process title, {inode: fd})} of this user's processes (of this app's, by their
+    titles, when given) that hold one of these sockets (by inode)."""
     wanted = {f"socket:[{inode}]": inode for inode in inodes}
     out = {}
     for pid, cmdline in own_processes():
@@ -5965,13 +5963,15 @@ def socket_holders(inodes):
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
+        title = b" ".join(cmdline).decode("utf-8", "replace").strip()
+        if app and not title.startswith(f"{app}:"):
+            continue
         for fd in fds:
             try:
                 inode = wanted.get(os.readlink(f"/proc/{pid}/fd/{fd}"))
             except OSError:  # (the fd was closed, or the process is gone)
                 continue
             if inode is not None:
-                title = b" ".join(cmdline).decode("utf-8", "replace").strip()
                 out.setdefault(pid, (title, {}))[1].setdefault(inode, int(fd))
     return out
 
@@ -6014,12 +6014,6 @@ def unix_queued(proc_net_unix, sockets):
             count += 1
     return count
 
-
-def port_listeners(port):
-    """How many TCP sockets listen on this port (any address, IPv4 and IPv6)."""
-    return len(listen_sockets(port))
-
-
 def listen_queues(port):
     """The accept queue length (connections made, not yet accepted) of each TCP socket listening
     on this port."""
@@ -6036,13 +6030,6 @@ def listen_sockets(port):
         found = [x for table in ("/proc/net/tcp", "/proc/net/tcp6")
                  for x in parse_listen_sockets(read_text(table, "") or "", port)]
     return found
-
-
-def diag_listen_queues(port):
-    """listen_queues through netlink alone, or None when the kernel refuses."""
-    found = diag_listen_sockets(port)
-    return None if found is None else [queue for _, queue in found]
-
 
 def diag_listen_sockets(port):
     """listen_sockets through NETLINK_SOCK_DIAG (inet_diag), or None when the kernel refuses."""
@@ -6078,12 +6065,6 @@ def diag_listen_sockets(port):
     except (OSError, struct.error):
         return None
     return out
-
-
-def parse_listen_queues(text, port):
-    """parse one /proc/net/tcp table: the rx_queue of each socket in LISTEN (0A) on port."""
-    return [queue for _, queue in parse_listen_sockets(text, port)]
-
 
 def parse_listen_sockets(text, port):
     """parse one /proc/net/tcp table: (inode, rx_queue) of each socket in LISTEN (0A) on port."""

@@ -308,13 +308,13 @@ def test_the_sockets_listening_on_a_port_are_counted():
     second = socket.socket()
     second.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     second.bind(("127.0.0.1", port))
-    assert piku.port_listeners(port) == 1  # (bound, not listening yet)
+    assert len(piku.listen_sockets(port)) == 1  # (bound, not listening yet)
     second.listen()
-    assert piku.port_listeners(port) == 2
+    assert len(piku.listen_sockets(port)) == 2
     first.close()
-    assert piku.port_listeners(port) == 1
+    assert len(piku.listen_sockets(port)) == 1
     second.close()
-    assert piku.port_listeners(port) == 0
+    assert len(piku.listen_sockets(port)) == 0
 
 
 def test_unix_queued_counts_connections_no_worker_has_accepted(tmp_path):
@@ -369,8 +369,8 @@ def test_listen_queues_count_connections_not_yet_accepted():
     try:
         assert piku.listen_queues(port) == [0]
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
-        assert piku.diag_listen_queues(port) == [2]
-        assert piku.parse_listen_queues(piku.read_text("/proc/net/tcp"), port) == [2]
+        assert [q for _, q in piku.diag_listen_sockets(port)] == [2]
+        assert [q for _, q in piku.parse_listen_sockets(piku.read_text("/proc/net/tcp"), port)] == [2]
         listener.accept()[0].close()
         assert piku.listen_queues(port) == [1]
     finally:
@@ -379,14 +379,14 @@ def test_listen_queues_count_connections_not_yet_accepted():
     assert piku.listen_queues(port) == []
 
 
-def test_parse_listen_queues_reads_listening_sockets_of_the_port():
+def test_parse_listen_sockets_reads_listening_sockets_of_the_port():
     text = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
             "   0: 0100007F:BB53 00000000:0000 0A 00000000:00000003 00:00000000 00000000     0        0 1\n"
             "   1: 0100007F:BB53 0100007F:D000 06 00000000:00000000 03:00000100 00000000     0        0 0\n"
             "   2: 0100007F:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2\n")
-    assert piku.parse_listen_queues(text, 0xBB53) == [3]
-    assert piku.parse_listen_queues(text, 80) == [0]
-    assert piku.parse_listen_queues(text, 81) == []
+    assert [q for _, q in piku.parse_listen_sockets(text, 0xBB53)] == [3]
+    assert [q for _, q in piku.parse_listen_sockets(text, 80)] == [0]
+    assert [q for _, q in piku.parse_listen_sockets(text, 81)] == []
 
 
 def test_nginx_drained_waits_for_old_workers_and_quiesced_for_shutting_down_ones(monkeypatch):
