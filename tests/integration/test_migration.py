@@ -167,10 +167,8 @@ def test_the_original_deploys_five_apps(old, repos):
     answer(old, "mstatic", "mstatic v1")
     assert os.path.exists(old.path("nginx", "mwsgi.sock")) and old.vassal("mwsgi", "wsgi").endswith("mwsgi_wsgi.1.ini")
     assert os.path.exists(old.path("envs", "mwsgi", "bin", "activate_this.py"))  # a real virtualenv
-    deadline = time.monotonic() + 30
-    while not os.path.exists(old.path("data", "mjobs", "worker.txt")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert "mjobs v1" in old.read("data/mjobs/worker.txt")
+    # (the worker creates the file, then writes it: wait for what it says, not for the file)
+    wait_for("the original's worker of v1", lambda: "mjobs v1" in (old.read("data/mjobs/worker.txt") or ""), 30)
 
 
 def test_switch_as_install_md_says(old, loops):
