@@ -333,10 +333,35 @@ class Server:
         return ["ssh", "-i", self.key, "-p", str(self.ssh_port), "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
 
-    def ssh(self, *args, input=None, timeout=300, text=True):
-        """A piku command over ssh; text=False: bytes in and out (backup archives)."""
-        return subprocess.run(self.ssh_argv() + [f"{self.user}@127.0.0.1"] + list(args), input=input,
-                              capture_output=True, text=text, timeout=timeout)
+    def ssh(self, *args, input=None, timeout=300, text=True, settle=True):
+        """A piku command over ssh; text=False: bytes in and out (backup archives). Returns once
+        the app named second (if any) is settled (see settled)."""
+        r = subprocess.run(self.ssh_argv() + [f"{self.user}@127.0.0.1"] + list(args), input=input,
+                           capture_output=True, text=text, timeout=timeout)
+        if settle and len(args) > 1 and isinstance(args[1], str):
+            self.settled(args[1])
+        return r
+
+    def settled(self, app, timeout=10):
+        """Wait until nothing holds app's lock: an operation that switched a `web` app behind
+        nginx returns before its old workers have stopped (a background process of piku's stops
+        them once nginx has quiesced, holding the lock), so what a test reads right after it
+        (vassal files, processes) is the state after that. True once free."""
+        import fcntl
+        lock = self.path("locks", f"{app}.lock")
+        if "/" in app or not os.path.exists(lock):
+            return True
+        deadline = time.monotonic() + timeout
+        with open(lock) as f:
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                    return True
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.01)
 
     def git_env(self):
         env = dict(os.environ)
@@ -386,10 +411,12 @@ class Server:
         self.git(repo, "commit", "-q", "-m", message, *(["--allow-empty"] if allow_empty else []))
         return Path(repo)
 
-    def push(self, repo, app, style="scp", ref="main", extra=()):
+    def push(self, repo, app, style="scp", ref="main", extra=(), settle=True):
         r = subprocess.run(["git", "push", *extra, self.remote_url(app, style), ref], cwd=repo,
                            env=self.git_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, timeout=900)
+        if settle:
+            self.settled(app)
         return r
 
     def rev(self, repo, ref="HEAD"):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from harness import REPO, Reachable, find_other_python, system_uwsgi_python
+from harness import REPO, Reachable, find_other_python, system_uwsgi_python, wait_for
 from test_zero_downtime import Hammer
 
 APP_PY = '''import os
@@ -307,6 +307,32 @@ def test_repeated_switches_of_a_web_app_are_never_throttled_by_the_emperor(serve
     log = [l for l in server.read("uwsgi/uwsgi.log").splitlines() if "webthr" in l]
     assert not [l for l in log if "throttling" in l or "bad behaving" in l], log[-10:]
     assert len(names) == 6, names  # a new name each time
+
+
+def test_the_old_web_workers_stop_after_the_push_returns_and_the_next_command_waits_for_them(server, tmp_path):
+    """Behind nginx, a `web` switch returns once the new release answers by name; the old
+    workers stop a moment later, in the background (nginx's workers with the old config take
+    requests for ~100 ms more). The app's lock is held until they are gone: a command right
+    after the push waits for that silently, and then exactly one web vassal and master run."""
+    host = "webbg.piku.test"
+    repo = server.deployed("kinds", "webbg", tmp_path, {"ENV": server.nginx_env(host)})
+    server.commit(repo, "v2", {"ENV": server.nginx_env(host) + "RELEASE_MARK=v2\n"})
+    r = server.push(repo, "webbg", settle=False)
+    assert r.returncode == 0, r.stdout
+    status, body = server.http_get(server.nginx_port, host=host)  # (at once: no wait)
+    assert status == 200 and json.loads(body).get("RELEASE_MARK") == "v2", body
+    r = server.ssh("restart", "webbg", settle=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "waiting for another operation" not in r.stdout + r.stderr
+    assert server.settled("webbg", timeout=5), "the background stop of the old web workers still holds the lock"
+    enabled = [n for n in os.listdir(server.path("uwsgi-enabled")) if n.startswith("webbg_web.")]
+    assert len(enabled) == 1, enabled
+
+    def masters():
+        return [pid for pid in server.user_pids() if server.proc_title(pid).startswith("webbg:web.1 uWSGI master")]
+    wait_for("one web master", lambda: len(masters()) == 1, timeout=15)
+    status, body = server.http_get(server.nginx_port, host=host)
+    assert status == 200 and json.loads(body).get("RELEASE_MARK") == "v2", body
 
 
 # -- interrupted operations ---------------------------------------------------------------------

@@ -307,6 +307,10 @@ def test_launcher_runs_main_from_the_file(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 3 and r.stdout == "args ['apps', 'x y']\n"
     assert '"' not in piku.LAUNCHER and "'" not in piku.LAUNCHER and "\\" not in piku.LAUNCHER
+    as_file = tmp_path / "launch.py"  # (what ensure_launcher writes: a line for each statement)
+    as_file.write_text(piku.LAUNCHER.replace(";", "\n") + "\n")
+    r = subprocess.run([sys.executable, str(as_file), "piku", str(fake), "exec-worker"], capture_output=True, text=True)
+    assert r.returncode == 3 and r.stdout == "args ['exec-worker']\n"
 
 
 def test_systemd_units():
