@@ -5503,6 +5503,26 @@ def fifo_dir(t, slot):
     return slot_dir(t, slot) if slot else worker_file(t, "run")
 
 
+def master_fifo_name(kind, n, gen=None):
+    """A worker master's FIFO: <kind>.<n>.master.fifo; a `web` master in a slot has its
+    generation in the name too, because the slot may start again while the last master there
+    still stops (uWSGI waits a second after it has stopped a daemon; the port is free at once)."""
+    return f"{kind}.{n}.{gen}.master.fifo" if kind == "web" and gen else f"{kind}.{n}.master.fifo"
+
+
+def slot_ports_free(t, timeout=10.0):
+    """Wait until nothing listens on the new slot's web ports any more (the commands the last
+    masters of this slot ran exit at once when they are stopped). False at the timeout."""
+    import time
+    ports = t.ports.get("web", {}).get(t.slot, [])[:t.scaling.get("web", 0)]
+    deadline = time.monotonic() + timeout
+    while any(listen_sockets(port) for port in ports):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def content_name(text, suffix=""):
     return fingerprint(text)[:16] + suffix
 
@@ -5577,7 +5597,7 @@ def worker_spec(t, kind, n, env_file, boot):
          "port": None if nginx_on and kind == "wsgi" else t.ports["port"], "piku": piku_argv(t.paths),
          "python_plugin": t.python_plugin, "extra_plugins": t.extra_plugins, "release": t.stamp,
          "dir": t.release.dir, "env_file": env_file, "mode": t.wsgi_mode if kind == "wsgi" else "daemon",
-         "master_fifo": os.path.join(fifo_dir(t, bg), f"{kind}.{n}.master.fifo")}
+         "master_fifo": os.path.join(fifo_dir(t, bg), master_fifo_name(kind, n, t.gen if bg else None))}
     if kind == "wsgi":
         v.update(boot=boot, socket=nginx_socket(t, n, bg) if nginx_on else None,
                  check_socket=None if nginx_on else os.path.join(slot_dir(t, bg), f"wsgi.{n}.sock"))
@@ -5729,9 +5749,17 @@ def start_beside(t, tx, files):
         canary(t, kind)
         return []
     d = private_dir(slot_dir(t, t.slot))  # the private check sockets, FIFOs and pyuwsgi inis
-    left = wait_masters_gone([os.path.join(d, n) for n in os.listdir(d) if n.endswith(".fifo")])
+    fifos = [os.path.join(d, n) for n in os.listdir(d) if n.endswith(".fifo")]
+    web = [f for f in fifos if re.fullmatch(r"web\.\d+(\.[0-9a-f]{6})?\.master\.fifo", os.path.basename(f))]
+    # (a web master of an earlier generation may still be stopping: only its ports count)
+    left = wait_masters_gone([f for f in fifos if f not in web])
+    for fifo in web:
+        if not fifo_send(fifo, b"\n"):
+            remove_path(fifo)  # (its master is gone)
     if left:
         warn(f"workers that last ran in slot {t.slot} are still shutting down: {', '.join(left)}")
+    if kind == "web" and not slot_ports_free(t):
+        warn(f"a port of slot {t.slot} is still in use by an earlier web command; the new one may not start")
     remove_path(os.path.join(d, "stopping"))  # (left when this slot last stopped)
     for path, (text, mode) in files.items():
         if path.startswith(tuple(x + os.sep for x in (worker_file(t, "env"), worker_file(t, "boot"), d))):

@@ -221,6 +221,37 @@ def test_web_switches_lose_no_post(server, tmp_path):
     assert_destroy_hands_the_names_to_the_default_server(server, "wpost", "wpost.piku.test")
 
 
+def test_web_operations_back_to_back_start_at_once_and_lose_nothing(server, tmp_path):
+    """uWSGI waits a second after it has stopped a daemon before the master exits, but the old
+    command (and its port) is gone at once: an operation right after the last one starts its
+    workers in the slot the last master still leaves, without waiting for it (each web master
+    has a FIFO of its own generation). Nothing fails meanwhile, and old FIFOs do not pile up."""
+    host = "b2b.piku.test"
+    server.deployed("req-web", "b2b", tmp_path, {"ENV": server.nginx_env(host)})
+    server.wait_http(server.nginx_port, host=host, contains="req-web v1")
+    with Hammer(server, host) as gets, Hammer(server, host, method="POST") as posts:
+        for i in range(4):
+            r = server.ssh("config:set", "b2b", f"ROUND={i}") if i % 2 else server.ssh("restart", "b2b")
+            assert r.returncode == 0, r.stdout + r.stderr
+            out = r.stdout + r.stderr
+            assert "still shutting down" not in out and "still in use" not in out, out
+    for h in (gets, posts):
+        assert not h.failures, f"{h.method}: {len(h.failures)} failed: {h.failures[:5]}; {server.nginx_errors('b2b')}"
+        assert h.ok > 20
+    for slot in ("a", "b"):
+        fifos = [n for n in os.listdir(server.path("state", "b2b", f"slot-{slot}")) if n.endswith(".fifo")]
+        assert len(fifos) <= 2, fifos  # (the live or last master's, and one still stopping)
+
+    def masters():
+        return [p for p in server.user_pids() if server.proc_title(p).startswith("b2b:web.1 uWSGI master")]
+    deadline = time.monotonic() + 15
+    while len(masters()) != 1:
+        assert time.monotonic() < deadline, [server.proc_title(p) for p in masters()]
+        time.sleep(0.1)
+    r = server.ssh("config:get", "b2b", "ROUND")
+    assert r.returncode == 0 and r.stdout.strip() == "3", r.stdout + r.stderr
+
+
 def assert_destroy_hands_the_names_to_the_default_server(server, app, host):
     """destroy takes the app's names from nginx before its workers stop: a request during it gets
     the app or the default server's 404, never a 502 from a stopped worker; right after, a 404.

@@ -491,3 +491,11 @@ def test_switch_probe_path_is_read_back_from_what_render_switch_probe_wrote():
     conf = "server {\n" + "\n".join(piku.render_switch_probe("0123abcd")) + "\n}\n"
     assert piku.switch_probe_path(conf) == "/.well-known/piku-switch/0123abcd"
     assert piku.switch_probe_path("server {\n}\n") is None and piku.switch_probe_path(None) is None
+
+
+def test_a_web_master_in_a_slot_has_a_fifo_of_its_generation():
+    """The slot may start again while its last web master still stops (uWSGI's one-second wait
+    after a daemon stop): the two must not share a FIFO. Other kinds keep one name."""
+    assert piku.master_fifo_name("web", 1, "0a1b2c") == "web.1.0a1b2c.master.fifo"
+    assert piku.master_fifo_name("web", 2, None) == "web.2.master.fifo"
+    assert piku.master_fifo_name("wsgi", 1, "0a1b2c") == "wsgi.1.master.fifo"
