@@ -5693,20 +5693,19 @@ def stops_later(t, held, quiesce):
     100 ms after a reload: nginx's master gives the new workers that long before it asks the
     old ones to finish). Traffic has moved by then (wait_for_nginx saw the new config answer);
     the app lock stays held until they are stopped, so the next operation finds them gone.
-    Returns (vassal names, (since, timeout) of the nginx quiesce), or None: stop them now."""
+    Returns the (since, timeout) of the nginx quiesce, or None: stop them now."""
     gone = [n for n in vassals_of(t.paths, t.app) if old_serving(t, n)]
     if not quiesce or not gone or held or shared_port(t):
         return None
     if any((parse_vassal_name(t.app, n) or ("",))[0] != "web" for n in gone):
         return None
-    return gone, quiesce
+    return quiesce
 
 
-def stop_old_web_later(t, later):
+def stop_old_web_later(t, quiesce):
     """(In the background, the app lock held:) wait until nginx has quiesced, then stop the old
     web workers as stop_old does."""
-    gone, (since, timeout) = later
-    nginx_drained(since, timeout, quiesced=True)
+    nginx_drained(*quiesce, quiesced=True)
     stop_old(t, None)
 
 

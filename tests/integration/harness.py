@@ -578,6 +578,11 @@ class Server:
                 continue
         return out
 
+    def masters(self, app, kind, n=1):
+        """PIDs of the uWSGI masters of app's kind.n (one per running vassal, old or new)."""
+        title = f"{app}:{kind}.{n} uWSGI master"
+        return [pid for pid in self.user_pids() if self.proc_title(pid).startswith(title)]
+
     @staticmethod
     def proc_title(pid):
         """A process's command line (its title, for a uWSGI), or '' when it is gone."""

@@ -327,10 +327,7 @@ def test_the_old_web_workers_stop_after_the_push_returns_and_the_next_command_wa
     assert server.settled("webbg", timeout=5), "the background stop of the old web workers still holds the lock"
     enabled = [n for n in os.listdir(server.path("uwsgi-enabled")) if n.startswith("webbg_web.")]
     assert len(enabled) == 1, enabled
-
-    def masters():
-        return [pid for pid in server.user_pids() if server.proc_title(pid).startswith("webbg:web.1 uWSGI master")]
-    wait_for("one web master", lambda: len(masters()) == 1, timeout=15)
+    wait_for("one web master", lambda: len(server.masters("webbg", "web")) == 1, timeout=15)
     status, body = server.http_get(server.nginx_port, host=host)
     assert status == 200 and json.loads(body).get("RELEASE_MARK") == "v2", body
 

@@ -241,12 +241,9 @@ def test_web_operations_back_to_back_start_at_once_and_lose_nothing(server, tmp_
     for slot in ("a", "b"):
         fifos = [n for n in os.listdir(server.path("state", "b2b", f"slot-{slot}")) if n.endswith(".fifo")]
         assert len(fifos) <= 2, fifos  # (the live or last master's, and one still stopping)
-
-    def masters():
-        return [p for p in server.user_pids() if server.proc_title(p).startswith("b2b:web.1 uWSGI master")]
     deadline = time.monotonic() + 15
-    while len(masters()) != 1:
-        assert time.monotonic() < deadline, [server.proc_title(p) for p in masters()]
+    while len(server.masters("b2b", "web")) != 1:
+        assert time.monotonic() < deadline, [server.proc_title(p) for p in server.masters("b2b", "web")]
         time.sleep(0.1)
     r = server.ssh("config:get", "b2b", "ROUND")
     assert r.returncode == 0 and r.stdout.strip() == "3", r.stdout + r.stderr
