@@ -8925,16 +8925,17 @@ def cmd_nginx_watch(interval, pid_file, reload_cmd):
     systemd). Woken by inotify where the kernel has it, so a deploy waits no polling interval.
     With --pid-file, the nginx master named there gets SIGHUP itself (RELOAD_CMD when that file
     names no nginx master): `nginx -s reload` reads the whole config once more before it sends
-    the very same signal, which with many apps' certificates is most of a reload's time."""
+    the very same signal, which with many apps' certificates is most of a reload's time. Then it
+    stops the old workers as soon as a new one is up (reload_nginx_master): the new config
+    answers within a few ms of the reload instead of ~100 ms."""
     import time
     paths = P()
 
     def reload():
-        import signal
         pid = nginx_master_pid(pid_file) if pid_file else None
         if pid:
             try:
-                os.kill(pid, signal.SIGHUP)
+                reload_nginx_master(pid)
                 return
             except OSError:
                 pass
@@ -8954,6 +8955,58 @@ def cmd_nginx_watch(interval, pid_file, reload_cmd):
         if now != last:
             reload()
             last = now
+
+
+NGINX_HANDOVER_TIMEOUT = 10.0  # seconds nginx-watch waits for a reload's first new worker
+
+
+def reload_nginx_master(master, timeout=NGINX_HANDOVER_TIMEOUT):
+    """Reload nginx (SIGHUP to its master), then hand over at once: as soon as the first worker
+    of the new configuration is up, the old workers get SIGQUIT, the graceful stop nginx's
+    master itself sends them only 100 ms after starting the new ones. Meanwhile old and new
+    workers accept side by side, and the old ones, first in the kernel's queue of waiters,
+    take nearly every connection, so the new configuration (a switched upstream) answered
+    only ~100 ms after the reload. Nothing is refused: the listening sockets stay open in the
+    master and the new workers, and an old worker finishes the requests it has. When no new
+    worker comes (an invalid configuration: nginx keeps the old one), nothing is stopped; a
+    worker of another user (EPERM) is left to the master. True when handed over. Raises
+    OSError when the master cannot be signalled."""
+    import signal
+    import time
+    before = nginx_master_workers(master, titled=False)  # (a worker forked a moment ago has no title yet)
+    os.kill(master, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.002)
+        workers = nginx_master_workers(master)
+        if workers - before:
+            for pid in workers & before:
+                try:
+                    os.kill(pid, signal.SIGQUIT)
+                except OSError:
+                    pass
+            return True
+    return False
+
+
+def nginx_master_workers(master, titled=True):
+    """pids of an nginx master's worker processes (titled `nginx: worker process` once they are
+    initialised; titled=False: every child, whatever its title): from the kernel's list of its
+    children, else from a scan of /proc."""
+    try:
+        with open(f"/proc/{master}/task/{master}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return {pid for pid, parent, _, _ in nginx_workers() if parent == master}
+    out = set()
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not titled or f.read().startswith(b"nginx: worker process"):
+                    out.add(int(pid))
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def nginx_master_pid(pid_file):
