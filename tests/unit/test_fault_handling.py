@@ -192,6 +192,59 @@ def test_what_a_supervised_command_leaves_running_ends_with_it():
     assert wait_dead([int(out)]) == []
 
 
+# A vassal starts its daemon from a launch file: the supervisor alone, no piku.py loaded.
+
+def launch(tmp_path, argv, env, environ=None):
+    import subprocess
+    import sys
+    (tmp_path / "sup.py").write_text(piku.SUPERVISOR)
+    (tmp_path / "launch").write_text(piku.render_launch(str(tmp_path), argv, env))
+    return subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "sup.py"), "--launch", str(tmp_path / "launch"),
+                           "0.5"], capture_output=True, text=True, env=environ or {}, timeout=60)
+
+
+def test_a_launch_file_gives_the_command_its_directory_and_environment_exactly(tmp_path):
+    import json
+    import sys
+    values = {"PLAIN": "v", "BACKSLASH": "a\\b", "LF": "one\ntwo", "LITERAL": "\\n not a line feed",
+              "MIXED": "\\\nx\\\\", "EMPTY": "", "WIDE": "\u00e9 \u2028 \x0b \x85 end", "EQ": "a=b=c"}
+    show = "import json, os; print(json.dumps([os.getcwd(), dict(os.environ)]))"
+    r = launch(tmp_path, [sys.executable, "-c", show], values,
+               environ={"LANG": "C.UTF-8", "TZ": "UTC", "SECRET_OF_THE_MASTER": "x", "UWSGI_VASSAL": "y"})
+    assert r.returncode == 0, r.stderr
+    cwd, env = json.loads(r.stdout)
+    assert cwd == str(tmp_path)
+    assert env == values | {"LANG": "C.UTF-8", "TZ": "UTC"}  # the master's own variables are not passed on
+
+
+def test_a_launch_file_runs_its_command_under_the_supervisor(tmp_path):
+    r = launch(tmp_path, ["/bin/sh", "-c", 'echo "$0 $1"; exit 3', "first", "second"], {"PATH": "/usr/bin:/bin"})
+    assert (r.returncode, r.stdout) == (3, "first second\n")
+
+
+@pytest.mark.parametrize("damage", ["missing", "not a launch file", "directory"])
+def test_a_bad_launch_file_starts_nothing_and_says_why(tmp_path, damage):
+    import subprocess
+    import sys
+    (tmp_path / "sup.py").write_text(piku.SUPERVISOR)
+    marker = tmp_path / "started"
+    text = piku.render_launch(str(tmp_path / "gone"), ["/bin/sh", "-c", f"touch {marker}"], {})
+    if damage == "directory":  # (its release was removed: uWSGI respawned it as its vassal was being removed)
+        (tmp_path / "launch").write_text(text)
+    elif damage == "not a launch file":
+        (tmp_path / "launch").write_text(text.replace("piku-launch 1", "piku-launch 9"))
+    r = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "sup.py"), "--launch", str(tmp_path / "launch"), "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("piku: not started (") and not marker.exists()
+
+
+def test_a_launch_file_refuses_what_no_process_can_hold():
+    with pytest.raises(piku.PikuError, match="NUL"):
+        piku.render_launch("/d", ["/bin/sh", "-c", "x"], {"A": "a\0b"})
+    with pytest.raises(piku.PikuError, match="invalid key"):
+        piku.render_launch("/d", ["/bin/sh"], {"A=B": "x"})
+
+
 # --- item 9: what failed pushes of an older piku.py left in releases/<app> --------------------
 
 LIVE = "20240102-030405-0123456789"

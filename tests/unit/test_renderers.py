@@ -1,4 +1,6 @@
 """Unit tests for the pure renderers and planners of piku.py (sections 7 and 8)."""
+import os
+
 import pytest
 
 import piku
@@ -53,6 +55,22 @@ def test_daemon_vassal_runs_exec_worker_not_the_command():
     ini = vassal(kind="web", mode="daemon")
     assert "attach-daemon2 = cmd=exec /usr/bin/python3 /srv/piku.py exec-worker demo web 1" in ini
     assert "plugin" not in ini and "wsgi-file" not in ini
+
+
+def test_daemon_vassal_with_a_launch_file_starts_the_supervisor_straight_away():
+    ini = vassal(kind="web", mode="daemon", launch="/srv/piku/state/demo/launch/0123456789abcdef")
+    assert ("attach-daemon2 = cmd=exec /usr/bin/python3 -I -S /srv/piku/uwsgi/piku-supervise.py --launch "
+            "/srv/piku/state/demo/launch/0123456789abcdef 5.0,stopsignal=15") in ini
+    assert "exec-worker" not in ini
+
+
+def test_the_supervisor_file_is_written_with_the_launcher(tmp_path):
+    paths = piku.paths_for(str(tmp_path))
+    os.makedirs(paths.uwsgi)
+    piku.ensure_launcher(paths)
+    with open(piku.supervisor_path(paths)) as f:
+        assert f.read() == piku.SUPERVISOR
+    assert "INHERITED_ENV" not in piku.SUPERVISOR and repr(piku.INHERITED_ENV) in piku.SUPERVISOR
 
 
 def test_cron_vassal_checks_schedule_every_minute():
