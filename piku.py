@@ -6281,7 +6281,11 @@ def wait_for_nginx(t, tx, text, timeout=10.0):
     import time
     conf = os.path.join(t.paths.nginx, f"{t.app}.conf")
     old = read_text(conf)
-    write_nginx_companions(plan_dict(t), text, tx, default_server=text != old)
+    # (the default server follows the addresses the apps listen on: a switch moves no listen line,
+    # and rendering it again reads every app's config)
+    write_nginx_companions(plan_dict(t), text, tx, default_server=text != old and (
+        old is None or text is None or parse_listens(text) != parse_listens(old)
+        or not os.path.exists(os.path.join(t.paths.nginx, "_default.conf"))))
     if text is None:
         tx.remove(conf)
         point_live_links(t, tx, 0)
