@@ -1120,6 +1120,7 @@ SETTINGS = (
     # piku
     S("PIKU_AUTO_RESTART", "true", v_bool, "restart running processes on deploys and config changes"),
     S("PIKU_PREBOOT", "true", v_bool, "start a web process's new release before the old one stops"),
+    S("PIKU_WEB_ROUTER", "true", v_bool, "nginx reaches blue/green web processes through uWSGI routers"),
     S("PIKU_HEALTH_TIMEOUT", "30", v_int(1, 3600), "seconds new processes get to answer"),
     S("PIKU_HEALTHCHECK", "http", v_choice("http", "connect"), "what the health check asks: a GET, or a connect"),
     S("PIKU_HEALTHCHECK_PATH", "/", lambda v, k: parse_health_path(v, k), "the path the health check GETs"),
@@ -1364,7 +1365,8 @@ def render_vassal(v):
     piku (argv prefix running piku.py), python_plugin, mode ('native'|'pyuwsgi'|'daemon'),
     socket (unix socket for nginx or None), release (a label), and for workers of a release:
     dir (its directory), env_file, boot (wsgi loader), inner + fifo (pyuwsgi), check_socket
-    (a private socket the health check uses), worker_port (a web instance's own port)."""
+    (a private socket the health check uses), worker_port (a web instance's own port), router
+    (the unix socket of its router, web_routed)."""
     import shlex
     s, p, app, kind, n = v["settings"], v["paths"], v["app"], v["kind"], v["index"]
     # (no vacuum: a master still shutting down must not unlink a socket the next one bound)
@@ -1389,6 +1391,11 @@ def render_vassal(v):
         # uWSGI runs it with /bin/sh -c, which would fork it: exec keeps it the master's own child,
         # so that it (and the supervisor it execs into) sees the master die
         argv = launch_argv(v) if v.get("launch") else exec_worker_argv(v)
+        if v.get("router"):  # nginx reaches the daemon's port through this socket (web_routed)
+            pairs += [("plugin", "rawrouter"), ("rawrouter", v["router"]), ("chmod-socket", "660"),
+                      ("rawrouter-to", host_port(connect_host(setting(s, "BIND_ADDRESS")), v["worker_port"])),
+                      # nginx's own timeouts govern a request; the router forwards bytes while it lasts
+                      ("rawrouter-timeout", str(ROUTER_TIMEOUT_SECONDS))]
         pairs.append(("attach-daemon2", "cmd=exec " + shlex.join(argv) + ",stopsignal=15"))
     if s.get("UWSGI_INCLUDE_FILE"):
         pairs.append(("ini", uwsgi_include(v)))
@@ -1440,6 +1447,7 @@ def wsgi_pairs(v, inner=False):
     return pairs
 
 
+ROUTER_TIMEOUT_SECONDS = 86400
 WORKER_STOP_MERCY_SECONDS = 25  # (below the uWSGI emperor's default curse tolerance, 30 s)
 
 
@@ -4345,7 +4353,8 @@ def disk_kb(path):
 # -- the target state of an operation ---------------------------------------------------------
 
 Target = namedtuple("Target", "paths app op release workers settings scaling live slot restart ports env "
-                              "wsgi_mode python_plugin extra_plugins names cert stamp front gen", defaults=(None,))
+                              "wsgi_mode python_plugin extra_plugins names cert stamp front gen router",
+                    defaults=(None, None))
 #   release:   the Release the workers run; workers: its Procfile ({kind: command})
 #   settings:  repo ENV < config:set values, validated; env: what every process gets
 #   scaling:   {kind: count}; live: live_state() before the operation
@@ -4359,6 +4368,8 @@ Target = namedtuple("Target", "paths app op release workers settings scaling liv
 #   gen:       the slot's generation, in its vassals' names (vassal_name): a name the emperor
 #              has never seen starts at once (it throttles a name that stopped before it had
 #              served a request: every web or pyuwsgi vassal, one second more each time)
+#   router:    True when nginx reaches the web instances through their masters' routers
+#              (web_routed): a switch then moves links, like wsgi's, and nginx is not reloaded
 
 
 def release_settings(paths, app, release_dir, environ):
@@ -4397,9 +4408,23 @@ def plan_target(paths, app, release, environ, op, scaling=None):
     cert = ensure_certificate({"paths": paths, "app": app, "settings": settings}) if names else False
     stamp = f"{release.id} {op.name} {time.time():.3f}"
     gen = (fingerprint(stamp)[:6] if serving_kind in restart else live.get("gen")) if bg else None
+    router = bool(names) and serving_kind == "web" and bool(bg) and setting_bool(settings, "PIKU_WEB_ROUTER") \
+        and web_routed(paths, app, environ, restart, slot)
     t = Target(paths, app, op, release, workers, settings, scaling, live, slot, restart, ports, env,
-               wsgi_mode, plugin, extra, names, cert, stamp, {}, gen)
+               wsgi_mode, plugin, extra, names, cert, stamp, {}, gen, router)
     return t._replace(front=nginx_inputs(plan_dict(t))) if names else t
+
+
+def web_routed(paths, app, environ, restart, slot):
+    """Does nginx reach a blue/green web app behind it through routers? Each web master then
+    also runs uWSGI's rawrouter on a unix socket in nginx/ that forwards to its instance's
+    port, and nginx connects to links to the live slot's routers (live_socket_link): a switch
+    moves the links, with no nginx reload (a reload parses every app's config and TLS keys:
+    ~1 ms an app). Needs uWSGI's rawrouter plugin (package uwsgi-core); web instances that keep
+    running (not restarted by this operation) are routed only if they were started so."""
+    if not any(os.path.exists(os.path.join(d, "rawrouter_plugin.so")) for d in uwsgi_plugin_dirs(environ)):
+        return False
+    return "web" in restart or os.path.exists(router_socket(paths, app, 1, slot))
 
 
 def plan_restart(paths, app, op, settings, scaling, live):
@@ -4618,7 +4643,8 @@ def render_app_nginx(t, upstream, token=None, app_dir=None):
     s, p, app = t.settings, t.paths, t.app
     has_backend = bool(t.scaling.get("wsgi") or t.scaling.get("web"))
     return render_nginx({"app": app, "settings": s, "paths": p, "kinds": t.workers,
-                         "sockets": [a for a, _ in upstream if a.startswith("unix:")], "upstream": upstream,
+                         "sockets": [a for a, _ in upstream if a.startswith("unix:")] if t.scaling.get("wsgi") else [],
+                         "upstream": upstream,
                          "port": t.env["PORT"], "app_dir": app_dir or os.path.join(p.apps, app),
                          "cert": t.cert, "has_backend": has_backend, "switch_token": token,
                          **(t.front or {})})
@@ -5579,6 +5605,12 @@ def nginx_socket(t, n, slot):
     return os.path.join(t.paths.nginx, f"{t.app}.{n}.{slot}.sock" if slot else f"{t.app}.{n}.sock")
 
 
+def router_socket(paths, app, n, slot):
+    """The unix socket of web instance n's router in `slot` (web_routed); `slot` "live": the
+    link nginx connects to. (`web<n>` never ends in digits alone: no wsgi socket has its name.)"""
+    return os.path.join(paths.nginx, f"{app}.web{n}.{slot}.sock")
+
+
 def live_socket_link(paths, app, n):
     """What nginx connects to for wsgi instance n: a symbolic link to the live slot's socket. A
     switch replaces the link (one rename), so the conf stays the same and nginx needs no reload:
@@ -5590,9 +5622,10 @@ def live_socket_link(paths, app, n):
 def upstream_of(t, slot, links=True):
     """The nginx upstream servers for the app's serving kind in `slot`. wsgi: the links to the live
     slot's sockets, with both slots' sockets as backups (a connection that reached the old slot
-    as it stopped goes on to the live one); the same conf for either slot. web: the slot's
-    ports, the other slot's as backups (a request an old nginx worker still sends to a stopped
-    slot goes on to the live one)."""
+    as it stopped goes on to the live one); the same conf for either slot. web with routers
+    (web_routed): the same, with the routers' sockets. web else: the slot's ports, the other
+    slot's as backups (a request an old nginx worker still sends to a stopped slot goes on to
+    the live one)."""
     kind = next((k for k in t.scaling if serving(k) and t.scaling[k]), None)
     if not kind:
         return []
@@ -5600,6 +5633,9 @@ def upstream_of(t, slot, links=True):
     if kind == "wsgi" and links:
         return [("unix:" + live_socket_link(t.paths, t.app, n), False) for n in range(1, count + 1)] + [
             ("unix:" + nginx_socket(t, n, s), True) for s in ("a", "b") for n in range(1, count + 1)]
+    if kind == "web" and links and t.router:
+        return [("unix:" + router_socket(t.paths, t.app, n, s), s != "live") for s in ("live", "a", "b")
+                for n in range(1, count + 1)]
     if kind == "wsgi":  # (for the original piku, which keeps no links: `downgrade`)
         return [("unix:" + nginx_socket(t, n, s), s != slot) for s in (slot, other_slot(slot))
                 for n in range(1, count + 1)]
@@ -5651,6 +5687,8 @@ def worker_spec(t, kind, n, env_file, boot):
                  check_socket=None if nginx_on else os.path.join(slot_dir(t, bg), f"wsgi.{n}.sock"))
     if kind == "web" and bg:
         v["worker_port"] = t.ports["web"][bg][n - 1]
+        if t.router:
+            v["router"] = router_socket(t.paths, t.app, n, bg)
     if v["mode"] == "daemon" and not kind.startswith("cron"):
         env = t.env | {"PROC_TYPE": kind, "PROC_INDEX": str(n)} | \
             ({"PORT": str(v["worker_port"])} if v.get("worker_port") else {})
@@ -5720,6 +5758,8 @@ def switch(t):
             raise PikuError(failure_message(t, failure, checks=new))
         if t.names and t.slot and "wsgi" in t.restart:
             check_nginx_reaches(t, [nginx_socket(t, n, t.slot) for n in range(1, t.scaling.get("wsgi", 0) + 1)])
+        if t.router and "web" in t.restart:
+            check_routers(t)
         restarted = commit_switch(t, tx, files)
         t0 = time.monotonic()
         failure = health_check(t, restarted)
@@ -5746,21 +5786,30 @@ def stops_later(t, held, quiesce):
     """The old serving workers that may stop after the operation has returned: `web` workers
     behind nginx, once the nginx workers that still had the old config have quiesced (about
     100 ms after a reload: nginx's master gives the new workers that long before it asks the
-    old ones to finish). Traffic has moved by then (wait_for_nginx saw the new config answer);
+    old ones to finish), or once the requests in flight through their routers have ended.
+    Traffic has moved by then (wait_for_nginx saw the new config answer, or moved the links);
     the app lock stays held until they are stopped, so the next operation finds them gone.
     Returns the (since, timeout) of the nginx quiesce, or None: stop them now."""
+    import time
     gone = [n for n in vassals_of(t.paths, t.app) if old_serving(t, n)]
-    if not quiesce or not gone or held or shared_port(t):
+    if not gone or held or shared_port(t):
         return None
     if any((parse_vassal_name(t.app, n) or ("",))[0] != "web" for n in gone):
         return None
-    return quiesce
+    if quiesce:
+        return quiesce
+    if t.names and old_routers(t, gone):
+        time.sleep(LINK_SETTLE_SECONDS)  # (a connection that followed the link just before it moved)
+        if unix_connections(read_text("/proc/net/unix", ""), old_routers(t, gone)):
+            return (time.time(), 0)  # requests still in flight through the old routers
+    return None
 
 
 def stop_old_web_later(t, quiesce):
     """(In the background, the app lock held:) wait until nginx has quiesced, then stop the old
-    web workers as stop_old does."""
-    nginx_drained(*quiesce, quiesced=True)
+    web workers as stop_old does (which waits for their routers' requests)."""
+    if quiesce[1]:
+        nginx_drained(*quiesce, quiesced=True)
     stop_old(t, None)
 
 
@@ -5829,6 +5878,8 @@ def start_beside(t, tx, files):
         check = log_check(t, kind, n, t.slot)
         if check.target[0] == "uwsgi":  # a socket a killed or lingering worker left: the check must reach the new one
             remove_path(check.target[1])
+        if kind == "web" and t.router:  # (likewise for nginx: the link must reach the new router)
+            remove_path(router_socket(t.paths, t.app, n, t.slot))
         checks.append(check)
         for folder in (t.paths.uwsgi_available, t.paths.uwsgi_enabled):
             path = os.path.join(folder, vassal_name(t.app, kind, n, t.slot, t.gen))
@@ -5976,8 +6027,16 @@ def stop_old(t, tx, held=frozenset()):
         deadline = time.monotonic() + QUEUE_DRAIN_SECONDS
         while unix_queued(read_text("/proc/net/unix", ""), old_sockets) and time.monotonic() < deadline:
             time.sleep(0.01)
+    routers = old_routers(t, gone) if t.names else set()
+    if routers:
+        # nginx connects to the new routers (the links moved): the old ones stop once the requests
+        # they forward have ended (their master's stop ends a router at once, mid-request)
+        deadline = time.monotonic() + WORKER_STOP_MERCY_SECONDS
+        while unix_connections(read_text("/proc/net/unix", ""), routers) and time.monotonic() < deadline:
+            time.sleep(0.01)
     web_ports = [t.ports["web"][k[2]][k[1] - 1] for k in (parse_vassal_name(t.app, n) for n in gone)
-                 if k and k[0] == "web" and k[2] and t.names and k[1] <= len(t.ports["web"].get(k[2], []))]
+                 if k and k[0] == "web" and k[2] and t.names and k[1] <= len(t.ports["web"].get(k[2], []))
+                 and router_socket(t.paths, t.app, k[1], k[2]) not in routers]
     if web_ports:
         # nginx sends nothing new there (wait_for_nginx): what an old nginx worker connected just
         # before waits in the old port's queue; it is taken before the old command stops, or the
@@ -6133,6 +6192,28 @@ QUEUE_DRAIN_SECONDS = 3.0
 NGINX_QUIESCE_SECONDS = 3.0
 
 
+def old_routers(t, names):
+    """The router sockets (web_routed) of these web vassals that have one."""
+    out = set()
+    for name in names:
+        kind, n, slot = parse_vassal_name(t.app, name) or (None, 0, None)
+        if kind == "web" and slot and "\nrawrouter = " in read_text(os.path.join(t.paths.uwsgi_enabled, name), ""):
+            out.add(router_socket(t.paths, t.app, n, slot))
+    return out
+
+
+def unix_connections(proc_net_unix, sockets):
+    """How many connections, accepted or waiting, these listening unix sockets have, given the
+    text of /proc/net/unix (each is listed with its listener's path; the listener is flagged
+    as accepting)."""
+    count = 0
+    for line in proc_net_unix.splitlines()[1:]:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] in sockets and fields[3] != "00010000":
+            count += 1
+    return count
+
+
 def unix_queued(proc_net_unix, sockets):
     """How many connections wait, not yet accepted, on these listening unix sockets, given the
     text of /proc/net/unix: such a connection is listed with its listener's path and no inode
@@ -6255,7 +6336,7 @@ def listening_fifos(paths, vassal_text):
     inner = re.search(r"--uwsgi (\S+)", vassal_text)
     if inner:
         return re.findall(r"^master-fifo = (\S+)$", read_text(inner.group(1), ""), re.M)
-    return fifos if "plugin = " in vassal_text else []
+    return fifos if "\nwsgi-file = " in vassal_text else []
 
 
 def wait_masters_gone(fifos, timeout=10.0):
@@ -6288,9 +6369,9 @@ def wait_for_nginx(t, tx, text, timeout=10.0):
         or not os.path.exists(os.path.join(t.paths.nginx, "_default.conf"))))
     if text is None:
         tx.remove(conf)
-        point_live_links(t, tx, 0)
+        point_live_links(t, tx, on=False)
         return
-    point_live_links(t, tx, t.scaling.get("wsgi", 0))  # (wsgi traffic moves here, and only here)
+    point_live_links(t, tx)  # (wsgi traffic, and routed web traffic, moves here and only here)
     if not tx.write(conf, text) or not nginx_binary():
         return
     written = os.stat(conf).st_mtime
@@ -6309,16 +6390,19 @@ def wait_for_nginx(t, tx, text, timeout=10.0):
         return written, min(NGINX_QUIESCE_SECONDS, timeout - (time.monotonic() - t0))
 
 
-def point_live_links(t, tx, count):
-    """Point the links nginx connects to (live_socket_link) at the sockets of wsgi instances
-    1..count in the target's slot; remove the links of instances beyond count."""
-    prefix = f"{t.app}."
+def point_live_links(t, tx, on=True):
+    """Point the links nginx connects to (live_socket_link, router_socket) at the sockets of the
+    wsgi instances, or of the routed web instances, in the target's slot; remove the others."""
+    wsgi = t.scaling.get("wsgi", 0) if on else 0
+    web = t.scaling.get("web", 0) if on and t.router else 0
     for name in os.listdir(t.paths.nginx):
-        m = re.fullmatch(re.escape(prefix) + r"(\d+)\.live\.sock", name)
-        if m and int(m.group(1)) > count:
+        m = re.fullmatch(re.escape(t.app) + r"\.(web)?(\d+)\.live\.sock", name)
+        if m and int(m.group(2)) > (web if m.group(1) else wsgi):
             tx.remove(os.path.join(t.paths.nginx, name))
-    for n in range(1, count + 1):
+    for n in range(1, wsgi + 1):
         tx.link(live_socket_link(t.paths, t.app, n), os.path.basename(nginx_socket(t, n, t.slot)))
+    for n in range(1, web + 1):
+        tx.link(router_socket(t.paths, t.app, n, "live"), os.path.basename(router_socket(t.paths, t.app, n, t.slot)))
 
 
 def replaces_unslotted(t):
@@ -6405,7 +6489,18 @@ def socket_reachable_by(st, uid, gids):
     return bool(st.st_mode & 0o002)
 
 
-def check_nginx_reaches(t, sockets):
+def check_routers(t):
+    """The new web instances answered on their ports: their routers must be there too, and
+    reachable by nginx, before nginx is pointed at them."""
+    sockets = [router_socket(t.paths, t.app, n, t.slot) for n in range(1, t.scaling["web"] + 1)]
+    missing = [s for s in sockets if not os.path.exists(s)]
+    if missing:
+        raise PikuError(f"the new web workers answer, but their router socket {os.path.basename(missing[0])} is "
+                        f"missing: see {os.path.join(t.paths.logs, t.app, 'web.1.log')}")
+    check_nginx_reaches(t, sockets, lambda n: router_socket(t.paths, t.app, n, "live"))
+
+
+def check_nginx_reaches(t, sockets, live_link=None):
     """Before nginx is pointed at the new wsgi sockets: refuse when no nginx worker on this
     machine may connect to them, which would answer every request with 502 (nginx/ lost the
     group and setgid bit of docs/INSTALL.md, e.g. under an earlier piku.py that cleared it at
@@ -6419,7 +6514,7 @@ def check_nginx_reaches(t, sockets):
         except OSError:
             continue  # (it answered the health check a moment ago: not ours to judge here)
         try:
-            live = os.stat(live_socket_link(t.paths, t.app, n))  # (the socket nginx uses now)
+            live = os.stat((live_link or (lambda n: live_socket_link(t.paths, t.app, n)))(n))  # (the one nginx uses now)
             if (live.st_gid, live.st_mode & 0o777) == (st.st_gid, st.st_mode & 0o777):
                 continue  # the same group and mode as the one nginx reaches (no need to look at /proc)
         except OSError:
@@ -6930,7 +7025,7 @@ def destroy_app(paths, app):
             remove_path(path)
             removed.append(path)
     for name in os.listdir(paths.nginx) if os.path.isdir(paths.nginx) else []:
-        if re.fullmatch(re.escape(app) + r"\.\d+(\.[ab]|\.live)?\.sock", name):
+        if re.fullmatch(re.escape(app) + r"\.(web)?\d+(\.[ab]|\.live)?\.sock", name):
             remove_path(os.path.join(paths.nginx, name))
             removed.append(os.path.join(paths.nginx, name))
     write_default_server(paths)  # (the addresses only this app listened on)

@@ -696,3 +696,28 @@ class Reachable:
 
     def __exit__(self, *exc):
         self._update(False)
+
+
+def request_in_background(port, path, host=None, settle=1.0):
+    """GET path on port (with a Host header when given) in a thread; returns the thread and a
+    dict that gets the outcome: {'answer': (status, body)} or {'error': ...}. Returns once the
+    request is in flight (`settle` seconds after it was sent)."""
+    import http.client
+    import threading
+    outcome = {}
+
+    def get():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            conn.request("GET", path, headers={"Host": host} if host else {})
+            resp = conn.getresponse()
+            outcome["answer"] = (resp.status, resp.read().decode())
+        except OSError as e:
+            outcome["error"] = repr(e)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=get, daemon=True)
+    thread.start()
+    time.sleep(settle)  # (uWSGI logs a request when it ends: by now it is in flight)
+    return thread, outcome

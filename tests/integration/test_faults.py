@@ -16,7 +16,7 @@ from base64 import urlsafe_b64encode
 
 import pytest
 
-from harness import Reachable, find_other_python, system_uwsgi_python
+from harness import Reachable, find_other_python, request_in_background, system_uwsgi_python
 
 WEB_PY = """import os
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -615,28 +615,6 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [f"slowstop {VERSION}\\n".encode()]
 """
-
-
-def request_in_background(port, path):
-    """GET path on PORT in a thread; returns the thread and a dict that gets the outcome:
-    {'answer': (status, body)} or {'error': ...}. Returns once the request is in flight."""
-    outcome = {}
-
-    def get():
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            outcome["answer"] = (resp.status, resp.read().decode())
-        except OSError as e:
-            outcome["error"] = repr(e)
-        finally:
-            conn.close()
-
-    thread = threading.Thread(target=get, daemon=True)
-    thread.start()
-    time.sleep(1)  # (uWSGI logs a request when it ends: by now it is in flight)
-    return thread, outcome
 
 
 def may_take_sockets_of_own_processes():

@@ -281,14 +281,17 @@ def test_web_scaled_to_three_behind_nginx(server, tmp_path):
     live = json.loads(server.read("state/webn/live.json"))["slot"]
     assert len(ports[live]) == 3
     conf = server.read("nginx/webn.conf")
-    for p in ports[live]:
-        assert f"server 127.0.0.1:{p} max_fails=0;" in conf
+    for n, p in enumerate(ports[live], 1):  # nginx reaches each instance through its router's link
+        assert f"server unix:{server.path('nginx', f'webn.web{n}.live.sock')} max_fails=0;" in conf
+        assert server.read_link(f"nginx/webn.web{n}.live.sock") == f"webn.web{n}.{live}.sock"
         assert json.loads(server.http_get(p)[1])["PORT"] == str(p)
+    assert not os.path.lexists(server.path("nginx", "webn.web4.live.sock"))
     seen = {json.loads(server.http_get(server.nginx_port, host=host)[1])["PORT"] for _ in range(30)}
     assert len(seen) > 1, seen  # nginx balances over them
     assert "web: 3 configured, 3 running" in server.ssh("ps", "webn").stdout
     r = server.ssh("ps:scale", "webn", "web=1")
     assert r.returncode == 0, r.stderr
+    assert not os.path.lexists(server.path("nginx", "webn.web2.live.sock"))  # (instances scaled away)
     r = server.ssh("config:unset", "webn", "NGINX_SERVER_NAME")
     assert r.returncode == 0, r.stderr  # (web=1: allowed without nginx)
 

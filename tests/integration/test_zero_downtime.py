@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from harness import request_in_background
 
 
 class Hammer:
@@ -71,11 +72,15 @@ def slot_ports(server, app):
 
 def test_web_redeploy_through_nginx_loses_no_request(server, gunicorn_site):
     """Blue/green: the new release's web process starts on its own port beside the live one,
-    answers, takes the traffic; the old one stops. Both slots are in nginx's upstream (the
-    other as a backup), so a request an old nginx worker still sends to the old slot goes on."""
+    answers, takes the traffic; the old one stops. nginx reaches it through the router its
+    uWSGI master runs: the switch moves the link nginx connects to, and nginx's conf stays the
+    same (no reload). Both slots' routers are backups."""
     before = server.app_port("gunisite")
     conf = server.read("nginx/gunisite.conf")
-    assert f"server 127.0.0.1:{before} max_fails=0;" in conf and " backup max_fails=0;" in conf
+    link = server.path("nginx", "gunisite.web1.live.sock")
+    assert f"server unix:{link} max_fails=0;" in conf and " backup max_fails=0;" in conf, conf
+    assert f"127.0.0.1:{before}" not in conf
+    linked = os.readlink(link)
     bump(server, gunicorn_site, "req-web v1", "req-web v2")
     with Hammer(server, "gunicorn.piku.test") as h:
         r = server.push(gunicorn_site, "gunisite")
@@ -88,8 +93,58 @@ def test_web_redeploy_through_nginx_loses_no_request(server, gunicorn_site):
     assert after != before and after in sum(slot_ports(server, "gunisite").values(), [])
     status, body = server.http_get(after)
     assert status == 200 and f"req-web v2 port={after}" in body  # no polling: live when the push returns
-    assert f"server 127.0.0.1:{after} max_fails=0;" in server.read("nginx/gunisite.conf")
+    assert server.read("nginx/gunisite.conf") == conf
+    assert os.readlink(link) != linked and os.readlink(link).startswith("gunisite.web1.")
     server.wait_http(server.nginx_port, host="gunicorn.piku.test", contains="req-web v2")
+
+
+SLOW_WEB = """import os, time
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/slow":
+        time.sleep(4)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [f"{os.environ['GREETING']} {environ['PATH_INFO']} port={os.environ['PORT']}\\n".encode()]
+"""
+
+
+def test_web_request_in_flight_through_the_old_router_finishes(server, tmp_path):
+    """A long request that went through the old release's router when a switch moved the link
+    ends normally: the old router and command stop only once it has (in the background: the
+    push returns at once); meanwhile new requests get the new release, and nothing fails."""
+    host = "inflight.piku.test"
+    env = server.nginx_env(host) + "GREETING=one\n"
+    server.deployed("req-web", "inflight", tmp_path, {
+        "ENV": env, "app.py": SLOW_WEB, "Procfile": "web: gunicorn -b $BIND_ADDRESS:$PORT --threads 4 app:application\n"})
+    server.wait_http(server.nginx_port, host=host, contains="one /")
+    with Hammer(server, host) as h:
+        thread, outcome = request_in_background(server.nginx_port, "/slow", host, settle=0.5)
+        r = server.ssh("config:set", "inflight", "GREETING=two")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert server.http_get(server.app_port("inflight"))[1].startswith("two /")
+        thread.join(30)
+    assert outcome.get("answer", (0, ""))[0] == 200 and outcome["answer"][1].startswith("one /slow"), outcome
+    assert not h.failures, f"{len(h.failures)} failed: {h.failures[:5]}; {server.nginx_errors('inflight')}"
+    assert h.bodies.get("two /"), h.bodies
+    deadline = time.monotonic() + 15
+    while len(server.masters("inflight", "web")) != 1:  # the old master goes once its request ended
+        assert time.monotonic() < deadline, [server.proc_title(p) for p in server.masters("inflight", "web")]
+        time.sleep(0.1)
+    with Hammer(server, host) as h, Hammer(server, host, method="POST") as posts:
+        # to the ports and back (as from and to an earlier piku.py): each of these reloads nginx
+        r = server.ssh("config:set", "inflight", "PIKU_WEB_ROUTER=false")
+        assert r.returncode == 0, r.stdout + r.stderr
+        conf = server.read("nginx/inflight.conf")
+        assert f"server 127.0.0.1:{server.app_port('inflight')} max_fails=0;" in conf and ".sock" not in conf, conf
+        assert server.http_get(server.nginx_port, "/", host)[1].startswith("two /")  # the new conf at once
+        r = server.ssh("config:set", "inflight", "PIKU_WEB_ROUTER=true", "GREETING=three")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "web1.live.sock" in server.read("nginx/inflight.conf")
+        assert server.http_get(server.nginx_port, "/", host)[1].startswith("three /")
+    for x in (h, posts):
+        assert not x.failures, f"{len(x.failures)} failed: {x.failures[:5]}; {server.nginx_errors('inflight')}"
+    r = server.ssh("destroy", "inflight", "--force")
+    assert r.returncode == 0, r.stdout
+    assert not [n for n in os.listdir(server.path("nginx")) if n.startswith("inflight.")]
 
 
 def test_config_set_on_web_app_loses_no_request(server, gunicorn_site):

@@ -226,7 +226,7 @@ def test_a_switch_moves_wsgi_traffic_by_replacing_the_links_nginx_connects_to(tm
     before = links()
     t = piku.Target(paths, "demo", *[None] * 5, None, "b", *[None] * 11)._replace(scaling={"wsgi": 1})
     tx = piku.Transaction(paths, "demo")
-    piku.point_live_links(t, tx, 1)
+    piku.point_live_links(t, tx)
     assert os.readlink(os.path.join(paths.nginx, "demo.1.live.sock")) == "demo.1.b.sock"
     assert not os.path.lexists(os.path.join(paths.nginx, "demo.2.live.sock"))
     with socket.socket(socket.AF_UNIX) as c:  # a connection through the link reaches slot b
@@ -344,6 +344,63 @@ def test_unix_queued_counts_connections_no_worker_has_accepted(tmp_path):
     finally:
         for s in clients + [listener, quiet]:
             s.close()
+
+
+def test_web_router_links_move_to_the_target_slot_and_extra_ones_go(tmp_path):
+    """A routed web app (Target.router): its links, web<n>.live.sock, point at the target slot's
+    routers; a link of an instance the target does not have is removed; wsgi links of the same
+    app, and the links of an app whose name starts alike, are left alone; rollback restores them."""
+    paths = populated(tmp_path)
+    for name, target in (("demo.web1.live.sock", "demo.web1.a.sock"), ("demo.web2.live.sock", "demo.web2.a.sock"),
+                         ("demo.web3.live.sock", "demo.web3.a.sock"), ("demo.web.1.live.sock", "x")):
+        os.symlink(target, os.path.join(paths.nginx, name))
+    t = piku.Target(**dict.fromkeys(piku.Target._fields))._replace(
+        paths=paths, app="demo", slot="b", scaling={"web": 2}, router=True)
+    tx = piku.Transaction(paths, "demo")
+    piku.point_live_links(t, tx)
+    assert os.readlink(os.path.join(paths.nginx, "demo.web1.live.sock")) == "demo.web1.b.sock"
+    assert os.readlink(os.path.join(paths.nginx, "demo.web2.live.sock")) == "demo.web2.b.sock"
+    assert not os.path.lexists(os.path.join(paths.nginx, "demo.web3.live.sock"))
+    assert os.readlink(os.path.join(paths.nginx, "demo.web.1.live.sock")) == "x"  # (app "demo.web", wsgi)
+    tx.rollback()
+    assert os.readlink(os.path.join(paths.nginx, "demo.web3.live.sock")) == "demo.web3.a.sock"
+    assert os.readlink(os.path.join(paths.nginx, "demo.web1.live.sock")) == "demo.web1.a.sock"
+    piku.point_live_links(t._replace(router=False), tx)  # (PIKU_WEB_ROUTER=false: no web link stays)
+    assert not [n for n in os.listdir(paths.nginx) if n.startswith("demo.web") and n[8].isdigit()]
+
+
+def test_router_sockets_never_take_a_wsgi_sockets_name():
+    paths = piku.paths_for("/r")
+    web = {os.path.basename(piku.router_socket(paths, app, n, s)) for app in ("a", "a.1", "a.web1")
+           for n in (1, 2) for s in ("a", "b", "live")}
+    wsgi = {os.path.basename(piku.live_socket_link(paths, app, n)) for app in ("a", "a.1", "a.web1", "a.web")
+            for n in (1, 2)}
+    assert not web & wsgi and len(web) == 18
+
+
+def test_unix_connections_count_accepted_and_waiting_ones_not_the_listener(tmp_path):
+    import socket
+    text = ("Num       RefCount Protocol Flags    Type St Inode Path\n"
+            "0000000000000001: 00000003 00000000 00000000 0001 02     0 /r/nginx/a.web1.a.sock\n"
+            "0000000000000002: 00000002 00000000 00010000 0001 01 8243139 /r/nginx/a.web1.a.sock\n"
+            "0000000000000003: 00000003 00000000 00000000 0001 03 8243145 /r/nginx/a.web1.a.sock\n"
+            "0000000000000004: 00000003 00000000 00000000 0001 03 8243146 /r/nginx/a.web1.b.sock\n"
+            "0000000000000005: 00000002 00000000 00000000 0002 01 1234\n")
+    assert piku.unix_connections(text, {"/r/nginx/a.web1.a.sock"}) == 2
+    assert piku.unix_connections(text, {"/r/nginx/a.web1.a.sock", "/r/nginx/a.web1.b.sock"}) == 3
+    assert piku.unix_connections(text, set()) == 0
+    path = os.path.join(str(tmp_path), "r.sock")  # and on the real table
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen(4)
+        assert piku.unix_connections(piku.read_text("/proc/net/unix"), {path}) == 0
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(path)
+            assert piku.unix_connections(piku.read_text("/proc/net/unix"), {path}) == 1
+            conn, _ = listener.accept()
+            assert piku.unix_connections(piku.read_text("/proc/net/unix"), {path}) == 1
+            conn.close()
+        assert piku.unix_connections(piku.read_text("/proc/net/unix"), {path}) == 0
 
 
 def test_unix_queued_parses_the_proc_table():

@@ -38,7 +38,7 @@ def target(case):
                        {"release": "20261129-000000-0000000000", "slot": "a"}, "b" if names or mode else None,
                        set(scaling), {"port": 5000, "web": {"a": [5101, 5102], "b": [5201, 5202]}}, env, mode,
                        "python3" if mode == "native" else None, [], names, bool(names), "r1 deploy 0", front,
-                       "0a1b2c" if names or mode else None)
+                       "0a1b2c" if names or mode else None, "web" in scaling)
 
 
 def normalise(text):
@@ -82,9 +82,25 @@ def test_release_files_modes_and_slots():
     # the same conf whichever slot goes live: a wsgi switch needs no nginx reload
     other = piku.render_release_files(target("wsgi-nginx")._replace(slot="a"))
     assert other[os.path.join(PATHS.nginx, "demo.conf")][0] == conf
-    # web: the ports of the slot going live, the other slot's as backups (a reload per switch)
-    web = piku.render_release_files(target("web-nginx-2-worker-cron"))[os.path.join(PATHS.nginx, "demo.conf")][0]
+    # web: through each instance's router, like wsgi: the link to the live slot's, both slots' as
+    # backups, with proxy_pass (HTTP), the same conf for either slot
+    web_files = piku.render_release_files(target("web-nginx-2-worker-cron"))
+    web = web_files[os.path.join(PATHS.nginx, "demo.conf")][0]
+    for n in (1, 2):
+        assert f"server unix:/srv/piku/nginx/demo.web{n}.live.sock max_fails=0;" in web
+        assert f"server unix:/srv/piku/nginx/demo.web{n}.a.sock backup max_fails=0;" in web
+    assert "proxy_pass http://piku-demo;" in web and "uwsgi_pass" not in web and "127.0.0.1:5" not in web
+    other = piku.render_release_files(target("web-nginx-2-worker-cron")._replace(slot="a"))
+    assert other[os.path.join(PATHS.nginx, "demo.conf")][0] == web
+    vassal = web_files[os.path.join(PATHS.uwsgi_enabled, "demo_web.2.0a1b2c.b.ini")][0]
+    assert "plugin = rawrouter\nrawrouter = /srv/piku/nginx/demo.web2.b.sock\n" in vassal
+    assert "rawrouter-to = 127.0.0.1:5202\n" in vassal and "chmod-socket = 660\n" in vassal
+    # PIKU_WEB_ROUTER=false (or no rawrouter plugin): the ports of the slot going live, the other
+    # slot's as backups (a reload per switch), and no router
+    plain = piku.render_release_files(target("web-nginx-2-worker-cron")._replace(router=False))
+    web = plain[os.path.join(PATHS.nginx, "demo.conf")][0]
     assert "server 127.0.0.1:5201 max_fails=0;" in web and "server 127.0.0.1:5101 backup max_fails=0;" in web
+    assert "rawrouter" not in plain[os.path.join(PATHS.uwsgi_enabled, "demo_web.2.0a1b2c.b.ini")][0]
     # for the original piku (`downgrade`), which keeps no links: the sockets themselves
     direct = piku.render_release_files(target("wsgi-nginx"), links=False)[os.path.join(PATHS.nginx, "demo.conf")][0]
     assert "live.sock" not in direct and "server unix:/srv/piku/nginx/demo.1.b.sock max_fails=0;" in direct
