@@ -4943,9 +4943,10 @@ def close_app_sockets(paths, app):
     folder = os.stat(paths.nginx)
     if not folder.st_mode & stat.S_ISGID:
         return  # (nginx may reach them only through the world bits: setup tells the admin)
+    mine = re.compile(re.escape(app) + r"\.\d+\.sock")
     for name in os.listdir(paths.nginx):
         path = os.path.join(paths.nginx, name)
-        if re.fullmatch(re.escape(app) + r"\.\d+\.sock", name) and os.lstat(path).st_mode & 0o007:
+        if name.startswith(app + ".") and mine.fullmatch(name) and os.lstat(path).st_mode & 0o007:
             try:
                 os.chown(path, -1, folder.st_gid)
                 os.chmod(path, 0o660)
@@ -6395,8 +6396,9 @@ def point_live_links(t, tx, on=True):
     wsgi instances, or of the routed web instances, in the target's slot; remove the others."""
     wsgi = t.scaling.get("wsgi", 0) if on else 0
     web = t.scaling.get("web", 0) if on and t.router else 0
-    for name in os.listdir(t.paths.nginx):
-        m = re.fullmatch(re.escape(t.app) + r"\.(web)?(\d+)\.live\.sock", name)
+    link = re.compile(re.escape(t.app) + r"\.(web)?(\d+)\.live\.sock")
+    for name in os.listdir(t.paths.nginx):  # (with many apps: hundreds of names, most of others)
+        m = link.fullmatch(name) if name.startswith(t.app + ".") else None
         if m and int(m.group(2)) > (web if m.group(1) else wsgi):
             tx.remove(os.path.join(t.paths.nginx, name))
     for n in range(1, wsgi + 1):
