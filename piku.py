@@ -4302,8 +4302,9 @@ def release_failed(paths, app, release, error):
 
 
 def rollback_release(paths, app, release_id):
-    """The release `rollback` switches to: the given one, or the last one before the live one
-    that went live; it must still have its code and its virtualenv."""
+    """The release `rollback` switches to: the given one, else the one that served before the
+    live one (`previous` in `releases`), else the newest one below the live one that went
+    live; it must still have its code and its virtualenv."""
     live = live_state(paths, app).get("release")
     records = load_manifest(paths, app)
     ok = [r for r in records if r.get("status") in ("live", "previous", "old") and r["id"] != live]
@@ -4316,7 +4317,8 @@ def rollback_release(paths, app, release_id):
         r = found[0]
     elif ok:
         live_at = next((i for i, r in enumerate(records) if r["id"] == live), -1)
-        r = next((x for x in records[live_at + 1:] if x in ok), ok[0])
+        r = next((x for x in ok if x.get("status") == "previous" and os.path.isdir(x.get("dir") or "")), None) \
+            or next((x for x in records[live_at + 1:] if x in ok), ok[0])
     else:
         raise PikuError(f"{app} has no earlier release to roll back to (see `releases {app}`)")
     if r.get("status") in ("failed", "building"):
@@ -6856,7 +6858,7 @@ def worker_log_tail(paths, app, lines=15, checks=None):
 UWSGI_BANNER = re.compile(
     r"^(\*\*\* (?!no app loaded).*\*\*\*$|!{6,}|detected binary path|your (processes number limit|memory page size|"
     r"mercy for graceful|server socket listen backlog)|no request plugin is loaded|you may need to install "
-    r"the package|spawned uWSGI (master|worker)|\[uwsgi-daemons\] (spawning|throttling|respawning) |chdir\(\) to |uwsgi socket \d|"
+    r"the package|spawned uWSGI (master|worker|rawrouter)|uWSGI rawrouter bound on |\[uwsgi-daemons\] (spawning|throttling|respawning) |chdir\(\) to |uwsgi socket \d|"
     r"uWSGI running as root|mapped \d+ bytes|compiled with version|os: Linux|nodename: |machine: |"
     r"clock source: |pcre jit|detected number of CPU cores|current working directory: |detected max file "
     r"descriptor|lock engine: |thunder lock: |writing pidfile|Python version: |Python main interpreter|"

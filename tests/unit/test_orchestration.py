@@ -4,6 +4,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import piku
 
 
@@ -477,7 +479,8 @@ def test_a_failed_health_check_shows_the_cause_not_uwsgis_banner():
     log = ["*** Starting uWSGI 2.0.21 (64bit) on [Tue Dec  1 01:15:39 2026] ***",
            "detected binary path: /usr/bin/uwsgi-core", "your memory page size is 4096 bytes",
            "!!!!!!!!!!!!!! WARNING !!!!!!!!!!!!!!", "no request plugin is loaded, you will not be able to manage requests.",
-           "spawned uWSGI master process (pid: 14414)",
+           "spawned uWSGI master process (pid: 14414)", "uWSGI rawrouter bound on /r/nginx/app.web1.a.sock fd 6",
+           "spawned uWSGI rawrouter 1 (pid: 14415)",
            '[uwsgi-daemons] spawning "exec python3 piku-launch.py piku piku.py exec-worker app web 1" (uid: 1 gid: 1)',
            "[2026-12-01 01:15:40 +0000] [14560] [ERROR] Exception in worker process", "Traceback (most recent call last):",
            '  File "<frozen importlib._bootstrap>", line 1140, in _find_and_load_unlocked',
@@ -618,3 +621,26 @@ def test_dehydrated_keeps_its_temporary_files_in_piku_s_own_folder(tmp_path):
     base = os.path.join(paths.state, "_acme", "dehydrated")
     seen = open(os.path.join(base, "seen")).read().strip()
     assert seen.startswith(base + "/tmp-") and not os.path.exists(os.path.dirname(seen))
+
+
+def test_rollback_by_default_goes_to_the_release_that_served_before_the_live_one(tmp_path):
+    """`rollback APP`: the `previous` release (a second rollback undoes the first), even when
+    releases below it in the list went live earlier; failed ones never count; with the previous
+    one's code pruned, the newest release below the live one that went live."""
+    import json
+    paths = piku.paths_for(str(tmp_path / "root"))
+    records = []
+    for rid, status in (("r5", "failed"), ("r4", "live"), ("r3", "old"), ("r2", "old"), ("r1", "previous")):
+        d = os.path.join(paths.releases, "demo", rid)
+        os.makedirs(d)
+        records.append({"id": rid, "status": status, "dir": d, "rev": rid * 5})
+    piku.save_manifest(paths, "demo", records)
+    with open(os.path.join(paths.state, "demo", "live.json"), "w") as f:
+        json.dump({"release": "r4", "slot": "a"}, f)
+    assert piku.rollback_release(paths, "demo", None).id == "r1"
+    assert piku.rollback_release(paths, "demo", "r2").id == "r2"
+    with pytest.raises(piku.PikuError, match="never went live"):
+        piku.rollback_release(paths, "demo", "r5")
+    import shutil
+    shutil.rmtree(os.path.join(paths.releases, "demo", "r1"))
+    assert piku.rollback_release(paths, "demo", None).id == "r3"
