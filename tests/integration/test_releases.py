@@ -185,6 +185,12 @@ def test_rollback_after_a_dependency_change_and_a_push_after_it(server, tmp_path
     server.commit(repo, "v3", {"app.py": wsgi_app("v3")})
     push_ok(server, repo, "rollme")
     server.wait_http(server.nginx_port, host=host, contains="v3 markupsafe=3.0.2")
+    # rollback goes to the release that served before (v1, from the rollback), not to v2, which
+    # is below v3 in the list; a second rollback undoes the first
+    for want in ("v1 markupsafe=2.1.5", "v3 markupsafe=3.0.2"):
+        r = server.ssh("rollback", "rollme")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert server.http_get(server.nginx_port, host=host)[1].startswith(want), r.stdout
     r = server.ssh("rollback", "rollme", "no-such-release")
     assert r.returncode != 0 and "no release no-such-release of rollme" in r.stderr
 
