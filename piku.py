@@ -8327,7 +8327,7 @@ def render_release_line(r, tm):
 @click.argument("app")
 @click.argument("release", required=False)
 def cmd_rollback(app, release):
-    """Switch back to an earlier release (default: the one before the live one)."""
+    """Switch back to an earlier release (default: the one that served before the live one)."""
     paths = P()
     app = app_must_exist(paths, app)
     with AppLock(paths, app):
