@@ -5801,18 +5801,18 @@ def stops_later(t, held, quiesce):
         return None
     if quiesce:
         return quiesce
-    if t.names and old_routers(t, gone):
+    routers = old_routers(t, gone) if t.names else set()
+    if routers:
         time.sleep(LINK_SETTLE_SECONDS)  # (a connection that followed the link just before it moved)
-        if unix_connections(read_text("/proc/net/unix", ""), old_routers(t, gone)):
-            return (time.time(), 0)  # requests still in flight through the old routers
+        if unix_connections(read_text("/proc/net/unix", ""), routers):
+            return (time.time(), 0)  # requests in flight through the old routers (no nginx to wait for)
     return None
 
 
 def stop_old_web_later(t, quiesce):
     """(In the background, the app lock held:) wait until nginx has quiesced, then stop the old
     web workers as stop_old does (which waits for their routers' requests)."""
-    if quiesce[1]:
-        nginx_drained(*quiesce, quiesced=True)
+    nginx_drained(*quiesce, quiesced=True)
     stop_old(t, None)
 
 
@@ -6205,28 +6205,26 @@ def old_routers(t, names):
     return out
 
 
-def unix_connections(proc_net_unix, sockets):
-    """How many connections, accepted or waiting, these listening unix sockets have, given the
-    text of /proc/net/unix (each is listed with its listener's path; the listener is flagged
-    as accepting)."""
-    count = 0
+def unix_connection_inodes(proc_net_unix, sockets):
+    """The inodes of the connections these listening unix sockets have, accepted or waiting,
+    given the text of /proc/net/unix: each is listed with its listener's path, a waiting one
+    with no inode ("0"); the listener itself is flagged as accepting (00010000)."""
+    out = []
     for line in proc_net_unix.splitlines()[1:]:
         fields = line.split(None, 7)
         if len(fields) == 8 and fields[7] in sockets and fields[3] != "00010000":
-            count += 1
-    return count
+            out.append(fields[6])
+    return out
+
+
+def unix_connections(proc_net_unix, sockets):
+    """How many connections, accepted or waiting, these listening unix sockets have."""
+    return len(unix_connection_inodes(proc_net_unix, sockets))
 
 
 def unix_queued(proc_net_unix, sockets):
-    """How many connections wait, not yet accepted, on these listening unix sockets, given the
-    text of /proc/net/unix: such a connection is listed with its listener's path and no inode
-    (an accepted one has an inode; the listener itself is flagged as accepting)."""
-    count = 0
-    for line in proc_net_unix.splitlines()[1:]:
-        fields = line.split(None, 7)
-        if len(fields) == 8 and fields[6] == "0" and fields[7] in sockets:
-            count += 1
-    return count
+    """How many connections wait, not yet accepted, on these listening unix sockets."""
+    return unix_connection_inodes(proc_net_unix, sockets).count("0")
 
 def listen_queues(port):
     """The accept queue length (connections made, not yet accepted) of each TCP socket listening
@@ -6518,7 +6516,7 @@ def check_nginx_reaches(t, sockets, live_link=None):
         except OSError:
             continue  # (it answered the health check a moment ago: not ours to judge here)
         try:
-            live = os.stat((live_link or (lambda n: live_socket_link(t.paths, t.app, n)))(n))  # (the one nginx uses now)
+            live = os.stat(live_link(n) if live_link else live_socket_link(t.paths, t.app, n))  # (what nginx uses now)
             if (live.st_gid, live.st_mode & 0o777) == (st.st_gid, st.st_mode & 0o777):
                 continue  # the same group and mode as the one nginx reaches (no need to look at /proc)
         except OSError:
