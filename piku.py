@@ -2861,8 +2861,8 @@ def vassals_of(paths, app, directory=None):
 
 def known_apps(paths):
     try:
-        return sorted(n for n in os.listdir(paths.repos) if APP_NAME_RE.fullmatch(n)
-                      and os.path.isdir(os.path.join(paths.repos, n)))
+        with os.scandir(paths.repos) as entries:  # (is_dir() needs no stat per app)
+            return sorted(e.name for e in entries if APP_NAME_RE.fullmatch(e.name) and e.is_dir())
     except FileNotFoundError:
         return []
 
@@ -4477,8 +4477,9 @@ def load_ports(paths, app):
 
 
 def ports_of_app(paths, app):
-    """Every port another app holds. Reading another app's state never fails this operation:
-    what cannot be read is skipped with a warning naming the app."""
+    """Every port another app holds, and whether that answer came from its ports.json alone
+    (well-formed), so that ports_of_other_apps may keep it. Reading another app's state never
+    fails this operation: what cannot be read is skipped with a warning naming the app."""
     saved, problems = read_ports(paths, app)
     for problem in problems:
         warn(f"app {app}: its state/{app}/ports.json {problem}: "
@@ -4490,22 +4491,60 @@ def ports_of_app(paths, app):
         except (PikuError, OSError) as e:
             warn(f"app {app}: {e}: its ports are not known (skipped)")
         found.append((read_text(os.path.join(paths.state, app, "standby_port"), "") or "").strip())
-    return {int(p) for p in found if str(p).isascii() and str(p).isdigit()}
+    return {int(p) for p in found if str(p).isascii() and str(p).isdigit()}, bool(saved) and not problems
+
+
+def file_key(path):
+    """What tells one version of a file from another without reading it: piku replaces its
+    files (a new inode each time), so inode, size and mtime change with every write."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def ports_of_other_apps(paths, app):
-    """{port: app} for every port another app holds."""
-    out = {}
+    """{port: app} for every port another app holds. With many apps, reading every ports.json
+    costs more than the rest of a switch's own work: state/_ports.json keeps what each one held,
+    with the file_key it was read at, and only apps whose file changed since are read again."""
+    import json
+    index = os.path.join(paths.state, "_ports.json")  # (no app name starts with "_")
+    try:
+        cached = json.loads(read_text(index, "") or "{}").get("apps")
+    except (ValueError, AttributeError, OSError):
+        cached = None
+    cached = cached if isinstance(cached, dict) else {}
+    out, keep, stale = {}, {}, False
     for other in known_apps(paths):
-        if other == app:
+        key = file_key(os.path.join(paths.state, other, "ports.json"))
+        entry = cached.get(other)
+        hit = isinstance(entry, list) and len(entry) == 2 and entry[0] == key and key is not None \
+            and isinstance(entry[1], list) and all(type(p) is int for p in entry[1])
+        if other == app:  # (its own entry is left as it was: others read it when it changed)
+            if hit:
+                keep[other] = entry
             continue
-        try:
-            ports = ports_of_app(paths, other)
-        except OSError as e:  # (a standby_port that is a directory...)
-            warn(f"app {other}: its state cannot be read ({e}): its ports are not known (skipped)")
-            continue
+        if hit:
+            ports = set(entry[1])
+        else:
+            try:
+                ports, whole = ports_of_app(paths, other)
+            except OSError as e:  # (a standby_port that is a directory...)
+                warn(f"app {other}: its state cannot be read ({e}): its ports are not known (skipped)")
+                continue
+            stale = True
+            if whole and file_key(os.path.join(paths.state, other, "ports.json")) == key:
+                keep[other] = [key, sorted(ports)]  # (else not kept: read again next time)
+        if hit:
+            keep[other] = entry
         for port in ports:
             out.setdefault(port, other)
+    if stale or set(cached) - set(keep):
+        try:
+            write_atomic(index, json.dumps({"apps": keep}, sort_keys=True) + "\n", mode=0o600)
+        except OSError:  # (a cache: the next operation reads the apps' files again)
+            pass
     return out
 
 
@@ -6209,8 +6248,10 @@ def unix_connection_inodes(proc_net_unix, sockets):
     """The inodes of the connections these listening unix sockets have, accepted or waiting,
     given the text of /proc/net/unix: each is listed with its listener's path, a waiting one
     with no inode ("0"); the listener itself is flagged as accepting (00010000)."""
-    out = []
+    out, ends = [], tuple(" " + s for s in sockets)
     for line in proc_net_unix.splitlines()[1:]:
+        if not line.endswith(ends):  # (most lines, cheaply: a host's other sockets)
+            continue
         fields = line.split(None, 7)
         if len(fields) == 8 and fields[7] in sockets and fields[3] != "00010000":
             out.append(fields[6])
@@ -6225,6 +6266,7 @@ def unix_connections(proc_net_unix, sockets):
 def unix_queued(proc_net_unix, sockets):
     """How many connections wait, not yet accepted, on these listening unix sockets."""
     return unix_connection_inodes(proc_net_unix, sockets).count("0")
+
 
 def listen_queues(port):
     """The accept queue length (connections made, not yet accepted) of each TCP socket listening
@@ -6985,8 +7027,9 @@ def prune_worker_files(paths, app):
     """Environment, loader and launch files (content-named) that no vassal or inner ini refers to."""
     refs = ""
     for folder in (paths.uwsgi_enabled, os.path.join(paths.state, app, "slot-a"), os.path.join(paths.state, app, "slot-b")):
+        mine = "" if folder != paths.uwsgi_enabled else app + "_"  # (other apps' vassals name their own files)
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if name.endswith(".ini"):
+            if name.endswith(".ini") and name.startswith(mine):
                 refs += read_text(os.path.join(folder, name), "")
     for sub in ("env", "boot", "launch"):
         d = os.path.join(paths.state, app, sub)

@@ -1,6 +1,7 @@
 """Issue 10 items 3, 7, 8 and 9: another app's broken state is read without failing, a failed
 checkout says why in one line, and a supervised command's processes end with what started it
 (pure functions; the port bookkeeping on a PIKU_ROOT in tmp_path; real short-lived processes)."""
+import json
 import os
 
 import pytest
@@ -80,6 +81,58 @@ def test_other_apps_broken_state_is_skipped_with_a_warning_naming_each(tmp_path,
     for app in ("good", "legacy", "mine"):
         assert f"app {app}:" not in err, err
     assert "Traceback" not in err
+
+
+def test_other_apps_ports_are_read_again_only_when_their_file_changed(tmp_path, monkeypatch, capsys):
+    """With many apps, state/_ports.json spares reading every ports.json: an app whose file was
+    replaced, or that is new, is read again; a destroyed one drops out; a broken one (and one
+    from before ports.json) is read, and warned about, every time."""
+    paths = piku_root(tmp_path, {
+        "mine": {"state/mine/ports.json": '{"port": 5000}'},
+        "one": {"state/one/ports.json": '{"port": 5100}'},
+        "two": {"state/two/ports.json": '{"port": 5200, "web": {"a": [5201], "b": [5202]}}'},
+        "legacy": {"envs/legacy/LIVE_ENV": "PORT=5300\n"},
+        "badjson": {"state/badjson/ports.json": "{", "envs/badjson/LIVE_ENV": "PORT=5400\n"},
+    })
+    read = []
+    real = piku.read_ports
+    monkeypatch.setattr(piku, "read_ports", lambda paths, app: read.append(app) or real(paths, app))
+    want = {5100: "one", 5200: "two", 5201: "two", 5202: "two", 5300: "legacy", 5400: "badjson"}
+    assert piku.ports_of_other_apps(paths, "mine") == want
+    assert sorted(read) == ["badjson", "legacy", "one", "two"]
+    index = os.path.join(paths.state, "_ports.json")
+    assert os.stat(index).st_mode & 0o777 == 0o600
+    capsys.readouterr()
+    read.clear()
+    assert piku.ports_of_other_apps(paths, "mine") == want
+    assert sorted(read) == ["badjson", "legacy"]
+    assert "app badjson:" in capsys.readouterr().err
+    piku.write_atomic(os.path.join(paths.state, "two", "ports.json"), '{"port": 5210}')  # a redeploy
+    with open(os.path.join(paths.envs, "legacy", "LIVE_ENV"), "w") as f:
+        f.write("PORT=5310\n")
+    os.makedirs(os.path.join(paths.repos, "three"))
+    os.makedirs(os.path.join(paths.state, "three"))
+    piku.write_atomic(os.path.join(paths.state, "three", "ports.json"), '{"port": 5500}')
+    os.rmdir(os.path.join(paths.repos, "one"))  # destroyed
+    read.clear()
+    want = {5210: "two", 5310: "legacy", 5400: "badjson", 5500: "three"}
+    assert piku.ports_of_other_apps(paths, "mine") == want
+    assert sorted(read) == ["badjson", "legacy", "three", "two"]
+    # the app's own entry is kept for the others; the destroyed app is gone from the index
+    assert sorted(json.loads(open(index).read())["apps"]) == ["three", "two"]
+    assert piku.ports_of_other_apps(paths, "two") == {5000: "mine", 5310: "legacy", 5400: "badjson", 5500: "three"}
+    read.clear()
+    assert piku.ports_of_other_apps(paths, "mine") == want and sorted(read) == ["badjson", "legacy"]
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"apps": [1]}', '{"apps": {"one": [null, [1]], "two": "x"}}',
+                                  '{"apps": {"one": ["k", ["5100"]]}}'])
+def test_a_broken_ports_index_is_read_past(tmp_path, text):
+    paths = piku_root(tmp_path, {"mine": {}, "one": {"state/one/ports.json": '{"port": 5100}'}})
+    with open(os.path.join(paths.state, "_ports.json"), "w") as f:
+        f.write(text)
+    assert piku.ports_of_other_apps(paths, "mine") == {5100: "one"}
+    assert piku.ports_of_other_apps(paths, "mine") == {5100: "one"}
 
 
 def test_own_broken_ports_file_falls_back_to_the_live_port(tmp_path):
