@@ -2,12 +2,23 @@
 """piku.py: the smallest serious PaaS. `git push` deploys, `ssh piku@host CMD` manages.
 
 Sections (search for the banner, e.g. "=== 5."):
-   0. Header            1. Imports          2. Constants and paths
-   3. Errors and output 4. Process runner   5. Parsers (pure)
-   6. Settings          7. Renderers (pure) 8. Planners (pure)
-   9. Filesystem       10. Builders        11. Orchestration
-  12. Git and SSH      13. Logs            14. CLI
-  15. main()          16. The piku client
+   0. Header                         1. Imports
+   2. Constants and paths            3. Errors and output
+   4. Process runner                 5. Parsers: Procfile, ENV, cron, scaling
+   6. Parsers: ssh, keys, Python     7. Settings
+   8. Renderers: uWSGI, hooks, keys  9. Renderers: nginx, certificates
+  10. Planners                      11. Filesystem
+  12. Builders: Python              13. Builders: other runtimes
+  14. Orchestration: the recipes, releases, the target state
+  15. nginx files, maintenance      16. Certificates, nginx's config check
+  17. The transaction               18. The switch
+  19. Stopping old workers          20. Moving nginx's traffic
+  21. Health checks                 22. After a switch, hooks
+  23. Backup, restore, downgrade    24. Git and SSH plumbing
+  25. Logs                          26. CLI: developers' commands
+  27. CLI: setup, keys, internal    28. main()
+  29. The piku client
+Sections 5-10 are pure (data in, data out); the others do the I/O.
 """
 
 # === 0. Header ===
@@ -287,7 +298,7 @@ def clean_env(environ):
     return env
 
 
-# === 5. Parsers (pure) ===
+# === 5. Parsers (pure): Procfile, ENV, config, cron, scaling ===
 
 def parse_app_name(raw):
     """Validate an app name as it arrives from git or a command; returns the clean name."""
@@ -704,6 +715,9 @@ SCALE_LIMITS = {
     "cron": "a cron job runs once per schedule; scale it to 0 or 1"}
 
 
+# === 6. Parsers (pure): ssh commands, keys, Python versions, backups ===
+
+
 GIT_COMMANDS = ("git-receive-pack", "git-upload-pack")
 SSH_INTERNAL = GIT_COMMANDS + ("scp",)  # hidden commands an ssh client may send
 SCP_FLAGS = ("-t", "-f", "-r", "-p", "-d", "-v")
@@ -1073,7 +1087,7 @@ def parse_backup_manifest(text, files, links):
     return m
 
 
-# === 6. Settings ===
+# === 7. Settings ===
 # Layering: defaults < repo ENV < config:set values (envs/<app>/ENV) < computed values.
 # SETTINGS is the one table of what piku reads: name, default (None: unset), the check a value
 # must pass before anything is written, and a one-line doc (docs/ENV.md has the long form; a
@@ -1309,7 +1323,7 @@ def computed_env(paths, app, settings, port, home, user, base_path, src_layout=F
     }
 
 
-# === 7. Renderers (pure) ===
+# === 8. Renderers (pure): uWSGI, launchers, git hooks, keys, the original piku's files ===
 
 UWSGI_MAGIC_RE = re.compile(r"[$@%]\(|%[a-zA-Z0-9]|[\0" + LINE_BREAKS + "]")
 
@@ -1707,6 +1721,35 @@ def render_starter_env(app):
             f"# NGINX_SERVER_NAME={app}.example.com\n"
             "# PYTHON_VERSION=3.12\n"
             "# UWSGI_PROCESSES=2\n")
+
+
+# -- a backup's manifest, a deploy's notice --------------------------------------------------
+
+def render_backup_manifest(info, files, links):
+    """manifest.json of a backup: info (app, release, rev, branch, versions, date), the sha256 of
+    every file and the target of every link the archive holds, and a digest of all that."""
+    import json
+    manifest = {**info, "format": BACKUP_FORMAT, "files": dict(sorted(files.items())),
+                "links": dict(sorted(links.items()))}
+    manifest["digest"] = backup_digest(manifest)
+    return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+
+
+DEPLOY_NOTICE_FIELDS = ("app", "release", "revision", "branch", "status", "duration", "url", "error", "server",
+                        "time", "piku")
+
+
+def render_deploy_notice(fields):
+    """The JSON body POSTed to PIKU_DEPLOY_WEBHOOK: every field of DEPLOY_NOTICE_FIELDS (null
+    when not known), status `success` or `failed`, duration in seconds."""
+    import json
+    body = {k: fields.get(k) for k in DEPLOY_NOTICE_FIELDS}
+    if body["duration"] is not None:
+        body["duration"] = round(body["duration"], 2)
+    return json.dumps(body, sort_keys=True).encode()
+
+
+# === 9. Renderers (pure): nginx, certificates, host names ===
 
 
 URL_PREFIX_RE = re.compile(r"/[A-Za-z0-9_./~-]*")
@@ -2368,31 +2411,7 @@ def render_nginx_check_conf(tmp, includes):
             f"  access_log off;\n{temps}\n{inc}\n}}\n")
 
 
-def render_backup_manifest(info, files, links):
-    """manifest.json of a backup: info (app, release, rev, branch, versions, date), the sha256 of
-    every file and the target of every link the archive holds, and a digest of all that."""
-    import json
-    manifest = {**info, "format": BACKUP_FORMAT, "files": dict(sorted(files.items())),
-                "links": dict(sorted(links.items()))}
-    manifest["digest"] = backup_digest(manifest)
-    return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-
-
-DEPLOY_NOTICE_FIELDS = ("app", "release", "revision", "branch", "status", "duration", "url", "error", "server",
-                        "time", "piku")
-
-
-def render_deploy_notice(fields):
-    """The JSON body POSTed to PIKU_DEPLOY_WEBHOOK: every field of DEPLOY_NOTICE_FIELDS (null
-    when not known), status `success` or `failed`, duration in seconds."""
-    import json
-    body = {k: fields.get(k) for k in DEPLOY_NOTICE_FIELDS}
-    if body["duration"] is not None:
-        body["duration"] = round(body["duration"], 2)
-    return json.dumps(body, sort_keys=True).encode()
-
-
-# === 8. Planners (pure) ===
+# === 10. Planners (pure) ===
 
 def detect_requirements(files, workers):
     return "requirements.txt" in files
@@ -2753,7 +2772,7 @@ def fingerprint(*parts):
     return h.hexdigest()
 
 
-# === 9. Filesystem ===
+# === 11. Filesystem ===
 
 def read_text(path, default=None):
     try:
@@ -3100,7 +3119,7 @@ def extract_backup(stream, staging):
     return files, links
 
 
-# === 10. Builders ===
+# === 12. Builders: Python (uv, requirements.txt, pyuwsgi) ===
 # One function per runtime; RUNTIMES (below) is the table deploy walks in order.
 
 class Build:
@@ -3637,6 +3656,8 @@ def requirements_with_includes(release_dir, name="requirements.txt", seen=None):
     return "".join(parts)
 
 
+# === 13. Builders: other runtimes, and the table of runtimes ===
+
 # --- Other runtimes. A build writes into the new release and into content-keyed cache entries
 # (state/<app>/<kind>/<key>/, complete once they hold CACHE_DONE, never changed after): nothing
 # the live release uses is touched, so a failed push leaves it as it was.
@@ -4013,7 +4034,7 @@ def install_pyuwsgi(b):
         tool_run(b, [py, "-m", "pip", "install", "-q", "pyuwsgi"], "installing pyuwsgi")
 
 
-# === 11. Orchestration ===
+# === 14. Orchestration: the recipes, releases, the target state, ports ===
 # A deploy is a short recipe over the layers above: build a release (its code and its own
 # virtualenv), work out the target state (a Target record), then `switch` to it in one
 # transaction: the new release's serving workers start beside the live ones (their own sockets
@@ -4676,6 +4697,9 @@ def run_phase_in(paths, app, release_dir, workers, settings, venv, environ, kind
                         "the previous release keeps serving")
 
 
+# === 15. nginx: the app's files, the default server, maintenance ===
+
+
 def render_app_nginx(t, upstream, token=None, app_dir=None):
     """nginx conf text for the target, or None when NGINX_SERVER_NAME is unset. Files of the
     app are referred to through apps/<app> (the live link) unless app_dir says otherwise."""
@@ -5142,6 +5166,9 @@ class MaintenanceDuringRelease:
         return False
 
 
+# === 16. Certificates, and checking nginx's config ===
+
+
 def cert_paths(paths, app):
     return (os.path.join(paths.nginx, f"{app}.crt"), os.path.join(paths.nginx, f"{app}.key"),
             os.path.join(paths.state, app, "certificate.json"))
@@ -5471,6 +5498,8 @@ def check_nginx(paths, app, text):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# === 17. The transaction, and what a target state is on disk ===
+
 # -- the transaction: every file an operation writes, restorable (also after a kill -9) --------
 
 class Transaction:
@@ -5767,6 +5796,8 @@ def render_trial_ini(t, env_file, boot):
         return render_inner_ini(v), os.path.join(t.release.venv, "bin", "uwsgi"), sock, v["log"]
     return render_vassal(v), which("uwsgi") or "/usr/bin/uwsgi", sock, v["log"]
 
+
+# === 18. The switch: new workers beside the live ones, then traffic moves ===
 
 # -- the switch ---------------------------------------------------------------------------------
 
@@ -6094,6 +6125,9 @@ def stop_old(t, tx, held=frozenset()):
         wait_masters_gone(fifos)
 
 
+# === 19. Stopping old workers: shared ports, sockets, master FIFOs ===
+
+
 SHARED_PORT_SETTLE_SECONDS = 0.5  # (an idle old master lets go of PORT in well under this)
 SHARED_PORT_GRACE_SECONDS = 10.0  # (where its socket cannot be closed for it: how long it may keep PORT)
 
@@ -6395,6 +6429,9 @@ def wait_masters_gone(fifos, timeout=10.0):
     return pending
 
 
+# === 20. Moving nginx's traffic ===
+
+
 def wait_for_nginx(t, tx, text, timeout=10.0):
     """Move nginx's traffic to the target: point the wsgi links, write the app's nginx conf and,
     when it changed, wait until nginx serves it (it reloads a moment after nginx/ changes), so
@@ -6609,6 +6646,8 @@ def nginx_workers():
             continue
     return out
 
+
+# === 21. Health checks ===
 
 # -- health checks: a real HTTP request to the new workers ------------------------------------
 
@@ -6922,6 +6961,8 @@ def pick_log_lines(log_lines, count):
                 break
     return causes + ["..."] + tail if causes else tail
 
+
+# === 22. After a switch: pruning, destroy, deploy hooks and notifications ===
 
 # -- after a switch -----------------------------------------------------------------------------
 
@@ -7271,6 +7312,8 @@ def post_json(url, body, timeout):
     thread.join(timeout)
     return answer[0] if answer else None
 
+
+# === 23. Backup, restore and downgrade ===
 
 # -- backup and restore -------------------------------------------------------------------------
 # `backup APP` streams a tar.gz: the repository as a git bundle (repo.bundle), the config:set
@@ -7843,7 +7886,7 @@ def switch_to_original(t, files):
     tx.commit()
 
 
-# === 12. Git and SSH plumbing ===
+# === 24. Git and SSH plumbing ===
 
 def plan_push(updates, deploy_branch):
     """Which pushed ref to deploy. updates: [(old, new, ref)]. Returns (new, ref) or None;
@@ -8012,7 +8055,7 @@ def remove_ssh_key(paths, wanted, force=False):
     return key, len(drop)
 
 
-# === 13. Logs ===
+# === 25. Logs ===
 
 def log_files(paths, app, process=None):
     d = os.path.join(paths.logs, app)
@@ -8112,7 +8155,7 @@ def worker_up(running, name, kind):
     return name in running and (kind.startswith("cron") or bool(running[name]))
 
 
-# === 14. CLI ===
+# === 26. CLI: the commands developers run ===
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 120, "terminal_width": 120}
 BUILD_KEYS_RE = re.compile(r"(PYTHON_VERSION|UV_\w+|PATH|PIKU_PYUWSGI|PIKU_USE_UV|NODE_VERSION|NODE_PACKAGE_MANAGER|NODE_ENV|NPM_CONFIG_\w+|npm_config_\w+|BUNDLE_\w+)")
@@ -8696,6 +8739,9 @@ def wait_workers_gone(app, vassal_names, timeout=30.0):
         time.sleep(0.1)
 
 
+# === 27. CLI: server setup, keys and the internal commands ===
+
+
 @cli.command("setup")
 @click.option("--write-units", type=click.Path(file_okay=False),
               help="Write the systemd units into this directory instead of printing them.")
@@ -9244,7 +9290,7 @@ def directory_waiter(directory):
     return wait
 
 
-# === 15. main() ===
+# === 28. main() ===
 
 SSH_ALLOWED = {"apps", "backup", "restore", "certs", "certs:renew", "config", "config:get", "config:set",
                "config:unset", "config:live", "config:export", "config:import", "cron:run", "deploy", "destroy",
@@ -9335,7 +9381,7 @@ def main(argv=None):
 
 
 
-# === 16. The piku client (a developer's machine) ===
+# === 29. The piku client (a developer's machine) ===
 # `pip install .` makes `piku` run client_main: it finds the server and app from the git
 # remote and runs the command there over ssh. Nothing here touches a PIKU_ROOT.
 
