@@ -6121,8 +6121,8 @@ def stop_old(t, tx, held=frozenset()):
     port = shared_port(t)
     if gone and port and held:
         release_shared_port(t, port, held, fifos)
-    else:
-        wait_masters_gone(fifos)
+    elif wait_masters_gone(fifos):  # (traffic has moved: they only finish what they had)
+        detail(f"old workers still finishing their requests after 10s: {', '.join(gone)} (they stop on their own)")
 
 
 # === 19. Stopping old workers: shared ports, sockets, master FIFOs ===
