@@ -717,7 +717,6 @@ SCALE_LIMITS = {
 
 # === 6. Parsers (pure): ssh commands, keys, Python versions, backups ===
 
-
 GIT_COMMANDS = ("git-receive-pack", "git-upload-pack")
 SSH_INTERNAL = GIT_COMMANDS + ("scp",)  # hidden commands an ssh client may send
 SCP_FLAGS = ("-t", "-f", "-r", "-p", "-d", "-v")
@@ -1750,7 +1749,6 @@ def render_deploy_notice(fields):
 
 
 # === 9. Renderers (pure): nginx, certificates, host names ===
-
 
 URL_PREFIX_RE = re.compile(r"/[A-Za-z0-9_./~-]*")
 
@@ -4413,7 +4411,9 @@ def plan_target(paths, app, release, environ, op, scaling=None):
     serving_kind = next((k for k in scaling if serving(k) and scaling[k]), None)
     pinned = bool(settings.get("PORT"))
     if serving_kind == "web" and scaling["web"] > 1 and not plan_blue_green("web", settings, pinned):
-        raise PikuError("web=N needs NGINX_SERVER_NAME and piku's own ports: unset PORT (or PIKU_PREBOOT=false)")
+        raise PikuError(f"web={scaling['web']}: each web process needs a port of its own behind nginx, but "
+                        + ("PORT gives them all the same one: `config:unset APP PORT`" if pinned else
+                           "PIKU_PREBOOT=false restarts a single one in place: set it to true"))
     bg = serving_kind and plan_blue_green(serving_kind, settings, pinned)
     slot = (other_slot(live.get("slot")) if serving_kind in restart else live.get("slot") or "a") if bg else None
     ports = plan_ports(paths, app, settings, scaling, slot if bg and serving_kind == "web" else None)
@@ -4698,7 +4698,6 @@ def run_phase_in(paths, app, release_dir, workers, settings, venv, environ, kind
 
 
 # === 15. nginx: the app's files, the default server, maintenance ===
-
 
 def render_app_nginx(t, upstream, token=None, app_dir=None):
     """nginx conf text for the target, or None when NGINX_SERVER_NAME is unset. Files of the
@@ -5167,7 +5166,6 @@ class MaintenanceDuringRelease:
 
 
 # === 16. Certificates, and checking nginx's config ===
-
 
 def cert_paths(paths, app):
     return (os.path.join(paths.nginx, f"{app}.crt"), os.path.join(paths.nginx, f"{app}.key"),
@@ -6127,7 +6125,6 @@ def stop_old(t, tx, held=frozenset()):
 
 # === 19. Stopping old workers: shared ports, sockets, master FIFOs ===
 
-
 SHARED_PORT_SETTLE_SECONDS = 0.5  # (an idle old master lets go of PORT in well under this)
 SHARED_PORT_GRACE_SECONDS = 10.0  # (where its socket cannot be closed for it: how long it may keep PORT)
 
@@ -6430,7 +6427,6 @@ def wait_masters_gone(fifos, timeout=10.0):
 
 
 # === 20. Moving nginx's traffic ===
-
 
 def wait_for_nginx(t, tx, text, timeout=10.0):
     """Move nginx's traffic to the target: point the wsgi links, write the app's nginx conf and,
@@ -8740,7 +8736,6 @@ def wait_workers_gone(app, vassal_names, timeout=30.0):
 
 
 # === 27. CLI: server setup, keys and the internal commands ===
-
 
 @cli.command("setup")
 @click.option("--write-units", type=click.Path(file_okay=False),

@@ -644,3 +644,22 @@ def test_rollback_by_default_goes_to_the_release_that_served_before_the_live_one
     import shutil
     shutil.rmtree(os.path.join(paths.releases, "demo", "r1"))
     assert piku.rollback_release(paths, "demo", None).id == "r3"
+
+
+@pytest.mark.parametrize("env,why", [("PORT=6000\n", "PORT gives them all the same one"),
+                                     ("PIKU_PREBOOT=false\n", "PIKU_PREBOOT=false restarts a single one")])
+def test_web_scaled_past_one_behind_nginx_needs_a_port_per_process(tmp_path, env, why):
+    paths = piku.paths_for(str(tmp_path))
+    piku.setup_tree(paths)
+    release = os.path.join(paths.releases, "webn", "r1")
+    os.makedirs(release)
+    with open(os.path.join(release, "Procfile"), "w") as f:
+        f.write("web: python3 -m http.server --bind $BIND_ADDRESS $PORT\n")
+    with open(os.path.join(release, "ENV"), "w") as f:
+        f.write("NGINX_SERVER_NAME=webn.test\n" + env)
+    r = piku.Release(*[None] * len(piku.Release._fields))._replace(id="r1", dir=release)
+    with pytest.raises(piku.PikuError) as e:
+        piku.plan_target(paths, "webn", r, {"PATH": os.defpath, "HOME": str(tmp_path)}, piku.OPERATIONS["scale"], {"web": 2})
+    assert str(e.value).startswith("web=2: each web process needs a port of its own behind nginx") and why in str(e.value)
+    assert piku.plan_target(paths, "webn", r, {"PATH": os.defpath, "HOME": str(tmp_path)}, piku.OPERATIONS["scale"],
+                            {"web": 1}).scaling == {"web": 1}
