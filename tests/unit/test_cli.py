@@ -101,3 +101,41 @@ def test_exec_worker_of_a_release_that_is_gone_says_so(tmp_path, monkeypatch):
     with pytest.raises(piku.PikuError, match=r"release r1 is gone: web\.1 does not start"):
         piku.exec_worker("demo", "web", 1, False, False, os.path.join(paths.releases, "demo", "r1"),
                          os.path.join(paths.state, "demo", "env"), None, None)
+
+
+@pytest.mark.parametrize("argv,bound", [
+    (["config:set", "demo", "A=1", "B=two words"], {"app": "demo", "settings": ("A=1", "B=two words")}),
+    (["config:unset", "demo", "A"], {"app": "demo", "keys": ("A",)}),
+    (["rollback", "demo"], {"app": "demo", "release": None}),
+    (["rollback", "demo", "3"], {"app": "demo", "release": "3"}),
+    (["restart", "demo"], {"app": "demo"}),
+    (["config:get", "demo", "A"], {"app": "demo", "key": "A"}),
+    (["apps"], {}),
+])
+def test_plain_commands_run_without_click(argv, bound):
+    f, got = piku.plain_call(argv)
+    assert got == bound and f is piku.cli.specs[argv[0]][0]
+
+
+@pytest.mark.parametrize("argv", [
+    ["config:set", "demo"],                 # missing: click says so
+    ["config:set", "demo", "--help"],       # an option
+    ["config:set", "demo", "-A=1"],         # click's ignore_unknown_options decides
+    ["restart", "demo", "extra"],           # one too many
+    ["rollback"], ["apps", "x"], ["help"],  # (help takes the context)
+    ["destroy", "demo"],                    # a command with options
+    ["logs", "demo"], ["run", "demo", "ls"], ["no-such-command"], [],
+])
+def test_other_command_lines_go_to_click(argv):
+    assert piku.plain_call(argv) is None
+
+
+@pytest.mark.parametrize("argv", [["config:set", "nosuch", "A=1"], ["config:set", "../x", "A=1"],
+                                  ["rollback", "nosuch"], ["rollback", "nosuch", "2"], ["restart", "nosuch"],
+                                  ["releases", "nosuch"], ["ps:scale", "nosuch", "web=2"], ["apps"],
+                                  ["config:unset", "nosuch", "A"], ["config:set", "nosuch"]])
+def test_a_plain_command_answers_as_click_would(root, capsys, monkeypatch, argv):
+    """Exit code, stdout and stderr are the same with and without click."""
+    fast = (piku.main(list(argv)), *capsys.readouterr())
+    monkeypatch.setattr(piku, "plain_call", lambda args: None)
+    assert (piku.main(list(argv)), *capsys.readouterr()) == fast

@@ -104,8 +104,10 @@ def test_other_apps_ports_are_read_again_only_when_their_file_changed(tmp_path, 
     assert os.stat(index).st_mode & 0o777 == 0o600
     capsys.readouterr()
     read.clear()
+    written = piku.file_key(index)
     assert piku.ports_of_other_apps(paths, "mine") == want
     assert sorted(read) == ["badjson", "legacy"]
+    assert piku.file_key(index) == written  # (nothing new to keep: not written again)
     assert "app badjson:" in capsys.readouterr().err
     piku.write_atomic(os.path.join(paths.state, "two", "ports.json"), '{"port": 5210}')  # a redeploy
     with open(os.path.join(paths.envs, "legacy", "LIVE_ENV"), "w") as f:
