@@ -6987,7 +6987,7 @@ def finish(t, t0, waited, deployed=True):
                 f" -> {t.release.id}\n")
     total = time.monotonic() - t0
     what = "Rolled back" if t.op.name == "rollback" else "Deployed"
-    step(f"{what} {app} to {t.release.id} in {total:.2f}s (piku {total - waited:.2f}s, workers starting "
+    step(f"{what} {app} to {t.release.id} in {total:.2f}s (piku {total - waited:.3f}s, workers starting "
          f"{waited:.2f}s)" + (f": {url}" if url else ""))
     if t.names:
         acme_certificate({"paths": p, "app": app, "settings": t.settings})
