@@ -9338,8 +9338,8 @@ def plain_call(args):
     """(function, its arguments) of a command whose parameters are all plain positional
     arguments (`config:set APP KEY=VALUE...`, `rollback APP [ID]`, `restart APP`, `apps`...):
     main() calls it without click, which costs ~30 ms of a start. None when click must read the
-    line: an option or `--help` (anything starting
-    with -), an argument missing or too many (click says so, as always), a plugin's command."""
+    line: an option or `--help` (anything starting with -), an argument missing or one too many
+    (click says so, as always), a plugin's command."""
     f, _ = cli.specs.get(args[0], (None, None)) if args else (None, None)
     params = list(reversed(f.__dict__.get("_piku_click", []))) if f else []  # (decorators run bottom-up)
     if not f or any(a.startswith("-") for a in args[1:]) or any(
