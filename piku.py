@@ -4538,7 +4538,8 @@ def ports_of_other_apps(paths, app):
     cached = cached if isinstance(cached, dict) else {}
     out, keep = {}, {}
     for other in known_apps(paths):
-        key = file_key(os.path.join(paths.state, other, "ports.json"))
+        record = os.path.join(paths.state, other, "ports.json")
+        key = file_key(record)
         entry = cached.get(other)
         hit = isinstance(entry, list) and len(entry) == 2 and entry[0] == key and key is not None \
             and isinstance(entry[1], list) and all(type(p) is int for p in entry[1])
@@ -4554,7 +4555,7 @@ def ports_of_other_apps(paths, app):
             except OSError as e:  # (a standby_port that is a directory...)
                 warn(f"app {other}: its state cannot be read ({e}): its ports are not known (skipped)")
                 continue
-            if whole and file_key(os.path.join(paths.state, other, "ports.json")) == key:
+            if whole and file_key(record) == key:
                 keep[other] = [key, sorted(ports)]  # (else not kept: read again next time)
         for port in ports:
             out.setdefault(port, other)
@@ -9402,7 +9403,6 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         return 130
-
 
 
 # === 29. The piku client (a developer's machine) ===
