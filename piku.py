@@ -200,8 +200,13 @@ try:
     os.setpgid(0, 0)
 except OSError:
     pass  # a session leader (uWSGI's daemons) leads its group already
+# (the stop signals wait until end_group handles them: a parent that dies while the command
+# starts must not kill this supervisor alone, by SIGTERM's default action, leaving the group)
+STOP = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+signal.pthread_sigmask(signal.SIG_BLOCK, STOP)
 child = os.fork()
 if child == 0:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP)
     try:
         os.execvp(argv[0], argv)
     except OSError as e:
@@ -235,8 +240,9 @@ def end_group(*_):
         time.sleep(0.05)
     os.killpg(0, signal.SIGKILL)
 
-for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+for s in STOP:
     signal.signal(s, end_group)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP)
 if os.getppid() != parent:
     end_group()
 status = os.waitpid(child, 0)[1]
